@@ -1,0 +1,81 @@
+"""Entry point: the ``cleftchunk`` group, and the one place where errors become one-line messages."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from cleftchunk import __version__
+from cleftchunk.errors import CleftchunkError
+
+#: Sub-command modules of this package; each defines a click command named ``command``.
+COMMANDS = ["convert", "info", "synth", "train", "predict", "segment", "export", "evaluate", "demo"]
+
+
+class ErrorReportingGroup(click.Group):
+    """Turns expected failures into ``error: ...`` on one line and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):
+        debug = ctx.params.get("debug", False)
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except CleftchunkError as e:
+            if debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            click.echo("error: interrupted; re-run the same command to resume where it stopped", err=True)
+            ctx.exit(130)
+        except MemoryError:
+            if debug:
+                raise
+            click.echo("error: out of memory; use smaller blocks / batch size or fewer workers", err=True)
+            ctx.exit(1)
+        except OSError as e:
+            if debug:
+                raise
+            hint = "free disk space, then re-run to resume" if getattr(e, "errno", None) == 28 else "check the path and permissions"
+            click.echo(f"error: {e.strerror or e} ({getattr(e, 'filename', '') or type(e).__name__}): {hint}", err=True)
+            ctx.exit(1)
+        except Exception as e:  # a bug: say so briefly, the traceback is one flag away
+            if debug:
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            click.echo(f"error: unexpected {type(e).__name__}: {first} (re-run with --debug for the traceback)", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=ErrorReportingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="cleftchunk")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """Synaptic cleft detection in EM volumes of any size (chunked Zarr + Dask + PyTorch)."""
+
+
+for _name in COMMANDS:
+    try:
+        _module = importlib.import_module(f"cleftchunk_cli.{_name}")
+    except ModuleNotFoundError as _e:  # a command still being built is simply absent
+        if _e.name != f"cleftchunk_cli.{_name}":
+            raise
+        continue
+    cli.add_command(_module.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere on the line, not only before the sub-command.
+    if "--debug" in args:
+        args = ["--debug"] + [a for a in args if a != "--debug"]
+    cli.main(args=args, prog_name="cleftchunk")
+
+
+if __name__ == "__main__":
+    main()
