@@ -4,7 +4,14 @@ A *volume spec* is a string naming one 3-D dataset:
 
 - ``out.zarr/raw`` — a Zarr v3 (or v2) array, or an OME-Zarr multiscale group (level 0 is used);
 - ``file.h5:volumes/raw`` (also ``.hdf``, ``.hdf5``) — an HDF5 dataset;
-- ``file.h5`` with ``dataset=`` given separately.
+- ``file.h5`` with ``dataset=`` given separately;
+- read-only sources (see :mod:`cleftchunk.sources`): ``stack.tif`` (multi-page TIFF), a folder of
+  per-section ``.tif``/``.png`` images, ``volume.npy``, and N5 datasets ``data.n5/raw``.
+
+Volumes are 3-D (z, y, x). A 4-D source is read one channel at a time: ``channel=K`` (the CLI's
+``--channel K``) selects channel K along the channel axis, which is the *last* axis when it has at
+most 4 entries and the first does not (RGB(A) images: z, y, x, c), else the *first* axis (c, z, y, x,
+the convention of gunpowder and PyTorch Connectomics).
 
 Zarr output written here is an OME-Zarr (NGFF 0.5) image: a group whose ``ome.multiscales``
 attribute gives the scale (voxel size) and translation (offset) in nm, with the full-resolution
@@ -25,6 +32,7 @@ import numpy as np
 
 from .errors import CleftchunkError
 from .geometry import Roi, voxels_from_nm
+from . import sources
 
 #: Default chunk shape of written volumes: 1 MiB for uint8, thin in z to follow EM anisotropy
 #: (40 nm sections vs 4 nm pixels), and a divisor of the default prediction block so that blocks
@@ -66,6 +74,26 @@ def is_hdf5(path: Path) -> bool:
     return path.suffix.lower() in HDF5_SUFFIXES
 
 
+#: dtype kinds every stage can handle: bool, signed/unsigned integers, floats.
+SUPPORTED_DTYPE_KINDS = "biuf"
+
+
+def source_kind(container: Path) -> str:
+    """What kind of storage ``container`` is: hdf5, zarr, n5, tiff, npy or folder."""
+    suffix = container.suffix.lower()
+    if suffix in HDF5_SUFFIXES:
+        return "hdf5"
+    if suffix in sources.TIFF_SUFFIXES:
+        return "tiff"
+    if suffix == ".npy":
+        return "npy"
+    if sources.is_n5(container):
+        return "n5"
+    if suffix in ZARR_SUFFIXES or not container.is_dir() or not sources.is_image_folder(container):
+        return "zarr"
+    return "folder"
+
+
 # -- the Volume type ----------------------------------------------------------------------
 @dataclass
 class Volume:
@@ -77,15 +105,17 @@ class Volume:
     offset_nm: tuple[float, ...]
     mode: str = "r"
     voxel_size_known: bool = True
+    channel: int | None = None
     _array: Any = field(default=None, repr=False, compare=False)
     _h5file: Any = field(default=None, repr=False, compare=False)
 
     # -- storage access --------------------------------------------------------------
     @property
     def array(self) -> Any:
-        """The underlying array (zarr.Array or h5py.Dataset), opened on first use."""
+        """The underlying array (zarr.Array, h5py.Dataset or a source), opened on first use."""
         if self._array is None:
-            self._array = _open_array(self)
+            array = _open_array(self)
+            self._array = array if self.channel is None else ChannelView(array, self.channel, str(self))
         return self._array
 
     def __getstate__(self) -> dict:
@@ -108,8 +138,13 @@ class Volume:
         return f"{self.container}{sep}{self.inner}"
 
     @property
+    def kind(self) -> str:
+        """hdf5, zarr, n5, tiff, npy or folder (see :func:`source_kind`)."""
+        return source_kind(self.container)
+
+    @property
     def is_zarr(self) -> bool:
-        return not is_hdf5(self.container)
+        return self.kind == "zarr"
 
     # -- metadata --------------------------------------------------------------------
     @property
@@ -178,11 +213,45 @@ class Volume:
             return arr if chunks is None else arr.rechunk(tuple(chunks))
         return da.from_array(_LazyReader(self), chunks=tuple(chunks or self.chunks), asarray=True, lock=False)
 
+    def __str__(self) -> str:
+        return self.spec if self.channel is None else f"{self.spec} (channel {self.channel})"
+
     def __repr__(self) -> str:
         return (
             f"Volume({self.spec}, shape={self.shape}, dtype={self.dtype}, chunks={self.chunks}, "
             f"voxel_size={self.voxel_size}, offset_nm={self.offset_nm})"
         )
+
+
+class ChannelView:
+    """One channel of a 4-D array, as a 3-D array (see the module docstring for the axis rule)."""
+
+    def __init__(self, array: Any, channel: int, name: str):
+        shape = tuple(int(s) for s in array.shape)
+        if len(shape) != 4:
+            raise CleftchunkError(f"{name} has {len(shape)} axes {shape}; --channel only applies to 4-D data: drop it")
+        self.axis = channel_axis(shape)
+        if not 0 <= channel < shape[self.axis]:
+            raise CleftchunkError(f"{name} has {shape[self.axis]} channels (axis {self.axis} of {shape}): pass --channel 0..{shape[self.axis] - 1}")
+        self.base = array
+        self.index = channel
+        self.shape = shape[: self.axis] + shape[self.axis + 1 :]
+        self.dtype = np.dtype(array.dtype)
+        chunks = getattr(array, "chunks", None) or shape
+        self.chunks = tuple(int(c) for i, c in enumerate(chunks) if i != self.axis)
+        self.attrs = getattr(array, "attrs", {})
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        slices, dropped = sources.normalize_key(key, self.shape)
+        full = list(slices)
+        full.insert(self.axis, self.index)
+        data = np.asarray(self.base[tuple(full)])
+        return data.squeeze(axis=dropped) if dropped else data
+
+
+def channel_axis(shape: Sequence[int]) -> int:
+    """The channel axis of a 4-D shape: last if it is small (RGB-like) and the first is not, else first."""
+    return 3 if shape[3] <= 4 and shape[0] > 4 else 0
 
 
 class _LazyReader:
@@ -205,17 +274,24 @@ def open_volume(
     mode: str = "r",
     voxel_size: Sequence[float] | None = None,
     offset_nm: Sequence[float] | None = None,
+    channel: int | None = None,
 ) -> Volume:
     """Open a 3-D dataset as a :class:`Volume`.
 
     ``voxel_size`` / ``offset_nm`` override what the metadata says; with neither, an unknown
-    voxel size is (1, 1, 1) with ``voxel_size_known`` False.
+    voxel size is (1, 1, 1) with ``voxel_size_known`` False. ``channel`` picks one channel of
+    4-D data. Data that is not 3-D, or whose dtype is not bool, integer or float, is refused
+    with a :class:`CleftchunkError`.
     """
     container, inner = split_spec(spec, dataset)
     if not container.exists():
         raise CleftchunkError(f"{container} does not exist: check the path")
-    volume = Volume(container, inner, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), mode=mode)
+    volume = Volume(container, inner, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), mode=mode, channel=channel)
+    if mode != "r" and volume.kind not in ("zarr", "hdf5"):
+        raise CleftchunkError(f"{volume.spec} is a read-only {volume.kind} source: convert it to Zarr first (cleftchunk convert)")
     array = volume.array  # opens, resolving multiscale groups to level 0
+    check_3d(array, volume)
+    check_dtype(np.dtype(array.dtype), volume)
     meta_vs, meta_off = read_frame(volume)
     ndim = len(array.shape)
     volume.voxel_size_known = voxel_size is not None or meta_vs is not None
@@ -228,10 +304,46 @@ def open_volume(
     return volume
 
 
+def check_3d(array: Any, volume: Volume) -> None:
+    shape = tuple(int(s) for s in array.shape)
+    if len(shape) == 3:
+        return
+    if len(shape) == 4:
+        axis = channel_axis(shape)
+        raise CleftchunkError(
+            f"{volume} is 4-D {shape}; a volume is 3-D (z, y, x): pick one of its {shape[axis]} channels "
+            f"(axis {axis}) with --channel K"
+        )
+    if len(shape) < 3:
+        raise CleftchunkError(
+            f"{volume} is {len(shape)}-D {shape}; a volume is 3-D (z, y, x): give a stack of sections "
+            "(multi-page TIFF, a folder of images, or a 3-D dataset)"
+        )
+    raise CleftchunkError(f"{volume} is {len(shape)}-D {shape}; only 3-D data, or 4-D with --channel K, can be read: extract a 3-D volume first")
+
+
+def check_dtype(dtype: np.dtype, volume: Volume) -> None:
+    if dtype.kind not in SUPPORTED_DTYPE_KINDS or dtype.fields is not None:
+        raise CleftchunkError(
+            f"{volume} has data type {dtype}, which cleftchunk does not handle: store it as an integer or float type"
+        )
+
+
 def _open_array(volume: Volume) -> Any:
-    if is_hdf5(volume.container):
+    kind = volume.kind
+    if kind == "hdf5":
         return _open_hdf5(volume)
-    return _open_zarr(volume)
+    if kind == "zarr":
+        return _open_zarr(volume)
+    if kind == "n5":
+        return sources.N5Array(volume.container, volume.inner)
+    if volume.inner:
+        raise CleftchunkError(f"{volume.container} is a {kind} file with no datasets inside; drop {volume.inner!r} from the path")
+    if kind == "tiff":
+        return sources.TiffStack(volume.container)
+    if kind == "npy":
+        return sources.NpyArray(volume.container)
+    return sources.ImageFolder(volume.container)
 
 
 def _open_hdf5(volume: Volume) -> Any:
@@ -309,6 +421,8 @@ def read_frame(volume: Volume) -> tuple[tuple[float, ...] | None, tuple[float, .
         vs = list(reversed(pr["dimensions"] if isinstance(pr, dict) else pr))
     if vs is None and volume.is_zarr:
         vs, off = _ome_frame(volume, off)
+    if vs is not None and np.ndim(vs) == 0:  # some tools store a single isotropic number
+        vs = [vs] * volume.ndim
     vs = tuple(float(v) for v in vs) if vs is not None else None
     off = tuple(float(v) for v in off) if off is not None else None
     return vs, off
@@ -358,15 +472,24 @@ def compressor_codecs(name: str | None) -> list:
 
 
 def ome_multiscales(
-    name: str, voxel_size: Sequence[float], offset_nm: Sequence[float], levels: Sequence[tuple[str, Sequence[float]]] | None = None
+    name: str,
+    voxel_size: Sequence[float],
+    offset_nm: Sequence[float],
+    levels: Sequence[tuple[str, Sequence[float]]] | None = None,
+    centered: bool = True,
 ) -> dict:
-    """OME-Zarr 0.5 ``ome`` attribute for an image whose levels are given as (path, factor)."""
+    """OME-Zarr 0.5 ``ome`` attribute for an image whose levels are given as (path, factor).
+
+    ``centered``: levels are means over ``factor`` voxels (first voxel centred half a patch
+    later); False for strided levels, whose first voxel is the finer level's first voxel.
+    """
     levels = levels or [("s0", (1, 1, 1))]
     datasets = []
     for path, factor in levels:
         scale = [float(v) * float(f) for v, f in zip(voxel_size, factor)]
         # A level downsampled by f (mean over f voxels) has its first voxel centred (f-1)/2 voxels later.
-        translation = [float(o) + (float(f) - 1) * float(v) / 2 for o, v, f in zip(offset_nm, voxel_size, factor)]
+        shift = 0.5 if centered else 0.0
+        translation = [float(o) + (float(f) - 1) * float(v) * shift for o, v, f in zip(offset_nm, voxel_size, factor)]
         datasets.append(
             {
                 "path": path,

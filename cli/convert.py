@@ -1,0 +1,95 @@
+"""``cleftchunk convert SRC DST``: any supported volume to chunked OME-Zarr, resumable."""
+
+from __future__ import annotations
+
+import click
+
+from cleftchunk import convert as conv
+from cleftchunk.chunkwrite import DEFAULT_TASK_BYTES
+from cleftchunk.errors import CleftchunkError
+
+
+def parse_triple(text: str | None, option: str, kind: type = int) -> tuple | None:
+    """``"40,4,4"`` → (40, 4, 4); a one-line error naming the option otherwise."""
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise CleftchunkError(f"{option} {text!r}: give three comma-separated numbers Z,Y,X")
+    return values
+
+
+@click.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--dataset", help="Dataset inside SRC (HDF5/Zarr/N5), e.g. volumes/raw; or write SRC as FILE:DATASET.")
+@click.option("--channel", type=int, help="For 4-D data: the channel K to convert (channel axis first, or last if it has ≤ 4 entries).")
+@click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
+@click.option("--compressor", default="zstd", show_default=True, help="zstd (Blosc-zstd), lz4, gzip or none.")
+@click.option("--shards", help="Zarr v3 shard shape Z,Y,X, a multiple of --chunks (for volumes with millions of chunks).")
+@click.option("--voxel-size", help="Voxel size Z,Y,X in nm; required when SRC's metadata has none (e.g. 40,4,4).")
+@click.option("--offset", help="Offset Z,Y,X in nm (default: from SRC's metadata, else 0).")
+@click.option("--mask", is_flag=True, help="Write a uint8 0/1 cleft mask instead of the label values.")
+@click.option("--background", help="With --mask: the not-cleft value (an integer, or 'cremi' for 0xFF..FF/0xFF..FE). Default: see docs.")
+@click.option("--levels", default=1, show_default=True, help="OME-Zarr pyramid levels, each (1,2,2) smaller.")
+@click.option("--downsample", type=click.Choice(["auto", "mean", "stride"]), default="auto", show_default=True,
+              help="How levels are made: mean for images, stride for labels (auto).")
+@click.option("--workers", default=conv.DEFAULT_WORKERS, show_default=True, help="Parallel Dask workers.")
+@click.option("--scheduler", type=click.Choice(conv.SCHEDULERS), default="threads", show_default=True, help="Dask local scheduler.")
+@click.option("--task-mb", default=DEFAULT_TASK_BYTES // 2**20, show_default=True, help="Source MiB per task (memory ≈ workers × 3 × this).")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (otherwise a matching DST resumes).")
+@click.option("--verify", "do_verify", is_flag=True, help="Afterwards compare every chunk with SRC and report mismatches.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (MB/s, ETA).")
+def command(src, dst, dataset, channel, chunks, compressor, shards, voxel_size, offset, mask, background, levels,
+            downsample, workers, scheduler, task_mb, overwrite, do_verify, progress):
+    """Convert SRC (HDF5, CREMI file, TIFF stack, image folder, Zarr, N5, .npy) to OME-Zarr DST.
+
+    DST is a volume like out.zarr/raw; for a whole CREMI file (SRC.hdf with volumes/raw, ... and
+    no dataset named) it is a container like out.zarr, which receives raw, clefts and neuron_ids.
+    Re-running the same command after an interruption resumes it.
+    """
+    plan_options = dict(
+        channel=channel,
+        chunks=parse_triple(chunks, "--chunks"),
+        compressor=compressor,
+        shards=parse_triple(shards, "--shards"),
+        voxel_size=parse_triple(voxel_size, "--voxel-size", float),
+        offset_nm=parse_triple(offset, "--offset", float),
+        background=background,
+        levels=levels,
+        level_method=None if downsample == "auto" else downsample,
+    )
+    run_options = dict(overwrite=overwrite, workers=workers, scheduler=scheduler, task_bytes=task_mb * 2**20, progress=progress)
+    if conv.is_whole_file_request(src, dataset, dst) and conv.cremi_volumes(src) is not None:
+        results = conv.convert_cremi_file(src, dst, mask=mask, **run_options, **plan_options)
+    else:
+        plan = conv.plan_conversion(src, dst, dataset=dataset, mask=mask, **plan_options)
+        results = [conv.convert(plan, **run_options)]
+    for result in results:
+        click.echo(_summary(result))
+    if do_verify:
+        for result in results:
+            _verify(result.plan, workers, scheduler, progress)
+
+
+def _summary(result: conv.ConversionResult) -> str:
+    plan = result.plan
+    if result.status == "complete":
+        return f"{plan.dst}: already complete, nothing to do ({plan.describe()})"
+    resumed = f" ({result.units - result.written} were already stored)" if result.status == "resumed" else ""
+    return f"{result.status} {plan.describe()}: filled {result.written} of {result.units} storage units{resumed}"
+
+
+def _verify(plan: conv.ConversionPlan, workers: int, scheduler: str, progress: bool) -> None:
+    mismatches = conv.verify(plan, workers=workers, scheduler=scheduler, progress=progress)
+    if mismatches:
+        for m in mismatches[:20]:
+            click.echo(f"mismatch: {plan.dst} {m}", err=True)
+        more = f" (first 20 listed)" if len(mismatches) > 20 else ""
+        raise CleftchunkError(
+            f"{plan.dst}: {len(mismatches)} chunks differ from {plan.source}{more}: re-run with --overwrite to rewrite it"
+        )
+    click.echo(f"verified {plan.dst}: every chunk equals {plan.source}")
