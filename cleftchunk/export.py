@@ -1,0 +1,121 @@
+"""CREMI-layout HDF5 files, as the official CREMI tools read them.
+
+Layout: ``volumes/labels/clefts`` (uint64, background 0xFFFFFFFFFFFFFFFF) with attributes
+``resolution`` (nm, z y x) and ``offset`` (nm, the position of its first voxel in the sample's
+frame); optionally ``volumes/raw`` (uint8, ``resolution``); root attribute ``file_format`` = "0.2".
+
+Placing a prediction into a sample's frame: the padded CREMI samples are 200 x 3072 x 3072 with the
+labelled 125 x 1250 x 1250 region at voxel offset (37, 911, 911). A prediction of the whole padded
+sample is cut to the labelled region with ``crop`` (its ``offset`` then defaults to the crop's
+begin, so the file says where it lies); a prediction of the labelled region alone is placed with
+``offset`` = (37, 911, 911). Data are copied in slabs of whole input chunks along z (memory: one
+slab); the file is written under a temporary name and renamed when complete, so an interrupted
+export leaves no half file behind.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import CleftchunkError
+from .geometry import Roi
+from .segment import as_volume, resolve_kind
+from .volumes import CREMI_BACKGROUND, HDF5_SUFFIXES, Volume
+
+CLEFTS_DATASET = "volumes/labels/clefts"
+RAW_DATASET = "volumes/raw"
+FILE_FORMAT = "0.2"
+#: In-plane HDF5 chunk edge; CREMI files are read section by section.
+H5_CHUNK_YX = 256
+
+
+def parse_crop(text: str) -> Roi:
+    """'z0:z1,y0:y1,x0:x1' (voxels, array-local) -> Roi."""
+    try:
+        bounds = [tuple(int(v) for v in part.split(":")) for part in text.split(",")]
+    except ValueError:
+        bounds = []
+    if len(bounds) != 3 or any(len(b) != 2 for b in bounds):
+        raise CleftchunkError(f"--crop {text!r} is not Z0:Z1,Y0:Y1,X0:X1 (voxels): e.g. 37:162,911:2161,911:2161")
+    return Roi.from_bounds([b[0] for b in bounds], [b[1] for b in bounds])
+
+
+def export_cremi(
+    clefts: Volume | str,
+    out: str | os.PathLike,
+    raw: Volume | str | None = None,
+    offset: Sequence[int] | None = None,
+    crop: Roi | None = None,
+    kind: str = "auto",
+    overwrite: bool = False,
+) -> dict:
+    """Write ``clefts`` (CREMI ids, or labels with 0 = background) as a CREMI HDF5 file."""
+    import h5py
+
+    source = as_volume(clefts)
+    kind = resolve_kind(source, kind)
+    if kind not in ("ids", "main"):
+        raise CleftchunkError(
+            f"{source.spec} holds a {kind}, not cleft ids: run `cleftchunk segment` on it first and export the result"
+        )
+    out = Path(out)
+    if out.suffix.lower() not in HDF5_SUFFIXES:
+        raise CleftchunkError(f"{out}: a CREMI file is HDF5; give an output ending in .hdf, .h5 or .hdf5")
+    if out.exists() and not overwrite:
+        raise CleftchunkError(f"{out} exists: pass --overwrite to replace it (or choose another output)")
+    whole = Roi.from_shape(source.shape)
+    region = whole if crop is None else crop
+    if region.empty or not whole.contains(region):
+        raise CleftchunkError(f"crop {region} is not a non-empty part of {source.spec} ({whole}): fix --crop")
+    offset = tuple(offset) if offset is not None else tuple(o + b for o, b in zip(source.offset, region.begin))
+    if len(offset) != 3:
+        raise CleftchunkError(f"--offset {offset} must have three values, Z,Y,X voxels")
+    raw_volume = as_volume(raw) if raw is not None else None
+    if raw_volume is not None and tuple(raw_volume.voxel_size) != tuple(source.voxel_size):
+        raise CleftchunkError(
+            f"voxel sizes differ: raw {raw_volume.spec} has {raw_volume.voxel_size} nm, clefts {source.spec} "
+            f"has {source.voxel_size} nm: export a raw volume of the same resolution"
+        )
+    resolution = np.asarray(source.voxel_size, dtype=np.float64)
+
+    partial = out.with_name(out.name + ".partial")
+    with h5py.File(partial, "w") as f:
+        f.attrs["file_format"] = FILE_FORMAT
+        dataset = _copy(f, CLEFTS_DATASET, source, region, np.uint64, _to_cremi_ids(kind), int(CREMI_BACKGROUND))
+        dataset.attrs["resolution"] = resolution
+        dataset.attrs["offset"] = np.asarray(offset, dtype=np.float64) * resolution
+        if raw_volume is not None:
+            raw_set = _copy(f, RAW_DATASET, raw_volume, Roi.from_shape(raw_volume.shape), raw_volume.dtype, None, 0)
+            raw_set.attrs["resolution"] = resolution
+            if any(raw_volume.offset):
+                raw_set.attrs["offset"] = np.asarray(raw_volume.offset, dtype=np.float64) * resolution
+    os.replace(partial, out)
+    return {"path": str(out), "shape": list(region.shape), "offset_voxels": list(offset), "resolution": list(resolution)}
+
+
+def _to_cremi_ids(kind: str):
+    if kind == "ids":
+        return None
+
+    def convert(labels: np.ndarray) -> np.ndarray:  # PyTorch Connectomics: 0 is background
+        ids = labels.astype(np.uint64)
+        ids[labels == 0] = CREMI_BACKGROUND
+        return ids
+
+    return convert
+
+
+def _copy(f, name: str, source: Volume, region: Roi, dtype, convert, fill) -> "object":
+    """Copy ``region`` of ``source`` into a new dataset, one z-slab of whole chunks at a time."""
+    chunks = (1, min(H5_CHUNK_YX, region.shape[1]), min(H5_CHUNK_YX, region.shape[2]))
+    dataset = f.create_dataset(name, shape=region.shape, dtype=dtype, chunks=chunks, compression="gzip", fillvalue=fill)
+    step = max(1, source.chunks[0])
+    for z in range(region.begin[0], region.end[0], step):
+        slab = Roi((z, region.begin[1], region.begin[2]), (min(step, region.end[0] - z),) + region.shape[1:])
+        data = source[slab.to_slices()]
+        dataset[slab.relative_to(region).to_slices()] = convert(data) if convert else data
+    return dataset

@@ -1,0 +1,456 @@
+"""CREMI synaptic-cleft metrics, exact and block-wise.
+
+Definitions (cremi_python ``Clefts.py``; see shared/reference/cremi-metrics.md): with I the invalid
+ground-truth voxels (0xFFFFFFFFFFFFFFFE, CREMI ids only), P = predicted cleft voxels minus I,
+Q = true cleft voxels minus I, r the voxel size (nm) and d_X(v) the Euclidean distance (nm) from v
+to the nearest voxel of X (invalid voxels do not block distances):
+
+- FP(θ) = |{v in P : d_Q(v) > θ}|, FN(θ) = |{v in Q : d_P(v) > θ}| (strict, θ = 200 nm default);
+- ADGT = mean of d_Q over P, ADF = mean of d_P over Q, CREMI score = (ADGT + ADF) / 2;
+- mean, std (population), max, median and count of both distance sets
+  (``pred_to_gt``: d_Q over P, ``gt_to_pred``: d_P over Q);
+- TP = |P| - FP, precision = TP / |P|, recall = (|Q| - FN) / |Q|, F1 = 2 TP / (2 TP + FP + FN).
+
+Empty sets, reported explicitly rather than crashing (None is ``null`` in JSON):
+
+- P empty: ``pred_to_gt`` has count 0 and None statistics, ADGT None, precision None;
+- Q empty: ``gt_to_pred`` likewise, ADF None, recall None;
+- P empty and Q not: every true voxel is infinitely far from the prediction: ``gt_to_pred`` mean,
+  max, median = inf (std None), ADF = inf, FN = |Q|, CREMI score = inf, recall 0, F1 0;
+- Q empty and P not: symmetrically ADGT = inf, FP = |P|, score inf, precision 0, F1 0;
+- both empty: every distance statistic, the score, precision, recall and F1 are None; FP = FN = 0.
+  A score of None means "nothing to score", not "perfect".
+
+Block-wise exactness (:func:`evaluate`). For each block B holding query voxels (P, to measure
+d_Q; then Q, to measure d_P) the target mask is read in G = B grown by a halo (clipped to the
+volume) and its feature transform (scipy, with sampling = r) gives, for each query voxel v, the
+nearest target *inside G*, at distance d_G(v) >= d(v). Any target t outside G differs from v on some
+axis a by at least m_a(v) voxels, the steps from v to just beyond G's face on that side (a face on
+the volume border has no outside), so d(t, v) >= M(v) = min_a m_a(v) r_a. Hence d_G(v) <= M(v)
+implies d(v) = d_G(v). The other voxels ("far" voxels, e.g. a prediction far from every true
+cleft) are resolved exactly against the target voxels of other blocks: a first pass records the
+bounding box of the targets of every block; the blocks not already inside G are visited in order
+of a lower bound of the distance from the far voxels' bounding box to their target box, each
+lowering the far voxels' best distance (nearest target by KD-tree, distance recomputed from the
+integer offset), and the search stops when the next lower bound exceeds the largest best distance:
+no target left can be closer. This holds however far the nearest cleft is; memory is one grown
+block (or one target box) at a time.
+
+Distances are computed from integer offsets exactly as scipy computes them from its feature
+transform (((dz rz)² + (dy ry)²) + (dx rx)², then sqrt, in float64), so block-wise and whole-volume
+distances agree to the bit up to ties between equally near targets.
+
+The median needs the values: each block returns the table of its distinct distance values with
+their counts (np.unique), and the tables are merged. Distances are norms of integer offsets, so
+there are far fewer distinct values than voxels; the merged table is a sufficient statistic from
+which count, mean, std, max, median and the θ counts are all exact (up to summation order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import CleftchunkError
+from .geometry import Roi, blocks
+from .segment import DEFAULT_THRESHOLD, as_volume, cleft_mask, compute, resolve_kind
+from .volumes import CREMI_INVALID, Volume
+
+THETA_NM = 200.0
+DEFAULT_BLOCK_SHAPE = (32, 256, 256)
+DIRECTIONS = ("pred_to_gt", "gt_to_pred")
+STAT_KEYS = ("count", "mean", "std", "max", "median")
+
+
+# -- distances -----------------------------------------------------------------------------------
+def offset_distances(offsets: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray:
+    """Lengths in nm of integer voxel offsets (n, 3), bit-identical to scipy's EDT formula."""
+    scaled = offsets.astype(np.float64) * np.asarray(voxel_size, dtype=np.float64)
+    squared = scaled * scaled
+    return np.sqrt(squared[:, 0] + squared[:, 1] + squared[:, 2])
+
+
+# -- statistics --------------------------------------------------------------------------------
+def stats_from_values(d: np.ndarray) -> dict:
+    """Statistics of a distance array (the reference's way)."""
+    if d.size == 0:
+        return _empty_stats()
+    if np.isinf(d).any():
+        return _infinite_stats(d.size)
+    return {
+        "count": int(d.size),
+        "mean": float(np.mean(d)),
+        "std": float(np.std(d)),
+        "max": float(np.max(d)),
+        "median": float(np.median(d)),
+    }
+
+
+def stats_from_histogram(values: np.ndarray, counts: np.ndarray) -> dict:
+    """The same statistics from sorted distinct values and their counts."""
+    n = int(counts.sum())
+    if n == 0:
+        return _empty_stats()
+    if np.isinf(values).any():
+        return _infinite_stats(n)
+    mean = float((values * counts).sum() / n)
+    std = math.sqrt(float((((values - mean) ** 2) * counts).sum() / n))
+    return {"count": n, "mean": mean, "std": std, "max": float(values[-1]), "median": _median(values, counts, n)}
+
+
+def _median(values: np.ndarray, counts: np.ndarray, n: int) -> float:
+    ends = np.cumsum(counts)
+
+    def at(rank: int) -> float:
+        return float(values[np.searchsorted(ends, rank, side="right")])
+
+    if n % 2:
+        return at(n // 2)
+    return (at(n // 2 - 1) + at(n // 2)) / 2
+
+
+def _empty_stats() -> dict:
+    return {"count": 0, "mean": None, "std": None, "max": None, "median": None}
+
+
+def _infinite_stats(n: int) -> dict:
+    """Query voxels but no target at all: every distance is infinite."""
+    return {"count": int(n), "mean": math.inf, "std": None, "max": math.inf, "median": math.inf}
+
+
+def assemble(pred_to_gt: dict, gt_to_pred: dict, fp: int, fn: int, inputs: dict) -> dict:
+    """The metrics dict shared by the reference and the block-wise evaluation."""
+    n_pred, n_gt = pred_to_gt["count"], gt_to_pred["count"]
+    tp = n_pred - fp
+    adgt, adf = pred_to_gt["mean"], gt_to_pred["mean"]
+    defined = [a for a in (adgt, adf) if a is not None]
+    if adgt is not None and adf is not None:
+        score = (adgt + adf) / 2
+    elif defined and math.isinf(defined[0]):
+        score = math.inf
+    else:
+        score = None
+    return {
+        "pred_voxels": n_pred,
+        "gt_voxels": n_gt,
+        "fp": int(fp),
+        "fn": int(fn),
+        "tp": int(tp),
+        "adgt": adgt,
+        "adf": adf,
+        "cremi_score": score,
+        "precision": tp / n_pred if n_pred else None,
+        "recall": (n_gt - fn) / n_gt if n_gt else None,
+        "f1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else None,
+        "pred_to_gt": pred_to_gt,
+        "gt_to_pred": gt_to_pred,
+        "inputs": inputs,
+    }
+
+
+# -- the whole-volume reference ------------------------------------------------------------------
+def cremi_metrics_reference(
+    pred_mask: np.ndarray,
+    gt_mask: np.ndarray,
+    voxel_size: Sequence[float],
+    theta: float = THETA_NM,
+    invalid_mask: np.ndarray | None = None,
+) -> dict:
+    """The definition on whole arrays with scipy's EDT (memory: ~40 bytes per voxel)."""
+    from scipy.ndimage import distance_transform_edt
+
+    pred_mask = np.asarray(pred_mask, dtype=bool)
+    gt_mask = np.asarray(gt_mask, dtype=bool)
+    if pred_mask.shape != gt_mask.shape:
+        raise CleftchunkError(f"prediction shape {pred_mask.shape} differs from ground truth shape {gt_mask.shape}")
+    invalid = np.zeros_like(gt_mask) if invalid_mask is None else np.asarray(invalid_mask, dtype=bool)
+    p = pred_mask & ~invalid
+    q = gt_mask & ~invalid
+    sampling = tuple(float(v) for v in voxel_size)
+
+    def distances_to(target: np.ndarray, query: np.ndarray) -> np.ndarray:
+        if not target.any():
+            return np.full(int(query.sum()), np.inf)
+        return distance_transform_edt(~target, sampling=sampling)[query]
+
+    d_q = distances_to(q, p)
+    d_p = distances_to(p, q)
+    inputs = {"shape": list(p.shape), "voxel_size": list(sampling), "theta_nm": float(theta), "invalid_voxels": int(invalid.sum())}
+    return assemble(stats_from_values(d_q), stats_from_values(d_p), int((d_q > theta).sum()), int((d_p > theta).sum()), inputs)
+
+
+# -- block-wise ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Pair:
+    """The prediction and ground truth volumes, and how to read cleft voxels from each."""
+
+    pred: Volume
+    gt: Volume
+    pred_kind: str
+    gt_kind: str
+    threshold: float
+
+    def read(self, roi: Roi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """P, Q and I (array-local ``roi``) as boolean arrays."""
+        g = self.gt[roi.to_slices()]
+        invalid = g == CREMI_INVALID if self.gt_kind == "ids" else np.zeros(g.shape, dtype=bool)
+        p = cleft_mask(self.pred[roi.to_slices()], self.pred_kind, self.threshold) & ~invalid
+        q = cleft_mask(g, self.gt_kind, self.threshold) & ~invalid
+        return p, q, invalid
+
+    def sets(self, roi: Roi, direction: str) -> tuple[np.ndarray, np.ndarray]:
+        """(query, target) masks: P and Q for ``pred_to_gt``, Q and P for ``gt_to_pred``."""
+        p, q, _ = self.read(roi)
+        return (p, q) if direction == "pred_to_gt" else (q, p)
+
+
+@dataclass(frozen=True)
+class Census:
+    """Pass 1 for one block: voxel counts and the bounding boxes of P and Q."""
+
+    roi: Roi
+    counts: dict = field(default_factory=dict)  # "pred_to_gt" -> |P|, "gt_to_pred" -> |Q|, "invalid"
+    boxes: dict = field(default_factory=dict)  # same keys: bounding box of P / Q (None if empty)
+
+
+def census(pair: Pair, roi: Roi) -> Census:
+    p, q, invalid = pair.read(roi)
+    counts = {"pred_to_gt": int(p.sum()), "gt_to_pred": int(q.sum()), "invalid": int(invalid.sum())}
+    return Census(roi, counts, {"pred_to_gt": _bounding_box(p, roi), "gt_to_pred": _bounding_box(q, roi)})
+
+
+def _bounding_box(mask: np.ndarray, roi: Roi) -> Roi | None:
+    if not mask.any():
+        return None
+    begin, end = [], []
+    for axis in range(mask.ndim):
+        along = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        begin.append(int(along[0]))
+        end.append(int(along[-1]) + 1)
+    return Roi.from_bounds(begin, end).shift(roi.offset)
+
+
+def block_distances(
+    pair: Pair, direction: str, block: Roi, halo: Sequence[int], total: Roi, voxel_size: tuple, target_boxes: list[Roi]
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Exact distances of the query voxels of ``block`` to the target set, as (values, counts, far)."""
+    from scipy.ndimage import distance_transform_edt
+
+    grown = block.grow(tuple(halo)).intersect(total)
+    query, target = pair.sets(grown, direction)
+    coords = np.argwhere(query[block.relative_to(grown).to_slices()]) + np.array(block.offset)
+    best = np.full(len(coords), np.inf)
+    if target.any():
+        nearest = distance_transform_edt(~target, sampling=voxel_size, return_distances=False, return_indices=True)
+        local = coords - np.array(grown.offset)
+        found = nearest[(slice(None),) + tuple(local.T)].T + np.array(grown.offset)
+        best = offset_distances(found - coords, voxel_size)
+        del nearest
+    far = best > outside_bound(coords, grown, total, voxel_size)
+    if far.any():
+        best[far] = nearest_far(pair, direction, coords[far], best[far], grown, target_boxes, voxel_size)
+    values, counts = np.unique(best, return_counts=True)
+    return values, counts, int(far.sum())
+
+
+def outside_bound(coords: np.ndarray, grown: Roi, total: Roi, voxel_size: Sequence[float]) -> np.ndarray:
+    """A lower bound (nm) of the distance from each voxel to any voxel outside ``grown``."""
+    steps_before = (coords - np.array(grown.begin) + 1).astype(np.float64)
+    steps_after = (np.array(grown.end) - coords).astype(np.float64)
+    steps_before[:, np.array(grown.begin) <= np.array(total.begin)] = np.inf  # nothing lies beyond
+    steps_after[:, np.array(grown.end) >= np.array(total.end)] = np.inf
+    nm = np.minimum(steps_before, steps_after) * np.asarray(voxel_size, dtype=np.float64)
+    return nm.min(axis=1)
+
+
+def box_gap_nm(a: Roi, b: Roi, voxel_size: Sequence[float]) -> float:
+    """A lower bound (nm) of the distance between any voxel of box ``a`` and any voxel of box ``b``."""
+    gaps = [
+        max(0, b.begin[i] - (a.end[i] - 1), a.begin[i] - (b.end[i] - 1)) * float(voxel_size[i]) for i in range(a.ndim)
+    ]
+    return math.sqrt(sum(g * g for g in gaps))
+
+
+def nearest_far(
+    pair: Pair, direction: str, coords: np.ndarray, best: np.ndarray, grown: Roi, target_boxes: list[Roi], voxel_size
+) -> np.ndarray:
+    """Exact distances for voxels whose nearest target may lie outside ``grown`` (see module doc)."""
+    from scipy.spatial import cKDTree
+
+    coords_box = Roi.from_bounds(coords.min(axis=0), coords.max(axis=0) + 1)
+    candidates = sorted(
+        ((box_gap_nm(coords_box, box, voxel_size), box) for box in target_boxes if not grown.contains(box)),
+        key=lambda item: (item[0], item[1].offset),
+    )
+    scale = np.asarray(voxel_size, dtype=np.float64)
+    best = best.copy()
+    for gap, box in candidates:
+        if gap > best.max():
+            break  # every remaining target is at least this far from every far voxel
+        _, target = pair.sets(box, direction)
+        targets = np.argwhere(target) + np.array(box.offset)
+        _, index = cKDTree(targets * scale).query(coords * scale, k=1)
+        best = np.minimum(best, offset_distances(targets[index] - coords, voxel_size))
+    return best
+
+
+def merge_histograms(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not parts:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    values = np.concatenate([p[0] for p in parts])
+    counts = np.concatenate([p[1] for p in parts])
+    distinct, inverse = np.unique(values, return_inverse=True)
+    return distinct, np.bincount(inverse.ravel(), weights=counts, minlength=distinct.size).astype(np.int64)
+
+
+def common_voxel_size(pred: Volume, gt: Volume, voxel_size: Sequence[float] | None) -> tuple[float, ...]:
+    """The explicit voxel size, else the metadata's (which must agree), else an error."""
+    if voxel_size is not None:
+        vs = tuple(float(v) for v in voxel_size)
+        if len(vs) != 3 or any(v <= 0 for v in vs):
+            raise CleftchunkError(f"voxel size {vs} must be three positive numbers (z, y, x) in nm")
+        return vs
+    known = [v for v in (pred, gt) if v.voxel_size_known]
+    if len(known) == 2 and tuple(pred.voxel_size) != tuple(gt.voxel_size):
+        raise CleftchunkError(
+            f"voxel sizes differ: prediction {pred.spec} has {tuple(pred.voxel_size)} nm, ground truth {gt.spec} "
+            f"has {tuple(gt.voxel_size)} nm: resample one, or force one with --voxel-size"
+        )
+    if not known:
+        raise CleftchunkError(
+            f"neither {pred.spec} nor {gt.spec} records a voxel size: pass --voxel-size Z,Y,X (e.g. 40,4,4 for CREMI)"
+        )
+    return tuple(float(v) for v in known[0].voxel_size)
+
+
+def evaluate(
+    pred: Volume | str,
+    gt: Volume | str,
+    theta: float = THETA_NM,
+    threshold: float = DEFAULT_THRESHOLD,
+    voxel_size: Sequence[float] | None = None,
+    pred_kind: str = "auto",
+    gt_kind: str = "auto",
+    block_shape: Sequence[int] | None = None,
+    halo: Sequence[int] | None = None,
+    workers: int | None = None,
+) -> dict:
+    """The CREMI cleft metrics of ``pred`` against ``gt``, block-wise on Dask, exact.
+
+    ``halo`` (voxels per axis, default ceil(2 θ / voxel size)) only trades EDT work against the
+    far-voxel search; the result does not depend on it, nor on ``block_shape`` or ``workers``.
+    """
+    from dask import delayed
+
+    pred, gt = as_volume(pred), as_volume(gt)
+    if pred.shape != gt.shape:
+        raise CleftchunkError(
+            f"shapes differ: prediction {pred.spec} is {pred.shape}, ground truth {gt.spec} is {gt.shape}: "
+            "crop or pad one to the other's frame"
+        )
+    if len(pred.shape) != 3:
+        raise CleftchunkError(f"{pred.spec} has {len(pred.shape)} axes: evaluation needs 3-D (z, y, x) volumes")
+    if theta < 0:
+        raise CleftchunkError(f"θ = {theta} nm is negative: give a distance >= 0")
+    vs = common_voxel_size(pred, gt, voxel_size)
+    pair = Pair(pred, gt, resolve_kind(pred, pred_kind), resolve_kind(gt, gt_kind), threshold)
+    total = Roi.from_shape(pred.shape)
+    block_shape = tuple(min(b, s) for b, s in zip(block_shape or DEFAULT_BLOCK_SHAPE, pred.shape))
+    halo = tuple(halo) if halo is not None else tuple(math.ceil(2 * theta / v) for v in vs)
+    plan = [b.write_roi for b in blocks(total, block_shape)]
+
+    censuses = compute([delayed(census, pure=True)(pair, roi) for roi in plan], workers)
+    tasks, owners = [], []
+    for direction in DIRECTIONS:
+        boxes = [c.boxes[_other(direction)] for c in censuses if c.boxes[_other(direction)] is not None]
+        if not boxes:
+            continue  # no target at all: every distance is infinite, counted below
+        for c in censuses:
+            if c.counts[direction]:
+                tasks.append(delayed(block_distances, pure=True)(pair, direction, c.roi, halo, total, vs, boxes))
+                owners.append(direction)
+    results = compute(tasks, workers)
+
+    stats, beyond, far = {}, {}, 0
+    for direction in DIRECTIONS:
+        parts = [r[:2] for r, o in zip(results, owners) if o == direction]
+        far += sum(r[2] for r, o in zip(results, owners) if o == direction)
+        n = sum(c.counts[direction] for c in censuses)
+        values, counts = merge_histograms(parts) if parts else (np.array([np.inf] if n else []), np.array([n] if n else [], dtype=np.int64))
+        stats[direction] = stats_from_histogram(values, counts)
+        beyond[direction] = int(counts[values > theta].sum())
+    inputs = {
+        "shape": list(pred.shape),
+        "voxel_size": list(vs),
+        "theta_nm": float(theta),
+        "invalid_voxels": sum(c.counts["invalid"] for c in censuses),
+        "pred": pred.spec,
+        "gt": gt.spec,
+        "pred_kind": pair.pred_kind,
+        "gt_kind": pair.gt_kind,
+        "threshold": threshold if "prob" in (pair.pred_kind, pair.gt_kind) else None,
+        "blocks": len(plan),
+        "block_shape": list(block_shape),
+        "halo": list(halo),
+        "far_voxels": far,
+    }
+    return assemble(stats["pred_to_gt"], stats["gt_to_pred"], beyond["pred_to_gt"], beyond["gt_to_pred"], inputs)
+
+
+def _other(direction: str) -> str:
+    return "gt_to_pred" if direction == "pred_to_gt" else "pred_to_gt"
+
+
+# -- reporting -----------------------------------------------------------------------------------
+def jsonable(value: Any) -> Any:
+    """Infinity as the string "inf" and NaN as null: strict JSON parsers accept neither."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+    return value
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(jsonable(result), indent=2, allow_nan=False)
+
+
+def format_table(result: dict) -> str:
+    """The metrics as an aligned text table for the terminal."""
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return "inf" if math.isinf(v) else f"{v:.4g}" if abs(v) < 1e4 else f"{v:.1f}"
+        return str(v)
+
+    theta = result["inputs"]["theta_nm"]
+    rows = [
+        ("CREMI score (nm)", fmt(result["cremi_score"])),
+        ("ADGT (nm)", fmt(result["adgt"])),
+        ("ADF (nm)", fmt(result["adf"])),
+        (f"FP (> {theta:g} nm)", fmt(result["fp"])),
+        (f"FN (> {theta:g} nm)", fmt(result["fn"])),
+        ("precision", fmt(result["precision"])),
+        ("recall", fmt(result["recall"])),
+        ("F1", fmt(result["f1"])),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines.append("")
+    header = f"{'distances (nm)':<{width}}  " + "  ".join(f"{k:>10}" for k in STAT_KEYS)
+    lines.append(header)
+    for direction, label in (("pred_to_gt", "prediction -> GT"), ("gt_to_pred", "GT -> prediction")):
+        s = result[direction]
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{fmt(s[k]):>10}" for k in STAT_KEYS))
+    return "\n".join(lines)

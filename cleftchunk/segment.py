@@ -1,0 +1,433 @@
+"""Cleft instances: binarize a prediction, then connected components block-wise.
+
+What counts as a cleft voxel depends on the *kind* of volume (see :func:`resolve_kind`):
+
+- ``ids``   CREMI cleft ids (uint64): every value but 0xFFFFFFFFFFFFFFFF is a cleft, 0 included;
+- ``main``  PyTorch Connectomics labels (unsigned ints): 0 is background, anything else a cleft;
+- ``mask``  0/1 masks (bool or integers): non-zero is a cleft;
+- ``prob``  probabilities: uint8 (round(p*255)) >= threshold, or float in [0, 1] >= threshold/255.
+
+Block-wise connected components (:func:`segment`), in three passes over blocks that tile the volume:
+
+1. label every block alone (scipy.ndimage.label); keep per-block tables (size and first voxel of
+   each local label) and the label planes on the block's six faces;
+2. for every block boundary, compare the two label planes that touch across it and collect the
+   pairs of local labels that are neighbours; connected components of this (small) equivalence
+   graph are the global components;
+3. relabel each block through a lookup table and write it.
+
+Why pass 2 sees every connection: two neighbouring voxels in different blocks differ by at most one
+voxel per axis, and along some axis ``a`` their blocks differ, so they lie on the two planes either
+side of a block boundary along ``a``. The seam of block A along ``a`` (A's last plane and the next
+plane, spanning A's extent grown by one voxel at the high end of the other axes) contains them when
+A is the block holding (boundary - 1, min of the two positions on the other axes): the larger
+position on those axes is at most one beyond A's end. Every voxel of a seam lies on a face plane
+(along ``a``) of one of the up to eight blocks it meets, which is why pass 1 keeps only faces.
+
+Final ids are 1..K ordered by each component's first voxel in C order (the smallest linear index
+over the component), computed from the per-block tables: the result does not depend on the block
+shape or the worker count, byte for byte. Memory: one block plus its faces per task, and tables the
+size of the number of components.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import CleftchunkError
+from .geometry import Roi, blocks
+from .volumes import CREMI_BACKGROUND, Volume, create_volume, exists, open_volume
+
+KINDS = ("ids", "main", "mask", "prob")
+DEFAULT_THRESHOLD = 128
+#: Attribute by which cleftchunk marks what a volume holds (written by ``segment``).
+KIND_ATTRIBUTE = "cleft_kind"
+#: Blocks of 32 x 512 x 512 voxels: ~100 MiB of labels and output per task.
+DEFAULT_BLOCK_FACTOR = (2, 2, 2)
+#: Local labels are packed with their block's number into one uint64: block << 32 | label.
+_LABEL_BITS = 32
+
+
+# -- what is a cleft voxel -----------------------------------------------------------------------
+def as_volume(source: Volume | str, voxel_size: Sequence[float] | None = None) -> Volume:
+    if isinstance(source, Volume):
+        return source
+    return open_volume(source, voxel_size=voxel_size)
+
+
+def resolve_kind(volume: Volume, kind: str = "auto") -> str:
+    """Decide what a volume holds; ``kind`` other than ``auto`` is checked against the dtype.
+
+    Auto-detection, in order: the ``cleft_kind`` attribute; bool -> mask; a dataset named
+    ``main`` (PyTorch Connectomics) with unsigned ints -> main; uint64 -> ids (CREMI);
+    uint8 -> mask if every value is 0 or 1, else prob; other unsigned ints -> main;
+    floats -> prob if every value lies in [0, 1]. Anything else (signed ints, floats
+    outside [0, 1]) is refused: pass ``kind`` explicitly.
+    """
+    dtype = volume.dtype
+    if kind != "auto":
+        _check_kind(volume, kind)
+        return kind
+    declared = dict(getattr(volume.array, "attrs", {}) or {}).get(KIND_ATTRIBUTE)
+    if declared in KINDS:
+        _check_kind(volume, declared)
+        return declared
+    name = (volume.inner or "").rstrip("/").rpartition("/")[2]
+    if dtype == np.bool_:
+        return "mask"
+    if dtype.kind == "u" and name == "main":
+        return "main"
+    if dtype == np.uint64:
+        return "ids"
+    if dtype == np.uint8:
+        return "mask" if _value_range(volume)[1] <= 1 else "prob"
+    if dtype.kind == "u":
+        return "main"
+    if dtype.kind == "f":
+        low, high = _value_range(volume)
+        if 0 <= low and high <= 1:
+            return "prob"
+        raise CleftchunkError(
+            f"{volume.spec}: {dtype} values span [{low:g}, {high:g}], neither probabilities in [0, 1] "
+            "nor ids/masks: convert it to uint8 probabilities or uint64 CREMI ids"
+        )
+    raise CleftchunkError(
+        f"{volume.spec}: dtype {dtype} is neither CREMI ids (uint64), a mask, labels (unsigned) nor "
+        "probabilities (uint8/float): convert it, or say what it is with --pred-kind/--gt-kind"
+    )
+
+
+def _check_kind(volume: Volume, kind: str) -> None:
+    dtype = volume.dtype
+    if kind not in KINDS:
+        raise CleftchunkError(f"unknown volume kind {kind!r}: use one of auto, {', '.join(KINDS)}")
+    fits = {
+        "ids": dtype == np.uint64,
+        "main": dtype.kind in "biu",
+        "mask": dtype.kind in "biu",
+        "prob": dtype == np.uint8 or dtype.kind == "f",
+    }[kind]
+    if not fits:
+        raise CleftchunkError(f"{volume.spec}: dtype {dtype} cannot hold {kind!r} data: choose another kind")
+
+
+def _value_range(volume: Volume) -> tuple[float, float]:
+    import dask
+
+    data = volume.to_dask()
+    low, high = dask.compute(data.min(), data.max())
+    return float(low), float(high)
+
+
+def cleft_mask(data: np.ndarray, kind: str, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """Boolean mask of cleft voxels (invalid ground-truth voxels are *not* removed here)."""
+    if kind == "ids":
+        return data != CREMI_BACKGROUND
+    if kind in ("main", "mask"):
+        return data != 0
+    if kind == "prob":
+        if data.dtype.kind == "f":
+            return data >= threshold / 255.0
+        return data >= threshold
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+# -- connectivity --------------------------------------------------------------------------------
+def structure(connectivity: int) -> np.ndarray:
+    from scipy import ndimage
+
+    if connectivity == 6:
+        return ndimage.generate_binary_structure(3, 1)
+    if connectivity == 26:
+        return ndimage.generate_binary_structure(3, 3)
+    raise CleftchunkError(f"connectivity {connectivity} is not supported: use 6 or 26")
+
+
+def connected_components_reference(mask: np.ndarray, connectivity: int = 26, min_size: int = 0) -> np.ndarray:
+    """Whole-array components with the same canonical ids as :func:`segment` (for tests/benchmarks)."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=structure(connectivity))
+    flat = labels.ravel()
+    sizes = np.bincount(flat, minlength=n + 1)[1:]
+    first = np.full(n, flat.size, dtype=np.int64)
+    nonzero = np.flatnonzero(flat)
+    np.minimum.at(first, flat[nonzero] - 1, nonzero)
+    lut = canonical_ids(sizes, first, min_size)
+    return np.concatenate([[CREMI_BACKGROUND], lut])[labels]
+
+
+def canonical_ids(sizes: np.ndarray, first: np.ndarray, min_size: int) -> np.ndarray:
+    """Ids 1..K for components of at least ``min_size`` voxels, ordered by first voxel; others BG."""
+    keep = np.flatnonzero(sizes >= max(min_size, 1))
+    ids = np.full(sizes.shape, CREMI_BACKGROUND, dtype=np.uint64)
+    ids[keep[np.argsort(first[keep], kind="stable")]] = np.arange(1, keep.size + 1, dtype=np.uint64)
+    return ids
+
+
+# -- pass 1: label each block -------------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockTables:
+    """What pass 1 keeps of a block: per local label (1..n), its size and first voxel."""
+
+    number: int
+    sizes: np.ndarray  # int64 (n,)
+    first: np.ndarray  # int64 (n,): smallest global C-order linear index
+
+    @property
+    def count(self) -> int:
+        return int(self.sizes.size)
+
+
+def _label_block(source: Volume, kind: str, threshold: float, roi: Roi, connectivity: int):
+    from scipy import ndimage
+
+    mask = cleft_mask(source[roi.to_slices()], kind, threshold)
+    labels, n = ndimage.label(mask, structure=structure(connectivity))
+    return labels, n
+
+
+def label_block_tables(source: Volume, kind: str, threshold: float, number: int, roi: Roi, shape: tuple, connectivity: int):
+    """Pass 1 for one block: its tables and its six face planes of local labels."""
+    labels, n = _label_block(source, kind, threshold, roi, connectivity)
+    flat = labels.ravel()
+    nonzero = np.flatnonzero(flat)
+    sizes = np.bincount(flat[nonzero], minlength=n + 1)[1:].astype(np.int64)
+    # nonzero is sorted, so the first occurrence of each label is its first voxel in C order;
+    # C order within a box is the same as C order in the whole volume.
+    present, where = np.unique(flat[nonzero], return_index=True)
+    local = np.array(np.unravel_index(nonzero[where], labels.shape)).T + np.array(roi.offset)
+    first = np.zeros(n, dtype=np.int64)
+    if present.size:
+        first[present - 1] = np.ravel_multi_index(local.T, shape)
+    faces = {
+        (axis, side): np.ascontiguousarray(np.take(labels, 0 if side == "low" else -1, axis=axis))
+        for axis in range(3)
+        for side in ("low", "high")
+    }
+    return BlockTables(number, sizes, first), faces
+
+
+# -- pass 2: equivalences across block boundaries ----------------------------------------------------
+def seam_pairs(axis: int, seam: Roi, pieces: list[tuple[int, Roi, np.ndarray]], connectivity: int) -> np.ndarray:
+    """Pairs of packed labels (block << 32 | label) that touch across a seam.
+
+    ``seam`` is two planes thick along ``axis``; ``pieces`` are (block number, block ROI, that
+    block's face plane along ``axis`` on the seam's side) for every block the seam meets.
+    """
+    packed = np.zeros(seam.shape, dtype=np.uint64)
+    for number, block_roi, face in pieces:
+        part = block_roi.intersect(seam)
+        if part.empty:
+            continue
+        face_roi = _drop_axis(block_roi, axis)
+        cut = face[_drop_axis(part, axis).to_slices(face_roi.offset)]
+        values = cut.astype(np.uint64)
+        values[cut != 0] |= np.uint64(number) << np.uint64(_LABEL_BITS)
+        packed[part.to_slices(seam.offset)] = np.expand_dims(values, axis)
+    before = np.moveaxis(packed, axis, 0)[0]
+    after = np.moveaxis(packed, axis, 0)[1]
+    shifts = [(0, 0)] if connectivity == 6 else [(i, j) for i in (-1, 0, 1) for j in (-1, 0, 1)]
+    found = [_touching(before, after, shift) for shift in shifts]
+    pairs = np.concatenate(found) if found else np.zeros((0, 2), np.uint64)
+    return np.unique(pairs, axis=0) if pairs.size else pairs
+
+
+def _drop_axis(roi: Roi, axis: int) -> Roi:
+    return Roi(roi.offset[:axis] + roi.offset[axis + 1 :], roi.shape[:axis] + roi.shape[axis + 1 :])
+
+
+def _touching(before: np.ndarray, after: np.ndarray, shift: tuple[int, int]) -> np.ndarray:
+    """Pairs (before[p], after[p + shift]) where both are labelled."""
+    src, dst = [], []
+    for s, n in zip(shift, before.shape):
+        src.append(slice(max(0, -s), n - max(0, s)))
+        dst.append(slice(max(0, s), n - max(0, -s)))
+    a, b = before[tuple(src)], after[tuple(dst)]
+    both = (a != 0) & (b != 0)
+    return np.stack([a[both], b[both]], axis=1)
+
+
+def seam_roi(block_roi: Roi, axis: int, total: Roi) -> Roi | None:
+    """The seam after ``block_roi`` along ``axis``, or None at the end of the volume."""
+    if block_roi.end[axis] >= total.end[axis]:
+        return None
+    before = [0, 0, 0]
+    after = [1, 1, 1]
+    before[axis] = -(block_roi.shape[axis] - 1)
+    return block_roi.grow(before, after).intersect(total)
+
+
+# -- the block-wise driver ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SegmentResult:
+    components: int  # kept (ids 1..components)
+    removed: int  # smaller than min_size
+    voxels: int  # cleft voxels kept
+    blocks: int
+
+
+def segment(
+    pred: Volume | str,
+    out: str,
+    threshold: float = DEFAULT_THRESHOLD,
+    min_size: int = 0,
+    connectivity: int = 26,
+    kind: str = "auto",
+    block_shape: Sequence[int] | None = None,
+    chunks: Sequence[int] | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+) -> SegmentResult:
+    """Write uint64 CREMI cleft ids of ``pred``'s connected components to ``out`` (a Zarr spec)."""
+    source = as_volume(pred)
+    kind = resolve_kind(source, kind)
+    if min_size < 0:
+        raise CleftchunkError(f"--min-size {min_size} is negative: give a number of voxels >= 0")
+    total = Roi.from_shape(source.shape)
+    chunks = tuple(min(c, s) for c, s in zip(chunks or source.chunks, source.shape))
+    block_shape = aligned_block_shape(block_shape, chunks, source.shape)
+    plan = blocks(total, block_shape)
+    target = _create_output(out, source, chunks, overwrite, threshold, min_size, connectivity, kind)
+    structure(connectivity)  # refuse a bad connectivity before any work
+
+    tables = _equivalences_and_tables(source, kind, threshold, plan, total, connectivity, workers)
+    block_tables, pairs = tables
+    offsets = np.cumsum([0] + [t.count for t in block_tables])
+    sizes = np.concatenate([t.sizes for t in block_tables] + [np.zeros(0, np.int64)])
+    first = np.concatenate([t.first for t in block_tables] + [np.zeros(0, np.int64)])
+    component = _components(pairs, offsets)
+    n_comp = int(component.max()) + 1 if component.size else 0
+    comp_sizes = np.bincount(component, weights=sizes, minlength=n_comp).astype(np.int64)
+    comp_first = np.full(n_comp, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(comp_first, component, first)
+    comp_ids = canonical_ids(comp_sizes, comp_first, min_size)
+    lut = comp_ids[component]
+
+    _relabel_all(source, kind, threshold, plan, total, connectivity, offsets, lut, target, workers)
+    target.array.attrs[COMPLETE_ATTRIBUTE] = True
+    kept = comp_sizes >= max(min_size, 1)
+    return SegmentResult(int(kept.sum()), int((~kept).sum()), int(comp_sizes[kept].sum()), len(plan))
+
+
+COMPLETE_ATTRIBUTE = "complete"
+
+
+def aligned_block_shape(block_shape: Sequence[int] | None, chunks: Sequence[int], shape: Sequence[int]) -> tuple:
+    """Blocks are whole output chunks (no two tasks write one chunk); round up to a multiple."""
+    if block_shape is None:
+        block_shape = tuple(c * f for c, f in zip(chunks, DEFAULT_BLOCK_FACTOR))
+    block_shape = tuple(int(b) for b in block_shape)
+    if len(block_shape) != 3 or any(b <= 0 for b in block_shape):
+        raise CleftchunkError(f"block shape {block_shape} must be three positive extents (z, y, x)")
+    rounded = tuple(c * math.ceil(b / c) for b, c in zip(block_shape, chunks))
+    return tuple(min(r, c * math.ceil(s / c)) for r, c, s in zip(rounded, chunks, shape))
+
+
+def _create_output(out, source, chunks, overwrite, threshold, min_size, connectivity, kind) -> Volume:
+    """Create the output; an unfinished output of an earlier run is redone without --overwrite."""
+    if not overwrite and exists(out) and _is_unfinished(out):
+        overwrite = True
+    params = {"threshold": threshold, "min_size": min_size, "connectivity": connectivity, "input_kind": kind}
+    return create_volume(
+        out,
+        source.shape,
+        np.uint64,
+        chunks=chunks,
+        voxel_size=source.voxel_size,
+        offset_nm=source.offset_nm,
+        fill_value=int(CREMI_BACKGROUND),
+        attrs={KIND_ATTRIBUTE: "ids", COMPLETE_ATTRIBUTE: False, "segment": params, "source": source.spec},
+        overwrite=overwrite,
+    )
+
+
+def _is_unfinished(spec: str) -> bool:
+    try:
+        attrs = dict(open_volume(spec).array.attrs)
+    except CleftchunkError:
+        return False
+    return attrs.get(KIND_ATTRIBUTE) == "ids" and attrs.get(COMPLETE_ATTRIBUTE) is False
+
+
+def compute(tasks: list, workers: int | None) -> list:
+    """Run dask delayed tasks: threads (``workers`` of them), or one thread when workers == 1."""
+    import dask
+
+    if not tasks:
+        return []
+    if workers == 1:
+        return list(dask.compute(*tasks, scheduler="synchronous"))
+    return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+
+
+def _equivalences_and_tables(source, kind, threshold, plan, total, connectivity, workers):
+    from dask import delayed
+
+    shape = total.shape
+    labelled = [
+        delayed(label_block_tables, nout=2, pure=True)(source, kind, threshold, i, b.write_roi, shape, connectivity)
+        for i, b in enumerate(plan)
+    ]
+    by_index = {b.index: i for i, b in enumerate(plan)}
+    seams = []
+    for i, b in enumerate(plan):
+        for axis in range(3):
+            seam = seam_roi(b.write_roi, axis, total)
+            if seam is None:
+                continue
+            pieces = []
+            for delta in itertools.product((0, 1), repeat=3):
+                j = by_index.get(tuple(k + d for k, d in zip(b.index, delta)))
+                if j is None:
+                    continue
+                side = "low" if delta[axis] else "high"
+                pieces.append([j, plan[j].write_roi, labelled[j][1][(axis, side)]])
+            seams.append(delayed(seam_pairs, pure=True)(axis, seam, pieces, connectivity))
+    results = compute([t[0] for t in labelled] + seams, workers)
+    block_tables = results[: len(plan)]
+    pairs = [p for p in results[len(plan) :] if p.size]
+    return block_tables, (np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64))
+
+
+def _components(pairs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Global component of every (block, local label), by graph components of the pairs."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = int(offsets[-1])
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    block = (pairs >> np.uint64(_LABEL_BITS)).astype(np.int64)
+    local = (pairs & np.uint64((1 << _LABEL_BITS) - 1)).astype(np.int64)
+    dense = offsets[block] + local - 1
+    graph = coo_matrix((np.ones(len(dense), np.int8), (dense[:, 0], dense[:, 1])), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    return component.astype(np.int64)
+
+
+# -- pass 3: relabel and write ---------------------------------------------------------------------
+def relabel_block(source, kind, threshold, roi: Roi, shape, connectivity, lut_part: np.ndarray, target: Volume) -> int:
+    labels, n = _label_block(source, kind, threshold, roi, connectivity)
+    if n != lut_part.size:
+        raise RuntimeError(f"block {roi} labelled differently in two passes ({n} vs {lut_part.size} labels)")
+    table = np.concatenate([np.array([CREMI_BACKGROUND], dtype=np.uint64), lut_part])
+    target.array[roi.to_slices()] = table[labels]
+    return n
+
+
+def _relabel_all(source, kind, threshold, plan, total, connectivity, offsets, lut, target, workers) -> None:
+    from dask import delayed
+
+    tasks = [
+        delayed(relabel_block, pure=True)(
+            source, kind, threshold, b.write_roi, total.shape, connectivity, lut[offsets[i] : offsets[i + 1]], target
+        )
+        for i, b in enumerate(plan)
+    ]
+    compute(tasks, workers)

@@ -1,0 +1,62 @@
+"""``cleftchunk evaluate PRED GT``: CREMI cleft metrics, block-wise and exact."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.metrics import THETA_NM, evaluate, format_table, to_json
+from cleftchunk.segment import DEFAULT_THRESHOLD
+
+from .segment import KIND_CHOICE, check_threshold, parse_triple
+
+
+@click.command("evaluate")
+@click.argument("pred")
+@click.argument("gt")
+@click.option("--theta", type=float, default=THETA_NM, show_default=True, help="Distance threshold θ (nm) for FP/FN (strict >).")
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+              help="Probability volumes: cleft voxels are >= this (of 255).")
+@click.option("--voxel-size", help="Z,Y,X in nm, overriding the metadata of both volumes.")
+@click.option("--pred-kind", type=KIND_CHOICE, default="auto", show_default=True, help="What PRED holds.")
+@click.option("--gt-kind", type=KIND_CHOICE, default="auto", show_default=True, help="What GT holds.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics to this JSON file.")
+@click.option("--block-shape", help="Block of work, Z,Y,X voxels (default 32,256,256).")
+@click.option("--halo", help="Context around each block, Z,Y,X voxels (default 2θ); speed only, never the result.")
+@click.option("--workers", type=int, help="Dask threads (default: one per core).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
+def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_path, block_shape, halo, workers, overwrite):
+    """CREMI synaptic-cleft metrics of PRED against the ground truth GT.
+
+    \b
+    What a volume holds (its kind) is decided, unless --pred-kind/--gt-kind say it, by:
+      1. a `cleft_kind` attribute (written by `cleftchunk segment`);
+      2. bool -> mask; unsigned ints in a dataset named `main` (PyTorch Connectomics) -> main;
+      3. uint64 -> ids (CREMI: 0xFF..FF background, 0xFF..FE invalid in GT, 0 is a cleft);
+      4. uint8 -> mask if all values are 0/1, else prob (cleft = value >= --threshold);
+      5. other unsigned ints -> main (0 background); floats in [0, 1] -> prob (>= threshold/255);
+      anything else (signed ints, floats outside [0, 1]) is an error.
+    Empty prediction or ground truth: undefined averages are n/a (null in JSON), distances to an
+    empty set are infinite ("inf" in JSON); see the cleftchunk.metrics documentation.
+    """
+    if json_path and os.path.exists(json_path) and not overwrite:
+        raise CleftchunkError(f"{json_path} exists: pass --overwrite to replace it (or choose another --json file)")
+    result = evaluate(
+        pred,
+        gt,
+        theta=theta,
+        threshold=check_threshold(threshold),
+        voxel_size=parse_triple(voxel_size, "--voxel-size", float),
+        pred_kind=pred_kind,
+        gt_kind=gt_kind,
+        block_shape=parse_triple(block_shape, "--block-shape"),
+        halo=parse_triple(halo, "--halo"),
+        workers=workers,
+    )
+    click.echo(format_table(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(to_json(result) + "\n")
+        click.echo(f"metrics written to {json_path}")

@@ -1,0 +1,33 @@
+"""``cleftchunk export CLEFTS OUT.hdf``: a CREMI-layout HDF5 file."""
+
+from __future__ import annotations
+
+import click
+
+from cleftchunk.export import export_cremi, parse_crop
+
+from .segment import KIND_CHOICE, parse_triple
+
+
+@click.command("export")
+@click.argument("clefts")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--raw", help="Also write this volume as volumes/raw (same voxel size).")
+@click.option("--crop", help="Export only Z0:Z1,Y0:Y1,X0:X1 (voxels of CLEFTS), e.g. 37:162,911:2161,911:2161.")
+@click.option("--offset", help="Voxel offset Z,Y,X of the exported region in the sample's frame "
+              "(default: CLEFTS' own offset plus the crop's begin), written in nm as `offset`.")
+@click.option("--kind", type=KIND_CHOICE, default="auto", show_default=True,
+              help="What CLEFTS holds: ids (CREMI) or main (0 = background, converted).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+def command(clefts, out, raw, crop, offset, kind, overwrite):
+    """Write cleft ids as volumes/labels/clefts of a CREMI HDF5 file (file_format 0.2)."""
+    info = export_cremi(
+        clefts,
+        out,
+        raw=raw,
+        offset=parse_triple(offset, "--offset"),
+        crop=parse_crop(crop) if crop else None,
+        kind=kind,
+        overwrite=overwrite,
+    )
+    click.echo(f"{info['path']}: clefts {tuple(info['shape'])} at voxel offset {tuple(info['offset_voxels'])}")

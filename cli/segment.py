@@ -1,0 +1,70 @@
+"""``cleftchunk segment PRED -o CLEFTS``: cleft instances by block-wise connected components."""
+
+from __future__ import annotations
+
+import click
+
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.segment import DEFAULT_THRESHOLD, KINDS, segment
+
+KIND_CHOICE = click.Choice(("auto",) + KINDS)
+
+
+def parse_triple(text: str | None, name: str, cast=int) -> tuple | None:
+    """'Z,Y,X' (or one number for all three axes) -> a tuple of three numbers."""
+    if text is None:
+        return None
+    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = tuple(cast(p) for p in parts)
+    except ValueError:
+        raise CleftchunkError(f"{name} {text!r} is not a list of numbers: write Z,Y,X, e.g. 32,256,256") from None
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise CleftchunkError(f"{name} {text!r} has {len(values)} values: write three, Z,Y,X")
+    return values
+
+
+def check_threshold(threshold: float) -> float:
+    if not 0 < threshold <= 255:
+        raise CleftchunkError(f"--threshold {threshold:g} is outside (0, 255]: it applies to uint8 probabilities (p*255)")
+    return threshold
+
+
+@click.command("segment")
+@click.argument("pred")
+@click.option("-o", "--output", required=True, help="Output Zarr image for uint64 cleft ids, e.g. out.zarr/clefts.")
+@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+              help="Cleft voxels are probabilities >= this (of 255; floats in [0, 1] are compared with it / 255).")
+@click.option("--min-size", type=int, default=0, show_default=True, help="Drop components with fewer voxels than this.")
+@click.option("--connectivity", type=click.Choice(["6", "26"]), default="26", show_default=True,
+              help="Neighbours that connect: 6 (faces) or 26 (faces, edges and corners).")
+@click.option("--kind", "pred_kind", type=KIND_CHOICE, default="auto", show_default=True,
+              help="What PRED holds (auto: from its dtype, metadata and values; see `cleftchunk evaluate --help`).")
+@click.option("--block-shape", help="Block of work, Z,Y,X voxels (rounded up to whole output chunks).")
+@click.option("--chunks", help="Output chunk shape Z,Y,X (default: the input's).")
+@click.option("--workers", type=int, help="Dask threads (default: one per core).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def command(pred, output, threshold, min_size, connectivity, pred_kind, block_shape, chunks, workers, overwrite):
+    """Threshold PRED and label its connected components as CREMI cleft ids.
+
+    Ids are 1..K, ordered by each cleft's first voxel in C order, whatever the block shape;
+    background is 0xFFFFFFFFFFFFFFFF. Voxel size and offset are those of PRED.
+    """
+    result = segment(
+        pred,
+        output,
+        threshold=check_threshold(threshold),
+        min_size=min_size,
+        connectivity=int(connectivity),
+        kind=pred_kind,
+        block_shape=parse_triple(block_shape, "--block-shape"),
+        chunks=parse_triple(chunks, "--chunks"),
+        workers=workers,
+        overwrite=overwrite,
+    )
+    click.echo(
+        f"{output}: {result.components} clefts ({result.voxels} voxels), "
+        f"{result.removed} smaller than {min_size} voxels removed, {result.blocks} blocks"
+    )
