@@ -25,6 +25,7 @@ import json
 import lzma
 import re
 import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -98,13 +99,16 @@ class _LazyFile:
 
 # -- TIFF ---------------------------------------------------------------------------------
 class TiffStack(_LazyFile):
-    """A multi-page TIFF as a (z, y, x[, c]) array."""
+    """A multi-page TIFF as a (z, y, x[, c]) array.
 
-    _handle_names = ("_tif", "_memmap")
+    TiffFile handles seek and read one shared file object, so each thread opens its own.
+    """
+
+    _handle_names = ("_local", "_memmap")
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._tif = None
+        self._local = threading.local()
         self._memmap = None
         series = self._series()
         self.shape = tuple(int(s) for s in series.shape)
@@ -117,17 +121,19 @@ class TiffStack(_LazyFile):
     def _file(self):
         import tifffile
 
-        if self._tif is None:
+        if self._local is None:
+            self._local = threading.local()
+        if getattr(self._local, "tif", None) is None:
             try:
-                self._tif = tifffile.TiffFile(self.path)
+                self._local.tif = tifffile.TiffFile(self.path)
             except Exception as e:
                 raise CleftchunkError(f"{self.path} is not a readable TIFF file ({e}): check that it is complete") from e
-        return self._tif
+        return self._local.tif
 
     def _series(self):
         tif = self._file()
         if not tif.series:
-            raise CleftchunkError(f"{self.path} holds no images: check the file")
+            raise CleftchunkError(f"{self.path} holds no readable images: the TIFF file is corrupt, truncated or empty")
         return tif.series[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
@@ -152,18 +158,20 @@ class TiffStack(_LazyFile):
 
     def _read_pages(self, slices: tuple[slice, ...]) -> np.ndarray:
         out = np.empty(roi_of(slices).shape, dtype=self.dtype)
-        if len(self.shape) < 3:
-            return self._file().asarray()[slices]
         series = self._series()
+        if len(self.shape) < 3 or len(series.pages) != self.shape[0]:
+            # Not one page per section (e.g. a single planar page): read the series whole.
+            return series.asarray()[slices]
         for i, z in enumerate(range(slices[0].start, slices[0].stop)):
             page = series.pages[z].asarray() if series.pages[z] is not None else self._file().asarray(key=z)
             out[i] = page.reshape(self.shape[1:])[slices[1:]]
         return out
 
     def close(self) -> None:
-        if self._tif is not None:
-            self._tif.close()
-        self._tif = self._memmap = None
+        if self._local is not None and getattr(self._local, "tif", None) is not None:
+            self._local.tif.close()
+        self._local = threading.local()
+        self._memmap = None
 
 
 # -- image folders ------------------------------------------------------------------------
