@@ -1,0 +1,281 @@
+"""Training samples: random, augmented crops read lazily from image + label volumes.
+
+- Volumes are any spec :func:`cleftchunk.volumes.open_volume` accepts; only the box a sample
+  needs is read (never a whole volume). :class:`~cleftchunk.volumes.Volume` is picklable and
+  reopens in each DataLoader worker process.
+- Sampling follows the original pipeline: a volume is chosen with probability proportional to its
+  number of valid crop positions, the position uniformly; the oversized box around the crop feeds
+  the augmentations (:mod:`cleftchunk.augment`); rejection sampling keeps a crop whose label has more
+  than ``min_voxels`` cleft voxels, and otherwise keeps it with probability ``keep_p``.
+- Reproducibility: sample ``j`` of batch ``b`` is drawn from ``np.random.default_rng([seed, b, g])``
+  with ``g = rank * per_rank_batch + j`` its index in the global batch. The stream of batches is
+  therefore the same for any number of loader workers, and the same global batch is seen for any
+  number of processes (DDP); resuming only needs the next batch index.
+
+Label rule (``label_mode``): ``cremi`` — uint64 ids, cleft = value not 0xFFFFFFFFFFFFFFFF (and not
+the invalid value 0xFFFFFFFFFFFFFFFE, whose voxels are masked out of the loss); ``nonzero`` — 0 is
+background, anything else cleft (0/1 masks, PyTorch Connectomics ``main`` files); ``auto`` — cremi
+for uint64 labels, nonzero for every other dtype.
+Image rule: uint8 / 255 (uint16 / 65535) to float32; float images are taken as they are.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import asdict, dataclass
+from itertools import count
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .augment import CLEFT_BIT, INVALID_BIT, AugmentConfig, Augmenter
+from .errors import CleftchunkError
+from .geometry import Roi
+from .volumes import CREMI_BACKGROUND, CREMI_INVALID, open_volume
+
+LABEL_MODES = ("auto", "cremi", "nonzero")
+
+
+@dataclass
+class RejectionConfig:
+    """Keep a crop with more than ``min_voxels`` cleft voxels; else keep it with probability ``keep_p``."""
+
+    min_voxels: int = 100
+    keep_p: float = 0.1
+    max_tries: int = 10_000  # then the last candidate is taken, so a label-free volume cannot hang
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "RejectionConfig":
+        values = dict(values or {})
+        unknown = sorted(set(values) - {"min_voxels", "keep_p", "max_tries"})
+        if unknown:
+            raise CleftchunkError(f"unknown rejection setting(s) {', '.join(unknown)}: use min_voxels, keep_p, max_tries")
+        config = cls(**values)
+        if not 0 <= config.keep_p <= 1:
+            raise CleftchunkError(f"rejection keep_p={config.keep_p} must lie in [0, 1]")
+        return config
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- labels and images -------------------------------------------------------------------------------
+def resolve_label_mode(mode: str, dtype: np.dtype) -> str:
+    if mode not in LABEL_MODES:
+        raise CleftchunkError(f"unknown label mode {mode!r}: use {', '.join(LABEL_MODES)}")
+    if mode == "auto":
+        return "cremi" if np.dtype(dtype) == np.uint64 else "nonzero"
+    return mode
+
+
+def label_codes(raw: np.ndarray, mode: str) -> np.ndarray:
+    """uint8 codes (bit 0 cleft, bit 1 invalid) from stored labels, for order-0 resampling."""
+    if mode == "cremi":
+        raw = raw.astype(np.uint64, copy=False)
+        invalid = raw == CREMI_INVALID
+        cleft = (raw != CREMI_BACKGROUND) & ~invalid
+        return (cleft * np.uint8(CLEFT_BIT)) | (invalid * np.uint8(INVALID_BIT))
+    return (raw != 0).astype(np.uint8)
+
+
+def image_scale(dtype: np.dtype) -> float:
+    dtype = np.dtype(dtype)
+    if dtype == np.uint8:
+        return 1 / 255
+    if dtype == np.uint16:
+        return 1 / 65535
+    if dtype.kind == "f":
+        return 1.0
+    raise CleftchunkError(f"images of dtype {dtype} are not supported: convert them to uint8 (cleftchunk convert)")
+
+
+# -- the volumes a sampler draws from ----------------------------------------------------------------
+@dataclass
+class TrainingVolume:
+    """One image volume and its labels (anything with shape, dtype and local ``[slices]``)."""
+
+    image: Any
+    labels: Any
+    label_mode: str = "auto"
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.name or str(self.image)
+        if tuple(self.image.shape) != tuple(self.labels.shape):
+            raise CleftchunkError(
+                f"image {self.image} has shape {tuple(self.image.shape)} but labels {self.labels} have "
+                f"{tuple(self.labels.shape)}: give labels covering exactly the image"
+            )
+        if len(self.image.shape) != 3:
+            raise CleftchunkError(f"{self.image} has shape {tuple(self.image.shape)}: training needs 3-D (z, y, x) volumes")
+        self.label_mode = resolve_label_mode(self.label_mode, self.labels.dtype)
+        self.scale = image_scale(self.image.dtype)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.image.shape)  # type: ignore[return-value]
+
+    def offset_range(self, augmenter: Augmenter) -> tuple[tuple[int, int], ...]:
+        """Inclusive (low, high) crop offsets per axis: the whole oversized box fits where it can;
+        along an axis too short for it, the crop alone fits and reads beyond the edge are mirrored."""
+        before, after = augmenter.source_context()
+        ranges = []
+        for v, o, b, a in zip(self.shape, augmenter.out_shape, before, after):
+            if o > v:
+                raise CleftchunkError(
+                    f"crop {','.join(map(str, augmenter.out_shape))} is larger than the volume {self.name} "
+                    f"({','.join(map(str, self.shape))}): use a smaller model input -mi or a bigger volume"
+                )
+            ranges.append((b, v - o - a) if v >= o + b + a else (0, v - o))
+        return tuple(ranges)
+
+    def num_positions(self, augmenter: Augmenter) -> int:
+        return math.prod(hi - lo + 1 for lo, hi in self.offset_range(augmenter))
+
+
+def open_training_volumes(
+    images: Sequence[str], labels: Sequence[str], root: str | Path | None = None, label_mode: str = "auto"
+) -> list[TrainingVolume]:
+    """Open image/label pairs; relative specs are taken relative to ``root`` (the tutorial's -t)."""
+    images, labels = list(images), list(labels)
+    if not images:
+        raise CleftchunkError("no training images: give -dn IMAGE[@IMAGE...] (and -ln with their labels)")
+    if len(images) != len(labels):
+        raise CleftchunkError(f"{len(images)} image volume(s) but {len(labels)} label volume(s): -dn and -ln need one label per image")
+    pairs = []
+    for image_spec, label_spec in zip(images, labels):
+        image = open_volume(_under_root(image_spec, root))
+        label = open_volume(_under_root(label_spec, root))
+        pairs.append(TrainingVolume(image, label, label_mode, name=str(image)))
+    return pairs
+
+
+def _under_root(spec: str, root: str | Path | None) -> str:
+    spec = str(spec)
+    if root is None or Path(spec).is_absolute():
+        return spec
+    return str(Path(root) / spec)
+
+
+def split_list(value: str | Sequence[str] | None) -> list[str]:
+    """The tutorial's ``a@b@c`` lists (or a list already)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v for v in value.split("@") if v]
+    return [str(v) for v in value]
+
+
+# -- sampling ----------------------------------------------------------------------------------------
+class CropSampler:
+    """Draws augmented, rejection-sampled training crops of ``input_size`` from ``volumes``."""
+
+    def __init__(
+        self,
+        volumes: Sequence[TrainingVolume],
+        input_size: Sequence[int],
+        augment: AugmentConfig | None = None,
+        rejection: RejectionConfig | None = None,
+    ):
+        if not volumes:
+            raise CleftchunkError("no training volumes given")
+        self.volumes = list(volumes)
+        self.augmenter = Augmenter(input_size, augment)
+        self.rejection = rejection or RejectionConfig()
+        self.ranges = [v.offset_range(self.augmenter) for v in self.volumes]
+        counts = np.array([v.num_positions(self.augmenter) for v in self.volumes], dtype=np.float64)
+        self.weights = counts / counts.sum()
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return self.augmenter.out_shape  # type: ignore[return-value]
+
+    def reopen(self) -> "CropSampler":
+        """A copy whose volumes reopen their stores (for a fresh worker process)."""
+        return pickle.loads(pickle.dumps(self))
+
+    def draw_position(self, rng: np.random.Generator) -> tuple[int, tuple[int, int, int]]:
+        index = int(rng.choice(len(self.volumes), p=self.weights))
+        offset = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in self.ranges[index])
+        return index, offset  # type: ignore[return-value]
+
+    def sample(self, rng: np.random.Generator) -> dict[str, Any]:
+        """One crop: image (z,y,x) float32 in [0,1], label and mask float32 0/1, tries (≥ 1)."""
+        r = self.rejection
+        for tries in range(1, r.max_tries + 1):
+            index, offset = self.draw_position(rng)
+            plan = self.augmenter.draw(rng)
+            keep_anyway = rng.random() < r.keep_p  # drawn every try, so the stream does not depend on labels' history
+            volume = self.volumes[index]
+            base = self.augmenter.base_coordinates(plan)
+            label, mask = self._labels(volume, offset, plan, base)
+            if (label * mask).sum() > r.min_voxels or keep_anyway or tries == r.max_tries:
+                image = self._image(volume, offset, plan, base)
+                return {"image": image, "label": label, "mask": mask, "tries": tries, "volume": index, "offset": offset}
+        raise AssertionError("unreachable")
+
+    def _labels(self, volume: TrainingVolume, offset: Sequence[int], plan: Any, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        code = self.augmenter.resample(
+            volume.labels, Roi.from_shape(volume.shape), offset, plan, order=0, base=base,
+            convert=lambda raw: label_codes(raw, volume.label_mode),
+        )
+        return self.augmenter.finish_labels(code, plan)
+
+    def _image(self, volume: TrainingVolume, offset: Sequence[int], plan: Any, base: np.ndarray) -> np.ndarray:
+        image = self.augmenter.resample(volume.image, Roi.from_shape(volume.shape), offset, plan, order=1, base=base)
+        image *= np.float32(volume.scale)
+        return self.augmenter.finish_image(image, plan)
+
+    def batch(self, seed: int, batch_index: int, size: int, first_sample: int = 0) -> dict[str, torch.Tensor]:
+        """Batch ``batch_index``: samples ``first_sample .. first_sample + size - 1`` of the global batch."""
+        samples = [self.sample(np.random.default_rng([seed, batch_index, first_sample + j])) for j in range(size)]
+        stack = lambda key: torch.from_numpy(np.stack([s[key] for s in samples])[:, None])  # noqa: E731
+        return {
+            "image": stack("image"),
+            "label": stack("label"),
+            "mask": stack("mask"),
+            "tries": torch.tensor([s["tries"] for s in samples]),
+            "index": torch.tensor(batch_index),
+        }
+
+
+class CropStream(IterableDataset):
+    """An endless stream of batches ``start, start + 1, ...``; workers take every n-th batch.
+
+    DataLoader (``batch_size=None``) collects workers round-robin, so the order and content of the
+    stream do not depend on the number of workers. ``rank``/``world_size`` pick this process's part
+    of each global batch of ``batch_size * world_size`` samples.
+    """
+
+    def __init__(self, sampler: CropSampler, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.sampler = sampler
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.start = int(start)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        sampler, worker, workers = self.sampler, 0, 1
+        if info is not None:
+            sampler, worker, workers = self.sampler.reopen(), info.id, info.num_workers
+            torch.set_num_threads(1)
+        first = self.rank * self.batch_size
+        for b in count(self.start + worker, workers):
+            yield sampler.batch(self.seed, b, self.batch_size, first)
+
+
+def make_loader(stream: CropStream, workers: int = 0, prefetch: int = 2) -> DataLoader:
+    """A DataLoader over ``stream`` with ``workers`` processes (0: in this process)."""
+    if workers < 0:
+        raise CleftchunkError(f"-c {workers}: the number of loader workers must be 0 or more")
+    kwargs: dict[str, Any] = {"batch_size": None, "num_workers": workers}
+    if workers > 0:
+        kwargs.update(prefetch_factor=prefetch, persistent_workers=False, pin_memory=torch.cuda.is_available())
+    return DataLoader(stream, **kwargs)

@@ -1,0 +1,100 @@
+"""``cleftchunk train``: the seed tutorial's training options, a YAML config, resume and overwrite."""
+
+from __future__ import annotations
+
+import click
+
+from cleftchunk.errors import CleftchunkError
+
+EPILOG = """\b
+Example (the seed tutorial's command):
+  cleftchunk train -t /path/to/cremi/ -dn images/im_A.h5@images/im_B.h5 \\
+      -ln gt-syn/syn_A.h5@gt-syn/syn_B.h5 -o outputs/unetv0 -lr 1e-03 \\
+      --iteration-total 100000 --iteration-save 10000 -mi 8,256,256 -g 4 -c 4 -b 8 -ac unetv0
+  tensorboard --logdir runs
+
+Precedence: flags > --config YAML > (with --resume) the run's stored config > defaults.
+The resolved config is written to OUTPUT/config.yaml; checkpoints are OUTPUT/volume_<N>.pth
+and OUTPUT/last.pth. TensorBoard logs go to --log-dir (default runs/<output folder name>).
+"""
+
+
+def _kv_pairs(values: tuple[str, ...], what: str) -> dict:
+    import yaml
+
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CleftchunkError(f"{what} {item!r} must look like NAME=VALUE, e.g. rotation_p=0.5")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+@click.command("train", epilog=EPILOG, context_settings={"max_content_width": 100})
+@click.option("-t", "--root", help="Root folder of the -dn/-ln volumes (the tutorial's -t).")
+@click.option("-dn", "--images", help="Image volumes joined by @ (relative to -t): Zarr, HDF5, TIFF, ...")
+@click.option("-ln", "--labels", help="Label volumes joined by @, one per image (CREMI uint64 ids or 0/1 masks).")
+@click.option("-o", "--output", help="Output folder for checkpoints and config.yaml [outputs/unetv0].")
+@click.option("-lr", "--lr", type=float, help="Learning rate [1e-3].")
+@click.option("--iteration-total", type=int, help="Iterations to train in total [100000].")
+@click.option("--iteration-save", type=int, help="Save a checkpoint every N iterations (and at the end) [10000].")
+@click.option("-mi", "--model-input", "input_size", help="Model input size z,y,x: z even, y and x multiples of 32 [8,256,256].")
+@click.option("-g", "--gpus", type=int, help="GPUs (DistributedDataParallel, one process each); 0 = CPU [1 if CUDA else 0].")
+@click.option("-c", "--workers", type=int, help="Data loader worker processes [1].")
+@click.option("-b", "--batch-size", type=int, help="Global batch size, split over the GPUs [8].")
+@click.option("-ac", "--architecture", "arch", help="Architecture name [unetv0].")
+@click.option("--preset", type=click.Choice(["default", "medium", "small"]), help="Filter widths by name [default: 32,...,256].")
+@click.option("--filters", help="Explicit filter widths, e.g. 8,12,16,20,24 (overrides --preset).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings (keys as in config.yaml).")
+@click.option("--seed", type=int, help="Seed of the initialisation and of the crop stream [0].")
+@click.option("--label-mode", type=click.Choice(["auto", "cremi", "nonzero"]), help="Label convention [auto: cremi for uint64].")
+@click.option("--optimizer", type=click.Choice(["adam", "adamw"]), help="adam (amsgrad, original) or adamw [adam].")
+@click.option("--scheduler", type=click.Choice(["plateau", "cosine", "constant"]), help="Learning-rate schedule [plateau].")
+@click.option("--ema", type=float, help="EMA decay of the weights saved for inference (e.g. 0.999); 0 = off [0].")
+@click.option("--dice", type=float, help="Weight of a Dice term added to the weighted BCE [0].")
+@click.option("--augment", "augment", multiple=True, metavar="NAME=VALUE", help="Augmentation setting, repeatable (e.g. rotation_p=0).")
+@click.option("--no-augment", is_flag=True, default=None, help="Switch every augmentation off.")
+@click.option("--reject", "rejection", multiple=True, metavar="NAME=VALUE", help="Rejection sampling: min_voxels=100, keep_p=0.1.")
+@click.option("--log-dir", help="TensorBoard folder [runs/<output folder name>].")
+@click.option("--validate-image", help="Held-out image volume for validation.")
+@click.option("--validate-labels", help="Labels of the held-out volume.")
+@click.option("--validate-roi", help="Region of the held-out volume, z0:z1,y0:y1,x0:x1 [whole volume].")
+@click.option("--validate-every", type=int, help="Validate every N iterations [0 = never].")
+@click.option("--no-progress", is_flag=True, default=None, help="No progress bar.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUTPUT from last.pth (exactly where it stopped).")
+@click.option("--overwrite", is_flag=True, help="Replace the checkpoints already in OUTPUT.")
+def command(config_file, augment, no_augment, rejection, no_progress, resume, overwrite, **flags) -> None:
+    """Train the cleft model on image/label volumes (random augmented crops, read lazily)."""
+    from pathlib import Path
+
+    from cleftchunk.augment import AugmentConfig
+    from cleftchunk.model import load_checkpoint
+    from cleftchunk.train import TrainConfig, load_yaml_config, train
+
+    values: dict = {}
+    output = flags.get("output")
+    if resume:
+        # Start from the stored run so that `cleftchunk train -o OUT --resume` needs nothing else.
+        if output is None and config_file:
+            output = load_yaml_config(config_file).get("output")
+        last = Path(output or TrainConfig.output) / "last.pth"
+        if last.is_file():
+            values.update(load_checkpoint(last).get("config") or {})
+    if config_file:
+        file_values = load_yaml_config(config_file)
+        for key in ("augment", "rejection"):
+            if key in file_values and isinstance(values.get(key), dict):
+                file_values[key] = {**values[key], **(file_values[key] or {})}
+        values.update(file_values)
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if no_augment:
+        values["augment"] = AugmentConfig.off().to_dict()
+    if augment:
+        values["augment"] = {**(values.get("augment") or {}), **_kv_pairs(augment, "--augment")}
+    if rejection:
+        values["rejection"] = {**(values.get("rejection") or {}), **_kv_pairs(rejection, "--reject")}
+    if no_progress:
+        values["progress"] = False
+    last = train(values, resume=resume, overwrite=overwrite)
+    click.echo(f"checkpoint: {last}")
