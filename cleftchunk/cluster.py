@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -21,7 +22,7 @@ from .errors import CleftchunkError
 
 @dataclass(frozen=True)
 class ClusterSpec:
-    workers: int | None = None  # CPU worker processes (default 1); ignored with GPUs
+    workers: int | None = None  # CPU worker processes (default 1; 0: one worker thread in this process)
     gpus: int = 0  # one worker per GPU
     cores: int | None = None  # CPU cores to use in all (default: all)
     scheduler: str | None = None  # address of an existing scheduler
@@ -33,7 +34,11 @@ class ClusterSpec:
 
     @property
     def n_workers(self) -> int:
-        return self.gpus if self.gpus else (self.workers or 1)
+        return self.gpus if self.gpus else max(1, self.workers if self.workers is not None else 1)
+
+    @property
+    def in_process(self) -> bool:
+        return not self.processes or (self.workers == 0 and not self.gpus)
 
 
 def available_gpus() -> int:
@@ -77,13 +82,13 @@ def dask_client(spec: ClusterSpec) -> Iterator["object"]:
 
 def _local_cluster(spec: ClusterSpec):
     import dask
-    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster, Worker
+    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
     threads = spec.torch_threads()
     # Port 0: several runs (and test sessions) on one machine must not fight over 8786/8787.
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "port": 0}}
     with dask.config.set({"distributed.worker.daemon": False}):
-        if not spec.processes:
+        if spec.in_process:
             return LocalCluster(
                 n_workers=spec.n_workers, threads_per_worker=1, processes=False, dashboard_address=":0", scheduler_port=0
             )
@@ -95,7 +100,9 @@ def _local_cluster(spec: ClusterSpec):
                 env["CUDA_VISIBLE_DEVICES"] = str(i)
                 resources = {"GPU": 1}
             workers[f"predict-{i}"] = {
-                "cls": Nanny if spec.processes else Worker,
-                "options": {"nthreads": 1, "env": env, "resources": resources, "memory_limit": 0},
+                "cls": Nanny,
+                "options": {
+                    "nthreads": 1, "env": env, "resources": resources, "memory_limit": 0, "silence_logs": logging.ERROR,
+                },
             }
         return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)

@@ -471,7 +471,9 @@ def _runner_for(source: ModelSource, params: PredictParams, torch_threads: int |
     import torch
 
     device = _worker_device(params.device)
-    key = (source.sha256, str(device), params.precision, params.compile)
+    # A shipped module is one object per worker (scattered once), so its identity is its id.
+    model_key = source.sha256 if source.module is None else (source.sha256, id(source.module))
+    key = (model_key, str(device), params.precision, params.compile)
     with _RUNNERS_LOCK:
         model = _RUNNERS.get(key)
         if model is None:
@@ -686,7 +688,7 @@ def predict(
     scratch.ensure()
     spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes)
     # Worker processes we start get cores // workers torch threads each; others keep their own.
-    threads = spec.torch_threads() if client is None and scheduler is None and processes else None
+    threads = spec.torch_threads() if client is None and scheduler is None and not spec.in_process else None
     job = Job(volume, output, mask_volume, params, grid, volume.roi, scratch, threads)
     with contextlib.ExitStack() as stack:
         if client is None:

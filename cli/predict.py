@@ -1,0 +1,110 @@
+"""``cleftchunk predict INPUT OUTPUT --checkpoint CKPT``: block-wise cleft probabilities on Dask.
+
+Also takes the seed tutorial's test.py options: ``-t ROOT -dn A.h5@B.h5 -o OUTDIR -mi 8,256,256
+-g 4 -c 4 -b 16 -ac unetv0 -pm CKPT`` (each input X becomes OUTDIR/X-stem.zarr/pred).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.predict import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, predict
+from cleftchunk_cli.convert import parse_triple
+
+
+@click.command("predict")
+@click.argument("input_spec", metavar="INPUT", required=False)
+@click.argument("output_spec", metavar="OUTPUT", required=False)
+@click.option("--checkpoint", "-pm", "checkpoint", help="Checkpoint file written by cleftchunk train (-pm as in the tutorial).")
+@click.option("--model-input", "-mi", "model_input", help="Window Z,Y,X (default: the size the checkpoint was trained with).")
+@click.option("--overlap", default=0.5, show_default=True, help="Fraction of a window shared by neighbouring tiles: stride = int(W·(1−overlap)).")
+@click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True, help="Weights of overlapping tiles.")
+@click.option("--pad/--no-pad", default=False, show_default=True, help="Reflect-pad the volume by half a window (as the original pipeline).")
+@click.option("--batch-size", "-b", type=int, help="Tiles per forward pass (default 1 on CPU, 4 on GPU).")
+@click.option("--tta", type=click.Choice([str(n) for n in TTA_CHOICES]), default="1", show_default=True, help="Flip test-time augmentation: mean over 1, 4, 8 or 16 variants.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: fp32 on CPU, bf16 autocast on GPU.")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model on each worker.")
+@click.option("--mask", help="Volume whose zero voxels are not predicted (written 0; tiles without any mask voxel are not run).")
+@click.option("--workers", type=int, help="CPU worker processes (default 1; workers × torch threads ≤ --cpus; 0: run inside this process).")
+@click.option("--gpus", "-g", type=int, help="GPUs to use, one worker each (default: all of this machine's).")
+@click.option("--cpus", "-c", type=int, help="CPU cores to use in all (default: all).")
+@click.option("--scheduler", help="Address of a running Dask scheduler (e.g. tcp://host:8786) instead of a local cluster.")
+@click.option("--block-shape", help=f"Block Z,Y,X, a multiple of the output chunks (default {','.join(map(str, DEFAULT_BLOCK_SHAPE))}).")
+@click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (otherwise the same command resumes it).")
+@click.option("--retries", default=2, show_default=True, help="Retries of a failing block before it is reported.")
+@click.option("--root", "-t", type=click.Path(file_okay=False), help="Directory the -dn inputs are relative to.")
+@click.option("--inputs", "-dn", help="Several inputs joined by @ (tutorial style); outputs go under -o.")
+@click.option("--output-dir", "-o", help="With -dn: directory receiving <input stem>.zarr/pred for each input.")
+@click.option("--architecture", "-ac", help="Expected architecture of the checkpoint (e.g. unetv0); a mismatch is an error.")
+@click.option("--load-model", "-lm", hidden=True, help="Accepted for the tutorial's command line; the checkpoint is always loaded.")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (voxels/s, ETA).")
+def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pad, batch_size, tta, precision, compile_model,
+            mask, workers, gpus, cpus, scheduler, block_shape, chunks, overwrite, retries, root, inputs, output_dir,
+            architecture, load_model, progress):
+    """Predict cleft probabilities of INPUT into OUTPUT (e.g. out.zarr/pred) as uint8 OME-Zarr.
+
+    The result does not depend on block shape, worker count or interruptions: re-running the
+    same command resumes where it stopped.
+    """
+    if not checkpoint:
+        raise CleftchunkError("no model given: pass --checkpoint CKPT (or -pm CKPT), a file written by cleftchunk train")
+    options = dict(
+        window=parse_triple(model_input, "--model-input"),
+        overlap=overlap,
+        blend=blend,
+        pad=pad,
+        batch_size=batch_size,
+        tta=int(tta),
+        precision=precision,
+        compile=compile_model,
+        mask=mask,
+        workers=workers,
+        gpus=gpus,
+        cores=cpus,
+        scheduler=scheduler,
+        block_shape=parse_triple(block_shape, "--block-shape"),
+        chunks=parse_triple(chunks, "--chunks"),
+        overwrite=overwrite,
+        retries=retries,
+        progress=progress,
+        architecture=architecture,
+        log=lambda message: click.echo(message, err=True),
+    )
+    for src, dst in input_output_pairs(input_spec, output_spec, root, inputs, output_dir):
+        result = predict(checkpoint, src, dst, **options)
+        click.echo(result.summary())
+
+
+def input_output_pairs(input_spec, output_spec, root, inputs, output_dir) -> list[tuple[str, str]]:
+    """(input, output) pairs from either INPUT OUTPUT or the tutorial's -t/-dn/-o."""
+    if inputs and input_spec and not output_spec:  # `-dn X OUT`: the one positional is the output
+        input_spec, output_spec = None, input_spec
+    if inputs and input_spec:
+        raise CleftchunkError("give the input either as INPUT or with -dn, not both")
+    if not inputs:
+        if not input_spec or not output_spec:
+            raise CleftchunkError("give INPUT and OUTPUT, e.g. cleftchunk predict in.zarr/raw out.zarr/pred --checkpoint CKPT")
+        return [(_under(root, input_spec), output_spec)]
+    names = [n for n in inputs.split("@") if n]
+    if len(names) == 1 and output_dir is None and output_spec is None:
+        raise CleftchunkError("-dn needs -o OUTDIR (or an OUTPUT) to know where to write")
+    if len(names) == 1 and output_spec is None:
+        return [(_under(root, names[0]), _output_for(output_dir, names[0]))]
+    if len(names) == 1:
+        return [(_under(root, names[0]), output_spec)]
+    if output_dir is None:
+        raise CleftchunkError(f"-dn names {len(names)} inputs: give -o OUTDIR to receive one <stem>.zarr/pred each")
+    return [(_under(root, n), _output_for(output_dir, n)) for n in names]
+
+
+def _under(root: str | None, name: str) -> str:
+    return str(Path(root) / name) if root else name
+
+
+def _output_for(output_dir: str, name: str) -> str:
+    stem = Path(name.split(":", 1)[0]).name.split(".", 1)[0]
+    return str(Path(output_dir) / f"{stem}.zarr" / "pred")
