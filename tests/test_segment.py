@@ -1,0 +1,138 @@
+"""Block-wise connected components: equal to the whole-array labelling, whatever the blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cleftchunk import open_volume
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.segment import connected_components_reference, resolve_kind, segment
+from cleftchunk.volumes import CREMI_BACKGROUND, create_volume
+
+BG = CREMI_BACKGROUND
+
+
+def write(path, data, chunks=(4, 8, 8), voxel_size=(40, 4, 4), offset_nm=None, **kw):
+    volume = create_volume(path, data.shape, data.dtype, chunks=chunks, voxel_size=voxel_size, offset_nm=offset_nm, **kw)
+    volume.array[...] = data
+    return str(path)
+
+
+def ids(spec):
+    return open_volume(spec)[...]
+
+
+def random_probabilities(shape, density, seed):
+    rng = np.random.default_rng(seed)
+    return np.where(rng.random(shape) < density, rng.integers(128, 256, shape), rng.integers(0, 128, shape)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_blockwise_equals_whole_array_for_any_block_shape(tmp_path, connectivity):
+    # densities below the percolation threshold of each connectivity: many components
+    pred = random_probabilities((12, 30, 28), {6: 0.25, 26: 0.07}[connectivity], seed=connectivity)
+    spec = write(tmp_path / "p.zarr/pred", pred, chunks=(4, 8, 4))
+    expected = connected_components_reference(pred >= 128, connectivity, min_size=2)
+    assert (expected != BG).any() and len(np.unique(expected)) > 10  # a non-trivial case
+    for block_shape in [(4, 8, 4), (8, 16, 12), (12, 32, 28)]:
+        out = str(tmp_path / f"s.zarr/{'_'.join(map(str, block_shape))}")
+        result = segment(spec, out, connectivity=connectivity, min_size=2, block_shape=block_shape, workers=2)
+        got = ids(out)
+        assert got.dtype == np.uint64
+        np.testing.assert_array_equal(got, expected)
+        assert result.components == len(np.unique(expected)) - 1
+
+
+def test_cleft_cut_by_block_borders_gets_one_id(tmp_path):
+    mask = np.zeros((8, 16, 16), dtype=bool)
+    mask[1, 3, 2:14] = True  # crosses the x border of 8-voxel blocks
+    mask[1:7, 12, 12] = True  # crosses the z border of 4-voxel blocks
+    spec = write(tmp_path / "p.zarr/m", mask, chunks=(4, 8, 8))
+    out = str(tmp_path / "s.zarr/c")
+    result = segment(spec, out, block_shape=(4, 8, 8), connectivity=6)
+    got = ids(out)
+    assert result.components == 2
+    assert set(np.unique(got[mask])) == {1, 2}
+    assert len(np.unique(got[1, 3, 2:14])) == 1 and len(np.unique(got[1:7, 12, 12])) == 1
+    assert (got[~mask] == BG).all()
+
+
+def test_corner_contact_across_blocks_joins_only_with_26_connectivity(tmp_path):
+    mask = np.zeros((8, 16, 16), dtype=bool)
+    mask[3, 7, 7] = True  # last voxel of block (0, 0, 0)
+    mask[4, 8, 8] = True  # first voxel of block (1, 1, 1): they touch at a corner only
+    mask[3, 7, 9] = True  # edge contact with (4, 8, 8), in the block (0, 0, 1)
+    spec = write(tmp_path / "p.zarr/m", mask, chunks=(4, 8, 8))
+    s26 = segment(spec, str(tmp_path / "s.zarr/a"), block_shape=(4, 8, 8), connectivity=26)
+    s6 = segment(spec, str(tmp_path / "s.zarr/b"), block_shape=(4, 8, 8), connectivity=6)
+    assert (s26.components, s6.components) == (1, 3)
+    got6 = ids(str(tmp_path / "s.zarr/b"))
+    # canonical order: by first voxel in C order
+    assert (got6[3, 7, 7], got6[3, 7, 9], got6[4, 8, 8]) == (1, 2, 3)
+
+
+def test_min_size_counts_voxels_across_blocks(tmp_path):
+    mask = np.zeros((4, 8, 16), dtype=bool)
+    mask[1, 2, 5:11] = True  # 6 voxels, 3 on each side of the x border at 8
+    mask[2, 6, 0:4] = True  # 4 voxels in one block
+    spec = write(tmp_path / "p.zarr/m", mask, chunks=(4, 8, 8))
+    out = str(tmp_path / "s.zarr/c")
+    result = segment(spec, out, block_shape=(4, 8, 8), min_size=5)
+    got = ids(out)
+    assert (result.components, result.removed, result.voxels) == (1, 1, 6)
+    assert (got[1, 2, 5:11] == 1).all() and (got[2, 6, 0:4] == BG).all()
+
+
+def test_output_keeps_frame_and_refuses_to_overwrite(tmp_path, run_cli):
+    pred = random_probabilities((4, 16, 16), 0.2, seed=3)
+    spec = write(tmp_path / "p.zarr/pred", pred, voxel_size=(40, 4, 4), offset_nm=(80, 40, 8))
+    out = str(tmp_path / "s.zarr/clefts")
+    result = run_cli("segment", spec, "-o", out, "--threshold", "200", "--connectivity", "6")
+    assert "clefts" in result.output
+    volume = open_volume(out)
+    assert volume.voxel_size == (40.0, 4.0, 4.0) and volume.offset_nm == (80.0, 40.0, 8.0)
+    np.testing.assert_array_equal(volume[...], connected_components_reference(pred >= 200, 6))
+    again = run_cli("segment", spec, "-o", out, expect=2)
+    assert "--overwrite" in again.output
+    run_cli("segment", spec, "-o", out, "--overwrite")
+
+
+def test_unfinished_output_is_redone_without_overwrite(tmp_path):
+    mask = np.zeros((4, 8, 8), dtype=bool)
+    mask[1, 1, 1:3] = True
+    spec = write(tmp_path / "p.zarr/m", mask)
+    out = str(tmp_path / "s.zarr/c")
+    segment(spec, out)
+    open_volume(out, mode="r+").array.attrs["complete"] = False  # as if interrupted
+    segment(spec, out)
+    assert open_volume(out).array.attrs["complete"] is True
+    with pytest.raises(CleftchunkError, match="--overwrite"):
+        segment(spec, out)
+
+
+def test_kind_detection(tmp_path):
+    cases = {
+        "bool": (np.zeros((2, 4, 4), bool), "mask"),
+        "ids": (np.full((2, 4, 4), BG, np.uint64), "ids"),
+        "mask01": (np.eye(4, dtype=np.uint8)[None].repeat(2, 0), "mask"),
+        "prob": (np.full((2, 4, 4), 200, np.uint8), "prob"),
+        "labels16": (np.arange(32, dtype=np.uint16).reshape(2, 4, 4), "main"),
+        "floatprob": (np.linspace(0, 1, 32).reshape(2, 4, 4), "prob"),
+    }
+    for name, (data, kind) in cases.items():
+        assert resolve_kind(open_volume(write(tmp_path / f"k.zarr/{name}", data))) == kind, name
+    for name, data in {"int16": np.zeros((2, 4, 4), np.int16), "float": np.full((2, 4, 4), 3.0)}.items():
+        with pytest.raises(CleftchunkError, match="convert"):
+            resolve_kind(open_volume(write(tmp_path / f"k.zarr/{name}", data)))
+    with pytest.raises(CleftchunkError, match="cannot hold"):
+        resolve_kind(open_volume(str(tmp_path / "k.zarr/labels16")), "ids")
+
+
+def test_bad_options_are_one_line_errors(tmp_path, run_cli):
+    spec = write(tmp_path / "p.zarr/pred", random_probabilities((4, 8, 8), 0.2, seed=1))
+    out = str(tmp_path / "s.zarr/c")
+    assert "--threshold" in run_cli("segment", spec, "-o", out, "--threshold", "300", expect=2).output
+    assert "--min-size" in run_cli("segment", spec, "-o", out, "--min-size", "-1", expect=2).output
+    assert "Z,Y,X" in run_cli("segment", spec, "-o", out, "--block-shape", "4,8", expect=2).output
+    assert "does not exist" in run_cli("segment", str(tmp_path / "nope.zarr/p"), "-o", out, expect=2).output
