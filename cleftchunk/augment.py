@@ -142,7 +142,8 @@ class Augmenter:
             reach += c.elastic_alpha  # the smoothed noise lies in [-1, 1]
         if c.misalignment_p > 0:
             reach += c.misalignment_max
-        return int(math.ceil(reach - half)) + 1
+        warps = c.rotation_p > 0 or c.rescale_p > 0 or c.elastic_p > 0
+        return int(math.ceil(reach - half - 1e-9)) + (1 if warps else 0)  # +1: the interpolation's neighbour
 
     @property
     def source_shape(self) -> tuple[int, int, int]:

@@ -1,0 +1,182 @@
+"""Crop sampling: label rules, lazy reads, volume weighting, rejection rate, reproducible streams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cleftchunk import CleftchunkError
+from cleftchunk.augment import AugmentConfig
+from cleftchunk.data import (
+    CropSampler,
+    CropStream,
+    RejectionConfig,
+    TrainingVolume,
+    label_codes,
+    make_loader,
+    open_training_volumes,
+    resolve_label_mode,
+    split_list,
+)
+from cleftchunk.volumes import CREMI_BACKGROUND, CREMI_INVALID, create_volume
+
+BG, INVALID = int(CREMI_BACKGROUND), int(CREMI_INVALID)
+OUT = (2, 32, 32)
+
+
+def test_cremi_labels_clefts_background_and_invalid():
+    raw = np.array([BG, 0, 5, INVALID, BG], dtype=np.uint64)
+    codes = label_codes(raw, "cremi")
+    np.testing.assert_array_equal(codes & 1, [0, 1, 1, 0, 0])  # id 0 is a cleft in CREMI files
+    np.testing.assert_array_equal(codes & 2, [0, 0, 0, 2, 0])
+
+
+def test_nonzero_labels_and_the_auto_rule():
+    np.testing.assert_array_equal(label_codes(np.array([0, 1, 7], np.uint8), "nonzero"), [0, 1, 1])
+    assert resolve_label_mode("auto", np.uint64) == "cremi"
+    assert resolve_label_mode("auto", np.uint8) == "nonzero"
+    assert resolve_label_mode("auto", np.uint32) == "nonzero"
+    with pytest.raises(CleftchunkError, match="unknown label mode"):
+        resolve_label_mode("main", np.uint8)
+
+
+def test_split_list_takes_the_tutorials_at_lists():
+    assert split_list("a.h5@b/c.h5") == ["a.h5", "b/c.h5"]
+    assert split_list(["x"]) == ["x"]
+
+
+def test_invalid_voxels_are_masked_out():
+    labels = np.full((4, 64, 64), BG, dtype=np.uint64)
+    labels[:, :, :32] = INVALID
+    labels[:, 40:50, 40:50] = 9
+    image = np.zeros((4, 64, 64), np.uint8)
+    sampler = CropSampler([TrainingVolume(image, labels)], (2, 64, 64), AugmentConfig.off(), RejectionConfig(keep_p=1))
+    sample = sampler.sample(np.random.default_rng(0))
+    np.testing.assert_array_equal(sample["mask"][:, :, :32], 0)
+    np.testing.assert_array_equal(sample["mask"][:, :, 32:], 1)
+    assert sample["label"][:, 40:50, 40:50].all() and sample["label"].sum() == 2 * 100
+
+
+class RecordingArray:
+    """An array that records every region read from it."""
+
+    def __init__(self, data):
+        self.data = data
+        self.shape = data.shape
+        self.dtype = data.dtype
+        self.reads = []
+
+    def __getitem__(self, key):
+        self.reads.append(tuple((s.stop - s.start) for s in key))
+        return self.data[key]
+
+
+def test_reads_are_lazy_boxes_never_whole_volumes():
+    shape = (40, 700, 700)
+    image = RecordingArray(np.zeros(shape, np.uint8))
+    labels = RecordingArray(np.ones(shape, np.uint8))
+    sampler = CropSampler([TrainingVolume(image, labels)], (8, 256, 256))
+    box = sampler.augmenter.source_shape
+    for seed in range(3):
+        sampler.sample(np.random.default_rng(seed))
+    assert image.reads and labels.reads
+    for read in image.reads + labels.reads:
+        assert all(r <= b for r, b in zip(read, box)), f"read {read} exceeds the source box {box}"
+        assert np.prod(read) < np.prod(shape) / 10
+
+
+def test_volumes_are_chosen_in_proportion_to_their_valid_positions():
+    small = TrainingVolume(np.zeros((2, 40, 40), np.uint8), np.zeros((2, 40, 40), np.uint8))
+    big = TrainingVolume(np.zeros((2, 56, 40), np.uint8), np.zeros((2, 56, 40), np.uint8))
+    sampler = CropSampler([small, big], OUT, AugmentConfig.off())
+    # positions: 1 * 9 * 9 = 81 and 1 * 25 * 9 = 225
+    np.testing.assert_allclose(sampler.weights, [81 / 306, 225 / 306])
+    rng = np.random.default_rng(0)
+    picks = np.array([sampler.draw_position(rng)[0] for _ in range(3000)])
+    assert abs(picks.mean() - 225 / 306) < 0.03
+    offsets = np.array([o for i, o in (sampler.draw_position(rng) for _ in range(3000)) if i == 1])
+    assert offsets[:, 1].min() == 0 and offsets[:, 1].max() == 24  # the big volume's whole range, uniformly
+    assert abs(offsets[:, 1].mean() - 12) < 1
+
+
+@pytest.mark.parametrize("keep_p", [0.1, 0.3])
+def test_rejection_rate_on_label_free_data(keep_p):
+    empty = TrainingVolume(np.zeros((4, 64, 64), np.uint8), np.zeros((4, 64, 64), np.uint8))
+    sampler = CropSampler([empty], OUT, AugmentConfig.off(), RejectionConfig(min_voxels=100, keep_p=keep_p))
+    tries = [sampler.sample(np.random.default_rng([7, i]))["tries"] for i in range(400)]
+    # every crop is "empty": each try is kept with probability keep_p, so tries ~ Geometric(keep_p)
+    assert abs(1 / np.mean(tries) - keep_p) < 0.25 * keep_p
+
+
+def test_crops_with_enough_cleft_voxels_are_always_kept():
+    full = TrainingVolume(np.zeros((4, 64, 64), np.uint8), np.ones((4, 64, 64), np.uint8))
+    sampler = CropSampler([full], OUT, AugmentConfig.off(), RejectionConfig(min_voxels=100, keep_p=0.0))
+    assert {sampler.sample(np.random.default_rng(i))["tries"] for i in range(20)} == {1}
+    # 2*32*32 = 2048 cleft voxels: not more than 5000, so with keep_p 0 every crop is refused
+    strict = CropSampler([full], OUT, AugmentConfig.off(), RejectionConfig(min_voxels=5000, keep_p=0.0, max_tries=5))
+    assert strict.sample(np.random.default_rng(0))["tries"] == 5
+
+
+def zarr_pair(tmp_path, shape=(6, 96, 96), seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, shape, dtype=np.uint8)
+    labels = np.full(shape, BG, dtype=np.uint64)
+    labels[1:5, 20:70, 30:80] = 3
+    for name, data in (("raw", image), ("clefts", labels)):
+        v = create_volume(tmp_path / f"d.zarr/{name}", shape, data.dtype, chunks=(2, 32, 32))
+        v.write(v.roi, data)
+    return str(tmp_path / "d.zarr/raw"), str(tmp_path / "d.zarr/clefts")
+
+
+def take(stream, n, workers):
+    out = []
+    for batch in make_loader(stream, workers):
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_stream_is_the_same_for_any_number_of_workers_and_resumes_by_index(tmp_path):
+    raw, clefts = zarr_pair(tmp_path)
+    volumes = open_training_volumes([raw], [clefts])
+    sampler = CropSampler(volumes, OUT, AugmentConfig(), RejectionConfig())
+    in_process = take(CropStream(sampler, batch_size=2, seed=3), 4, workers=0)
+    two_workers = take(CropStream(sampler, batch_size=2, seed=3), 4, workers=2)
+    resumed = take(CropStream(sampler, batch_size=2, seed=3, start=2), 2, workers=0)
+    assert [int(b["index"]) for b in two_workers] == [0, 1, 2, 3]
+    for a, b in zip(in_process, two_workers):
+        for key in ("image", "label", "mask"):
+            assert torch.equal(a[key], b[key])
+    for a, b in zip(in_process[2:], resumed):
+        assert torch.equal(a["image"], b["image"])
+    assert not torch.equal(in_process[0]["image"], in_process[1]["image"])
+    assert in_process[0]["image"].shape == (2, 1, *OUT) and in_process[0]["image"].dtype == torch.float32
+
+
+def test_processes_share_the_global_batch(tmp_path):
+    raw, clefts = zarr_pair(tmp_path)
+    sampler = CropSampler(open_training_volumes([raw], [clefts]), OUT)
+    whole = next(iter(CropStream(sampler, batch_size=2, seed=1)))
+    parts = [next(iter(CropStream(sampler, batch_size=1, seed=1, rank=r, world_size=2))) for r in (0, 1)]
+    assert torch.equal(torch.cat([p["image"] for p in parts]), whole["image"])
+
+
+def test_relative_specs_are_taken_under_the_root(tmp_path):
+    zarr_pair(tmp_path)
+    (volume,) = open_training_volumes(["d.zarr/raw"], ["d.zarr/clefts"], root=tmp_path)
+    assert volume.shape == (6, 96, 96) and volume.label_mode == "cremi"
+
+
+def test_bad_pairs_are_one_line_errors(tmp_path):
+    with pytest.raises(CleftchunkError, match="labels covering exactly the image"):
+        TrainingVolume(np.zeros((4, 64, 64), np.uint8), np.zeros((4, 64, 60), np.uint8))
+    with pytest.raises(CleftchunkError, match="larger than the volume"):
+        CropSampler([TrainingVolume(np.zeros((4, 64, 64), np.uint8), np.zeros((4, 64, 64), np.uint8))], (8, 64, 64))
+    with pytest.raises(CleftchunkError, match="one label per image"):
+        open_training_volumes(["a", "b"], ["c"])
+    with pytest.raises(CleftchunkError, match="no training images"):
+        open_training_volumes([], [])
+    with pytest.raises(CleftchunkError, match="not supported"):
+        TrainingVolume(np.zeros((4, 64, 64), np.int64), np.zeros((4, 64, 64), np.uint8))
