@@ -17,6 +17,7 @@ again (and writes nothing): correct, merely a little redundant.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -96,7 +97,8 @@ def _units_per_task(grid: ChunkGrid, itemsize: int, task_bytes: int) -> tuple[in
 
 
 def _box_indices(box: Roi) -> Iterable[Coord]:
-    return ChunkGrid(box, (1,) * box.ndim).indices_overlapping(box)
+    """The integer points of ``box`` (here: unit indices), in C order."""
+    return itertools.product(*(range(b, e) for b, e in zip(box.begin, box.end)))
 
 
 # -- running tasks ------------------------------------------------------------------------

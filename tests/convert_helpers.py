@@ -72,7 +72,7 @@ def write_cremi(path: Path, shape=(6, 40, 36), annotations: bool = True) -> dict
     raw = ramp(shape)
     clefts = np.full(shape, CREMI_BG, dtype=np.uint64)
     clefts[1:3, 5:15, 4:20] = 3
-    clefts[4, 30:33, 30:34] = 0  # 0 is a cleft id in CREMI files
+    clefts[-2, 30:33, 30:34] = 0  # 0 is a cleft id in CREMI files
     neurons = ramp(shape, np.uint64, seed=2) % 5
     with h5py.File(path, "w") as f:
         f.attrs["file_format"] = "0.2"
