@@ -819,10 +819,11 @@ def _open_mask(mask: Any, volume: Volume) -> Volume | None:
 
 def _model_source(model_or_checkpoint: Any, window: Sequence[int] | None, architecture: str | None) -> tuple[ModelSource, Coord, str]:
     if isinstance(model_or_checkpoint, (str, os.PathLike)):
-        from .model import check_input_shape, checkpoint_input_size, load_checkpoint
+        from .model import check_input_shape, checkpoint_input_size, load_checkpoint, model_from_checkpoint
 
         path = Path(model_or_checkpoint)
         ckpt = load_checkpoint(path)
+        model_from_checkpoint(ckpt)  # an unknown architecture or weights that do not fit fail here, not on a worker
         arch = str(ckpt["arch"].get("name", "unetv0"))
         if architecture is not None and architecture != arch:
             raise CleftchunkError(f"{path} holds a {arch} model, not {architecture}: drop -ac or give a {architecture} checkpoint")

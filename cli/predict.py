@@ -12,6 +12,7 @@ import click
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.predict import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, predict
+from cleftchunk.volumes import split_spec
 from cleftchunk_cli.convert import parse_triple
 
 
@@ -98,7 +99,11 @@ def input_output_pairs(input_spec, output_spec, root, inputs, output_dir) -> lis
         return [(_under(root, names[0]), output_spec)]
     if output_dir is None:
         raise CleftchunkError(f"-dn names {len(names)} inputs: give -o OUTDIR to receive one <stem>.zarr/pred each")
-    return [(_under(root, n), _output_for(output_dir, n)) for n in names]
+    pairs = [(_under(root, n), _output_for(output_dir, n)) for n in names]
+    outputs = [dst for _, dst in pairs]
+    if len(set(outputs)) < len(outputs):
+        raise CleftchunkError(f"-dn inputs {', '.join(names)} share file names, so their outputs under -o would collide: run them separately")
+    return pairs
 
 
 def _under(root: str | None, name: str) -> str:
@@ -106,5 +111,7 @@ def _under(root: str | None, name: str) -> str:
 
 
 def _output_for(output_dir: str, name: str) -> str:
-    stem = Path(name.split(":", 1)[0]).name.split(".", 1)[0]
+    """OUTDIR/<container stem>.zarr/pred: images/im_A.h5 → OUTDIR/im_A.zarr/pred."""
+    container, _ = split_spec(name)
+    stem = container.name.split(".", 1)[0]
     return str(Path(output_dir) / f"{stem}.zarr" / "pred")

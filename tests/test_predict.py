@@ -1,0 +1,432 @@
+"""Block-wise prediction: equal to the in-memory reference whatever the cut, each tile run once,
+resumable after a real kill, robust to a killed Dask worker; and the command line's errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Roi
+from cleftchunk.predict import GpuOutOfMemory, TileRunner, PredictParams, predict, predict_reference
+from cleftchunk.volumes import create_volume, open_volume
+
+WINDOW = (4, 16, 16)
+CHUNKS = (4, 16, 16)
+QUIET = dict(progress=False, log=lambda message: None)
+
+
+# -- helpers ------------------------------------------------------------------------------
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    """Not flip-symmetric (random kernels), cheap, probabilities out."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.ELU(), torch.nn.Conv3d(3, 1, 3, padding=1), torch.nn.Sigmoid()
+    ).eval()
+
+
+class Counting(torch.nn.Module):
+    """Counts the samples it really sees (batch size 1: no padding samples)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += x.shape[0]
+        return self.inner(x)
+
+
+def make_slow_model(delay: float, fail_flag: str | None = None) -> torch.nn.Module:
+    """A tiny model that sleeps per forward (so runs can be interrupted), optionally failing on
+    tiles brighter than 200 on average while ``fail_flag`` exists. Defined inside a function so
+    that it is pickled by value for worker processes."""
+
+    class Slow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_model(3)
+
+        def forward(self, x):
+            time.sleep(delay)
+            if fail_flag is not None and os.path.exists(fail_flag) and float(x.mean()) * 255 > 200:
+                raise RuntimeError("bright tile")
+            return self.inner(x)
+
+    return Slow().eval()
+
+
+def write_volume(path: Path, data: np.ndarray, offset_nm=(0, 0, 0), chunks=CHUNKS) -> str:
+    spec = f"{path}"
+    volume = create_volume(spec, data.shape, data.dtype, chunks=chunks, offset_nm=offset_nm, overwrite=True)
+    volume.write(volume.roi, data)
+    return spec
+
+
+def tissue(shape=(10, 50, 45), seed=0) -> np.ndarray:
+    """Random EM-like data with an empty (constant) corner larger than a window."""
+    raw = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    raw[:, :24, :24] = 0
+    return raw
+
+
+def read(spec) -> np.ndarray:
+    return open_volume(spec)[:]
+
+
+@pytest.fixture
+def raw_spec(tmp_path):
+    raw = tissue()
+    return raw, write_volume(tmp_path / "in.zarr" / "raw", raw, offset_nm=(80, 8, 12))
+
+
+# -- the answer does not depend on how the work is cut ----------------------------------------
+@pytest.mark.parametrize("block_shape", [(4, 16, 16), (8, 32, 16), (12, 48, 48)])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_blockwise_equals_reference(tmp_path, raw_spec, block_shape, workers):
+    raw, spec = raw_spec
+    model = tiny_model()
+    expected = predict_reference(model, raw, WINDOW, pad=True)
+    out = str(tmp_path / "out.zarr" / "pred")
+    result = predict(
+        model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=block_shape, workers=workers, processes=False, **QUIET
+    )
+    np.testing.assert_array_equal(read(out), expected)
+    assert result.tiles_ratio == 1 and result.failed == []
+    pred = open_volume(out)
+    assert pred.voxel_size == (40.0, 4.0, 4.0) and pred.offset_nm == (80.0, 8.0, 12.0)
+    assert pred.dtype == np.uint8 and pred.chunks == CHUNKS
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(tta=4, batch_size=3),
+        dict(blend="constant", overlap=0.25),
+        dict(overlap=0.75, pad=True, batch_size=2),
+    ],
+)
+def test_options_equal_reference(tmp_path, raw_spec, options):
+    raw, spec = raw_spec
+    model = tiny_model(1)
+    expected = predict_reference(model, raw, WINDOW, **options)
+    out = str(tmp_path / "out.zarr" / "pred")
+    predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 32, 16), workers=2, processes=False, **options, **QUIET)
+    np.testing.assert_array_equal(read(out), expected)
+
+
+def test_mask_excludes_voxels_and_tiles(tmp_path, raw_spec):
+    raw, spec = raw_spec
+    mask = np.ones(raw.shape, dtype=np.uint8)
+    mask[:, 30:, 28:] = 0
+    mask_spec = write_volume(tmp_path / "in.zarr" / "mask", mask, offset_nm=(80, 8, 12))
+    model = Counting(tiny_model())
+    expected = predict_reference(tiny_model(), raw, WINDOW, mask=mask)
+    out = str(tmp_path / "out.zarr" / "pred")
+    result = predict(model, spec, out, window=WINDOW, chunks=CHUNKS, mask=mask_spec, processes=False, **QUIET)
+    got = read(out)
+    np.testing.assert_array_equal(got, expected)
+    assert (got[mask == 0] == 0).all() and got[mask == 1].any()
+    assert model.calls == result.tiles_run < result.tiles_in_grid
+
+
+def test_process_workers_and_checkpoint_give_the_same_bytes(tmp_path, run_cli):
+    from cleftchunk.model import arch_spec, build_model, load_model, save_checkpoint
+
+    torch.manual_seed(0)
+    net = build_model("unetv0", preset="small")
+    ckpt = tmp_path / "small.pth"
+    save_checkpoint(ckpt, net, arch_spec(net), (4, 32, 32))
+    raw = tissue((8, 64, 60), seed=2)
+    spec = write_volume(tmp_path / "in.zarr" / "raw", raw, chunks=(4, 32, 32))
+    out = tmp_path / "out.zarr" / "pred"
+    result = run_cli(
+        "predict", spec, out, "--checkpoint", ckpt, "--workers", "2", "--chunks", "4,32,32", "--block-shape", "4,32,32", "--no-progress"
+    )
+    assert "ratio 1" in result.output
+    expected = predict_reference(load_model(ckpt), raw, (4, 32, 32))
+    np.testing.assert_array_equal(read(out), expected)
+    attrs = dict(zarr.open_array(str(out / "s0")).attrs)["cleftchunk_predict"]
+    assert attrs["complete"] and len(attrs["identity"]["model_sha256"]) == 64
+    assert attrs["identity"]["overlap"] == 0.5 and "torch" in attrs["versions"]
+    # no scratch directory is left behind
+    assert not list(tmp_path.glob(".out.zarr.*"))
+
+
+# -- every tile exactly once, empty tiles never ------------------------------------------------
+def test_each_tile_runs_exactly_once_with_blocks_smaller_than_tiles(tmp_path, raw_spec):
+    raw, spec = raw_spec
+    model = Counting(tiny_model())
+    out = str(tmp_path / "out.zarr" / "pred")
+    result = predict(
+        model, spec, out, window=WINDOW, pad=True, chunks=(2, 8, 8), block_shape=(2, 8, 8), workers=2, processes=False, **QUIET
+    )
+    reference_model = Counting(tiny_model())
+    expected = predict_reference(reference_model, raw, WINDOW, pad=True)
+    np.testing.assert_array_equal(read(out), expected)
+    assert model.calls == reference_model.calls == result.tiles_run
+    assert result.tiles_run + result.tiles_skipped == result.tiles_in_grid == result.tiles_needed
+    assert result.tiles_ratio == 1.0
+
+
+def test_empty_blocks_are_skipped_without_changing_neighbours(tmp_path):
+    raw = np.zeros((12, 64, 64), dtype=np.uint8)
+    cube = Roi((4, 40, 36), (5, 20, 20))
+    raw[cube.to_slices()] = np.random.default_rng(5).integers(1, 256, cube.shape, dtype=np.uint8)
+    spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
+    model = Counting(tiny_model())
+    out = str(tmp_path / "out.zarr" / "pred")
+    result = predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 16, 16), processes=False, **QUIET)
+    np.testing.assert_array_equal(read(out), predict_reference(tiny_model(), raw, WINDOW))
+    from cleftchunk.tiling import TileGrid
+
+    grid = TileGrid.over(Roi((0, 0, 0), raw.shape), WINDOW, 0.5, pad=False)
+    touching = sum(1 for _, t in grid.tiles() if not t.intersect(cube).empty)
+    assert model.calls == result.tiles_run == touching
+    assert result.tiles_skipped == grid.count - touching > 0
+    far = read(out)[:, :24, :24]
+    assert (far == 0).all()
+
+
+def test_flip_tta_on_a_symmetric_input_is_symmetric(tmp_path):
+    z, y, x = np.meshgrid(np.arange(10), np.arange(48), np.arange(48), indexing="ij")
+    raw = (40 * np.cos(np.abs(z - 4.5)) + 60 * np.cos(np.abs(y - 23.5) / 3) * np.cos(np.abs(x - 23.5) / 3) + 120).astype(np.uint8)
+    for check in (lambda a: a[::-1], lambda a: a[:, ::-1], lambda a: a[:, :, ::-1], lambda a: a.transpose(0, 2, 1)):
+        np.testing.assert_array_equal(check(raw), raw)
+    spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
+    model = tiny_model(4)
+    plain = predict_reference(model, raw, WINDOW)
+    assert np.abs(plain.astype(int) - plain[:, :, ::-1]).max() > 2  # the model alone is not symmetric
+    out = str(tmp_path / "out.zarr" / "pred")
+    predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 32, 16), tta=16, processes=False, **QUIET)
+    got = read(out).astype(int)
+    np.testing.assert_array_equal(got, predict_reference(model, raw, WINDOW, tta=16))
+    for flipped in (got[::-1], got[:, ::-1], got[:, :, ::-1], got.transpose(0, 2, 1)):
+        assert np.abs(got - flipped).max() <= 1  # equal up to float rounding of the TTA mean
+
+
+# -- failures, resume, killed processes -------------------------------------------------------------
+def test_failing_blocks_are_reported_and_the_rest_finishes(tmp_path):
+    raw = np.random.default_rng(0).integers(0, 150, (8, 48, 48), dtype=np.uint8)
+    raw[:, 32:, 32:] = np.random.default_rng(1).integers(230, 256, (8, 16, 16), dtype=np.uint8)
+    spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
+    flag = tmp_path / "fail"
+    flag.touch()
+    model = make_slow_model(0.0, str(flag))
+    out = str(tmp_path / "out.zarr" / "pred")
+    options = dict(window=WINDOW, chunks=CHUNKS, block_shape=(4, 16, 16), retries=1, processes=False, overlap=0.0, **QUIET)
+    with pytest.raises(CleftchunkError, match=r"blocks failed \(Roi\[.*RuntimeError: bright tile"):
+        predict(model, spec, out, **options)
+    partial = read(out)
+    assert partial[:, :32, :32].any() and not partial[:, 32:, 32:].any()
+    flag.unlink()
+    result = predict(model, spec, out, **options)  # same model and parameters: resumes the rest
+    assert 0 < result.blocks_written < result.blocks
+    np.testing.assert_array_equal(read(out), predict_reference(model, raw, WINDOW, overlap=0.0))
+
+
+SLOW_RUN = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from test_predict import make_slow_model
+    from cleftchunk.predict import predict
+    r = predict(make_slow_model({delay}), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, block_shape=(4, 16, 16),
+                workers=0, progress=False)
+    print("SUMMARY", r.blocks_already_done, r.blocks_written, r.blocks)
+    """
+)
+
+
+def test_resume_after_killing_the_process(tmp_path):
+    raw = tissue((8, 48, 48), seed=3)
+    spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
+    out = str(tmp_path / "out.zarr" / "pred")
+    code = SLOW_RUN.format(tests=str(Path(__file__).parent), delay=0.04, spec=spec, out=out, window=WINDOW, chunks=CHUNKS)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done_dirs = []
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        done_dirs = list(tmp_path.glob(".out.zarr.pred.predict-*/done"))
+        if done_dirs and len(list(done_dirs[0].iterdir())) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be interrupted: " + proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    written = len(list(done_dirs[0].iterdir()))
+    assert 3 <= written < 18
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout + again.stderr
+    already, now, total = map(int, again.stdout.split("SUMMARY")[1].split())
+    assert already >= written and already + now == total
+    np.testing.assert_array_equal(read(out), predict_reference(make_slow_model(0.0), raw, WINDOW))
+
+
+def test_a_killed_dask_worker_does_not_change_the_result(tmp_path):
+    from cleftchunk.cluster import ClusterSpec, dask_client
+
+    raw = tissue((8, 48, 48), seed=4)
+    spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
+    out = str(tmp_path / "out.zarr" / "pred")
+    model = make_slow_model(0.05)
+    with dask_client(ClusterSpec(workers=2, cores=2)) as client:
+        pids = list(client.run(os.getpid).values())
+        outcome = {}
+
+        def run():
+            try:
+                outcome["result"] = predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 16, 16), client=client, **QUIET)
+            except BaseException as e:  # reported below
+                outcome["error"] = e
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        deadline = time.time() + 60
+        while time.time() < deadline and thread.is_alive():
+            done = list(tmp_path.glob(".out.zarr.pred.predict-*/done"))
+            if done and len(list(done[0].iterdir())) >= 2:
+                break
+            time.sleep(0.05)
+        assert thread.is_alive(), "the run finished before a worker could be killed"
+        os.kill(pids[0], signal.SIGKILL)
+        thread.join(120)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    assert result.blocks_written == result.blocks and not result.failed
+    np.testing.assert_array_equal(read(out), predict_reference(make_slow_model(0.0), raw, WINDOW))
+
+
+def test_out_of_gpu_memory_names_a_smaller_batch():
+    class Oom(torch.nn.Module):
+        def forward(self, x):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    runner = TileRunner(Oom(), PredictParams(WINDOW, batch_size=8))
+    with pytest.raises(GpuOutOfMemory, match=r"batch size 8.*try -b 4"):
+        list(runner.run([np.zeros(WINDOW, np.uint8)]))
+
+
+# -- the command line ------------------------------------------------------------------------------
+@pytest.fixture
+def checkpoint(tmp_path):
+    from cleftchunk.model import arch_spec, build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    net = build_model("unetv0", preset="small")
+    return save_checkpoint(tmp_path / "small.pth", net, arch_spec(net), (4, 32, 32))
+
+
+@pytest.fixture
+def small_input(tmp_path):
+    raw = tissue((6, 40, 40), seed=6)
+    return raw, write_volume(tmp_path / "in.zarr" / "raw", raw, chunks=(2, 32, 32))
+
+
+def test_cli_resumes_same_parameters_and_refuses_others(tmp_path, run_cli, checkpoint, small_input):
+    raw, spec = small_input
+    out = tmp_path / "out.zarr" / "pred"
+    base = ("predict", spec, out, "-pm", checkpoint, "--workers", "0", "--chunks", "2,32,32", "--no-progress")
+    run_cli(*base)
+    first = read(out)
+    again = run_cli(*base)
+    assert "already complete" in again.output
+    refused = run_cli(*base, "--overlap", "0.75", expect=2)
+    assert "exists, predicted with other parameters (overlap differ)" in refused.output
+    assert refused.output.count("\n") == 1
+    np.testing.assert_array_equal(read(out), first)  # nothing lost
+    run_cli(*base, "--overlap", "0.75", "--overwrite")
+    assert (read(out) != first).any()
+
+
+def test_cli_small_input_is_padded_with_a_warning(tmp_path, run_cli, checkpoint):
+    raw = np.random.default_rng(0).integers(0, 256, (3, 20, 40), dtype=np.uint8)
+    spec = write_volume(tmp_path / "in.zarr" / "raw", raw, chunks=(2, 16, 16))
+    out = tmp_path / "out.zarr" / "pred"
+    result = run_cli("predict", spec, out, "-pm", checkpoint, "--workers", "0", "--chunks", "2,16,16", "--no-progress")
+    assert "warning: input (3, 20, 40) is smaller than the model window (4, 32, 32) along z, y" in result.output
+    from cleftchunk.model import load_model
+
+    np.testing.assert_array_equal(read(out), predict_reference(load_model(checkpoint), raw, (4, 32, 32)))
+
+
+def test_cli_tutorial_options(tmp_path, run_cli, checkpoint):
+    root = tmp_path / "cremi"
+    for name, seed in (("a", 1), ("b", 2)):
+        write_volume(root / "images" / f"{name}.zarr" / "raw", tissue((4, 32, 32), seed=seed), chunks=(2, 32, 32))
+    run_cli(
+        "predict", "-t", root, "-dn", "images/a.zarr/raw@images/b.zarr/raw", "-o", tmp_path / "outputs",
+        "-mi", "4,32,32", "-g", "0", "-c", "1", "-b", "2", "-ac", "unetv0", "-lm", "True", "-pm", checkpoint,
+        "--workers", "0", "--no-progress",
+    )
+    a, b = read(tmp_path / "outputs" / "a.zarr" / "pred"), read(tmp_path / "outputs" / "b.zarr" / "pred")
+    assert a.shape == b.shape == (4, 32, 32) and (a != b).any()
+
+
+def _ckpt_with(tmp_path, name, mutate):
+    ckpt = torch.load(tmp_path / "small.pth", weights_only=True)
+    mutate(ckpt)
+    torch.save(ckpt, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("bad-window", "4,30,32 is not a valid model input: .* nearest valid: 4,32,32"),
+        ("missing", "does not exist"),
+        ("corrupt", "is not a readable cleftchunk checkpoint"),
+        ("other-arch", "unknown architecture 'rsunet'"),
+        ("wrong-weights", "do not fit its architecture"),
+        ("ac-mismatch", "holds a unetv0 model, not rsunet"),
+        ("not-3d", "(2-D|has 2 axes).*3-D"),
+        ("not-prediction", "exists and is not a cleftchunk prediction: pass --overwrite"),
+        ("no-checkpoint", "no model given: pass --checkpoint"),
+        ("bad-block", "not a multiple of the output chunks .*: use --block-shape 4,32,32"),
+    ],
+)
+def test_cli_one_line_errors(tmp_path, run_cli, checkpoint, small_input, case, message):
+    _, spec = small_input
+    ckpt, inp, extra = checkpoint, spec, []
+    out = tmp_path / "out.zarr" / "pred"
+    if case == "bad-window":
+        extra = ["-mi", "4,30,32"]
+    elif case == "missing":
+        ckpt = tmp_path / "nope.pth"
+    elif case == "corrupt":
+        ckpt = tmp_path / "corrupt.pth"
+        ckpt.write_bytes(os.urandom(2000))
+    elif case == "other-arch":
+        ckpt = _ckpt_with(tmp_path, "other.pth", lambda c: c["arch"].update(name="rsunet"))
+    elif case == "wrong-weights":
+        ckpt = _ckpt_with(tmp_path, "wrong.pth", lambda c: c["arch"].update(filters=[32, 64, 128, 256, 256]))
+    elif case == "ac-mismatch":
+        extra = ["-ac", "rsunet"]
+    elif case == "not-3d":
+        zarr.create_array(str(tmp_path / "flat.zarr"), shape=(40, 40), dtype="uint8")
+        inp = str(tmp_path / "flat.zarr")
+    elif case == "not-prediction":
+        write_volume(out, np.zeros((6, 40, 40), np.uint8))
+    elif case == "bad-block":
+        extra = ["--chunks", "2,32,32", "--block-shape", "3,32,32"]
+    args = ["predict", inp, out] + ([] if case == "no-checkpoint" else ["--checkpoint", ckpt]) + extra + ["--workers", "0"]
+    result = run_cli(*args, expect=2)
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1, result.output
+    import re
+
+    assert re.search(message, result.output), result.output
+    if case == "not-prediction":
+        assert not read(out).any()  # left as it was
