@@ -1,0 +1,291 @@
+"""Writing synthetic samples of any size: block by block on Dask, resumable, constant memory.
+
+Zarr output (default): ``DST.zarr/{raw,clefts,neuron_ids}`` OME-Zarr images whose chunks are the
+work blocks. Each block writes its labels first and its raw last; zarr's local store writes a
+chunk atomically, so a block whose raw chunk exists is finished and a re-run skips it. The
+generation parameters are kept in the root group's attributes, so that a re-run resumes only
+the same sample, and ``complete`` is set when every block is written.
+
+CREMI output (``format="cremi"``): one HDF5 file in the CREMI layout, written by the main process
+(HDF5 has a single writer) as results arrive from the workers, in waves of a few blocks, so
+memory stays bounded. Progress is kept in a ``synth_progress`` dataset removed at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import CleftchunkError
+from .geometry import ChunkGrid, Roi
+from .synth import VOXEL_SIZE, SynthParams, generate_region, make_params
+from .volumes import CREMI_BACKGROUND, DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, open_volume, split_spec
+
+#: Larger requests are refused as typos (10^13 voxels is ~10 TB of raw, ~170 TB with labels).
+MAX_VOXELS = 10**13
+FORMATS = ("zarr", "cremi")
+NAMES = ("raw", "clefts", "neuron_ids")
+DTYPES = {"raw": np.uint8, "clefts": np.uint64, "neuron_ids": np.uint64}
+FILL = {"raw": 0, "clefts": int(CREMI_BACKGROUND), "neuron_ids": 0}
+CREMI_PATHS = {"raw": "volumes/raw", "clefts": "volumes/labels/clefts", "neuron_ids": "volumes/labels/neuron_ids"}
+ATTR = "cleftchunk_synth"
+
+
+def check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise CleftchunkError(f"shape {shape!r} must be 3 integers Z,Y,X, e.g. 125,1250,1250") from None
+    if len(shape) != 3:
+        raise CleftchunkError(f"shape {shape} must have 3 extents Z,Y,X, e.g. 125,1250,1250")
+    if any(s <= 0 for s in shape):
+        raise CleftchunkError(f"shape {shape} must be positive in every axis, e.g. 125,1250,1250")
+    if math.prod(shape) > MAX_VOXELS:
+        raise CleftchunkError(f"shape {shape} is {math.prod(shape):.1e} voxels, over the 1e13 limit: check the extents")
+    return shape
+
+
+def check_chunks(chunks: Sequence[int] | None, shape: Sequence[int]) -> tuple[int, int, int]:
+    chunks = DEFAULT_CHUNKS if chunks is None else chunks
+    try:
+        chunks = tuple(int(c) for c in chunks)
+    except (TypeError, ValueError):
+        raise CleftchunkError(f"chunks {chunks!r} must be 3 integers Z,Y,X, e.g. 16,256,256") from None
+    if len(chunks) != 3 or any(c <= 0 for c in chunks):
+        raise CleftchunkError(f"chunks {chunks} must be 3 positive extents Z,Y,X, e.g. 16,256,256")
+    return tuple(min(c, s) for c, s in zip(chunks, shape))
+
+
+def synthesize(
+    dst: str | os.PathLike,
+    shape: Sequence[int],
+    seed: int = 0,
+    difficulty: float = 0.5,
+    chunks: Sequence[int] | None = None,
+    workers: int | None = None,
+    format: str = "zarr",
+    overwrite: bool = False,
+    scheduler: str = "processes",
+    progress: bool = False,
+    **params,
+) -> dict:
+    """Write a synthetic sample of ``shape`` to ``dst``; returns a summary dict.
+
+    ``dst`` is ``out.zarr`` (format zarr) or ``out.hdf`` / ``.h5`` (format cremi). An existing
+    destination is refused unless ``overwrite``, except an unfinished run of the same sample,
+    which is resumed. ``workers`` processes (or threads with ``scheduler="threads"``) generate
+    blocks of ``chunks`` voxels; the result does not depend on either.
+    """
+    if format not in FORMATS:
+        raise CleftchunkError(f"unknown format {format!r}: use zarr or cremi")
+    if scheduler not in ("processes", "threads"):
+        raise CleftchunkError(f"unknown scheduler {scheduler!r}: use processes or threads")
+    shape = check_shape(shape)
+    chunks = check_chunks(chunks, shape)
+    p = make_params(difficulty, **params)
+    workers = _worker_count(workers)
+    identity = {"seed": int(seed), "shape": list(shape), "chunks": list(chunks), "params": dataclasses.asdict(p)}
+    writer = _write_zarr if format == "zarr" else _write_cremi
+    start = time.perf_counter()
+    done, total = writer(Path(dst), shape, chunks, int(seed), p, identity, workers, scheduler, overwrite, progress)
+    return {
+        "path": str(dst),
+        "format": format,
+        "shape": shape,
+        "chunks": chunks,
+        "blocks": total,
+        "skipped": done,
+        "seconds": time.perf_counter() - start,
+        "workers": workers,
+    }
+
+
+def _worker_count(workers: int | None) -> int:
+    if workers is None:
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if int(workers) < 1:
+        raise CleftchunkError(f"workers {workers} must be at least 1")
+    return int(workers)
+
+
+# -- zarr -----------------------------------------------------------------------------------
+def _write_zarr(dst, shape, chunks, seed, p, identity, workers, scheduler, overwrite, progress):
+    import zarr
+
+    if not str(dst).lower().endswith((".zarr", ".zarr3")) or split_spec(dst)[1] is not None:
+        raise CleftchunkError(f"{dst}: the zarr format writes a container ending in .zarr, e.g. sample.zarr")
+    resume = _can_resume_zarr(dst, identity, overwrite)
+    volumes = {}
+    for name in NAMES:
+        volumes[name] = create_volume(
+            f"{dst}/{name}", shape, DTYPES[name], chunks=chunks, voxel_size=VOXEL_SIZE,
+            fill_value=FILL[name], overwrite=overwrite, exist_ok=resume,
+            attrs={ATTR: {"seed": seed, "difficulty": p.difficulty}},
+        )
+    root = zarr.open_group(str(dst), mode="a")
+    root.attrs[ATTR] = {**identity, "complete": False}
+    grid = ChunkGrid(Roi.from_shape(shape), chunks)
+    finished = _written_chunks(volumes["raw"])
+    todo = [index for index in grid.indices() if index not in finished]
+    task = partial(_zarr_block, volumes=volumes, grid=grid, seed=seed, params=p)
+    _run(todo, task, workers, scheduler, progress, consume=None)
+    root.attrs[ATTR] = {**identity, "complete": True}
+    return grid.num_chunks - len(todo), grid.num_chunks
+
+
+def _can_resume_zarr(dst: Path, identity: dict, overwrite: bool) -> bool:
+    import zarr
+
+    if overwrite or not dst.exists():
+        return False
+    try:
+        stored = dict(zarr.open_group(str(dst), mode="r").attrs).get(ATTR)
+    except Exception:
+        stored = None
+    if stored and not stored.get("complete") and {k: stored.get(k) for k in identity} == identity:
+        return True
+    raise CleftchunkError(f"{dst} exists: pass --overwrite to replace it (or choose another output)")
+
+
+def _zarr_block(index, volumes, grid: ChunkGrid, seed: int, params: SynthParams) -> None:
+    roi = grid.chunk_roi(index)
+    data = generate_region(roi, seed, resolved=params)
+    for name in ("clefts", "neuron_ids", "raw"):  # raw last: its chunk marks the block done
+        volumes[name].write(roi, data[name])
+
+
+def _written_chunks(volume) -> set[tuple[int, ...]]:
+    """Indices of the chunks present in a local zarr v3 array (default '/' chunk keys)."""
+    root = Path(volume.container) / (volume.inner or "") / "c"
+    found = set()
+    if not root.is_dir():
+        return found
+    for dirpath, _, files in os.walk(root):
+        rel = Path(dirpath).relative_to(root).parts
+        for f in files:
+            if f.isdigit() and len(rel) == 2 and all(r.isdigit() for r in rel):
+                found.add((int(rel[0]), int(rel[1]), int(f)))
+    return found
+
+
+# -- CREMI HDF5 -----------------------------------------------------------------------------
+def _write_cremi(dst, shape, chunks, seed, p, identity, workers, scheduler, overwrite, progress):
+    import json
+
+    import h5py
+
+    if not dst.name.lower().endswith(HDF5_SUFFIXES):
+        raise CleftchunkError(f"{dst}: the cremi format writes an HDF5 file ending in .hdf, .h5 or .hdf5")
+    grid = ChunkGrid(Roi.from_shape(shape), chunks)
+    key = json.dumps(identity, sort_keys=True)
+    resume = _can_resume_cremi(dst, key, overwrite)
+    with h5py.File(dst, "a" if resume else "w") as f:
+        if not resume:
+            _create_cremi_layout(f, shape, chunks, seed, p, key, grid)
+        done_flags = f["synth_progress"]
+        todo = [index for index in grid.indices() if not done_flags[index]]
+
+        def consume(index, data):
+            roi = grid.chunk_roi(index)
+            for name in NAMES:
+                f[CREMI_PATHS[name]][roi.to_slices()] = data[name]
+            done_flags[index] = 1
+            f.flush()
+
+        task = partial(_region_block, grid=grid, seed=seed, params=p)
+        _run(todo, task, workers, scheduler, progress, consume=consume)
+        del f["synth_progress"]
+        del f.attrs[ATTR]
+    return grid.num_chunks - len(todo), grid.num_chunks
+
+
+def _can_resume_cremi(dst: Path, key: str, overwrite: bool) -> bool:
+    import h5py
+
+    if overwrite or not dst.exists():
+        return False
+    try:
+        with h5py.File(dst, "r") as f:
+            if f.attrs.get(ATTR) == key and "synth_progress" in f:
+                return True
+    except OSError:
+        pass
+    raise CleftchunkError(f"{dst} exists: pass --overwrite to replace it (or choose another output)")
+
+
+def _create_cremi_layout(f, shape, chunks, seed, p, key, grid) -> None:
+    f.attrs["file_format"] = "0.2"
+    f.attrs[ATTR] = key
+    for name in NAMES:
+        ds = f.create_dataset(
+            CREMI_PATHS[name], shape=shape, dtype=DTYPES[name], chunks=chunks,
+            fillvalue=FILL[name], compression="gzip", compression_opts=1, shuffle=True,
+        )
+        ds.attrs["resolution"] = np.array(VOXEL_SIZE, dtype=np.float64)
+        ds.attrs["offset"] = np.zeros(3, dtype=np.float64)
+    f["volumes"].attrs["synth_seed"] = seed
+    f["volumes"].attrs["synth_difficulty"] = p.difficulty
+    f.create_dataset("synth_progress", shape=grid.grid_shape, dtype=np.uint8)
+
+
+def _region_block(index, grid: ChunkGrid, seed: int, params: SynthParams) -> dict:
+    return generate_region(grid.chunk_roi(index), seed, resolved=params)
+
+
+# -- running blocks -------------------------------------------------------------------------
+def _run(todo: list, task: Callable, workers: int, scheduler: str, progress: bool, consume: Callable | None) -> None:
+    """Run ``task`` on every block index on Dask, in waves (bounded graph and memory).
+
+    With ``consume``, results come back to this process and are handed over in block order;
+    otherwise tasks write their own output and return nothing.
+    """
+    import dask
+    from dask.callbacks import Callback
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo), unit="block", desc="synth", disable=not progress, dynamic_ncols=True)
+
+    class Tick(Callback):
+        def _posttask(self, key, result, dsk, state, worker_id):
+            bar.update(1)
+
+    wave = (2 if consume else 16) * workers if workers > 1 else 1
+    pool = None
+    if workers > 1 and scheduler == "processes":
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    options = {"scheduler": "sync"} if workers == 1 else {"scheduler": scheduler, "num_workers": workers}
+    if pool is not None:
+        options.update(pool=pool, chunksize=1)
+    try:
+        for start in range(0, len(todo), wave):
+            indices = todo[start : start + wave]
+            with Tick():
+                results = dask.compute(*[dask.delayed(task, pure=False)(index) for index in indices], **options)
+            if consume:
+                for index, data in zip(indices, results):
+                    consume(index, data)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown()
+
+
+def read_sample(dst: str | os.PathLike, roi: Roi | None = None) -> dict:
+    """The raw, clefts and neuron ids of a written sample (zarr or CREMI), for tests and previews."""
+    dst = Path(dst)
+    out = {}
+    for name in NAMES:
+        spec = f"{dst}:{CREMI_PATHS[name]}" if dst.name.lower().endswith(HDF5_SUFFIXES) else f"{dst}/{name}"
+        volume = open_volume(spec)
+        out[name] = volume.read(roi or volume.roi)
+        volume.close()
+    return out

@@ -1,0 +1,68 @@
+"""``cleftchunk synth``: write a synthetic CREMI-like sample (raw, clefts, neuron ids)."""
+
+from __future__ import annotations
+
+import click
+
+from cleftchunk.errors import CleftchunkError
+
+
+def _triple(text: str | None, what: str):
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise CleftchunkError(f"{what} {text!r} must be 3 integers Z,Y,X, e.g. 125,1250,1250") from None
+    if len(values) != 3:
+        raise CleftchunkError(f"{what} {text!r} must have 3 values Z,Y,X, e.g. 125,1250,1250")
+    return values
+
+
+@click.command("synth")
+@click.argument("dst", type=click.Path())
+@click.option("--shape", default="125,1250,1250", show_default=True, help="Volume extent Z,Y,X in voxels (40x4x4 nm).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed: same seed, same volume.")
+@click.option("--difficulty", default=0.5, show_default=True, type=float,
+              help="0..1: noise, blur, section changes, distractors, missing/misaligned sections.")
+@click.option("--format", "fmt", default="zarr", show_default=True,
+              help="zarr: DST.zarr/{raw,clefts,neuron_ids}; cremi: one CREMI-layout HDF5 file DST.hdf.")
+@click.option("--chunks", default=None, help="Chunk (= work block) shape Z,Y,X [default: 16,256,256].")
+@click.option("--workers", default=None, type=int, help="Parallel worker processes [default: all cores].")
+@click.option("--threads", is_flag=True, help="Use threads instead of processes for the workers.")
+@click.option("--missing-rate", default=None, type=float, help="Share of missing sections [default: 0.02*difficulty].")
+@click.option("--misalign-rate", default=None, type=float, help="Share of shifted sections [default: 0.02*difficulty].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing destination.")
+@click.option("--preview", default=None, type=click.Path(), help="Also write a PNG of a few sections with clefts overlaid.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def command(dst, shape, seed, difficulty, fmt, chunks, workers, threads, missing_rate, misalign_rate, overwrite, preview, quiet):
+    """Write a synthetic CREMI-like EM sample with synaptic clefts to DST.
+
+    Every voxel is a function of the seed and its coordinate, so the result is the same for any
+    chunking or number of workers, and an interrupted run resumes when re-run.
+    """
+    from cleftchunk.synth import generate_region, make_params
+    from cleftchunk.synth_preview import preview_region, save_preview
+    from cleftchunk.synth_write import check_shape, synthesize
+
+    fmt = fmt.lower()
+    shape = check_shape(_triple(shape, "--shape"))
+    overrides = {k: v for k, v in (("missing_rate", missing_rate), ("misalign_rate", misalign_rate)) if v is not None}
+    make_params(difficulty, **overrides)  # fail on bad values before touching the destination
+    if preview is not None and not str(preview).lower().endswith(".png"):
+        raise CleftchunkError(f"--preview {preview} must name a .png file")
+    summary = synthesize(
+        dst, shape, seed=seed, difficulty=difficulty, chunks=_triple(chunks, "--chunks"), workers=workers,
+        format=fmt, overwrite=overwrite, scheduler="threads" if threads else "processes", progress=not quiet,
+        **overrides,
+    )
+    resumed = f", {summary['skipped']} already written" if summary["skipped"] else ""
+    click.echo(
+        f"wrote {summary['path']} ({fmt}, shape {','.join(map(str, shape))}, {summary['blocks']} blocks{resumed}) "
+        f"in {summary['seconds']:.1f} s"
+    )
+    if preview is not None:
+        data = generate_region(preview_region(shape), seed, difficulty, **overrides)
+        save_preview(preview, data["raw"], data["clefts"])
+        click.echo(f"preview: {preview}")

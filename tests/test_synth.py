@@ -1,0 +1,238 @@
+"""Synthetic CREMI-like volumes: determinism, chunk independence, labels, statistics, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Roi, blocks
+from cleftchunk.synth import VOXEL_SIZE, generate_region, make_params, section_shifts
+from cleftchunk.synth_write import read_sample, synthesize
+from cleftchunk.volumes import CREMI_BACKGROUND, CREMI_INVALID, open_volume
+
+# Defects switched up so that the chunk tests also cover misaligned and missing sections.
+DEFECTS = dict(missing_rate=0.1, misalign_rate=0.15, misalign_step_rate=0.1)
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in ("raw", "clefts", "neuron_ids"))
+
+
+@pytest.fixture(scope="module")
+def sample():
+    """One 40 × 512 × 512 sample (1.6 × 2 × 2 µm) at the default parameters, shared by the statistics tests."""
+    return generate_region((40, 512, 512), seed=7)
+
+
+def test_same_seed_same_bytes_other_seed_other_volume():
+    roi = Roi((3, -20, 40), (6, 64, 80))
+    a = generate_region(roi, seed=1)
+    assert _equal(a, generate_region(roi, seed=1))
+    b = generate_region(roi, seed=2)
+    assert not np.array_equal(a["raw"], b["raw"])
+    assert not np.array_equal(a["neuron_ids"], b["neuron_ids"])
+
+
+@pytest.mark.parametrize("block_shape", [(7, 64, 50), (1, 40, 110), (5, 96, 9), (16, 20, 20)])
+def test_blockwise_equals_whole_region(block_shape):
+    roi = Roi((-3, 17, -40), (16, 96, 110))  # negative and odd offsets on purpose
+    whole = generate_region(roi, seed=3, difficulty=0.9, **DEFECTS)
+    for block in blocks(roi, block_shape):
+        part = generate_region(block.write_roi, seed=3, difficulty=0.9, **DEFECTS)
+        window = block.write_roi.to_slices(roi.begin)
+        for name in whole:
+            assert np.array_equal(whole[name][window], part[name]), (block_shape, block.write_roi, name)
+
+
+def test_defect_rates_take_effect_and_misalignment_moves_labels_with_raw():
+    params = make_params(0.5, misalign_rate=0.5, misalign_step_rate=0.0, missing_rate=0.0)
+    z = np.arange(40)
+    dy, dx = section_shifts(0, z, params)
+    moved = np.flatnonzero((dy != 0) | (dx != 0))
+    assert 8 < len(moved) < 32
+    plain = generate_region((40, 64, 64), seed=0, misalign_rate=0.0, misalign_step_rate=0.0, missing_rate=0.0)
+    shifted = generate_region((40, 64, 64), seed=0, misalign_rate=0.5, misalign_step_rate=0.0, missing_rate=0.0)
+    z0 = int(moved[0])
+    sy, sx = int(dy[z0]), int(dx[z0])
+    # A shifted section shows the content at (y + sy, x + sx), labels included.
+    expect = generate_region(Roi((z0, sy, sx), (1, 64, 64)), seed=0, misalign_rate=0.0, misalign_step_rate=0.0, missing_rate=0.0)
+    assert np.array_equal(shifted["neuron_ids"][z0], expect["neuron_ids"][0])
+    assert np.array_equal(shifted["raw"][z0], expect["raw"][0])
+    still = np.setdiff1d(z, moved)
+    assert np.array_equal(shifted["neuron_ids"][still], plain["neuron_ids"][still])
+    gone = generate_region((30, 32, 32), seed=0, missing_rate=0.5)
+    flat = [z for z in range(30) if gone["raw"][z].min() == gone["raw"][z].max()]
+    assert 5 < len(flat) < 25
+
+
+def test_label_conventions(sample):
+    clefts, neurons = sample["clefts"], sample["neuron_ids"]
+    assert clefts.dtype == np.uint64 and neurons.dtype == np.uint64 and sample["raw"].dtype == np.uint8
+    is_cleft = clefts != CREMI_BACKGROUND
+    assert is_cleft.any() and not (clefts == CREMI_INVALID).any()
+    assert (neurons != 0).all() and (neurons != CREMI_BACKGROUND).all()
+    # Clefts lie on membranes: (a sample of) cleft voxels are all within a few px of a change
+    # of neuron id, in-plane or in the next sections.
+    zz, yy, xx = np.nonzero(is_cleft)
+    pick = np.random.default_rng(0).choice(len(zz), size=min(2000, len(zz)), replace=False)
+    for z, y, x in zip(zz[pick], yy[pick], xx[pick]):
+        window = neurons[max(z - 2, 0) : z + 3, max(y - 7, 0) : y + 8, max(x - 7, 0) : x + 8]
+        assert (window != neurons[z, y, x]).any(), (z, y, x)
+    # One id per synapse: each cleft touches exactly two neurons, and ids are unique per synapse.
+    for cleft_id in np.unique(clefts[is_cleft])[:10]:
+        touched = np.unique(neurons[clefts == cleft_id])
+        assert len(touched) == 2, (cleft_id, touched)
+
+
+def test_statistics_inside_documented_ranges(sample):
+    """Documented in cleftchunk.synth: 0.02–0.5 % cleft voxels, 0.5–4 clefts per µm³."""
+    is_cleft = sample["clefts"] != CREMI_BACKGROUND
+    fraction = is_cleft.mean()
+    assert 0.0002 <= fraction <= 0.005
+    volume_um3 = math.prod(s * v / 1000 for s, v in zip(is_cleft.shape, VOXEL_SIZE))
+    per_um3 = len(np.unique(sample["clefts"][is_cleft])) / volume_um3
+    assert 0.5 <= per_um3 <= 4.0
+    neurons = len(np.unique(sample["neuron_ids"]))
+    assert 30 <= neurons <= 600  # ~0.06 µm³ per neurite piece
+    raw = sample["raw"]
+    assert 60 < raw.mean() < 200 and raw.std() > 20
+
+
+def test_a_global_intensity_threshold_cannot_find_the_clefts(sample):
+    """Clefts are as dark as membranes, PSDs, mitochondria: even the best threshold scores badly."""
+    is_cleft = (sample["clefts"] != CREMI_BACKGROUND).ravel()
+    raw = sample["raw"].ravel().astype(np.int64)
+    # F1 of "raw <= t" for every t at once, from histograms; then also "raw >= t".
+    pos = np.bincount(raw[is_cleft], minlength=256)
+    everything = np.bincount(raw, minlength=256)
+    best = 0.0
+    for tp, predicted in ((np.cumsum(pos), np.cumsum(everything)), (np.cumsum(pos[::-1]), np.cumsum(everything[::-1]))):
+        f1 = 2 * tp / (predicted + is_cleft.sum())
+        best = max(best, float(f1.max()))
+    assert best < 0.2
+    # ...while the clefts are darker than average, so the test is not trivially passed.
+    assert raw[is_cleft].mean() < raw.mean() - 20
+
+
+def test_difficulty_scales_noise():
+    easy = generate_region((4, 96, 96), seed=5, difficulty=0.0)["raw"].astype(np.float64)
+    hard = generate_region((4, 96, 96), seed=5, difficulty=1.0)["raw"].astype(np.float64)
+
+    def roughness(a):  # pixel-to-pixel differences grow with noise
+        return np.abs(np.diff(a, axis=2)).mean()
+
+    assert roughness(hard) > roughness(easy) * 1.2
+
+
+def test_bad_parameters_are_one_line_errors():
+    with pytest.raises(CleftchunkError, match="difficulty"):
+        make_params(1.5)
+    with pytest.raises(CleftchunkError, match="unknown synth parameter"):
+        make_params(0.5, colour=3)
+    with pytest.raises(CleftchunkError, match="non-negative"):
+        make_params(0.5, noise=-1)
+
+
+def test_synthesize_zarr_is_independent_of_workers_and_chunks(tmp_path):
+    shape = (12, 70, 90)
+    one = synthesize(tmp_path / "one.zarr", shape, seed=4, workers=1, chunks=(5, 32, 64), **DEFECTS)
+    assert one["blocks"] == 3 * 3 * 2
+    synthesize(tmp_path / "two.zarr", shape, seed=4, workers=2, chunks=(4, 64, 40), **DEFECTS)
+    a, b = read_sample(tmp_path / "one.zarr"), read_sample(tmp_path / "two.zarr")
+    assert _equal(a, b)
+    assert _equal(a, generate_region(shape, seed=4, **DEFECTS))
+    raw = open_volume(tmp_path / "one.zarr" / "raw")
+    assert raw.voxel_size == (40.0, 4.0, 4.0) and raw.chunks == (5, 32, 64)
+
+
+def test_synthesize_resumes_an_interrupted_run(tmp_path):
+    import zarr
+
+    dst = tmp_path / "s.zarr"
+    shape = (8, 64, 64)
+    synthesize(dst, shape, seed=1, workers=1, chunks=(4, 32, 32))
+    reference = read_sample(dst)
+    # Simulate an interruption: some blocks lost (raw chunk missing), run not marked complete.
+    for key in ("0/0/1", "1/1/0"):
+        (dst / "raw" / "s0" / "c" / key).unlink()
+    root = zarr.open_group(str(dst), mode="a")
+    root.attrs["cleftchunk_synth"] = {**root.attrs["cleftchunk_synth"], "complete": False}
+    summary = synthesize(dst, shape, seed=1, workers=1, chunks=(4, 32, 32))
+    assert summary["skipped"] == summary["blocks"] - 2
+    resumed = read_sample(dst)
+    assert np.array_equal(resumed["raw"], reference["raw"])
+    # A different sample is not "resumed" over it.
+    root.attrs["cleftchunk_synth"] = {**root.attrs["cleftchunk_synth"], "complete": False}
+    with pytest.raises(CleftchunkError, match="exists"):
+        synthesize(dst, shape, seed=2, workers=1, chunks=(4, 32, 32))
+
+
+def test_synthesize_cremi_layout(tmp_path):
+    import h5py
+
+    dst = tmp_path / "sample.hdf"
+    synthesize(dst, (6, 48, 40), seed=2, workers=1, chunks=(4, 32, 32), format="cremi")
+    with h5py.File(dst, "r") as f:
+        assert f.attrs["file_format"] == "0.2"
+        for path in ("volumes/raw", "volumes/labels/clefts", "volumes/labels/neuron_ids"):
+            assert tuple(f[path].attrs["resolution"]) == (40, 4, 4)
+            assert tuple(f[path].attrs["offset"]) == (0, 0, 0)
+        assert "synth_progress" not in f
+        assert f["volumes/labels/clefts"].dtype == np.uint64
+    assert _equal(read_sample(dst), generate_region((6, 48, 40), seed=2))
+
+
+def test_cli_writes_sample_and_preview(tmp_path, run_cli):
+    from PIL import Image
+
+    dst = tmp_path / "demo.zarr"
+    png = tmp_path / "p.png"
+    result = run_cli("synth", dst, "--shape", "16,256,256", "--seed", "3", "--workers", "1", "--quiet", "--preview", png)
+    assert "wrote" in result.output
+    written = read_sample(dst)
+    assert _equal(written, generate_region((16, 256, 256), seed=3))
+    assert (written["clefts"] != CREMI_BACKGROUND).any()
+    image = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    assert image.shape[1] > image.shape[0]  # sections side by side
+    colour = np.abs(image[..., 0] - image[..., 1]) + np.abs(image[..., 1] - image[..., 2])
+    assert (colour > 60).any()  # clefts overlaid in colour
+    again = run_cli("synth", dst, "--shape", "16,160,160", "--workers", "1", "--quiet", expect=2)
+    assert "exists" in again.output and "--overwrite" in again.output
+    run_cli("synth", dst, "--shape", "8,32,32", "--workers", "1", "--quiet", "--overwrite")
+    assert open_volume(dst / "raw").shape == (8, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shape", "0,10,10"], "positive"),
+        (["--shape", "10,10"], "3 values"),
+        (["--shape", "a,b,c"], "integers"),
+        (["--shape", "100000,100000,100000"], "limit"),
+        (["--format", "tiff"], "unknown format"),
+        (["--difficulty", "1.5"], "difficulty"),
+        (["--chunks", "0,5,5"], "chunks"),
+    ],
+)
+def test_cli_bad_input_is_a_one_line_error(tmp_path, run_cli, args, message):
+    result = run_cli("synth", tmp_path / "x.zarr", "--shape", "4,16,16", *args, "--quiet", expect=2)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_cli_format_must_match_destination(tmp_path, run_cli):
+    result = run_cli("synth", tmp_path / "x.zarr", "--shape", "4,16,16", "--format", "cremi", "--quiet", expect=2)
+    assert "HDF5" in result.output
+    result = run_cli("synth", tmp_path / "x.h5", "--shape", "4,16,16", "--quiet", expect=2)
+    assert ".zarr" in result.output
+
+
+def test_summary_is_json_serialisable(tmp_path):
+    summary = synthesize(tmp_path / "j.zarr", (4, 16, 16), workers=1)
+    json.dumps(summary, default=list)
