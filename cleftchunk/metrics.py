@@ -235,14 +235,27 @@ def _bounding_box(mask: np.ndarray, roi: Roi) -> Roi | None:
 
 
 def block_distances(
-    pair: Pair, direction: str, block: Roi, halo: Sequence[int], total: Roi, voxel_size: tuple, target_boxes: list[Roi]
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Exact distances of the query voxels of ``block`` to the target set, as (values, counts, far)."""
+    pair: Pair, block: Roi, halo: Sequence[int], total: Roi, voxel_size: tuple, target_boxes: dict[str, list[Roi]]
+) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """Exact distances of the query voxels of ``block``, per direction, as (values, counts, far).
+
+    ``target_boxes`` maps each direction to be measured to the target boxes of all blocks; both
+    directions share one read of the grown block.
+    """
+    grown = block.grow(tuple(halo)).intersect(total)
+    p, q, _ = pair.read(grown)
+    out = {}
+    for direction, boxes in target_boxes.items():
+        query, target = (p, q) if direction == "pred_to_gt" else (q, p)
+        coords = np.argwhere(query[block.relative_to(grown).to_slices()]) + np.array(block.offset)
+        if len(coords):
+            out[direction] = _distances(pair, direction, coords, target, grown, total, voxel_size, boxes)
+    return out
+
+
+def _distances(pair, direction, coords, target, grown, total, voxel_size, boxes) -> tuple[np.ndarray, np.ndarray, int]:
     from scipy.ndimage import distance_transform_edt
 
-    grown = block.grow(tuple(halo)).intersect(total)
-    query, target = pair.sets(grown, direction)
-    coords = np.argwhere(query[block.relative_to(grown).to_slices()]) + np.array(block.offset)
     best = np.full(len(coords), np.inf)
     if target.any():
         nearest = distance_transform_edt(~target, sampling=voxel_size, return_distances=False, return_indices=True)
@@ -252,7 +265,7 @@ def block_distances(
         del nearest
     far = best > outside_bound(coords, grown, total, voxel_size)
     if far.any():
-        best[far] = nearest_far(pair, direction, coords[far], best[far], grown, target_boxes, voxel_size)
+        best[far] = nearest_far(pair, direction, coords[far], best[far], grown, boxes, voxel_size)
     values, counts = np.unique(best, return_counts=True)
     return values, counts, int(far.sum())
 
@@ -341,7 +354,7 @@ def evaluate(
 ) -> dict:
     """The CREMI cleft metrics of ``pred`` against ``gt``, block-wise on Dask, exact.
 
-    ``halo`` (voxels per axis, default ceil(2 θ / voxel size)) only trades EDT work against the
+    ``halo`` (voxels per axis, default ceil(θ / 2 / voxel size)) only trades EDT work against the
     far-voxel search; the result does not depend on it, nor on ``block_shape`` or ``workers``.
     """
     from dask import delayed
@@ -360,27 +373,28 @@ def evaluate(
     pair = Pair(pred, gt, resolve_kind(pred, pred_kind), resolve_kind(gt, gt_kind), threshold)
     total = Roi.from_shape(pred.shape)
     block_shape = tuple(min(b, s) for b, s in zip(block_shape or DEFAULT_BLOCK_SHAPE, pred.shape))
-    halo = tuple(halo) if halo is not None else tuple(math.ceil(2 * theta / v) for v in vs)
+    halo = tuple(halo) if halo is not None else default_halo(theta, vs)
     plan = [b.write_roi for b in blocks(total, block_shape)]
 
     censuses = compute([delayed(census, pure=True)(pair, roi) for roi in plan], workers)
-    tasks, owners = [], []
-    for direction in DIRECTIONS:
-        boxes = [c.boxes[_other(direction)] for c in censuses if c.boxes[_other(direction)] is not None]
-        if not boxes:
-            continue  # no target at all: every distance is infinite, counted below
-        for c in censuses:
-            if c.counts[direction]:
-                tasks.append(delayed(block_distances, pure=True)(pair, direction, c.roi, halo, total, vs, boxes))
-                owners.append(direction)
+    boxes = {d: [c.boxes[_other(d)] for c in censuses if c.boxes[_other(d)] is not None] for d in DIRECTIONS}
+    tasks = []
+    for c in censuses:
+        # a direction without any target anywhere has only infinite distances: counted below
+        wanted = {d: boxes[d] for d in DIRECTIONS if c.counts[d] and boxes[d]}
+        if wanted:
+            tasks.append(delayed(block_distances, pure=True)(pair, c.roi, halo, total, vs, wanted))
     results = compute(tasks, workers)
 
     stats, beyond, far = {}, {}, 0
     for direction in DIRECTIONS:
-        parts = [r[:2] for r, o in zip(results, owners) if o == direction]
-        far += sum(r[2] for r, o in zip(results, owners) if o == direction)
+        parts = [r[direction][:2] for r in results if direction in r]
+        far += sum(r[direction][2] for r in results if direction in r)
         n = sum(c.counts[direction] for c in censuses)
-        values, counts = merge_histograms(parts) if parts else (np.array([np.inf] if n else []), np.array([n] if n else [], dtype=np.int64))
+        if parts:
+            values, counts = merge_histograms(parts)
+        else:
+            values, counts = np.full(1 if n else 0, np.inf), np.full(1 if n else 0, n, dtype=np.int64)
         stats[direction] = stats_from_histogram(values, counts)
         beyond[direction] = int(counts[values > theta].sum())
     inputs = {
@@ -399,6 +413,12 @@ def evaluate(
         "far_voxels": far,
     }
     return assemble(stats["pred_to_gt"], stats["gt_to_pred"], beyond["pred_to_gt"], beyond["gt_to_pred"], inputs)
+
+
+def default_halo(theta: float, voxel_size: Sequence[float]) -> tuple[int, ...]:
+    """θ/2 of context: most distances that matter are short (measured: larger halos cost more EDT
+    than the far search they save; see benchmarks/evaluate.py)."""
+    return tuple(math.ceil(theta / 2 / v) for v in voxel_size)
 
 
 def _other(direction: str) -> str:

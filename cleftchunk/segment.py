@@ -35,13 +35,13 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .errors import CleftchunkError
 from .geometry import Roi, blocks
-from .volumes import CREMI_BACKGROUND, Volume, create_volume, exists, open_volume
+from .volumes import CREMI_BACKGROUND, DEFAULT_CHUNKS, Volume, create_volume, exists, open_volume
 
 KINDS = ("ids", "main", "mask", "prob")
 DEFAULT_THRESHOLD = 128
@@ -289,12 +289,12 @@ def segment(
     kind = resolve_kind(source, kind)
     if min_size < 0:
         raise CleftchunkError(f"--min-size {min_size} is negative: give a number of voxels >= 0")
+    structure(connectivity)  # refuse a bad connectivity before any work
     total = Roi.from_shape(source.shape)
-    chunks = tuple(min(c, s) for c, s in zip(chunks or source.chunks, source.shape))
+    chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, source.shape))
     block_shape = aligned_block_shape(block_shape, chunks, source.shape)
     plan = blocks(total, block_shape)
     target = _create_output(out, source, chunks, overwrite, threshold, min_size, connectivity, kind)
-    structure(connectivity)  # refuse a bad connectivity before any work
 
     tables = _equivalences_and_tables(source, kind, threshold, plan, total, connectivity, workers)
     block_tables, pairs = tables

@@ -43,7 +43,7 @@ def check_threshold(threshold: float) -> float:
 @click.option("--kind", "pred_kind", type=KIND_CHOICE, default="auto", show_default=True,
               help="What PRED holds (auto: from its dtype, metadata and values; see `cleftchunk evaluate --help`).")
 @click.option("--block-shape", help="Block of work, Z,Y,X voxels (rounded up to whole output chunks).")
-@click.option("--chunks", help="Output chunk shape Z,Y,X (default: the input's).")
+@click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
 @click.option("--workers", type=int, help="Dask threads (default: one per core).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 def command(pred, output, threshold, min_size, connectivity, pred_kind, block_shape, chunks, workers, overwrite):

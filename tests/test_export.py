@@ -92,7 +92,7 @@ def test_segment_export_evaluate_round_trip(tmp_path):
     pred[1, 2:5, 2:5] = 200
     pred[2, 10:12, 9:14] = 250
     spec = write(tmp_path / "s.zarr/pred", pred)
-    segment(spec, str(tmp_path / "s.zarr/clefts"), block_shape=(2, 8, 8))
+    segment(spec, str(tmp_path / "s.zarr/clefts"), block_shape=(2, 8, 8), chunks=(2, 8, 8))
     export_cremi(str(tmp_path / "s.zarr/clefts"), tmp_path / "out.hdf")
     result = evaluate(f"{tmp_path}/out.hdf:volumes/labels/clefts", spec)
     assert result["inputs"]["pred_kind"] == "ids" and result["inputs"]["gt_kind"] == "prob"

@@ -37,11 +37,12 @@ def test_blockwise_equals_whole_array_for_any_block_shape(tmp_path, connectivity
     assert (expected != BG).any() and len(np.unique(expected)) > 10  # a non-trivial case
     for block_shape in [(4, 8, 4), (8, 16, 12), (12, 32, 28)]:
         out = str(tmp_path / f"s.zarr/{'_'.join(map(str, block_shape))}")
-        result = segment(spec, out, connectivity=connectivity, min_size=2, block_shape=block_shape, workers=2)
+        result = segment(spec, out, connectivity=connectivity, min_size=2, block_shape=block_shape, chunks=(4, 8, 4), workers=2)
         got = ids(out)
         assert got.dtype == np.uint64
         np.testing.assert_array_equal(got, expected)
         assert result.components == len(np.unique(expected)) - 1
+        assert result.blocks == np.prod([-(-s // b) for s, b in zip(pred.shape, block_shape)])
 
 
 def test_cleft_cut_by_block_borders_gets_one_id(tmp_path):
@@ -50,9 +51,9 @@ def test_cleft_cut_by_block_borders_gets_one_id(tmp_path):
     mask[1:7, 12, 12] = True  # crosses the z border of 4-voxel blocks
     spec = write(tmp_path / "p.zarr/m", mask, chunks=(4, 8, 8))
     out = str(tmp_path / "s.zarr/c")
-    result = segment(spec, out, block_shape=(4, 8, 8), connectivity=6)
+    result = segment(spec, out, block_shape=(4, 8, 8), chunks=(4, 8, 8), connectivity=6)
     got = ids(out)
-    assert result.components == 2
+    assert (result.components, result.blocks) == (2, 8)
     assert set(np.unique(got[mask])) == {1, 2}
     assert len(np.unique(got[1, 3, 2:14])) == 1 and len(np.unique(got[1:7, 12, 12])) == 1
     assert (got[~mask] == BG).all()
@@ -64,8 +65,8 @@ def test_corner_contact_across_blocks_joins_only_with_26_connectivity(tmp_path):
     mask[4, 8, 8] = True  # first voxel of block (1, 1, 1): they touch at a corner only
     mask[3, 7, 9] = True  # edge contact with (4, 8, 8), in the block (0, 0, 1)
     spec = write(tmp_path / "p.zarr/m", mask, chunks=(4, 8, 8))
-    s26 = segment(spec, str(tmp_path / "s.zarr/a"), block_shape=(4, 8, 8), connectivity=26)
-    s6 = segment(spec, str(tmp_path / "s.zarr/b"), block_shape=(4, 8, 8), connectivity=6)
+    s26 = segment(spec, str(tmp_path / "s.zarr/a"), block_shape=(4, 8, 8), chunks=(4, 8, 8), connectivity=26)
+    s6 = segment(spec, str(tmp_path / "s.zarr/b"), block_shape=(4, 8, 8), chunks=(4, 8, 8), connectivity=6)
     assert (s26.components, s6.components) == (1, 3)
     got6 = ids(str(tmp_path / "s.zarr/b"))
     # canonical order: by first voxel in C order
@@ -78,7 +79,7 @@ def test_min_size_counts_voxels_across_blocks(tmp_path):
     mask[2, 6, 0:4] = True  # 4 voxels in one block
     spec = write(tmp_path / "p.zarr/m", mask, chunks=(4, 8, 8))
     out = str(tmp_path / "s.zarr/c")
-    result = segment(spec, out, block_shape=(4, 8, 8), min_size=5)
+    result = segment(spec, out, block_shape=(4, 8, 8), chunks=(4, 8, 8), min_size=5)
     got = ids(out)
     assert (result.components, result.removed, result.voxels) == (1, 1, 6)
     assert (got[1, 2, 5:11] == 1).all() and (got[2, 6, 0:4] == BG).all()
