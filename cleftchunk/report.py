@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -151,7 +152,7 @@ class Report:
                     md += [item.markdown(), ""]
                     body.append(item.html())
                 elif isinstance(item, Path):
-                    rel = item.relative_to(folder) if item.is_absolute() else item
+                    rel = Path(os.path.relpath(item, folder))
                     md += [f"![{rel.stem}]({rel.as_posix()})", ""]
                     body.append(f'<figure><img src="{html.escape(rel.as_posix())}" alt="{html.escape(rel.stem)}"></figure>')
                 else:
