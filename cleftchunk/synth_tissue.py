@@ -22,7 +22,7 @@ from .geometry import Roi
 from .synth_fields import hash_key, rand, uniform, value_noise, value_noise_at
 
 #: Neuron cell size in voxels (z, y, x).
-CELL = np.array([20, 96, 96], dtype=np.int64)
+CELL = np.array([20, 80, 80], dtype=np.int64)
 #: One cell unit in 4-nm "px" units per axis (a section is 40 nm = 10 px).
 CELL_PX = CELL * np.array([10, 1, 1])
 #: Warp field: octaves of (lattice spacing in voxels, largest in-plane displacement in px).
@@ -62,9 +62,9 @@ def seeds_of(seed: int, cells: np.ndarray) -> Seeds:
     jitter = np.stack([rand(seed, S_JITTER, cz, cy, cx, axis) for axis in range(3)], axis=-1)
     pos = cells + 0.1 + 0.8 * jitter
     # Mostly thin neurites (weight ~0) and a few thick ones.
-    weight = 0.45 * rand(seed, S_WEIGHT, cz, cy, cx) ** 4
+    weight = 0.7 * rand(seed, S_WEIGHT, cz, cy, cx) ** 4
     ids = neuron_ids_of(seed, cells)
-    tone = (0.66 + 0.16 * rand(seed, S_TONE, cz, cy, cx)).astype(np.float32)
+    tone = (0.58 + 0.18 * rand(seed, S_TONE, cz, cy, cx)).astype(np.float32)
     return Seeds(cells, pos, weight, ids, tone)
 
 
@@ -351,9 +351,14 @@ def _voxel_bounds(points_px: np.ndarray, reach_px: float) -> tuple[np.ndarray, n
 
 
 # -- texture --------------------------------------------------------------------------------
-def cytoplasm_texture(seed: int, roi: Roi) -> np.ndarray:
-    """Mottled cytoplasm: two octaves of value noise, float32 in about [-0.5, 0.5]."""
+def cytoplasm_texture(seed: int, roi: Roi) -> tuple[np.ndarray, np.ndarray]:
+    """Mottled cytoplasm (float32, about [-0.5, 0.5]) and sparse dark specks (float32 darkness).
+
+    The specks stand for microtubules and ER cut across: small, dark, everywhere — another
+    reason why dark voxels alone say nothing about clefts.
+    """
     z, y, x = (np.arange(b, e) for b, e in zip(roi.begin, roi.end))
     coarse = value_noise(seed, S_TEXTURE, z, y, x, (3, 24, 24))
-    fine = value_noise(seed, S_TEXTURE + 100, z, y, x, (1, 7, 7))
-    return coarse * np.float32(0.6) + fine * np.float32(0.8)
+    fine = value_noise(seed, S_TEXTURE + 100, z, y, x, (1, 5, 5))
+    specks = np.maximum(fine - np.float32(0.26), np.float32(0.0)) * np.float32(1.6)
+    return coarse * np.float32(0.6) + fine * np.float32(0.5), specks
