@@ -235,11 +235,12 @@ def _bounding_box(mask: np.ndarray, roi: Roi) -> Roi | None:
 
 
 def block_distances(
-    pair: Pair, block: Roi, halo: Sequence[int], total: Roi, voxel_size: tuple, target_boxes: dict[str, list[Roi]]
+    pair: Pair, block: Roi, halo: Sequence[int], total: Roi, voxel_size: tuple, target_boxes: dict[str, np.ndarray]
 ) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
     """Exact distances of the query voxels of ``block``, per direction, as (values, counts, far).
 
-    ``target_boxes`` maps each direction to be measured to the target boxes of all blocks; both
+    ``target_boxes`` maps each direction to be measured to the target boxes of all blocks (rows of
+    :func:`boxes_array`); both
     directions share one read of the grown block.
     """
     grown = block.grow(tuple(halo)).intersect(total)
@@ -280,34 +281,39 @@ def outside_bound(coords: np.ndarray, grown: Roi, total: Roi, voxel_size: Sequen
     return nm.min(axis=1)
 
 
-def box_gap_nm(a: Roi, b: Roi, voxel_size: Sequence[float]) -> float:
-    """A lower bound (nm) of the distance between any voxel of box ``a`` and any voxel of box ``b``."""
-    gaps = [
-        max(0, b.begin[i] - (a.end[i] - 1), a.begin[i] - (b.end[i] - 1)) * float(voxel_size[i]) for i in range(a.ndim)
-    ]
-    return math.sqrt(sum(g * g for g in gaps))
+def boxes_array(boxes: list[Roi]) -> np.ndarray:
+    """Boxes as rows (begin z, y, x, end z, y, x): one small array, cheap to ship to every task."""
+    return np.array([b.begin + b.end for b in boxes], dtype=np.int64).reshape(-1, 6)
+
+
+def box_gaps_nm(lo: np.ndarray, hi: np.ndarray, boxes: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray:
+    """Lower bounds (nm) of the distance from any voxel in [lo, hi] (inclusive) to any voxel of each box."""
+    gaps = np.maximum(0, np.maximum(boxes[:, :3] - hi, lo - (boxes[:, 3:] - 1)))
+    scaled = gaps * np.asarray(voxel_size, dtype=np.float64)
+    return np.sqrt((scaled * scaled).sum(axis=1))
 
 
 def nearest_far(
-    pair: Pair, direction: str, coords: np.ndarray, best: np.ndarray, grown: Roi, target_boxes: list[Roi], voxel_size
+    pair: Pair, direction: str, coords: np.ndarray, best: np.ndarray, grown: Roi, target_boxes: np.ndarray, voxel_size
 ) -> np.ndarray:
     """Exact distances for voxels whose nearest target may lie outside ``grown`` (see module doc)."""
     from scipy.spatial import cKDTree
 
-    coords_box = Roi.from_bounds(coords.min(axis=0), coords.max(axis=0) + 1)
-    candidates = sorted(
-        ((box_gap_nm(coords_box, box, voxel_size), box) for box in target_boxes if not grown.contains(box)),
-        key=lambda item: (item[0], item[1].offset),
-    )
+    inside = (target_boxes[:, :3] >= grown.begin).all(axis=1) & (target_boxes[:, 3:] <= grown.end).all(axis=1)
+    candidates = target_boxes[~inside]  # boxes inside ``grown`` were in the EDT already
+    gaps = box_gaps_nm(coords.min(axis=0), coords.max(axis=0), candidates, voxel_size)
+    order = np.lexsort(tuple(candidates[:, a] for a in (2, 1, 0)) + (gaps,))  # by gap, then position
     scale = np.asarray(voxel_size, dtype=np.float64)
     best = best.copy()
-    for gap, box in candidates:
-        if gap > best.max():
+    for i in order:
+        if gaps[i] > best.max():
             break  # every remaining target is at least this far from every far voxel
+        box = Roi.from_bounds(candidates[i, :3], candidates[i, 3:])
         _, target = pair.sets(box, direction)
         targets = np.argwhere(target) + np.array(box.offset)
-        _, index = cKDTree(targets * scale).query(coords * scale, k=1)
-        best = np.minimum(best, offset_distances(targets[index] - coords, voxel_size))
+        active = np.flatnonzero(best > gaps[i])  # the others cannot get closer in this box
+        _, index = cKDTree(targets * scale).query(coords[active] * scale, k=1)
+        best[active] = np.minimum(best[active], offset_distances(targets[index] - coords[active], voxel_size))
     return best
 
 
@@ -377,11 +383,11 @@ def evaluate(
     plan = [b.write_roi for b in blocks(total, block_shape)]
 
     censuses = compute([delayed(census, pure=True)(pair, roi) for roi in plan], workers)
-    boxes = {d: [c.boxes[_other(d)] for c in censuses if c.boxes[_other(d)] is not None] for d in DIRECTIONS}
+    boxes = {d: boxes_array([c.boxes[_other(d)] for c in censuses if c.boxes[_other(d)] is not None]) for d in DIRECTIONS}
     tasks = []
     for c in censuses:
         # a direction without any target anywhere has only infinite distances: counted below
-        wanted = {d: boxes[d] for d in DIRECTIONS if c.counts[d] and boxes[d]}
+        wanted = {d: boxes[d] for d in DIRECTIONS if c.counts[d] and len(boxes[d])}
         if wanted:
             tasks.append(delayed(block_distances, pure=True)(pair, c.roi, halo, total, vs, wanted))
     results = compute(tasks, workers)

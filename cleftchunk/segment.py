@@ -47,6 +47,8 @@ KINDS = ("ids", "main", "mask", "prob")
 DEFAULT_THRESHOLD = 128
 #: Attribute by which cleftchunk marks what a volume holds (written by ``segment``).
 KIND_ATTRIBUTE = "cleft_kind"
+#: Provenance attribute of `cleftchunk predict` outputs: uint8 probabilities, no value scan needed.
+PREDICT_ATTRIBUTE = "cleftchunk_predict"
 #: Blocks of 32 x 512 x 512 voxels: ~100 MiB of labels and output per task.
 DEFAULT_BLOCK_FACTOR = (2, 2, 2)
 #: Local labels are packed with their block's number into one uint64: block << 32 | label.
@@ -63,7 +65,8 @@ def as_volume(source: Volume | str, voxel_size: Sequence[float] | None = None) -
 def resolve_kind(volume: Volume, kind: str = "auto") -> str:
     """Decide what a volume holds; ``kind`` other than ``auto`` is checked against the dtype.
 
-    Auto-detection, in order: the ``cleft_kind`` attribute; bool -> mask; a dataset named
+    Auto-detection, in order: the ``cleft_kind`` attribute (``prob`` for outputs of
+    ``cleftchunk predict``); bool -> mask; a dataset named
     ``main`` (PyTorch Connectomics) with unsigned ints -> main; uint64 -> ids (CREMI);
     uint8 -> mask if every value is 0 or 1, else prob; other unsigned ints -> main;
     floats -> prob if every value lies in [0, 1]. Anything else (signed ints, floats
@@ -73,7 +76,8 @@ def resolve_kind(volume: Volume, kind: str = "auto") -> str:
     if kind != "auto":
         _check_kind(volume, kind)
         return kind
-    declared = dict(getattr(volume.array, "attrs", {}) or {}).get(KIND_ATTRIBUTE)
+    attrs = dict(getattr(volume.array, "attrs", {}) or {})
+    declared = attrs.get(KIND_ATTRIBUTE) or ("prob" if PREDICT_ATTRIBUTE in attrs else None)
     if declared in KINDS:
         _check_kind(volume, declared)
         return declared

@@ -32,7 +32,8 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
 
     \b
     What a volume holds (its kind) is decided, unless --pred-kind/--gt-kind say it, by:
-      1. a `cleft_kind` attribute (written by `cleftchunk segment`);
+      1. a `cleft_kind` attribute (written by `cleftchunk segment`); outputs of
+         `cleftchunk predict` are prob;
       2. bool -> mask; unsigned ints in a dataset named `main` (PyTorch Connectomics) -> main;
       3. uint64 -> ids (CREMI: 0xFF..FF background, 0xFF..FE invalid in GT, 0 is a cleft);
       4. uint8 -> mask if all values are 0/1, else prob (cleft = value >= --threshold);

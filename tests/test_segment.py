@@ -123,6 +123,8 @@ def test_kind_detection(tmp_path):
     }
     for name, (data, kind) in cases.items():
         assert resolve_kind(open_volume(write(tmp_path / f"k.zarr/{name}", data))) == kind, name
+    predicted = write(tmp_path / "k.zarr/predicted", np.ones((2, 4, 4), np.uint8), attrs={"cleftchunk_predict": {}})
+    assert resolve_kind(open_volume(predicted)) == "prob"  # 0/1 values, but probabilities by provenance
     for name, data in {"int16": np.zeros((2, 4, 4), np.int16), "float": np.full((2, 4, 4), 3.0)}.items():
         with pytest.raises(CleftchunkError, match="convert"):
             resolve_kind(open_volume(write(tmp_path / f"k.zarr/{name}", data)))
