@@ -10,7 +10,7 @@ What counts as a cleft voxel depends on the *kind* of volume (see :func:`resolve
 Block-wise connected components (:func:`segment`), in three passes over blocks that tile the volume:
 
 1. label every block alone (scipy.ndimage.label); keep per-block tables (size and first voxel of
-   each local label) and the label planes on the block's six faces;
+   each local label) and the labelled voxels of the block's six face planes;
 2. for every block boundary, compare the two label planes that touch across it and collect the
    pairs of local labels that are neighbours; connected components of this (small) equivalence
    graph are the global components;
@@ -27,7 +27,7 @@ position on those axes is at most one beyond A's end. Every voxel of a seam lies
 Final ids are 1..K ordered by each component's first voxel in C order (the smallest linear index
 over the component), computed from the per-block tables: the result does not depend on the block
 shape or the worker count, byte for byte. Memory: one block plus its faces per task, and tables the
-size of the number of components.
+size of the number of components, and the labelled face voxels of blocks whose seams are pending.
 """
 
 from __future__ import annotations
@@ -210,15 +210,35 @@ def label_block_tables(source: Volume, kind: str, threshold: float, number: int,
     if present.size:
         first[present - 1] = np.ravel_multi_index(local.T, shape)
     faces = {
-        (axis, side): np.ascontiguousarray(np.take(labels, 0 if side == "low" else -1, axis=axis))
+        (axis, side): SparsePlane.of(np.take(labels, 0 if side == "low" else -1, axis=axis))
         for axis in range(3)
         for side in ("low", "high")
     }
     return BlockTables(number, sizes, first), faces
 
 
+@dataclass(frozen=True)
+class SparsePlane:
+    """A face plane of labels, kept as its labelled voxels only: clefts are sparse, so faces held
+    between pass 1 and pass 2 cost memory in proportion to the cleft voxels on them."""
+
+    shape: tuple
+    where: np.ndarray  # flat indices of the labelled voxels
+    labels: np.ndarray
+
+    @classmethod
+    def of(cls, plane: np.ndarray) -> "SparsePlane":
+        where = np.flatnonzero(plane)
+        return cls(plane.shape, where, plane.ravel()[where])
+
+    def dense(self) -> np.ndarray:
+        plane = np.zeros(self.shape, dtype=self.labels.dtype)
+        plane.ravel()[self.where] = self.labels
+        return plane
+
+
 # -- pass 2: equivalences across block boundaries ----------------------------------------------------
-def seam_pairs(axis: int, seam: Roi, pieces: list[tuple[int, Roi, np.ndarray]], connectivity: int) -> np.ndarray:
+def seam_pairs(axis: int, seam: Roi, pieces: list[tuple[int, Roi, "SparsePlane"]], connectivity: int) -> np.ndarray:
     """Pairs of packed labels (block << 32 | label) that touch across a seam.
 
     ``seam`` is two planes thick along ``axis``; ``pieces`` are (block number, block ROI, that
@@ -230,7 +250,7 @@ def seam_pairs(axis: int, seam: Roi, pieces: list[tuple[int, Roi, np.ndarray]], 
         if part.empty:
             continue
         face_roi = _drop_axis(block_roi, axis)
-        cut = face[_drop_axis(part, axis).to_slices(face_roi.offset)]
+        cut = face.dense()[_drop_axis(part, axis).to_slices(face_roi.offset)]
         values = cut.astype(np.uint64)
         values[cut != 0] |= np.uint64(number) << np.uint64(_LABEL_BITS)
         packed[part.to_slices(seam.offset)] = np.expand_dims(values, axis)
