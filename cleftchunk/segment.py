@@ -26,8 +26,8 @@ position on those axes is at most one beyond A's end. Every voxel of a seam lies
 
 Final ids are 1..K ordered by each component's first voxel in C order (the smallest linear index
 over the component), computed from the per-block tables: the result does not depend on the block
-shape or the worker count, byte for byte. Memory: one block plus its faces per task, and tables the
-size of the number of components, and the labelled face voxels of blocks whose seams are pending.
+shape or the worker count, byte for byte. Memory: one block per task, tables the size of the number
+of components, and the labelled face voxels of the blocks whose seams are still pending.
 """
 
 from __future__ import annotations
