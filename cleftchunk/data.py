@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import math
 import pickle
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
+from functools import partial
 from itertools import count
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -34,7 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import CLEFT_BIT, INVALID_BIT, AugmentConfig, Augmenter
 from .errors import CleftchunkError
-from .geometry import Roi
+from .geometry import ChunkGrid, Roi
 from .volumes import CREMI_BACKGROUND, CREMI_INVALID, open_volume
 
 LABEL_MODES = ("auto", "cremi", "nonzero")
@@ -170,6 +172,99 @@ def split_list(value: str | Sequence[str] | None) -> list[str]:
     return [str(v) for v in value]
 
 
+# -- a bounded cache of decoded chunks ----------------------------------------------------------------
+#: Chunk shape used for caching sources stored without (or with very large) chunks.
+CACHE_CHUNKS = (16, 256, 256)
+MAX_CACHE_CHUNK_BYTES = 64 * 2**20
+
+
+class ChunkCache:
+    """Decoded chunks of several arrays, least recently used first out, within ``budget`` bytes.
+
+    Random crops overlap the same chunks again and again (and rejection sampling reads several
+    candidates per kept crop); keeping decoded chunks saves the decompression. Memory is bounded
+    by the budget, not by the volumes. Pickling (a new worker process) yields an empty cache.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = int(budget)
+        self._chunks: OrderedDict = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def __getstate__(self) -> dict:
+        return {"budget": self.budget}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["budget"])
+
+    def get(self, key: Any, load: Any) -> np.ndarray:
+        data = self._chunks.get(key)
+        if data is not None:
+            self._chunks.move_to_end(key)
+            self.hits += 1
+            return data
+        self.misses += 1
+        data = load()
+        if data.nbytes <= self.budget:
+            self._chunks[key] = data
+            self.bytes += data.nbytes
+            while self.bytes > self.budget:
+                _, old = self._chunks.popitem(last=False)
+                self.bytes -= old.nbytes
+        return data
+
+
+class ChunkedView:
+    """Array-like ``source`` (optionally converted, e.g. ids → label codes) read chunk by chunk via a cache."""
+
+    def __init__(self, source: Any, cache: ChunkCache, name: str, convert: Any = None):
+        self.source = source
+        self.cache = cache
+        self.name = name
+        self.convert = convert
+        self.shape = tuple(int(s) for s in source.shape)
+        self.grid = ChunkGrid(Roi.from_shape(self.shape), cache_chunk_shape(source))
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        roi = Roi.from_bounds([k.start for k in key], [k.stop for k in key])
+        out = None
+        for index in self.grid.indices_overlapping(roi):
+            chunk_roi = self.grid.chunk_roi(index)
+            data = self.cache.get((self.name, index), lambda r=chunk_roi: self._load(r))
+            part = chunk_roi.intersect(roi)
+            if out is None:
+                out = np.empty(roi.shape, data.dtype)
+            out[part.relative_to(roi).to_slices()] = data[part.relative_to(chunk_roi).to_slices()]
+        return out
+
+    def _load(self, roi: Roi) -> np.ndarray:
+        data = np.asarray(self.source[roi.to_slices()])
+        return self.convert(data) if self.convert is not None else data
+
+
+def cache_chunk_shape(source: Any) -> tuple[int, ...]:
+    """The source's storage chunks when they are a sensible cache unit, else CACHE_CHUNKS."""
+    shape = tuple(int(s) for s in source.shape)
+    chunks = getattr(source, "chunks", None)
+    itemsize = np.dtype(source.dtype).itemsize
+    if not chunks or math.prod(chunks) * itemsize > MAX_CACHE_CHUNK_BYTES:
+        chunks = CACHE_CHUNKS  # unchunked (e.g. contiguous HDF5, numpy) or huge chunks
+    return tuple(min(c, s) for c, s in zip(chunks, shape))
+
+
+class Converted:
+    """``source`` read through ``convert`` (no cache)."""
+
+    def __init__(self, source: Any, convert: Any):
+        self.source = source
+        self.convert = convert
+        self.shape = tuple(int(s) for s in source.shape)
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        return self.convert(np.asarray(self.source[key]))
+
+
 # -- sampling ----------------------------------------------------------------------------------------
 class CropSampler:
     """Draws augmented, rejection-sampled training crops of ``input_size`` from ``volumes``."""
@@ -180,10 +275,22 @@ class CropSampler:
         input_size: Sequence[int],
         augment: AugmentConfig | None = None,
         rejection: RejectionConfig | None = None,
+        cache_mb: float = 512,
     ):
         if not volumes:
             raise CleftchunkError("no training volumes given")
         self.volumes = list(volumes)
+        self.cache = ChunkCache(int(cache_mb * 2**20))
+        self.images: list[Any] = []
+        self.codes: list[Any] = []
+        for i, v in enumerate(self.volumes):
+            convert = partial(label_codes, mode=v.label_mode)
+            if cache_mb > 0:
+                self.images.append(ChunkedView(v.image, self.cache, f"image{i}"))
+                self.codes.append(ChunkedView(v.labels, self.cache, f"labels{i}", convert))
+            else:
+                self.images.append(v.image)
+                self.codes.append(Converted(v.labels, convert))
         self.augmenter = Augmenter(input_size, augment)
         self.rejection = rejection or RejectionConfig()
         self.ranges = [v.offset_range(self.augmenter) for v in self.volumes]
@@ -210,23 +317,21 @@ class CropSampler:
             index, offset = self.draw_position(rng)
             plan = self.augmenter.draw(rng)
             keep_anyway = rng.random() < r.keep_p  # drawn every try, so the stream does not depend on labels' history
-            volume = self.volumes[index]
             base = self.augmenter.base_coordinates(plan)
-            label, mask = self._labels(volume, offset, plan, base)
+            label, mask = self._labels(index, offset, plan, base)
             if (label * mask).sum() > r.min_voxels or keep_anyway or tries == r.max_tries:
-                image = self._image(volume, offset, plan, base)
+                image = self._image(index, offset, plan, base)
                 return {"image": image, "label": label, "mask": mask, "tries": tries, "volume": index, "offset": offset}
         raise AssertionError("unreachable")
 
-    def _labels(self, volume: TrainingVolume, offset: Sequence[int], plan: Any, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        code = self.augmenter.resample(
-            volume.labels, Roi.from_shape(volume.shape), offset, plan, order=0, base=base,
-            convert=lambda raw: label_codes(raw, volume.label_mode),
-        )
+    def _labels(self, index: int, offset: Sequence[int], plan: Any, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        extent = Roi.from_shape(self.volumes[index].shape)
+        code = self.augmenter.resample(self.codes[index], extent, offset, plan, order=0, base=base)
         return self.augmenter.finish_labels(code, plan)
 
-    def _image(self, volume: TrainingVolume, offset: Sequence[int], plan: Any, base: np.ndarray) -> np.ndarray:
-        image = self.augmenter.resample(volume.image, Roi.from_shape(volume.shape), offset, plan, order=1, base=base)
+    def _image(self, index: int, offset: Sequence[int], plan: Any, base: np.ndarray) -> np.ndarray:
+        volume = self.volumes[index]
+        image = self.augmenter.resample(self.images[index], Roi.from_shape(volume.shape), offset, plan, order=1, base=base)
         image *= np.float32(volume.scale)
         return self.augmenter.finish_image(image, plan)
 

@@ -77,6 +77,7 @@ class TrainConfig:
     input_size: list[int] = field(default_factory=lambda: [8, 256, 256])  # -mi
     gpus: int | None = None  # -g; None: 1 if CUDA is available, else the CPU
     workers: int = 1  # -c
+    cache_mb: float = 512  # decoded-chunk cache of each loader process (0: none)
     batch_size: int = 8  # -b, global over all processes
     arch: str = "unetv0"  # -ac
     preset: str | None = None
@@ -102,6 +103,7 @@ class TrainConfig:
     validate_roi: str | None = None  # "z0:z1,y0:y1,x0:x1" voxels of the validation volume
     validate_every: int = 0
     progress: bool = True
+    threads: int | None = None  # torch threads on the CPU; None: cores left over by the loader workers
     cpu_processes: int = 0  # DDP on the CPU (gloo) to exercise the multi-process path
 
     #: Keys that control one invocation and are not stored with the run.
@@ -805,7 +807,10 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     if ckpt is not None:
         check_resumable(ckpt, config, last)
     volumes = open_training_volumes(config.images, config.labels, config.root, config.label_mode)
-    sampler = CropSampler(volumes, config.input_size, AugmentConfig.from_dict(config.augment), RejectionConfig.from_dict(config.rejection))
+    sampler = CropSampler(
+        volumes, config.input_size, AugmentConfig.from_dict(config.augment), RejectionConfig.from_dict(config.rejection),
+        cache_mb=config.cache_mb,
+    )
     hooks = list(hooks) + ([Validator(config)] if config.validate_image and config.validate_every else [])
     dist.barrier()  # every process has checked before the main one changes anything
     if dist.main:
@@ -825,6 +830,9 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     stream = CropStream(sampler, per_process, config.seed, start=trainer.iteration, rank=dist.rank, world_size=dist.world_size)
     logger = Logger(config, dist, trainer.iteration)
     batches = iter(make_loader(stream, config.workers))
+    threads = torch.get_num_threads()
+    if dist.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(config, dist.world_size))
     try:
         while trainer.iteration < config.iteration_total:
             batch = next(batches)
@@ -843,8 +851,18 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     finally:
         del batches  # stops the loader's worker processes
         logger.close()
+        torch.set_num_threads(threads)
     dist.barrier()
     return last
+
+
+def cpu_threads(config: TrainConfig, processes: int = 1) -> int:
+    """Threads for CPU training: oversubscribing cores (loader workers + torch threads) makes
+    torch's parallel kernels spin-wait and slows a step by several times."""
+    if config.threads:
+        return int(config.threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // processes - config.workers)
 
 
 def should_save(iteration: int, config: TrainConfig) -> bool:

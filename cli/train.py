@@ -42,6 +42,8 @@ def _kv_pairs(values: tuple[str, ...], what: str) -> dict:
 @click.option("-mi", "--model-input", "input_size", help="Model input size z,y,x: z even, y and x multiples of 32 [8,256,256].")
 @click.option("-g", "--gpus", type=int, help="GPUs (DistributedDataParallel, one process each); 0 = CPU [1 if CUDA else 0].")
 @click.option("-c", "--workers", type=int, help="Data loader worker processes [1].")
+@click.option("--cache-mb", type=float, help="Decoded-chunk cache per loader process, MiB (0: none) [512].")
+@click.option("--threads", type=int, help="Torch threads for CPU training [cores minus loader workers].")
 @click.option("-b", "--batch-size", type=int, help="Global batch size, split over the GPUs [8].")
 @click.option("-ac", "--architecture", "arch", help="Architecture name [unetv0].")
 @click.option("--preset", type=click.Choice(["default", "medium", "small"]), help="Filter widths by name [default: 32,...,256].")

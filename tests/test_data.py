@@ -9,6 +9,7 @@ import torch
 from cleftchunk import CleftchunkError
 from cleftchunk.augment import AugmentConfig
 from cleftchunk.data import (
+    CACHE_CHUNKS,
     CropSampler,
     CropStream,
     RejectionConfig,
@@ -72,18 +73,33 @@ class RecordingArray:
         return self.data[key]
 
 
-def test_reads_are_lazy_boxes_never_whole_volumes():
-    shape = (40, 700, 700)
-    image = RecordingArray(np.zeros(shape, np.uint8))
-    labels = RecordingArray(np.ones(shape, np.uint8))
-    sampler = CropSampler([TrainingVolume(image, labels)], (8, 256, 256))
-    box = sampler.augmenter.source_shape
+@pytest.mark.parametrize("cache_mb", [0, 64])
+def test_reads_are_lazy_boxes_never_whole_volumes(cache_mb):
+    shape = (64, 2000, 2000)  # broadcast views: no memory behind them
+    image = RecordingArray(np.broadcast_to(np.uint8(0), shape))
+    labels = RecordingArray(np.broadcast_to(np.uint8(1), shape))
+    sampler = CropSampler([TrainingVolume(image, labels)], (8, 256, 256), cache_mb=cache_mb)
+    # without a cache: the box the sample needs; with one: whole chunks (16×256×256 for unchunked data)
+    bound = sampler.augmenter.source_shape if cache_mb == 0 else CACHE_CHUNKS
     for seed in range(3):
         sampler.sample(np.random.default_rng(seed))
     assert image.reads and labels.reads
     for read in image.reads + labels.reads:
-        assert all(r <= b for r, b in zip(read, box)), f"read {read} exceeds the source box {box}"
-        assert np.prod(read) < np.prod(shape) / 10
+        assert all(r <= b for r, b in zip(read, bound)), f"read {read} exceeds {bound}"
+    assert sum(np.prod(r) for r in image.reads) < np.prod(shape) / 5
+
+
+def test_the_chunk_cache_gives_the_same_crops_within_its_budget(tmp_path):
+    raw, clefts = zarr_pair(tmp_path)
+    volumes = open_training_volumes([raw], [clefts])
+    cached = CropSampler(volumes, OUT, AugmentConfig(), RejectionConfig(), cache_mb=0.05)
+    plain = CropSampler(volumes, OUT, AugmentConfig(), RejectionConfig(), cache_mb=0)
+    for seed in range(6):
+        a, b = cached.sample(np.random.default_rng(seed)), plain.sample(np.random.default_rng(seed))
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(a[key], b[key])
+    assert cached.cache.hits > 0 and cached.cache.bytes <= 0.05 * 2**20
+    assert cached.reopen().cache.bytes == 0  # a worker starts with an empty cache
 
 
 def test_volumes_are_chosen_in_proportion_to_their_valid_positions():

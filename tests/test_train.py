@@ -54,7 +54,7 @@ def config(data, out, **overrides) -> dict:
     values = {
         "root": str(data), "images": "d.zarr/raw", "labels": "d.zarr/clefts", "output": str(out),
         "input_size": MI, "preset": "small", "batch_size": 2, "workers": 0, "iteration_total": 4,
-        "iteration_save": 2, "progress": False, "log_dir": str(out) + "-runs", "rejection": {"keep_p": 0.5},
+        "iteration_save": 2, "progress": False, "threads": 1, "log_dir": str(out) + "-runs", "rejection": {"keep_p": 0.5},
     }
     values.update(overrides)
     return values
