@@ -57,7 +57,7 @@ import numpy as np
 
 from .errors import CleftchunkError
 from .geometry import Roi, blocks
-from .segment import DEFAULT_THRESHOLD, as_volume, cleft_mask, compute, resolve_kind
+from .segment import DEFAULT_THRESHOLD, Runner, as_volume, cleft_mask, resolve_kind
 from .volumes import CREMI_INVALID, Volume
 
 THETA_NM = 200.0
@@ -357,6 +357,7 @@ def evaluate(
     block_shape: Sequence[int] | None = None,
     halo: Sequence[int] | None = None,
     workers: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """The CREMI cleft metrics of ``pred`` against ``gt``, block-wise on Dask, exact.
 
@@ -382,7 +383,8 @@ def evaluate(
     halo = tuple(halo) if halo is not None else default_halo(theta, vs)
     plan = [b.write_roi for b in blocks(total, block_shape)]
 
-    censuses = compute([delayed(census, pure=True)(pair, roi) for roi in plan], workers)
+    runner = Runner(workers, progress)
+    censuses = runner.compute([delayed(census, pure=True)(pair, roi) for roi in plan], "evaluate: counting cleft voxels")
     boxes = {d: boxes_array([c.boxes[_other(d)] for c in censuses if c.boxes[_other(d)] is not None]) for d in DIRECTIONS}
     tasks = []
     for c in censuses:
@@ -390,7 +392,7 @@ def evaluate(
         wanted = {d: boxes[d] for d in DIRECTIONS if c.counts[d] and len(boxes[d])}
         if wanted:
             tasks.append(delayed(block_distances, pure=True)(pair, c.roi, halo, total, vs, wanted))
-    results = compute(tasks, workers)
+    results = runner.compute(tasks, "evaluate: distances")
 
     stats, beyond, far = {}, {}, 0
     for direction in DIRECTIONS:

@@ -307,6 +307,7 @@ def segment(
     chunks: Sequence[int] | None = None,
     workers: int | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> SegmentResult:
     """Write uint64 CREMI cleft ids of ``pred``'s connected components to ``out`` (a Zarr spec)."""
     source = as_volume(pred)
@@ -314,13 +315,14 @@ def segment(
     if min_size < 0:
         raise CleftchunkError(f"--min-size {min_size} is negative: give a number of voxels >= 0")
     structure(connectivity)  # refuse a bad connectivity before any work
+    runner = Runner(workers, progress)
     total = Roi.from_shape(source.shape)
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, source.shape))
     block_shape = aligned_block_shape(block_shape, chunks, source.shape)
     plan = blocks(total, block_shape)
     target = _create_output(out, source, chunks, overwrite, threshold, min_size, connectivity, kind)
 
-    tables = _equivalences_and_tables(source, kind, threshold, plan, total, connectivity, workers)
+    tables = _equivalences_and_tables(source, kind, threshold, plan, total, connectivity, runner)
     block_tables, pairs = tables
     offsets = np.cumsum([0] + [t.count for t in block_tables])
     sizes = np.concatenate([t.sizes for t in block_tables] + [np.zeros(0, np.int64)])
@@ -333,7 +335,7 @@ def segment(
     comp_ids = canonical_ids(comp_sizes, comp_first, min_size)
     lut = comp_ids[component]
 
-    _relabel_all(source, kind, threshold, plan, total, connectivity, offsets, lut, target, workers)
+    _relabel_all(source, kind, threshold, plan, total, connectivity, offsets, lut, target, runner)
     target.array.attrs[COMPLETE_ATTRIBUTE] = True
     kept = comp_sizes >= max(min_size, 1)
     return SegmentResult(int(kept.sum()), int((~kept).sum()), int(comp_sizes[kept].sum()), len(plan))
@@ -379,18 +381,36 @@ def _is_unfinished(spec: str) -> bool:
     return attrs.get(KIND_ATTRIBUTE) == "ids" and attrs.get(COMPLETE_ATTRIBUTE) is False
 
 
-def compute(tasks: list, workers: int | None) -> list:
-    """Run dask delayed tasks: threads (``workers`` of them), or one thread when workers == 1."""
-    import dask
+@dataclass(frozen=True)
+class Runner:
+    """How block tasks run: ``workers`` Dask threads (one: synchronous), with a progress bar or not."""
 
-    if not tasks:
-        return []
-    if workers == 1:
-        return list(dask.compute(*tasks, scheduler="synchronous"))
-    return list(dask.compute(*tasks, scheduler="threads", num_workers=workers))
+    workers: int | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise CleftchunkError(f"--workers {self.workers} must be at least 1")
+
+    def compute(self, tasks: list, what: str = "") -> list:
+        import contextlib
+        import sys
+
+        import dask
+        from dask.diagnostics import ProgressBar
+
+        if not tasks:
+            return []
+        options = {"scheduler": "synchronous"} if self.workers == 1 else {"scheduler": "threads", "num_workers": self.workers}
+        bar = contextlib.nullcontext()
+        if self.progress:
+            print(what, file=sys.stderr, flush=True)
+            bar = ProgressBar(out=sys.stderr)
+        with bar:
+            return list(dask.compute(*tasks, **options))
 
 
-def _equivalences_and_tables(source, kind, threshold, plan, total, connectivity, workers):
+def _equivalences_and_tables(source, kind, threshold, plan, total, connectivity, runner: Runner):
     from dask import delayed
 
     shape = total.shape
@@ -413,7 +433,7 @@ def _equivalences_and_tables(source, kind, threshold, plan, total, connectivity,
                 side = "low" if delta[axis] else "high"
                 pieces.append([j, plan[j].write_roi, labelled[j][1][(axis, side)]])
             seams.append(delayed(seam_pairs, pure=True)(axis, seam, pieces, connectivity))
-    results = compute([t[0] for t in labelled] + seams, workers)
+    results = runner.compute([t[0] for t in labelled] + seams, "segment: labelling blocks and their seams")
     block_tables = results[: len(plan)]
     pairs = [p for p in results[len(plan) :] if p.size]
     return block_tables, (np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64))
@@ -445,7 +465,7 @@ def relabel_block(source, kind, threshold, roi: Roi, shape, connectivity, lut_pa
     return n
 
 
-def _relabel_all(source, kind, threshold, plan, total, connectivity, offsets, lut, target, workers) -> None:
+def _relabel_all(source, kind, threshold, plan, total, connectivity, offsets, lut, target, runner: Runner) -> None:
     from dask import delayed
 
     tasks = [
@@ -454,4 +474,4 @@ def _relabel_all(source, kind, threshold, plan, total, connectivity, offsets, lu
         )
         for i, b in enumerate(plan)
     ]
-    compute(tasks, workers)
+    runner.compute(tasks, "segment: writing cleft ids")

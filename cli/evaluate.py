@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
@@ -26,8 +27,9 @@ from .segment import KIND_CHOICE, check_threshold, parse_triple
 @click.option("--block-shape", help="Block of work, Z,Y,X voxels (default 32,256,256).")
 @click.option("--halo", help="Context around each block, Z,Y,X voxels (default θ/2); speed only, never the result.")
 @click.option("--workers", type=int, help="Dask threads (default: one per core).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when it is a terminal).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
-def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_path, block_shape, halo, workers, overwrite):
+def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_path, block_shape, halo, workers, progress, overwrite):
     """CREMI synaptic-cleft metrics of PRED against the ground truth GT.
 
     \b
@@ -55,6 +57,7 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
         block_shape=parse_triple(block_shape, "--block-shape"),
         halo=parse_triple(halo, "--halo"),
         workers=workers,
+        progress=sys.stderr.isatty() if progress is None else progress,
     )
     click.echo(format_table(result))
     if json_path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from cleftchunk.errors import CleftchunkError
@@ -45,8 +47,9 @@ def check_threshold(threshold: float) -> float:
 @click.option("--block-shape", help="Block of work, Z,Y,X voxels (rounded up to whole output chunks).")
 @click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
 @click.option("--workers", type=int, help="Dask threads (default: one per core).")
+@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when it is a terminal).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-def command(pred, output, threshold, min_size, connectivity, pred_kind, block_shape, chunks, workers, overwrite):
+def command(pred, output, threshold, min_size, connectivity, pred_kind, block_shape, chunks, workers, progress, overwrite):
     """Threshold PRED and label its connected components as CREMI cleft ids.
 
     Ids are 1..K, ordered by each cleft's first voxel in C order, whatever the block shape;
@@ -62,6 +65,7 @@ def command(pred, output, threshold, min_size, connectivity, pred_kind, block_sh
         block_shape=parse_triple(block_shape, "--block-shape"),
         chunks=parse_triple(chunks, "--chunks"),
         workers=workers,
+        progress=sys.stderr.isatty() if progress is None else progress,
         overwrite=overwrite,
     )
     click.echo(
