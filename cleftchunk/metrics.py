@@ -21,6 +21,9 @@ Empty sets, reported explicitly rather than crashing (None is ``null`` in JSON):
 - both empty: every distance statistic, the score, precision, recall and F1 are None; FP = FN = 0.
   A score of None means "nothing to score", not "perfect".
 
+Frames: volumes of the same shape are compared voxel for voxel; a smaller ground truth is placed
+inside the prediction by the offsets of both (:func:`evaluated_region`).
+
 Block-wise exactness (:func:`evaluate`). For each block B holding query voxels (P, to measure
 d_Q; then Q, to measure d_P) the target mask is read in G = B grown by a halo (clipped to the
 volume) and its feature transform (scipy, with sampling = r) gives, for each query voxel v, the
@@ -56,7 +59,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import CleftchunkError
-from .geometry import Roi, blocks
+from .geometry import Roi, blocks, voxels_from_nm
 from .segment import DEFAULT_THRESHOLD, Runner, as_volume, cleft_mask, resolve_kind
 from .volumes import CREMI_INVALID, Volume
 
@@ -193,12 +196,13 @@ class Pair:
     pred_kind: str
     gt_kind: str
     threshold: float
+    pred_origin: tuple = (0, 0, 0)  # where the ground truth's first voxel lies in the prediction
 
     def read(self, roi: Roi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """P, Q and I (array-local ``roi``) as boolean arrays."""
+        """P, Q and I (``roi`` local to the ground truth) as boolean arrays."""
         g = self.gt[roi.to_slices()]
         invalid = g == CREMI_INVALID if self.gt_kind == "ids" else np.zeros(g.shape, dtype=bool)
-        p = cleft_mask(self.pred[roi.to_slices()], self.pred_kind, self.threshold) & ~invalid
+        p = cleft_mask(self.pred[roi.shift(self.pred_origin).to_slices()], self.pred_kind, self.threshold) & ~invalid
         q = cleft_mask(g, self.gt_kind, self.threshold) & ~invalid
         return p, q, invalid
 
@@ -367,19 +371,15 @@ def evaluate(
     from dask import delayed
 
     pred, gt = as_volume(pred), as_volume(gt)
-    if pred.shape != gt.shape:
-        raise CleftchunkError(
-            f"shapes differ: prediction {pred.spec} is {pred.shape}, ground truth {gt.spec} is {gt.shape}: "
-            "crop or pad one to the other's frame"
-        )
-    if len(pred.shape) != 3:
-        raise CleftchunkError(f"{pred.spec} has {len(pred.shape)} axes: evaluation needs 3-D (z, y, x) volumes")
+    if len(pred.shape) != 3 or len(gt.shape) != 3:
+        raise CleftchunkError(f"{pred.spec} and {gt.spec} must both be 3-D (z, y, x) volumes")
     if theta < 0:
         raise CleftchunkError(f"θ = {theta} nm is negative: give a distance >= 0")
     vs = common_voxel_size(pred, gt, voxel_size)
-    pair = Pair(pred, gt, resolve_kind(pred, pred_kind), resolve_kind(gt, gt_kind), threshold)
-    total = Roi.from_shape(pred.shape)
-    block_shape = tuple(min(b, s) for b, s in zip(block_shape or DEFAULT_BLOCK_SHAPE, pred.shape))
+    region = evaluated_region(pred, gt, vs)
+    pair = Pair(pred, gt, resolve_kind(pred, pred_kind), resolve_kind(gt, gt_kind), threshold, region.offset)
+    total = Roi.from_shape(gt.shape)
+    block_shape = tuple(min(b, s) for b, s in zip(block_shape or DEFAULT_BLOCK_SHAPE, gt.shape))
     halo = tuple(halo) if halo is not None else default_halo(theta, vs)
     plan = [b.write_roi for b in blocks(total, block_shape)]
 
@@ -406,7 +406,8 @@ def evaluate(
         stats[direction] = stats_from_histogram(values, counts)
         beyond[direction] = int(counts[values > theta].sum())
     inputs = {
-        "shape": list(pred.shape),
+        "shape": list(gt.shape),
+        "pred_region": [f"{b}:{e}" for b, e in zip(region.begin, region.end)],
         "voxel_size": list(vs),
         "theta_nm": float(theta),
         "invalid_voxels": sum(c.counts["invalid"] for c in censuses),
@@ -421,6 +422,29 @@ def evaluate(
         "far_voxels": far,
     }
     return assemble(stats["pred_to_gt"], stats["gt_to_pred"], beyond["pred_to_gt"], beyond["gt_to_pred"], inputs)
+
+
+def evaluated_region(pred: Volume, gt: Volume, voxel_size: Sequence[float]) -> Roi:
+    """The prediction's voxels (array-local) compared with the ground truth's, voxel for voxel.
+
+    Same shapes: all of it (offsets are not used). Different shapes: the ground truth's region,
+    placed by the offsets (nm) of both, e.g. the labelled part of a padded CREMI sample; it must
+    lie inside the prediction, and the offsets must differ (equal offsets place nothing).
+    """
+    if pred.shape == gt.shape:
+        return Roi.from_shape(pred.shape)
+    difference = [g - p for g, p in zip(gt.offset_nm, pred.offset_nm)]
+    try:
+        region = Roi(voxels_from_nm(difference, voxel_size), gt.shape)
+    except ValueError:
+        region = None
+    if region is None or not any(region.offset) or not Roi.from_shape(pred.shape).contains(region):
+        raise CleftchunkError(
+            f"shapes differ: prediction {pred.spec} is {pred.shape} at {tuple(pred.offset_nm)} nm, ground truth "
+            f"{gt.spec} is {gt.shape} at {tuple(gt.offset_nm)} nm, and their offsets do not place the ground truth "
+            "inside the prediction: crop or pad one to the other's frame"
+        )
+    return region
 
 
 def default_halo(theta: float, voxel_size: Sequence[float]) -> tuple[int, ...]:

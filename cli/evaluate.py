@@ -41,6 +41,9 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
       4. uint8 -> mask if all values are 0/1, else prob (cleft = value >= --threshold);
       5. other unsigned ints -> main (0 background); floats in [0, 1] -> prob (>= threshold/255);
       anything else (signed ints, floats outside [0, 1]) is an error.
+    Volumes of the same shape are compared voxel for voxel. A ground truth smaller than the
+    prediction (e.g. the labelled region of a padded CREMI sample) is placed by the offsets
+    of both; the prediction must contain it.
     Empty prediction or ground truth: undefined averages are n/a (null in JSON), distances to an
     empty set are infinite ("inf" in JSON); see the cleftchunk.metrics documentation.
     """

@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
+from cleftchunk.errors import CleftchunkError
 from cleftchunk.metrics import cremi_metrics_reference, evaluate
 from cleftchunk.volumes import CREMI_BACKGROUND, CREMI_INVALID, create_volume
 
@@ -178,6 +179,21 @@ def test_input_kinds_agree(tmp_path):
     assert_same(evaluate(probs, f"{tmp_path}/syn.h5:main", voxel_size=VS), want)
     assert evaluate(probs, ids, threshold=129)["pred_voxels"] == 0
     assert evaluate(probs, ids, pred_kind="mask")["pred_voxels"] == 15  # 127 and 128 are both non-zero
+
+
+def test_ground_truth_region_is_placed_in_a_larger_prediction_by_offsets(tmp_path):
+    """As with the padded CREMI samples: labels cover a region of the raw, at an offset."""
+    rng = np.random.default_rng(5)
+    pred = (rng.random((4, 12, 12)) < 0.05).astype(np.uint8)
+    gt_mask = rng.random((2, 6, 6)) < 0.05
+    p = write(tmp_path / "v.zarr/pred", pred)
+    g = write(tmp_path / "v.zarr/gt", cremi_ids(gt_mask), fill_value=int(BG), offset_nm=(40, 12, 16))
+    got = evaluate(p, g, block_shape=(1, 4, 4), halo=(0, 1, 1))
+    assert_same(got, cremi_metrics_reference(pred[1:3, 3:9, 4:10].astype(bool), gt_mask, VS))
+    assert got["inputs"]["pred_region"] == ["1:3", "3:9", "4:10"]
+    outside = write(tmp_path / "v.zarr/far", cremi_ids(gt_mask), fill_value=int(BG), offset_nm=(120, 12, 16))
+    with pytest.raises(CleftchunkError, match="shapes differ"):
+        evaluate(p, outside)
 
 
 def test_result_does_not_depend_on_workers(tmp_path):
