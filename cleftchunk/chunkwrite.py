@@ -35,11 +35,32 @@ Producer = Callable[[Roi], np.ndarray]
 
 @dataclass(frozen=True)
 class Task:
-    """A box of whole storage units, and those of them that still have to be written."""
+    """A box of whole storage units (``box``, in unit indices), and those still to be written.
+
+    ``missing`` is None when every unit of the box is missing (the common case, kept cheap so
+    that plans over millions of units stay small).
+    """
 
     roi: Roi
-    units: tuple[Coord, ...]
-    todo: tuple[Coord, ...]
+    box: Roi
+    missing: tuple[Coord, ...] | None = None
+
+    @property
+    def units(self) -> list[Coord]:
+        return list(_box_indices(self.box))
+
+    @property
+    def todo(self) -> list[Coord]:
+        return self.units if self.missing is None else list(self.missing)
+
+    @property
+    def todo_count(self) -> int:
+        return self.box.size if self.missing is None else len(self.missing)
+
+    @property
+    def complete_write(self) -> bool:
+        """Every unit of the box is written (so the whole box is written at once)."""
+        return self.missing is None
 
 
 def unit_shape(array: Any) -> tuple[int, ...]:
@@ -76,13 +97,14 @@ def plan_tasks(grid: ChunkGrid, itemsize: int, task_bytes: int = DEFAULT_TASK_BY
     per_task = _units_per_task(grid, itemsize, task_bytes)
     task_grid = ChunkGrid(Roi.from_shape(grid.grid_shape), per_task)
     tasks = []
-    for _, unit_box in task_grid.chunks():
-        units = tuple(_box_indices(unit_box))
-        todo = tuple(u for u in units if u not in done)
-        if not todo:
+    for _, box in task_grid.chunks():
+        roi = grid.chunk_roi(box.begin).union(grid.chunk_roi(tuple(e - 1 for e in box.end)))
+        if not done:
+            tasks.append(Task(roi, box))
             continue
-        rois = [grid.chunk_roi(u) for u in (units[0], units[-1])]
-        tasks.append(Task(rois[0].union(rois[1]), units, todo))
+        missing = tuple(u for u in _box_indices(box) if u not in done)
+        if missing:
+            tasks.append(Task(roi, box, missing if len(missing) < box.size else None))
     return tasks
 
 
@@ -123,7 +145,7 @@ def fill(
     tasks = plan_tasks(grid, itemsize, task_bytes, done)
     total = sum(t.roi.size for t in tasks) * itemsize
     run_tasks([(_fill_task, array, produce, task, grid, itemsize) for task in tasks], total, workers, scheduler, progress)
-    written = sum(len(t.todo) for t in tasks)
+    written = sum(t.todo_count for t in tasks)
     return FillReport(units=grid.num_chunks, already_stored=len(done), written=written, bytes_read=total)
 
 
@@ -137,7 +159,7 @@ class FillReport:
 
 def _fill_task(array: Any, produce: Producer, task: Task, grid: ChunkGrid, itemsize: int) -> int:
     data = produce(task.roi)
-    if len(task.todo) == len(task.units):
+    if task.complete_write:
         write_box(array, task.roi, data)
     else:
         for index in task.todo:

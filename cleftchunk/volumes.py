@@ -108,6 +108,7 @@ class Volume:
     channel: int | None = None
     _array: Any = field(default=None, repr=False, compare=False)
     _h5file: Any = field(default=None, repr=False, compare=False)
+    _kind: str | None = field(default=None, repr=False, compare=False)
 
     # -- storage access --------------------------------------------------------------
     @property
@@ -139,8 +140,10 @@ class Volume:
 
     @property
     def kind(self) -> str:
-        """hdf5, zarr, n5, tiff, npy or folder (see :func:`source_kind`)."""
-        return source_kind(self.container)
+        """hdf5, zarr, n5, tiff, npy or folder (see :func:`source_kind`); looked up once."""
+        if self._kind is None:
+            self._kind = source_kind(self.container)
+        return self._kind
 
     @property
     def is_zarr(self) -> bool:

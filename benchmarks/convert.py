@@ -1,0 +1,128 @@
+"""HDF5 → Zarr conversion: throughput and peak memory of ``cleftchunk convert`` against two baselines.
+
+Contenders, each run in a fresh subprocess (so that its peak RSS is its own), repeated, medians:
+
+- ``cleftchunk convert`` with the threaded Dask scheduler (the default) and with processes;
+- ``dask.array.from_array(h5_dataset).to_zarr(...)``, the common one-liner;
+- a plain h5py loop reading 16-section slabs and writing them to Zarr.
+
+All write the same Zarr v3 layout: chunks (16, 256, 256), Blosc-zstd level 5 with byte shuffle.
+The input is an uncompressed, contiguous uint8 HDF5 dataset (like the CREMI downloads) with
+EM-like texture (smooth structure plus noise) so that compression does real work. Two sizes at
+least 4× apart show whether peak memory grows with the volume.
+
+    python benchmarks/convert.py            # 0.25 GiB and 1 GiB, 3 runs each (about 10 min on 2 cores)
+    python benchmarks/convert.py --quick    # 32 MiB and 128 MiB, 3 runs each
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA_DIR, machine_info, markdown_table, measure, median, python_argv, write_fragment  # noqa: E402
+
+PLANE = (2048, 2048)
+CHUNKS = (16, 256, 256)
+
+DASK_BASELINE = """
+import dask.array as da, h5py, zarr, zarr.codecs as zc
+f = h5py.File({src!r}, 'r')
+x = da.from_array(f['raw'], chunks={chunks!r})
+out = zarr.create_array({dst!r}, shape=x.shape, chunks={chunks!r}, dtype=x.dtype,
+                        compressors=[zc.BloscCodec(cname='zstd', clevel=5, shuffle='shuffle')])
+x.to_zarr(out)
+"""
+
+SLAB_LOOP = """
+import h5py, zarr, zarr.codecs as zc
+f = h5py.File({src!r}, 'r')
+ds = f['raw']
+out = zarr.create_array({dst!r}, shape=ds.shape, chunks={chunks!r}, dtype=ds.dtype,
+                        compressors=[zc.BloscCodec(cname='zstd', clevel=5, shuffle='shuffle')])
+step = {chunks!r}[0]
+for z in range(0, ds.shape[0], step):
+    out[z:z + step] = ds[z:z + step]
+"""
+
+
+def em_like_volume(path: Path, depth: int, seed: int = 0) -> None:
+    """Write an uncompressed uint8 HDF5 volume, slab by slab (never the whole volume in memory)."""
+    import h5py
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    texture = gaussian_filter(rng.normal(size=(512, 512)), 6)
+    texture = ((texture - texture.min()) / np.ptp(texture) * 200 + 20).astype(np.uint8)
+    tiled = np.tile(texture, (PLANE[0] // 512, PLANE[1] // 512))
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("raw", shape=(depth,) + PLANE, dtype=np.uint8)
+        ds.attrs["resolution"] = (40.0, 4.0, 4.0)
+        for z in range(0, depth, 16):
+            n = min(16, depth - z)
+            shift = rng.integers(0, 512, size=2)
+            slab = np.roll(tiled, tuple(shift), axis=(0, 1))[None].repeat(n, axis=0)
+            slab = slab + rng.integers(0, 24, size=slab.shape, dtype=np.uint8)
+            ds[z : z + n] = slab
+
+
+def contenders(src: Path, dst: Path) -> dict[str, list[str]]:
+    cli = [sys.executable, "-m", "cleftchunk_cli.main", "convert", str(src), f"{dst}/raw", "--chunks", ",".join(map(str, CHUNKS)),
+           "--no-progress", "--overwrite"]
+    fmt = dict(src=str(src), dst=str(dst), chunks=CHUNKS)
+    return {
+        "cleftchunk convert (threads)": cli + ["--scheduler", "threads"],
+        "cleftchunk convert (processes)": cli + ["--scheduler", "processes"],
+        "dask from_array().to_zarr()": python_argv(DASK_BASELINE.format(**fmt)),
+        "h5py slab loop → zarr": python_argv(SLAB_LOOP.format(**fmt)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small volumes (32 and 128 MiB)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    depths = (8, 32) if args.quick else (64, 256)
+    work = DATA_DIR / "convert"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for depth in depths:
+        src = work / f"em_{depth}.h5"
+        if not src.exists():
+            em_like_volume(src, depth)
+        size = depth * PLANE[0] * PLANE[1]
+        results = {}
+        for repeat in range(args.repeats):
+            for name, argv in contenders(src, work / "out.zarr").items():  # interleaved: load noise hits all alike
+                shutil.rmtree(work / "out.zarr", ignore_errors=True)
+                m = measure(argv)
+                results.setdefault(name, []).append(m)
+                print(f"{depth:4d} sections  {name:32s} {m.seconds:7.2f} s  {m.peak_rss_mib:7.0f} MiB", flush=True)
+        base = median([m.seconds for m in results["dask from_array().to_zarr()"]])
+        for name, ms in results.items():
+            seconds = median([m.seconds for m in ms])
+            rows.append([
+                f"{size / 2**30:.2f} GiB ({depth}×{PLANE[0]}×{PLANE[1]})", name, f"{seconds:.2f}",
+                f"{size / 2**20 / seconds:.0f}", f"{median([m.peak_rss_mib for m in ms]):.0f}", f"{base / seconds:.2f}×",
+            ])
+    shutil.rmtree(work / "out.zarr", ignore_errors=True)
+    table = markdown_table(["volume", "contender", "median s", "MiB/s", "peak RSS MiB", "speed vs dask"], rows)
+    body = (
+        f"HDF5 (uint8, contiguous, uncompressed, EM-like texture) → Zarr v3, chunks {CHUNKS}, Blosc-zstd 5; "
+        f"median of {args.repeats} runs, each in a fresh process; peak RSS of the whole process tree."
+        f"{' Quick run (--quick).' if args.quick else ''}\n\n{table}\n"
+    )
+    path = write_fragment("convert", "Conversion: HDF5 → Zarr", body)
+    print(machine_info())
+    print(table)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
