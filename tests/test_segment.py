@@ -7,7 +7,9 @@ import pytest
 
 from cleftchunk import open_volume
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Roi
 from cleftchunk.segment import connected_components_reference, resolve_kind, segment
+from cleftchunk.synth import generate_region
 from cleftchunk.volumes import CREMI_BACKGROUND, create_volume
 
 BG = CREMI_BACKGROUND
@@ -43,6 +45,18 @@ def test_blockwise_equals_whole_array_for_any_block_shape(tmp_path, connectivity
         np.testing.assert_array_equal(got, expected)
         assert result.components == len(np.unique(expected)) - 1
         assert result.blocks == np.prod([-(-s // b) for s, b in zip(pred.shape, block_shape)])
+
+
+def test_synthetic_clefts_get_the_same_ids_for_any_block_shape(tmp_path):
+    clefts = generate_region(Roi((0, 0, 0), (16, 96, 96)), seed=1)["clefts"]
+    spec = write(tmp_path / "p.zarr/clefts", clefts, chunks=(4, 16, 16), fill_value=int(BG))
+    expected = connected_components_reference(clefts != BG, 26)
+    z, y, x = np.nonzero(expected != BG)
+    assert len({(a // 4, b // 16, c // 16) for a, b, c in zip(z, y, x)}) > 4  # the cleft spans many blocks
+    for block_shape in [(4, 16, 16), (8, 48, 32)]:
+        out = str(tmp_path / f"s.zarr/{block_shape[0]}")
+        segment(spec, out, block_shape=block_shape, chunks=(4, 16, 16))
+        np.testing.assert_array_equal(ids(out), expected)
 
 
 def test_cleft_cut_by_block_borders_gets_one_id(tmp_path):
