@@ -244,8 +244,7 @@ def block_distances(
     """Exact distances of the query voxels of ``block``, per direction, as (values, counts, far).
 
     ``target_boxes`` maps each direction to be measured to the target boxes of all blocks (rows of
-    :func:`boxes_array`); both
-    directions share one read of the grown block.
+    :func:`boxes_array`); both directions share one read of the grown block.
     """
     grown = block.grow(tuple(halo)).intersect(total)
     p, q, _ = pair.read(grown)
