@@ -45,7 +45,7 @@ class VolumeInfo:
 
     @property
     def ratio(self) -> float | None:
-        if not self.stored_bytes or not self.raw_bytes:
+        if self.stored_bytes is None or not self.raw_bytes:
             return None
         return self.stored_bytes / self.raw_bytes
 
@@ -221,7 +221,9 @@ def format_info(info: VolumeInfo) -> str:
         return f"{info.spec}{shape}: not a volume ({info.note})"
     levels = f", OME-Zarr levels {' '.join(info.levels)}" if len(info.levels) > 1 else ""
     vs = f"{_nums(info.voxel_size)} nm" if info.voxel_size_known else "unknown (pass --voxel-size when converting)"
-    ratio = f"{_size(info.stored_bytes)} of {_size(info.raw_bytes)} raw (ratio {info.ratio:.3g})" if info.ratio else "n/a"
+    ratio = f"{_size(info.stored_bytes)} of {_size(info.raw_bytes)} raw (ratio {info.ratio:.3g})" if info.ratio is not None else "n/a"
+    if info.stored_bytes == 0:
+        ratio += ": no chunk stored, all voxels are the fill value"
     rows = [
         ("shape", f"{info.shape} (z, y, x)"),
         ("dtype", info.dtype),

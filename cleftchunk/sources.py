@@ -7,7 +7,8 @@ another process reopens them. None of them ever loads more than the requested re
 storage units (pages, blocks) it overlaps.
 
 - :class:`TiffStack`: a multi-page TIFF; memory-mapped when its pages are stored contiguous and
-  uncompressed, else read page by page (only the pages in the requested z range).
+  uncompressed, else read page by page (only the pages in the requested z range). The voxel
+  size comes from ImageJ metadata when it is complete (:func:`tiff_frame_attrs`).
 - :class:`ImageFolder`: a folder of per-section TIFF/PNG images, sorted naturally (``2.png``
   before ``10.png``), one section per file.
 - :class:`NpyArray`: a ``.npy`` file, memory-mapped (``np.load(mmap_mode="r")``).
@@ -113,7 +114,7 @@ class TiffStack(_LazyFile):
         series = self._series()
         self.shape = tuple(int(s) for s in series.shape)
         self.dtype = np.dtype(series.dtype)
-        self.attrs: dict = {}
+        self.attrs = tiff_frame_attrs(self._file())
         # One chunk per page: pages are the unit a TIFF stores and reads.
         self.chunks = (1,) + self.shape[1:] if len(self.shape) >= 3 else self.shape
         self.contiguous = series.dataoffset is not None
@@ -172,6 +173,30 @@ class TiffStack(_LazyFile):
             self._local.tif.close()
         self._local = threading.local()
         self._memmap = None
+
+
+#: Nanometres per length unit, for the units ImageJ writes into TIFF metadata.
+UNIT_NM = {"nm": 1.0, "nanometer": 1.0, "um": 1e3, "µm": 1e3, r"\u00b5m": 1e3, "micron": 1e3, "micrometer": 1e3, "mm": 1e6}
+
+
+def tiff_frame_attrs(tif: Any) -> dict:
+    """``{"voxel_size": [z, y, x]}`` in nm from ImageJ metadata, or {} if it is incomplete.
+
+    ImageJ stores the section thickness as ``spacing`` and the pixel size as X/YResolution
+    (pixels per ``unit``); without all of them the voxel size is unknown rather than guessed.
+    """
+    meta = tif.imagej_metadata or {}
+    scale = UNIT_NM.get(str(meta.get("unit", "")).lower())
+    tags = tif.pages.first.tags
+    x, y = tags.get("XResolution"), tags.get("YResolution")
+    if scale is None or "spacing" not in meta or x is None or y is None:
+        return {}
+
+    def size(tag: Any) -> float:
+        pixels_per_unit = tag.value[0] / tag.value[1]
+        return round(scale / pixels_per_unit, 6)
+
+    return {"voxel_size": [round(float(meta["spacing"]) * scale, 6), size(y), size(x)]}
 
 
 # -- image folders ------------------------------------------------------------------------

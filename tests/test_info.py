@@ -90,3 +90,10 @@ def test_info_errors(tmp_path, run_cli):
         f["raw"] = np.zeros((2, 2, 2), np.uint8)
     result = run_cli("info", tmp_path / "a.h5", "--dataset", "missing", expect=2)
     assert "no dataset 'missing'" in result.output
+
+
+def test_info_of_a_volume_with_no_stored_chunk(tmp_path, run_cli):
+    create_volume(tmp_path / "o.zarr/empty", (4, 32, 32), "uint64", chunks=(2, 16, 16), fill_value=7)
+    [info] = describe(tmp_path / "o.zarr/empty")
+    assert info.stored_bytes == 0 and info.ratio == 0 and info.value_min == info.value_max == 7
+    assert "no chunk stored" in run_cli("info", tmp_path / "o.zarr/empty").output

@@ -106,6 +106,16 @@ def test_tiff_stack_reads_regions(tmp_path, compression):
     assert vol.array.contiguous == (compression is None)  # uncompressed stacks are memory-mapped
 
 
+def test_tiff_voxel_size_from_imagej_metadata(tmp_path):
+    data = ramp((4, 8, 8))
+    tifffile.imwrite(tmp_path / "ij.tif", data, imagej=True, resolution=(1 / 0.004, 1 / 0.004),
+                     metadata={"spacing": 0.04, "unit": "um", "axes": "ZYX"})
+    vol = open_volume(tmp_path / "ij.tif")
+    assert vol.voxel_size_known and vol.voxel_size == (40.0, 4.0, 4.0)
+    tifffile.imwrite(tmp_path / "plain.tif", data, photometric="minisblack", resolution=(250, 250))
+    assert not open_volume(tmp_path / "plain.tif").voxel_size_known  # no unit, no spacing: unknown
+
+
 def test_image_folder_sorted_naturally(tmp_path):
     data = ramp((11, 9, 7))
     for z in range(11):
