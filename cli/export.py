@@ -20,7 +20,15 @@ from .segment import KIND_CHOICE, parse_triple
               help="What CLEFTS holds: ids (CREMI) or main (0 = background, converted).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 def command(clefts, out, raw, crop, offset, kind, overwrite):
-    """Write cleft ids as volumes/labels/clefts of a CREMI HDF5 file (file_format 0.2)."""
+    """Write cleft ids as volumes/labels/clefts of a CREMI HDF5 file (file_format 0.2).
+
+    \b
+    Padded CREMI samples (200x3072x3072) hold the labelled region at voxel offset 37,911,911:
+      prediction of the whole padded sample, cut to the labelled region:
+        cleftchunk export out.zarr/clefts A.hdf --crop 37:162,911:2161,911:2161
+      prediction of the labelled region alone, placed in the padded frame:
+        cleftchunk export out.zarr/clefts A.hdf --offset 37,911,911
+    """
     info = export_cremi(
         clefts,
         out,
