@@ -254,6 +254,10 @@ class Augmenter:
         data = np.asarray(source[have.to_slices()])
         if convert is not None:
             data = convert(data)
+        if data.size and data.min() == data.max():
+            # Any interpolation of a constant is that constant: e.g. a label box without clefts
+            # (most rejection-sampling tries on sparse data) needs no warping at all.
+            return np.full(self.out_shape, data.flat[0], dtype=np.float32 if order > 0 else data.dtype)
         origin = have.offset
         z_index = _mirror_index(plan.z_keep - self.extra_z // 2 + int(crop_offset[0]), volume_roi.shape[0]) - origin[0]
         yx_origin = np.array([crop_offset[1] - origin[1], crop_offset[2] - origin[2]], dtype=np.float64)
@@ -311,14 +315,24 @@ _SQUARE = np.ones((3, 3), dtype=bool)
 
 
 def smooth_labels(label: np.ndarray, sigma: float = 2.0, threshold: float = 0.8) -> np.ndarray:
-    """Per slice: dilate, Gaussian σ, dilate, threshold — drops in-plane structures thinner than ~4 px."""
+    """Per slice: dilate, Gaussian σ, dilate, threshold — drops in-plane structures thinner than ~4 px.
+
+    Computed on each slice's label bounding box grown by the filters' reach (clipped to the
+    slice), which gives the same result as the whole slice: beyond that reach every value is 0.
+    """
     out = np.zeros_like(label, dtype=bool)
+    reach = 1 + int(4 * sigma + 0.5) + 1 + 2  # dilation, Gaussian (truncate=4), dilation, spare
     for k, section in enumerate(label):
-        if not section.any():
+        rows, cols = np.flatnonzero(section.any(axis=1)), np.flatnonzero(section.any(axis=0))
+        if not rows.size:
             continue
-        grown = ndi.binary_dilation(section, structure=_SQUARE).astype(np.float32)
+        box = Roi.from_bounds((rows[0], cols[0]), (rows[-1] + 1, cols[-1] + 1)).grow(reach).intersect(
+            Roi.from_shape(section.shape)
+        )
+        sl = box.to_slices()
+        grown = ndi.binary_dilation(section[sl], structure=_SQUARE).astype(np.float32)
         blurred = ndi.gaussian_filter(grown, sigma)
-        out[k] = ndi.grey_dilation(blurred, footprint=_SQUARE) > threshold
+        out[k][sl] = ndi.grey_dilation(blurred, footprint=_SQUARE) > threshold
     return out
 
 

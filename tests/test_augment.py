@@ -191,3 +191,32 @@ def test_plans_never_read_beyond_the_oversized_box():
     for seed in range(25):
         plan = aug.draw(np.random.default_rng(seed))
         assert box.contains(aug.source_roi((0, 0, 0), plan, aug.base_coordinates(plan)))
+
+
+def test_label_smoothing_on_bounding_boxes_equals_the_whole_slice_definition():
+    def whole_slice(label):
+        out = np.zeros_like(label)
+        square = np.ones((3, 3), bool)
+        for k, section in enumerate(label):
+            grown = ndi.binary_dilation(section, structure=square).astype(np.float32)
+            out[k] = ndi.grey_dilation(ndi.gaussian_filter(grown, 2.0), footprint=square) > 0.8
+        return out
+
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        label = np.zeros((3, 80, 80), bool)
+        for _ in range(rng.integers(0, 4)):
+            y, x = rng.integers(-10, 80, 2)
+            h, w = rng.integers(1, 30, 2)
+            label[rng.integers(0, 3), max(y, 0) : y + h, max(x, 0) : x + w] = True
+        np.testing.assert_array_equal(smooth_labels(label), whole_slice(label))
+
+
+def test_constant_boxes_skip_the_warp_but_give_the_same_result():
+    aug = Augmenter(OUT, AugmentConfig(rotation_p=1.0, elastic_p=1.0))
+    plan = aug.draw(np.random.default_rng(0))
+    source = np.full((8, 200, 200), 7, np.uint8)
+    out = aug.resample(source, aug_roi(source), (2, 60, 60), plan, order=1)
+    assert out.dtype == np.float32 and np.all(out == 7)
+    codes = aug.resample(np.zeros_like(source), aug_roi(source), (2, 60, 60), plan, order=0)
+    assert codes.dtype == np.uint8 and not codes.any()
