@@ -149,7 +149,7 @@ def plan_conversion(
         raise CleftchunkError(f"--levels {levels}: give 1 (no pyramid) or more")
     _check_output_spec(dst)
     not_cleft = mask_rule(source, background) if mask else None
-    dtype = "uint8" if mask else str(source.dtype)
+    dtype = "uint8" if mask else source.dtype.newbyteorder("=").name  # big-endian sources are stored native
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, source.shape))
     if len(chunks) != 3 or any(c <= 0 for c in chunks):
         raise CleftchunkError(f"chunk shape {chunks} must be 3 positive sizes Z,Y,X")
@@ -320,7 +320,8 @@ def prepare_output(plan: ConversionPlan, overwrite: bool) -> tuple[Volume, str]:
         compressor=plan.compressor,
         shards=plan.shards,
         fill_value=plan.fill_value,
-        attrs=plan.attrs,
+        # Recorded with the array itself, so that even a run killed right after creating it resumes.
+        attrs={**plan.attrs, PLAN_ATTR: plan.record()},
         overwrite=overwrite,
     )
     _image_group(volume).attrs[PLAN_ATTR] = {**plan.record(), "complete": False}
@@ -336,6 +337,8 @@ def _recorded_plan(dst: str) -> dict | None:
     except Exception:
         return None
     recorded = dict(group.attrs).get(PLAN_ATTR)
+    if recorded is None and "s0" in group:  # killed before the group's record was written
+        recorded = dict(group["s0"].attrs).get(PLAN_ATTR)
     return dict(recorded) if isinstance(recorded, dict) else None
 
 

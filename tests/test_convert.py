@@ -381,3 +381,24 @@ def test_corrupt_and_truncated_sources(tmp_path, run_cli):
     (tmp_path / "s.zarr" / "c" / "1" / "0" / "0").write_bytes(b"garbage")
     msg = one_line_error(run_cli("convert", tmp_path / "s.zarr", out + "z", *VS, "--no-progress", expect=2))
     assert "corrupt or truncated" in msg
+
+
+def test_big_endian_source_is_stored_native(tmp_path, run_cli):
+    data = ramp((3, 10, 12), np.uint16).astype(">u2")
+    np.save(tmp_path / "be.npy", data)
+    run_cli("convert", tmp_path / "be.npy", tmp_path / "o.zarr/be", *VS, "--verify", "--no-progress")
+    got = stored(tmp_path / "o.zarr", "be")
+    assert got.dtype == np.dtype("uint16") and got.dtype.isnative
+    np.testing.assert_array_equal(got, data)
+
+
+def test_resume_when_killed_right_after_creating_the_output(tmp_path, run_cli):
+    data = ramp((4, 16, 16))
+    np.save(tmp_path / "d.npy", data)
+    plan = conv.plan_conversion(tmp_path / "d.npy", tmp_path / "o.zarr/d", voxel_size=(40, 4, 4))
+    conv.prepare_output(plan, overwrite=False)
+    group = zarr.open_group(str(tmp_path / "o.zarr/d"), mode="r+")
+    del group.attrs[conv.PLAN_ATTR]  # as if killed before the group's record was written
+    result = run_cli("convert", tmp_path / "d.npy", tmp_path / "o.zarr/d", *VS, "--no-progress")
+    assert "resumed" in result.output
+    np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "d"), data)
