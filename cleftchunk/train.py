@@ -578,6 +578,12 @@ class _StateOnly(nn.Module):
         return self._state
 
 
+class TrainingInterrupted(CleftchunkError):
+    """Ctrl-C during training: said on one line with how to continue (exit status 130)."""
+
+    exit_code = 130
+
+
 class NonFiniteLoss(Exception):
     def __init__(self, value: float):
         super().__init__(f"loss {value}")
@@ -848,6 +854,8 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
                 hook(state)
             if state.metrics and dist.main:
                 logger.message(format_metrics(state.iteration, state.metrics))
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(interrupted_message(trainer.iteration, last)) from None
     finally:
         del batches  # stops the loader's worker processes
         logger.close()
@@ -887,6 +895,13 @@ def non_finite_message(value: float, iteration: int, last: Path) -> str:
         f"the loss became {value} at iteration {iteration}, so training stopped; {kept}; "
         "lower the learning rate (-lr) and --resume, or check the input data"
     )
+
+
+def interrupted_message(iteration: int, last: Path) -> str:
+    if last.is_file():
+        saved = load_checkpoint(last)["iteration"]
+        return f"interrupted at iteration {iteration}; {last} holds iteration {saved}: add --resume to the same command to continue from there"
+    return f"interrupted at iteration {iteration} before the first checkpoint: run the command again to start over"
 
 
 def format_metrics(iteration: int, metrics: dict) -> str:

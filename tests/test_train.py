@@ -312,3 +312,16 @@ def test_ddp_spawned_by_the_command_itself(data, tmp_path):
     last = train(config(data, tmp_path / "spawn", iteration_total=2, cpu_processes=2))
     ckpt = load_checkpoint(last)
     assert ckpt["iteration"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_says_how_to_continue(data, tmp_path):
+    from cleftchunk.train import TrainingInterrupted
+
+    def ctrl_c(state):
+        if state.iteration == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted) as e:
+        train(config(data, tmp_path / "int"), hooks=[ctrl_c])
+    assert e.value.exit_code == 130
+    assert "interrupted at iteration 3" in str(e.value) and "holds iteration 2" in str(e.value) and "--resume" in str(e.value)
