@@ -5,7 +5,8 @@ store holds under one key. Zarr's local store writes every object to a temporary
 renames it into place, so a unit is either wholly present or absent, never half-written, even
 when the process is killed or the disk fills up. That makes the store itself the record of what
 is done: :func:`stored_units` lists the keys present, and :func:`fill` writes only the others.
-No separate "done" marker exists that could disagree with the data.
+No separate "done" marker exists that could disagree with the data. A kill in the middle of a
+write leaves a temporary ``*.partial`` file, never a key; :func:`fill` deletes those first.
 
 Work is grouped into *tasks*: boxes of whole units, a full section plane when it fits in
 ``task_bytes``, so that sources stored plane-wise or in HDF5 slabs are read in large, aligned
@@ -73,8 +74,12 @@ def unit_grid(array: Any) -> ChunkGrid:
     return ChunkGrid(Roi.from_shape(array.shape), unit_shape(array))
 
 
-def stored_units(array: Any) -> set[Coord]:
-    """Indices of the storage units present in the array's store."""
+#: Suffix of the temporary files Zarr's local store renames into place; a killed write leaves one.
+PARTIAL_SUFFIX = ".partial"
+
+
+def _stored_keys(array: Any) -> list[str]:
+    """Keys under the array in its store, relative to the array."""
     from zarr.core.sync import sync
 
     store, path = array.store_path.store, array.store_path.path
@@ -83,9 +88,25 @@ def stored_units(array: Any) -> set[Coord]:
     async def keys() -> list[str]:
         return [k async for k in store.list_prefix(prefix)]
 
-    present = {k[len(prefix) :] for k in sync(keys())}
+    return [k[len(prefix) :] for k in sync(keys())]
+
+
+def stored_units(array: Any) -> set[Coord]:
+    """Indices of the storage units present in the array's store (temporary files do not count)."""
+    present = set(_stored_keys(array))
     grid = unit_grid(array)
     return {index for index in grid.indices() if array.metadata.encode_chunk_key(index) in present}
+
+
+def remove_partial_writes(array: Any) -> int:
+    """Delete the temporary files that writes killed mid-way left behind; how many there were."""
+    from zarr.core.sync import sync
+
+    store, path = array.store_path.store, array.store_path.path
+    partial = [k for k in _stored_keys(array) if k.endswith(PARTIAL_SUFFIX)]
+    for key in partial:
+        sync(store.delete(f"{path}/{key}" if path else key))
+    return len(partial)
 
 
 def plan_tasks(grid: ChunkGrid, itemsize: int, task_bytes: int = DEFAULT_TASK_BYTES, done: Iterable[Coord] = ()) -> list[Task]:
@@ -140,6 +161,7 @@ def fill(
     scheduler. ``progress`` (True or a description) shows a tqdm bar in bytes of source data.
     """
     grid = unit_grid(array)
+    remove_partial_writes(array)
     done = stored_units(array)
     itemsize = source_itemsize or np.dtype(array.dtype).itemsize
     tasks = plan_tasks(grid, itemsize, task_bytes, done)

@@ -277,6 +277,11 @@ def test_disk_full_then_resume_writes_only_missing_chunks(tmp_path, run_cli, mon
     assert "free disk space, then re-run to resume" in result.output
     array = zarr.open_array(str(tmp_path / "o.zarr/d/s0"), mode="r")
     assert len(chunkwrite.stored_units(array)) == 5
+    # what a write killed mid-way leaves: a temporary file, which must not count as the chunk
+    leftover = tmp_path / "o.zarr/d/s0/c/3/1/1.0123abcd.partial"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
+    leftover.write_bytes(b"half a chunk")
+    assert len(chunkwrite.stored_units(array)) == 5
     monkeypatch.setattr(chunkwrite, "write_box", real_write)
     written = []
     monkeypatch.setattr(chunkwrite, "write_box", lambda a, r, b: (written.append(r), real_write(a, r, b)))
@@ -284,6 +289,7 @@ def test_disk_full_then_resume_writes_only_missing_chunks(tmp_path, run_cli, mon
     assert "resumed" in result.output and "11 were already stored" not in result.output
     assert len(written) == 16 - 5  # only the missing chunks
     np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "d"), data)
+    assert not leftover.exists()
 
 
 def test_killed_conversion_resumes_and_is_exact(tmp_path):
@@ -312,6 +318,7 @@ def test_killed_conversion_resumes_and_is_exact(tmp_path):
     assert "resumed" in resumed.stdout and f"{before} were already stored" in resumed.stdout
     assert "verified" in resumed.stdout
     np.testing.assert_array_equal(stored(out, "d"), data)
+    assert not list(out.rglob("*.partial"))
 
 
 def test_verify_reports_damaged_chunks(tmp_path, run_cli):
