@@ -5,6 +5,8 @@ over each 2×2 patch (the mean of the voxels that exist, at odd edges), which th
 records as a translation by half a voxel of the finer level. Labels are never averaged (an average
 of two ids is a third, meaningless id): ``stride`` keeps the top-left voxel of each patch, whose
 centre coincides with the patch's first voxel, so those levels have no extra translation.
+``mode`` keeps the most frequent label of each patch (ties: the first in y, x order, so a tie
+gives the same as ``stride``); it is centred like ``mean``.
 
 Levels are written with :func:`cleftchunk.chunkwrite.fill`, so they resume like level 0.
 """
@@ -20,7 +22,7 @@ from .geometry import Roi
 from .volumes import ome_multiscales
 
 FACTOR = (1, 2, 2)
-METHODS = ("mean", "stride")
+METHODS = ("mean", "stride", "mode")
 
 
 def default_method(dtype: np.dtype, is_mask: bool = False) -> str:
@@ -45,6 +47,8 @@ class Downsample:
         data = np.asarray(self.finer[source.to_slices()])
         if self.method == "stride":
             return data[:, ::2, ::2]
+        if self.method == "mode":
+            return mode_2x2(data)
         return mean_2x2(data).astype(self.finer.dtype, copy=False)
 
 
@@ -69,6 +73,19 @@ def mean_2x2(data: np.ndarray) -> np.ndarray:
     if data.dtype.kind in "iu":
         mean = np.floor(mean + 0.5)  # round half up, the same in every block
     return mean
+
+
+def mode_2x2(data: np.ndarray) -> np.ndarray:
+    """Most frequent value of each 2×2 patch in (y, x); ties go to the first of the patch.
+
+    Patches cut by an odd edge repeat their edge voxels, so only values they hold compete.
+    """
+    z, y, x = data.shape
+    padded = np.pad(data, ((0, 0), (0, y % 2), (0, x % 2)), mode="edge")
+    candidates = np.stack([padded[:, i::2, j::2] for i in (0, 1) for j in (0, 1)])
+    votes = sum((candidates == other).astype(np.uint8) for other in candidates)
+    winner = np.argmax(votes, axis=0)  # the first of equal maxima
+    return np.take_along_axis(candidates, winner[None], axis=0)[0]
 
 
 def build_levels(
@@ -110,7 +127,8 @@ def build_levels(
             progress=f"{name}/{path}" if progress else False,
         )
         finer = coarser
-    group.attrs["ome"] = ome_multiscales(name, voxel_size, offset_nm, level_factors(levels), centered=(method == "mean"))
+    centered = method != "stride"
+    group.attrs["ome"] = ome_multiscales(name, voxel_size, offset_nm, level_factors(levels), centered=centered)
 
 
 def drop_levels(group: Any) -> None:

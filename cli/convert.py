@@ -33,10 +33,11 @@ def parse_triple(text: str | None, option: str, kind: type = int) -> tuple | Non
 @click.option("--voxel-size", help="Voxel size Z,Y,X in nm; required when SRC's metadata has none (e.g. 40,4,4).")
 @click.option("--offset", help="Offset Z,Y,X in nm (default: from SRC's metadata, else 0).")
 @click.option("--mask", is_flag=True, help="Write a uint8 0/1 cleft mask instead of the label values.")
-@click.option("--background", help="With --mask: the not-cleft value (an integer, or 'cremi' for 0xFF..FF/0xFF..FE). Default: see docs.")
+@click.option("--background", help="With --mask: the not-cleft value (an integer, or 'cremi' for 0xFF..FF/0xFF..FE). "
+              "Default: SRC's 'background' attribute, else 'cremi' for uint64 clefts (volumes/... or *clefts*), else 0.")
 @click.option("--levels", default=1, show_default=True, help="OME-Zarr pyramid levels, each (1,2,2) smaller.")
-@click.option("--downsample", type=click.Choice(["auto", "mean", "stride"]), default="auto", show_default=True,
-              help="How levels are made: mean for images, stride for labels (auto).")
+@click.option("--downsample", type=click.Choice(["auto", "mean", "stride", "mode"]), default="auto", show_default=True,
+              help="How levels are made: mean for images, stride for labels and masks (auto); mode for labels.")
 @click.option("--workers", default=conv.DEFAULT_WORKERS, show_default=True, help="Parallel Dask workers.")
 @click.option("--scheduler", type=click.Choice(conv.SCHEDULERS), default="threads", show_default=True, help="Dask local scheduler.")
 @click.option("--task-mb", default=DEFAULT_TASK_BYTES // 2**20, show_default=True, help="Source MiB per task (memory ≈ workers × 3 × this).")

@@ -203,6 +203,27 @@ def test_levels_mean_for_images_stride_for_labels(tmp_path, run_cli):
     assert "s1" not in zarr.open_group(str(out / "raw"), mode="r")
 
 
+def reference_mode_2x2(data: np.ndarray) -> np.ndarray:
+    z, y, x = data.shape
+    out = np.zeros((z, -(-y // 2), -(-x // 2)), data.dtype)
+    for k in range(z):
+        for j in range(out.shape[1]):
+            for i in range(out.shape[2]):
+                patch = list(data[k, 2 * j : 2 * j + 2, 2 * i : 2 * i + 2].ravel())
+                out[k, j, i] = max(patch, key=lambda v: (patch.count(v), -patch.index(v)))
+    return out
+
+
+def test_mode_downsampling_of_labels(tmp_path, run_cli):
+    labels = (ramp((2, 13, 11), np.uint32) % 3).astype(np.uint32)
+    np.save(tmp_path / "l.npy", labels)
+    run_cli("convert", tmp_path / "l.npy", tmp_path / "o.zarr/l", *VS, "--levels", "2", "--downsample", "mode",
+            "--chunks", "1,4,4", "--no-progress")
+    np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "l", "s1"), reference_mode_2x2(labels))
+    translation = ome_datasets(tmp_path / "o.zarr", "l")[1]["coordinateTransformations"][1]["translation"]
+    assert translation == [0.0, 2.0, 2.0]
+
+
 # -- results independent of task size, workers and scheduler -------------------------------------
 @pytest.mark.parametrize("workers, scheduler, task_bytes", [(1, "threads", 1), (3, "threads", 5000), (2, "processes", 10**9)])
 def test_output_independent_of_workers_and_task_size(tmp_path, workers, scheduler, task_bytes):
