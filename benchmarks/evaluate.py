@@ -24,7 +24,7 @@ from _common import DATA_DIR, markdown_table, measure, median, python_argv, writ
 
 VOXEL_SIZE = (40.0, 4.0, 4.0)
 SIZES = {"full": [(32, 256, 512), (64, 512, 1024)], "quick": [(16, 128, 128), (32, 256, 256)]}
-BLOCK_SHAPE = "16,256,256"
+BLOCK_SHAPE = "32,256,256"
 
 
 def sheet_clefts(shape, seed: int, density: float = 1.0) -> list[tuple]:
@@ -151,7 +151,7 @@ def run(sizes, repeats: int) -> str:
         f"Median of {repeats} runs, each in a fresh process (import and Zarr I/O included). Data: synthetic "
         f"sparse cleft sheets ({'; '.join(fractions)}), prediction = shifted/grown clefts, 10 % missed, 10 % false; "
         "uint8 probabilities vs uint64 CREMI ids, voxel 40×4×4 nm, Zarr chunks 16×256×256. Block-wise: "
-        f"`cleftchunk evaluate|segment --block-shape {BLOCK_SHAPE}` (default halo θ/2, default Dask threads). "
+        f"`cleftchunk evaluate|segment --block-shape {BLOCK_SHAPE}` (default halo θ, default Dask threads). "
         "Reference: whole arrays in memory, scipy.ndimage.distance_transform_edt(sampling) / label, "
         "same definitions.\n\n"
         + markdown_table(header, rows)

@@ -26,10 +26,11 @@ inside the prediction by the offsets of both (:func:`evaluated_region`).
 
 Block-wise exactness (:func:`evaluate`). For each block B holding query voxels (P, to measure
 d_Q; then Q, to measure d_P) the target mask is read in G = B grown by a halo (clipped to the
-volume) and its feature transform (scipy, with sampling = r) gives, for each query voxel v, the
-nearest target *inside G*, at distance d_G(v) >= d(v). Any target t outside G differs from v on some
-axis a by at least m_a(v) voxels, the steps from v to just beyond G's face on that side (a face on
-the volume border has no outside), so d(t, v) >= M(v) = min_a m_a(v) r_a. Hence d_G(v) <= M(v)
+volume) and a KD-tree over its target voxels (sparse targets) or its feature transform (scipy,
+with sampling = r; dense targets) gives, for each query voxel v, the nearest target *inside G*,
+at distance d_G(v) >= d(v). Any target t outside G differs from v on some axis a by at least
+m_a(v) voxels, the steps from v to just beyond G's face on that side (a face on the volume border
+has no outside), so d(t, v) >= M(v) = min_a m_a(v) r_a. Hence d_G(v) <= M(v)
 implies d(v) = d_G(v). The other voxels ("far" voxels, e.g. a prediction far from every true
 cleft) are resolved exactly against the target voxels of other blocks: a first pass records the
 bounding box of the targets of every block; the blocks not already inside G are visited in order
@@ -39,7 +40,7 @@ integer offset), and the search stops when the next lower bound exceeds the larg
 no target left can be closer. This holds however far the nearest cleft is; memory is one grown
 block (or one target box) at a time.
 
-Distances are computed from integer offsets exactly as scipy computes them from its feature
+Distances are always computed from integer offsets, exactly as scipy computes them from its feature
 transform (((dz rz)² + (dy ry)²) + (dx rx)², then sqrt, in float64), so block-wise and whole-volume
 distances agree to the bit up to ties between equally near targets.
 
@@ -67,6 +68,9 @@ THETA_NM = 200.0
 DEFAULT_BLOCK_SHAPE = (32, 256, 256)
 DIRECTIONS = ("pred_to_gt", "gt_to_pred")
 STAT_KEYS = ("count", "mean", "std", "max", "median")
+#: Up to this fraction of target voxels in a grown block, a KD-tree over them finds nearest targets
+#: faster than a whole-block EDT (20x at 0.3 %, measured on 38x306x306 blocks).
+KDTREE_MAX_FRACTION = 0.02
 
 
 # -- distances -----------------------------------------------------------------------------------
@@ -258,20 +262,34 @@ def block_distances(
 
 
 def _distances(pair, direction, coords, target, grown, total, voxel_size, boxes) -> tuple[np.ndarray, np.ndarray, int]:
-    from scipy.ndimage import distance_transform_edt
-
     best = np.full(len(coords), np.inf)
     if target.any():
-        nearest = distance_transform_edt(~target, sampling=voxel_size, return_distances=False, return_indices=True)
-        local = coords - np.array(grown.offset)
-        found = nearest[(slice(None),) + tuple(local.T)].T + np.array(grown.offset)
+        found = nearest_in(target, coords - np.array(grown.offset), voxel_size) + np.array(grown.offset)
         best = offset_distances(found - coords, voxel_size)
-        del nearest
     far = best > outside_bound(coords, grown, total, voxel_size)
     if far.any():
         best[far] = nearest_far(pair, direction, coords[far], best[far], grown, boxes, voxel_size)
     values, counts = np.unique(best, return_counts=True)
     return values, counts, int(far.sum())
+
+
+def nearest_in(target: np.ndarray, points: np.ndarray, voxel_size: Sequence[float]) -> np.ndarray:
+    """For each point (local voxel coordinates), the position of a nearest voxel of ``target``.
+
+    Sparse targets: a KD-tree over the target voxels (scaled to nm); dense ones: scipy's feature
+    transform. Both find an exact nearest target; they can only differ between equally near ones.
+    """
+    if np.count_nonzero(target) <= KDTREE_MAX_FRACTION * target.size:
+        from scipy.spatial import cKDTree
+
+        scale = np.asarray(voxel_size, dtype=np.float64)
+        targets = np.argwhere(target)
+        _, index = cKDTree(targets * scale).query(points * scale, k=1)
+        return targets[index]
+    from scipy.ndimage import distance_transform_edt
+
+    features = distance_transform_edt(~target, sampling=voxel_size, return_distances=False, return_indices=True)
+    return features[(slice(None),) + tuple(points.T)].T
 
 
 def outside_bound(coords: np.ndarray, grown: Roi, total: Roi, voxel_size: Sequence[float]) -> np.ndarray:
@@ -364,8 +382,8 @@ def evaluate(
 ) -> dict:
     """The CREMI cleft metrics of ``pred`` against ``gt``, block-wise on Dask, exact.
 
-    ``halo`` (voxels per axis, default ceil(θ / 2 / voxel size)) only trades EDT work against the
-    far-voxel search; the result does not depend on it, nor on ``block_shape`` or ``workers``.
+    ``halo`` (voxels per axis, default ceil(θ / voxel size)) only trades reading and nearest-target
+    work in the grown block against the far-voxel search; the result does not depend on it, nor on ``block_shape`` or ``workers``.
     """
     from dask import delayed
 
@@ -447,9 +465,9 @@ def evaluated_region(pred: Volume, gt: Volume, voxel_size: Sequence[float]) -> R
 
 
 def default_halo(theta: float, voxel_size: Sequence[float]) -> tuple[int, ...]:
-    """θ/2 of context: most distances that matter are short (measured: larger halos cost more EDT
-    than the far search they save; see benchmarks/evaluate.py)."""
-    return tuple(math.ceil(theta / 2 / v) for v in voxel_size)
+    """θ of context: distances up to θ decide FP/FN, and most of them are then settled inside the
+    grown block (measured on 64x512x1024: halo θ 5.7 s, θ/2 6.9 s, 2θ 6.1 s)."""
+    return tuple(math.ceil(theta / v) for v in voxel_size)
 
 
 def _other(direction: str) -> str:

@@ -25,7 +25,7 @@ from .segment import KIND_CHOICE, check_threshold, parse_triple
 @click.option("--gt-kind", type=KIND_CHOICE, default="auto", show_default=True, help="What GT holds.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics to this JSON file.")
 @click.option("--block-shape", help="Block of work, Z,Y,X voxels (default 32,256,256).")
-@click.option("--halo", help="Context around each block, Z,Y,X voxels (default θ/2); speed only, never the result.")
+@click.option("--halo", help="Context around each block, Z,Y,X voxels (default θ); speed only, never the result.")
 @click.option("--workers", type=int, help="Dask threads (default: one per core).")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when it is a terminal).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")

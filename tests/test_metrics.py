@@ -11,6 +11,7 @@ import pytest
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
+from cleftchunk import metrics
 from cleftchunk.metrics import cremi_metrics_reference, evaluate
 from cleftchunk.synth import generate_region
 from cleftchunk.volumes import CREMI_BACKGROUND, CREMI_INVALID, create_volume
@@ -49,7 +50,9 @@ def _close(a, b):
     return a == b or math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-9)
 
 
-def test_blockwise_equals_reference_on_random_volumes(tmp_path):
+@pytest.mark.parametrize("kd_fraction", [0.0, 1.0], ids=["edt", "kdtree"])
+def test_blockwise_equals_reference_on_random_volumes(tmp_path, monkeypatch, kd_fraction):
+    monkeypatch.setattr(metrics, "KDTREE_MAX_FRACTION", kd_fraction)  # one nearest-target method each
     rng = np.random.default_rng(7)
     shape = (10, 40, 36)
     pred = np.where(rng.random(shape) < 0.01, 255, rng.integers(0, 128, shape)).astype(np.uint8)
