@@ -191,8 +191,10 @@ def mask_rule(source: Volume, background: int | str | None = None) -> tuple[int,
         except ValueError:
             raise CleftchunkError(f"--background {background!r}: give an integer or 'cremi'") from None
     attrs = dict(source.array.attrs)
-    if "background" in attrs:
+    if "background" in attrs and int(attrs["background"]) != int(CREMI_BACKGROUND):
         return (int(attrs["background"]),)
+    if "background" in attrs:  # a CREMI label volume converted earlier: its invalid value is no cleft either
+        return (int(CREMI_BACKGROUND), int(CREMI_INVALID))
     inner = (source.inner or "").lower()
     if source.dtype == np.uint64 and (inner.startswith("volumes/") or "clefts" in inner):
         return (int(CREMI_BACKGROUND), int(CREMI_INVALID))

@@ -136,6 +136,18 @@ def test_whole_cremi_file_with_mask_keeps_other_volumes(tmp_path, run_cli):
     np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "neuron_ids"), arrays["neuron_ids"])
 
 
+def test_mask_of_a_converted_cremi_volume_uses_its_background(tmp_path, run_cli):
+    arrays = write_cremi(tmp_path / "c.hdf", annotations=False)
+    with h5py.File(tmp_path / "c.hdf", "a") as f:
+        f["volumes/labels/clefts"][0, 0, 0] = np.uint64(0xFFFFFFFFFFFFFFFE)  # invalid: no cleft
+    run_cli("convert", f"{tmp_path / 'c.hdf'}:volumes/labels/clefts", tmp_path / "o.zarr/gt", "--no-progress")
+    # a volume without the CREMI path or name: the recorded background attribute decides
+    run_cli("convert", tmp_path / "o.zarr/gt", tmp_path / "m.zarr/syn", "--mask", "--no-progress")
+    expected = (arrays["clefts"] != CREMI_BG).astype(np.uint8)
+    expected[0, 0, 0] = 0
+    np.testing.assert_array_equal(stored(tmp_path / "m.zarr", "syn"), expected)
+
+
 def test_labels_keep_dtype_and_values(tmp_path, run_cli):
     labels = ramp((4, 30, 30), np.uint64)
     labels[0] = CREMI_BG
