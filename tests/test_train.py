@@ -205,7 +205,7 @@ def test_cli_end_to_end_with_yaml_overridden_by_flags(data, tmp_path, run_cli):
     result = run_cli(
         "train", "-t", data, "-dn", "d.zarr/raw", "-ln", "d.zarr/clefts", "-o", out, "-lr", "0.002",
         "--iteration-total", "3", "-mi", "4,64,64", "-c", "0", "-ac", "unetv0", "--preset", "small",
-        "--config", yaml_file, "--log-dir", tmp_path / "runs", "--no-progress",
+        "--config", yaml_file, "--log-dir", tmp_path / "runs", "--no-progress", "--threads", "1",
     )
     assert "last.pth" in result.output
     import yaml
@@ -222,7 +222,7 @@ def test_cli_end_to_end_with_yaml_overridden_by_flags(data, tmp_path, run_cli):
     assert_tensorboard_has(tmp_path / "runs", {"loss/train", "lr", "samples_per_s"}, images=True)
 
     # continue the same run for two more iterations with only the output folder and --resume
-    run_cli("train", "-o", out, "--resume", "--iteration-total", "5", "--no-progress", "--log-dir", tmp_path / "runs")
+    run_cli("train", "-o", out, "--resume", "--iteration-total", "5", "--no-progress", "--log-dir", tmp_path / "runs", "--threads", "1")
     assert load_checkpoint(out / "last.pth")["iteration"] == 5
 
 
@@ -251,7 +251,8 @@ def assert_tensorboard_has(folder, scalars, images):
 )
 def test_cli_bad_input_is_a_one_line_error(data, tmp_path, run_cli, args, message):
     base = ["train", "-t", data, "-dn", "d.zarr/raw", "-ln", "d.zarr/clefts", "-o", tmp_path / "o", "-mi", "4,64,64",
-            "--preset", "small", "-b", "2", "-c", "0", "--iteration-total", "2", "--no-progress", "--log-dir", tmp_path / "r"]
+            "--preset", "small", "-b", "2", "-c", "0", "--iteration-total", "2", "--no-progress", "--log-dir", tmp_path / "r",
+            "--threads", "1"]
     result = run_cli(*base, *args, expect=2)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and message in lines[-1], result.output
@@ -260,7 +261,8 @@ def test_cli_bad_input_is_a_one_line_error(data, tmp_path, run_cli, args, messag
 def test_cli_guards_an_existing_run(data, tmp_path, run_cli):
     out = tmp_path / "o"
     base = ["train", "-t", data, "-dn", "d.zarr/raw", "-ln", "d.zarr/clefts", "-o", out, "-mi", "4,64,64",
-            "--preset", "small", "-b", "2", "-c", "0", "--iteration-total", "1", "--no-progress", "--log-dir", tmp_path / "r"]
+            "--preset", "small", "-b", "2", "-c", "0", "--iteration-total", "1", "--no-progress", "--log-dir", tmp_path / "r",
+            "--threads", "1"]
     run_cli(*base)
     before = (out / "last.pth").read_bytes()
     result = run_cli(*base, expect=2)
