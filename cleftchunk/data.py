@@ -14,8 +14,9 @@
 
 Label rule (``label_mode``): ``cremi`` — uint64 ids, cleft = value not 0xFFFFFFFFFFFFFFFF (and not
 the invalid value 0xFFFFFFFFFFFFFFFE, whose voxels are masked out of the loss); ``nonzero`` — 0 is
-background, anything else cleft (0/1 masks, PyTorch Connectomics ``main`` files); ``auto`` — cremi
-for uint64 labels, nonzero for every other dtype.
+background, anything else cleft (0/1 masks, PyTorch Connectomics ``main`` files); ``auto`` — nonzero
+for every dtype but uint64; uint64 labels are cremi if a few boxes read along the volume's diagonal
+hold the background value 0xFF..FF, and nonzero if they hold 0 but never 0xFF..FF.
 Image rule: uint8 / 255 (uint16 / 65535) to float32; float images are taken as they are.
 """
 
@@ -66,12 +67,35 @@ class RejectionConfig:
 
 
 # -- labels and images -------------------------------------------------------------------------------
-def resolve_label_mode(mode: str, dtype: np.dtype) -> str:
+def resolve_label_mode(mode: str, labels: Any) -> str:
+    """The label rule for ``labels`` (an array-like): ``auto`` looks at its dtype and a few boxes."""
     if mode not in LABEL_MODES:
         raise CleftchunkError(f"unknown label mode {mode!r}: use {', '.join(LABEL_MODES)}")
-    if mode == "auto":
-        return "cremi" if np.dtype(dtype) == np.uint64 else "nonzero"
-    return mode
+    if mode != "auto":
+        return mode
+    if np.dtype(labels.dtype) != np.uint64:
+        return "nonzero"
+    return detect_uint64_label_mode(labels)
+
+
+def detect_uint64_label_mode(labels: Any, boxes: int = 4) -> str:
+    """uint64 labels are CREMI ids if the background value 0xFF..FF occurs, else 0-background ids.
+
+    CREMI clefts are sparse, so any box holds background; a 0-background id volume (PyTorch
+    Connectomics ``main``) never holds 0xFF..FF. Reads at most ``boxes`` chunk-sized boxes spread
+    along the diagonal, so the cost does not grow with the volume.
+    """
+    shape = tuple(int(s) for s in labels.shape)
+    size = tuple(min(c, s) for c, s in zip(cache_chunk_shape(labels), shape))
+    seen_zero = False
+    for i in range(boxes):
+        frac = (i + 0.5) / boxes
+        start = tuple(int((s - b) * frac) for s, b in zip(shape, size))
+        data = np.asarray(labels[Roi(start, size).to_slices()])
+        if (data == CREMI_BACKGROUND).any():
+            return "cremi"
+        seen_zero = seen_zero or bool((data == 0).any())
+    return "nonzero" if seen_zero else "cremi"
 
 
 def label_codes(raw: np.ndarray, mode: str) -> np.ndarray:
@@ -114,7 +138,7 @@ class TrainingVolume:
             )
         if len(self.image.shape) != 3:
             raise CleftchunkError(f"{self.image} has shape {tuple(self.image.shape)}: training needs 3-D (z, y, x) volumes")
-        self.label_mode = resolve_label_mode(self.label_mode, self.labels.dtype)
+        self.label_mode = resolve_label_mode(self.label_mode, self.labels)
         self.scale = image_scale(self.image.dtype)
 
     @property

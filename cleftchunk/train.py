@@ -714,7 +714,7 @@ class Validator:
         self.every = int(config.validate_every)
         self.window = list(config.input_size)
         self.image = image[roi].astype(np.float32) * np.float32(image_scale(image.dtype))
-        codes = label_codes(labels[roi], resolve_label_mode(config.label_mode, labels.dtype))
+        codes = label_codes(labels[roi], resolve_label_mode(config.label_mode, labels))
         self.label = (codes & 1).astype(bool)
         self.invalid = (codes & 2).astype(bool)
         self.voxel_size = image.voxel_size

@@ -35,11 +35,17 @@ def test_cremi_labels_clefts_background_and_invalid():
 
 def test_nonzero_labels_and_the_auto_rule():
     np.testing.assert_array_equal(label_codes(np.array([0, 1, 7], np.uint8), "nonzero"), [0, 1, 1])
-    assert resolve_label_mode("auto", np.uint64) == "cremi"
-    assert resolve_label_mode("auto", np.uint8) == "nonzero"
-    assert resolve_label_mode("auto", np.uint32) == "nonzero"
+    cremi = np.full((8, 64, 64), BG, np.uint64)
+    cremi[2:4, 10:20, 10:20] = 0  # id 0 is a valid cleft id in CREMI files
+    zero_background = np.zeros((8, 64, 64), np.uint64)
+    zero_background[2:4, 10:20, 10:20] = 7
+    assert resolve_label_mode("auto", cremi) == "cremi"
+    assert resolve_label_mode("auto", zero_background) == "nonzero"
+    assert resolve_label_mode("auto", np.zeros((8, 64, 64), np.uint8)) == "nonzero"
+    assert resolve_label_mode("auto", np.zeros((8, 64, 64), np.uint32)) == "nonzero"
+    assert resolve_label_mode("cremi", zero_background) == "cremi"  # an explicit mode wins
     with pytest.raises(CleftchunkError, match="unknown label mode"):
-        resolve_label_mode("main", np.uint8)
+        resolve_label_mode("main", zero_background)
 
 
 def test_split_list_takes_the_tutorials_at_lists():
