@@ -4,7 +4,7 @@
   so that workers × torch threads ≤ cores (oversubscription makes PyTorch far slower).
 - GPUs: one worker process per GPU, pinned with ``CUDA_VISIBLE_DEVICES`` set by its nanny before
   the process starts (so CUDA inside the worker only ever sees its own device), with a ``GPU``
-  resource of 1.
+  resource of 1 and two task threads (one computes while the other does I/O and blending).
 - ``scheduler``: the address of a running scheduler (e.g. one started by dask-jobqueue on SLURM);
   its workers are used as they are.
 """
@@ -102,7 +102,9 @@ def _local_cluster(spec: ClusterSpec):
             workers[f"predict-{i}"] = {
                 "cls": Nanny,
                 "options": {
-                    "nthreads": 1, "env": env, "resources": resources, "memory_limit": 0, "silence_logs": logging.ERROR,
+                    # On a GPU, a second task thread reads, blends and writes while the first keeps the
+                    # device busy; on a CPU, torch's own threads already use the cores.
+                    "nthreads": 2 if spec.gpus else 1, "env": env, "resources": resources, "memory_limit": 0, "silence_logs": logging.ERROR,
                 },
             }
         return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)

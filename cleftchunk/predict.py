@@ -61,6 +61,7 @@ import numpy as np
 from .errors import CleftchunkError
 from .geometry import Coord, Roi, as_coord
 from .tiling import (
+    FIXED_BITS,
     TileGrid,
     blended_uint8,
     check_fixed_headroom,
@@ -131,10 +132,12 @@ def tta_variants(n: int) -> list[tuple[tuple[int, ...], bool]]:
 
 class TileRunner:
     """Runs a model (float (N,1,z,y,x) raw/255 → probabilities) over tiles, in batches of a fixed
-    size, with flip TTA and autocast; yields float32 probabilities per tile, in order.
+    size, with flip TTA and autocast.
 
-    On a GPU the next batch is copied in and launched before the previous one's result is waited
-    for, and results come back through pinned memory, so copies overlap the model.
+    The next batch is copied in (pinned memory, non-blocking) and launched before the previous
+    batch's result is used, so on a GPU the host prepares and copies while the device computes;
+    :meth:`accumulate` keeps the fixed-point partial sum on the device, so nothing comes back
+    until the block is done.
     """
 
     def __init__(self, model: Any, params: PredictParams, device: Any = "cpu"):
@@ -149,14 +152,33 @@ class TileRunner:
         self.tiles_run = 0  # real tiles sent to the model (batch padding not counted)
 
     def run(self, tiles: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """float32 probabilities per tile, in order, as numpy arrays."""
+        for p in self.run_tensors(tiles):
+            yield p.cpu().numpy()
+
+    def run_tensors(self, tiles: Iterable[np.ndarray]) -> Iterator[Any]:
+        """float32 probabilities per tile, in order, as tensors on the device."""
         pending = None
         for batch in _batched(tiles, self.params.batch_size):
             launched = (self._launch(batch), len(batch))
             if pending is not None:
-                yield from self._collect(*pending)
+                yield from _split(*pending)
             pending = launched
         if pending is not None:
-            yield from self._collect(*pending)
+            yield from _split(*pending)
+
+    def accumulate(self, tiles: Iterable[np.ndarray], where: Sequence[tuple[slice, ...]], shape: Coord, weights: np.ndarray) -> np.ndarray:
+        """Σ to_fixed(w·p) over the tiles, each added at ``where``, into an int64 array of ``shape``.
+
+        Same arithmetic as :func:`tiling.to_fixed`: (float64(w)·2^40)·float64(p) is exact, and
+        round-half-even then gives the same integers as numpy's ``rint``.
+        """
+        torch = self.torch
+        partial = torch.zeros(tuple(shape), dtype=torch.int64, device=self.device)
+        scaled = torch.from_numpy(weights * float(2**FIXED_BITS)).to(self.device)
+        for at, p in zip(where, self.run_tensors(tiles)):
+            partial[at] += torch.round(p.double() * scaled).long()
+        return partial.cpu().numpy()
 
     def _launch(self, batch: list[np.ndarray]):
         torch = self.torch
@@ -176,21 +198,7 @@ class TileRunner:
                 + (" or --precision bf16" if self.params.precision == "fp32" else "")
             ) from e
         self.tiles_run += len(batch)
-        if not self.cuda:
-            return y
-        out = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
-        out.copy_(y, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return out, event
-
-    def _collect(self, launched, n: int) -> Iterator[np.ndarray]:
-        if self.cuda:
-            launched, event = launched
-            event.synchronize()
-        y = launched.numpy()
-        for i in range(n):
-            yield y[i, 0]
+        return y
 
     def _forward(self, x):
         torch = self.torch
@@ -215,6 +223,11 @@ class TileRunner:
         if dtype is None:
             return contextlib.nullcontext()
         return self.torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def _split(y: Any, n: int) -> Iterator[Any]:
+    for i in range(n):
+        yield y[i, 0]
 
 
 def _batched(items: Iterable[Any], n: int) -> Iterator[list[Any]]:
@@ -522,9 +535,7 @@ def run_block_tiles(job: Job, work: BlockWork, source: ModelSource) -> dict:
         return stats
     weights = _weights(job.params.window, job.params.blend)
     runner = _runner_for(source, job.params, job.torch_threads)
-    partial = np.zeros(roi.shape, dtype=np.int64)
-    for where, p in zip(to_run, runner.run(raw[s] for s in to_run)):
-        partial[where] += to_fixed(weights * p)
+    partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights)
     stats["run"] = runner.tiles_run
     job.scratch.save_partial(work.index, partial, stats)
     return stats

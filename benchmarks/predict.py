@@ -1,0 +1,277 @@
+"""Block-wise prediction: efficiency, memory at two volume sizes, and MONAI side by side.
+
+Every contender runs in a fresh subprocess (peak RSS of its whole process tree), repeated; medians.
+
+1. Efficiency = (time of the bare model forward over every tile of the grid, in a plain loop, no
+   I/O) ÷ (end-to-end ``cleftchunk predict`` wall time: start-up, cluster, reads, blending,
+   writes). Same model, threads and grid. Full run: default unetv0 (7.7 M parameters), window
+   8×256×256, on 32×1024×1024. Goal ≥ 0.9.
+2. Peak memory of ``cleftchunk.predict`` (block-wise, one worker process) against the in-memory
+   ``predict_reference`` at two volume sizes 8× apart, with a cheap model (one convolution): the
+   block-wise peak must not grow with the volume.
+3. MONAI ``sliding_window_inference`` (same unetv0 small-preset model, window, overlap, Gaussian
+   σ = W/8 blending, batch 1, all cores) on a volume that fits in memory, read from and written to
+   Zarr like ``cleftchunk predict``: time, peak memory, and how far apart the uint8 outputs are.
+
+    python benchmarks/predict.py            # full run (~10 min on 2 idle cores)
+    python benchmarks/predict.py --quick    # small volumes and the small preset (~2 min)
+    python benchmarks/predict.py --only monai,memory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA_DIR, markdown_table, measure, median, python_argv, write_fragment  # noqa: E402
+
+WORK = DATA_DIR / "predict"
+CORES = os.cpu_count() or 1
+
+BARE_FORWARD = """
+import json, time, numpy as np, torch
+torch.set_num_threads({threads})
+from cleftchunk.model import load_model
+from cleftchunk.tiling import TileGrid
+from cleftchunk.volumes import open_volume
+from cleftchunk.geometry import Roi
+volume = open_volume({spec!r})
+raw = volume[:]
+grid = TileGrid.over(Roi((0, 0, 0), raw.shape), {window!r}, {overlap!r}, pad=False)
+model = load_model({ckpt!r})
+tiles = [raw[t.to_slices()] for _, t in grid.tiles()]
+with torch.inference_mode():
+    model(torch.zeros((1, 1) + tuple({window!r})))  # warm-up, as a worker's first tile
+    start = time.perf_counter()
+    for tile in tiles:
+        model(torch.from_numpy(tile[None, None]).float().div_(255.0))
+    seconds = time.perf_counter() - start
+print("RESULT", json.dumps({{"seconds": seconds, "tiles": grid.count}}))
+"""
+
+CHEAP_BLOCKWISE = """
+import torch
+from cleftchunk.predict import predict
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3, padding=1), torch.nn.Sigmoid()).eval()
+    predict(model, {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, block_shape={block!r}, workers=1,
+            overwrite=True, progress=False, log=lambda m: None)
+"""
+
+CHEAP_IN_MEMORY = """
+import torch, zarr
+torch.set_num_threads({threads})
+from cleftchunk.predict import predict_reference
+from cleftchunk.volumes import create_volume, open_volume
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3, padding=1), torch.nn.Sigmoid()).eval()
+raw = open_volume({spec!r})[:]
+out = predict_reference(model, raw, {window!r})
+create_volume({out!r}, out.shape, out.dtype, chunks={chunks!r}, overwrite=True).write_nm((0, 0, 0), out)
+"""
+
+MONAI = """
+import numpy as np, torch
+torch.set_num_threads({threads})
+from monai.inferers import sliding_window_inference
+from cleftchunk.model import load_model
+from cleftchunk.volumes import create_volume, open_volume
+raw = open_volume({spec!r})[:]
+model = load_model({ckpt!r})
+x = torch.from_numpy(raw[None, None]).float().div_(255.0)
+with torch.inference_mode():
+    p = sliding_window_inference(x, roi_size={window!r}, sw_batch_size=1, predictor=model, overlap={overlap!r},
+                                 mode="gaussian", sigma_scale=0.125, padding_mode="reflect")
+out = np.clip(np.floor(p[0, 0].numpy().astype(np.float64) * 255 + 0.5), 0, 255).astype(np.uint8)
+create_volume({out!r}, out.shape, out.dtype, chunks={chunks!r}, overwrite=True).write_nm((0, 0, 0), out)
+"""
+
+
+def random_volume(shape: tuple[int, int, int], chunks: tuple[int, int, int], seed: int = 0) -> str:
+    """A uint8 Zarr volume of EM-like noise (the model's time does not depend on content; no
+    tile is single-valued, so none is skipped). Written slab by slab."""
+    from cleftchunk.volumes import create_volume
+
+    spec = str(WORK / f"raw_{'x'.join(map(str, shape))}.zarr" / "raw")
+    if Path(spec).exists():
+        return spec
+    volume = create_volume(spec, shape, np.uint8, chunks=chunks, overwrite=True)
+    rng = np.random.default_rng(seed)
+    for z in range(0, shape[0], chunks[0]):
+        n = min(chunks[0], shape[0] - z)
+        volume.array[z : z + n] = rng.integers(0, 256, (n,) + shape[1:], dtype=np.uint8)
+    return spec
+
+
+def checkpoint(preset: str, window: tuple[int, int, int]) -> str:
+    import torch
+
+    from cleftchunk.model import arch_spec, build_model, save_checkpoint
+
+    path = WORK / f"unetv0_{preset}_{'x'.join(map(str, window))}.pth"
+    if not path.exists():
+        torch.manual_seed(0)
+        net = build_model("unetv0", preset=preset)
+        save_checkpoint(path, net, arch_spec(net), window)
+    return str(path)
+
+
+def cli_predict(spec: str, out: str, ckpt: str, chunks, extra: list[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "cleftchunk_cli.main", "predict", spec, out, "--checkpoint", ckpt, "--chunks",
+            ",".join(map(str, chunks)), "--no-progress", "--overwrite", *extra]
+
+
+def result_line(text: str) -> dict:
+    return json.loads(text.split("RESULT", 1)[1].strip().splitlines()[0])
+
+
+# -- 1. efficiency --------------------------------------------------------------------------
+def efficiency(cfg: dict, repeats: int) -> str:
+    shape, window, overlap, chunks = cfg["eff_shape"], cfg["eff_window"], cfg["eff_overlap"], cfg["chunks"]
+    spec = random_volume(shape, chunks)
+    ckpt = checkpoint(cfg["eff_preset"], window)
+    out = str(WORK / "eff_out.zarr" / "pred")
+    bare, e2e = [], []
+    for _ in range(repeats):
+        m = measure(python_argv(BARE_FORWARD.format(threads=CORES, spec=spec, window=window, overlap=overlap, ckpt=ckpt)))
+        r = result_line(m.stdout)
+        bare.append(r["seconds"])
+        tiles = r["tiles"]
+        e2e.append(measure(cli_predict(spec, out, ckpt, chunks, ["--overlap", str(overlap), "--workers", "1"])).seconds)
+        print(f"  efficiency: bare {bare[-1]:.1f} s, end to end {e2e[-1]:.1f} s", flush=True)
+    attrs = _predict_attrs(out)
+    ratio = median(bare) / median(e2e)
+    table = markdown_table(
+        ["volume", "model", "window / overlap", "tiles", "bare forward s", "cleftchunk predict s", "efficiency", "tiles run / grid"],
+        [[
+            "×".join(map(str, shape)), f"unetv0 {cfg['eff_preset']}", f"{'×'.join(map(str, window))} / {overlap}", tiles,
+            f"{median(bare):.1f}", f"{median(e2e):.1f}", f"**{ratio:.3f}**",
+            f"{attrs['tiles']['run']}/{attrs['tiles']['in_grid']}",
+        ]],
+    )
+    return (
+        f"### Efficiency (goal ≥ 0.9)\n\nBare forward: the checkpoint's model over every tile of the grid in a Python loop "
+        f"(batch 1, {CORES} torch threads, inputs already in memory, timer around the loop only). End to end: "
+        f"`cleftchunk predict --workers 1` ({CORES} torch threads in the worker), wall time of the whole command "
+        f"including interpreter start, cluster start, model load, Zarr reads, blending, scratch partials and writes. "
+        f"Median of {repeats}.\n\n{table}\n"
+    )
+
+
+def _predict_attrs(out: str) -> dict:
+    import zarr
+
+    return dict(zarr.open_array(out + "/s0").attrs)["cleftchunk_predict"]
+
+
+# -- 2. memory -------------------------------------------------------------------------------
+def memory(cfg: dict, repeats: int) -> str:
+    rows = []
+    window, chunks, block = cfg["mem_window"], cfg["chunks"], cfg["mem_block"]
+    for shape in cfg["mem_shapes"]:
+        spec = random_volume(shape, chunks)
+        out = str(WORK / "mem_out.zarr" / "pred")
+        fmt = dict(spec=spec, out=out, window=window, chunks=chunks, block=block, threads=CORES)
+        for name, code in (("cleftchunk.predict (block-wise)", CHEAP_BLOCKWISE), ("predict_reference (in memory)", CHEAP_IN_MEMORY)):
+            runs = [measure(python_argv(code.format(**fmt))) for _ in range(repeats)]
+            rows.append([
+                f"{'×'.join(map(str, shape))} ({np.prod(shape) / 2**20:.0f} MiB)", name,
+                f"{median([r.seconds for r in runs]):.1f}", f"{median([r.peak_rss_mib for r in runs]):.0f}",
+            ])
+            print(f"  memory {shape} {name}: {rows[-1][2]} s, {rows[-1][3]} MiB", flush=True)
+    table = markdown_table(["volume (uint8)", "contender", "median s", "peak RSS MiB"], rows)
+    return (
+        f"### Peak memory versus volume size\n\nCheap model (Conv3d 1→1 + sigmoid), window {'×'.join(map(str, window))}, "
+        f"overlap 0.5, Gaussian; block-wise with blocks {'×'.join(map(str, block))}, one worker process (peak RSS summed "
+        f"over client, scheduler and worker processes). Median of {repeats}.\n\n{table}\n"
+    )
+
+
+# -- 3. MONAI ------------------------------------------------------------------------------
+def monai(cfg: dict, repeats: int) -> str:
+    try:
+        import monai as _monai  # noqa: F401
+    except ImportError:
+        return "### MONAI sliding_window_inference\n\nNot run: `pip install -e .[bench]` installs MONAI.\n"
+    shape, window, chunks = cfg["monai_shape"], cfg["monai_window"], cfg["chunks"]
+    spec = random_volume(shape, chunks)
+    ckpt = checkpoint("small", window)
+    ours_out, monai_out = str(WORK / "monai_ours.zarr" / "pred"), str(WORK / "monai_monai.zarr" / "pred")
+    contenders = {
+        "cleftchunk predict (1 worker)": cli_predict(spec, ours_out, ckpt, chunks, ["--workers", "1"]),
+        "MONAI sliding_window_inference": python_argv(
+            MONAI.format(threads=CORES, spec=spec, ckpt=ckpt, window=window, overlap=0.5, out=monai_out, chunks=chunks)
+        ),
+    }
+    rows, times = [], {}
+    for name, argv in contenders.items():
+        runs = [measure(argv) for _ in range(repeats)]
+        times[name] = median([r.seconds for r in runs])
+        rows.append([name, f"{times[name]:.1f}", f"{median([r.peak_rss_mib for r in runs]):.0f}"])
+        print(f"  monai {name}: {rows[-1][1]} s, {rows[-1][2]} MiB", flush=True)
+    base = times["MONAI sliding_window_inference"]
+    for row in rows:
+        row.append(f"{base / float(row[1]):.2f}×")
+    from cleftchunk.volumes import open_volume
+
+    a, b = open_volume(ours_out)[:].astype(int), open_volume(monai_out)[:].astype(int)
+    diff = np.abs(a - b)
+    table = markdown_table(["contender", "median s", "peak RSS MiB", "speed vs MONAI"], rows)
+    return (
+        f"### Side by side with MONAI sliding_window_inference\n\nunetv0 small preset, window {'×'.join(map(str, window))}, "
+        f"overlap 0.5, Gaussian σ = W/8, batch 1, {CORES} torch threads, volume {'×'.join(map(str, shape))} uint8 read "
+        f"from and written to Zarr by both. Median of {repeats}.\n\n{table}\n\n"
+        f"Outputs: {np.mean(diff == 0) * 100:.3f} % of voxels identical, max |difference| {diff.max()} (uint8 levels) — "
+        f"same grid and weights; MONAI sums in float32, cleftchunk in fixed point.\n"
+    )
+
+
+CONFIGS = {
+    "full": dict(
+        eff_shape=(32, 1024, 1024), eff_window=(8, 256, 256), eff_overlap=0.0, eff_preset="default", chunks=(16, 256, 256),
+        mem_shapes=[(32, 512, 512), (64, 1024, 1024)], mem_window=(8, 256, 256), mem_block=(16, 256, 256),
+        monai_shape=(16, 512, 512), monai_window=(8, 256, 256),
+    ),
+    "quick": dict(
+        eff_shape=(16, 256, 256), eff_window=(8, 128, 128), eff_overlap=0.5, eff_preset="small", chunks=(8, 128, 128),
+        mem_shapes=[(16, 256, 256), (32, 512, 512)], mem_window=(8, 128, 128), mem_block=(8, 128, 128),
+        monai_shape=(16, 256, 256), monai_window=(8, 128, 128),
+    ),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small volumes and the small preset")
+    parser.add_argument("--only", default="efficiency,memory,monai", help="comma-separated sections to run")
+    parser.add_argument("--repeats", type=int, help="runs per contender (default: 1 full efficiency, 3 otherwise)")
+    parser.add_argument("--eff-overlap", type=float, help="overlap of the efficiency run (full default 0: 64 tiles)")
+    args = parser.parse_args()
+    cfg = dict(CONFIGS["quick" if args.quick else "full"])
+    if args.eff_overlap is not None:
+        cfg["eff_overlap"] = args.eff_overlap
+    WORK.mkdir(parents=True, exist_ok=True)
+    sections = []
+    only = args.only.split(",")
+    if "efficiency" in only:
+        sections.append(efficiency(cfg, args.repeats or (3 if args.quick else 1)))
+    if "memory" in only:
+        sections.append(memory(cfg, args.repeats or 3))
+    if "monai" in only:
+        sections.append(monai(cfg, args.repeats or 3))
+    note = "Quick run (--quick): small preset and small volumes.\n\n" if args.quick else ""
+    path = write_fragment("predict", "Prediction: efficiency, memory, MONAI", note + "\n".join(sections))
+    print(f"wrote {path}")
+    shutil.rmtree(WORK / "mem_out.zarr", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
