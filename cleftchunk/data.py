@@ -174,13 +174,13 @@ def open_training_volumes(
         raise CleftchunkError(f"{len(images)} image volume(s) but {len(labels)} label volume(s): -dn and -ln need one label per image")
     pairs = []
     for image_spec, label_spec in zip(images, labels):
-        image = open_volume(_under_root(image_spec, root))
-        label = open_volume(_under_root(label_spec, root))
+        image = open_volume(under_root(image_spec, root))
+        label = open_volume(under_root(label_spec, root))
         pairs.append(TrainingVolume(image, label, label_mode, name=str(image)))
     return pairs
 
 
-def _under_root(spec: str, root: str | Path | None) -> str:
+def under_root(spec: str, root: str | Path | None) -> str:
     spec = str(spec)
     if root is None or Path(spec).is_absolute():
         return spec
@@ -300,10 +300,13 @@ class CropSampler:
         augment: AugmentConfig | None = None,
         rejection: RejectionConfig | None = None,
         cache_mb: float = 512,
+        holdout: Sequence[Roi | None] | None = None,
     ):
         if not volumes:
             raise CleftchunkError("no training volumes given")
         self.volumes = list(volumes)
+        # Regions (local voxels) of each volume that no training crop's source box may touch.
+        self.holdout = list(holdout) if holdout is not None else [None] * len(self.volumes)
         self.cache = ChunkCache(int(cache_mb * 2**20))
         self.images: list[Any] = []
         self.codes: list[Any] = []
@@ -329,10 +332,18 @@ class CropSampler:
         """A copy whose volumes reopen their stores (for a fresh worker process)."""
         return pickle.loads(pickle.dumps(self))
 
-    def draw_position(self, rng: np.random.Generator) -> tuple[int, tuple[int, int, int]]:
-        index = int(rng.choice(len(self.volumes), p=self.weights))
-        offset = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in self.ranges[index])
-        return index, offset  # type: ignore[return-value]
+    def draw_position(self, rng: np.random.Generator, max_draws: int = 10_000) -> tuple[int, tuple[int, int, int]]:
+        """A volume (∝ its valid positions) and a uniform crop offset, away from held-out regions."""
+        before, after = self.augmenter.source_context()
+        for _ in range(max_draws):
+            index = int(rng.choice(len(self.volumes), p=self.weights))
+            offset = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in self.ranges[index])
+            held = self.holdout[index]
+            if held is None or Roi(offset, self.input_size).grow(before, after).intersect(held).empty:
+                return index, offset  # type: ignore[return-value]
+        raise CleftchunkError(
+            "the held-out validation region leaves (almost) no room for training crops: hold out a smaller --validate-roi"
+        )
 
     def sample(self, rng: np.random.Generator) -> dict[str, Any]:
         """One crop: image (z,y,x) float32 in [0,1], label and mask float32 0/1, tries (≥ 1)."""

@@ -48,6 +48,7 @@ from torch.nn import functional as F
 from .augment import AugmentConfig
 from .data import CropSampler, CropStream, RejectionConfig, label_codes, make_loader, open_training_volumes, split_list
 from .errors import CleftchunkError
+from .geometry import Roi
 from .model import (
     arch_spec,
     build_model,
@@ -656,6 +657,14 @@ class Logger:
 
 
 # -- validation ------------------------------------------------------------------------------------
+def same_dataset(a: Any, b: Any) -> bool:
+    """Whether two opened volumes are the same stored dataset."""
+    try:
+        return Path(a.container).resolve() == Path(b.container).resolve() and (a.inner or "") == (b.inner or "")
+    except AttributeError:
+        return a is b
+
+
 def parse_roi(text: str | None, shape: Sequence[int]) -> tuple[slice, ...]:
     """``z0:z1,y0:y1,x0:x1`` (empty bounds allowed) to slices; None = the whole volume."""
     if not text:
@@ -703,14 +712,17 @@ class Validator:
     """
 
     def __init__(self, config: TrainConfig):
-        from .data import image_scale, resolve_label_mode
+        from .data import under_root, image_scale, resolve_label_mode
         from .volumes import open_volume
 
-        image = open_volume(config.validate_image)
-        labels = open_volume(config.validate_labels)
+        image = open_volume(under_root(config.validate_image, config.root))
+        labels = open_volume(under_root(config.validate_labels, config.root))
         if image.shape != labels.shape:
             raise CleftchunkError(f"validation image {image} {image.shape} and labels {labels} {labels.shape} differ in shape")
         roi = parse_roi(config.validate_roi, image.shape)
+        self.volume = image
+        self.whole_volume = not config.validate_roi
+        self.roi = Roi.from_bounds([s.start for s in roi], [s.stop for s in roi])
         self.every = int(config.validate_every)
         self.window = list(config.input_size)
         self.image = image[roi].astype(np.float32) * np.float32(image_scale(image.dtype))
@@ -719,6 +731,18 @@ class Validator:
         self.invalid = (codes & 2).astype(bool)
         self.voxel_size = image.voxel_size
         self.path = config.output_dir / "validation.jsonl"
+
+    def holdout_for(self, volumes: Sequence[Any]) -> list[Roi | None]:
+        """The validation region, for each training volume that is the validation volume."""
+        out: list[Roi | None] = []
+        for v in volumes:
+            same = same_dataset(v.image, self.volume)
+            if same and self.whole_volume:
+                raise CleftchunkError(
+                    f"--validate-image {self.volume} is also a training volume: hold out a region of it with --validate-roi"
+                )
+            out.append(self.roi if same else None)
+        return out
 
     def __call__(self, state: TrainState) -> None:
         if not self.every or state.iteration % self.every and state.iteration != state.config.iteration_total:
@@ -813,11 +837,12 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     if ckpt is not None:
         check_resumable(ckpt, config, last)
     volumes = open_training_volumes(config.images, config.labels, config.root, config.label_mode)
+    validator = Validator(config) if config.validate_image and config.validate_every else None
     sampler = CropSampler(
         volumes, config.input_size, AugmentConfig.from_dict(config.augment), RejectionConfig.from_dict(config.rejection),
-        cache_mb=config.cache_mb,
+        cache_mb=config.cache_mb, holdout=validator.holdout_for(volumes) if validator else None,
     )
-    hooks = list(hooks) + ([Validator(config)] if config.validate_image and config.validate_every else [])
+    hooks = list(hooks) + ([validator] if validator else [])
     dist.barrier()  # every process has checked before the main one changes anything
     if dist.main:
         if overwrite:

@@ -122,6 +122,22 @@ def test_volumes_are_chosen_in_proportion_to_their_valid_positions():
     assert abs(offsets[:, 1].mean() - 12) < 1
 
 
+def test_held_out_regions_are_never_touched_by_training_crops():
+    from cleftchunk.geometry import Roi
+
+    volume = TrainingVolume(np.zeros((4, 320, 64), np.uint8), np.zeros((4, 320, 64), np.uint8))
+    held = Roi((0, 200, 0), (4, 120, 64))
+    sampler = CropSampler([volume], OUT, AugmentConfig(), holdout=[held])
+    before, after = sampler.augmenter.source_context()
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        _, offset = sampler.draw_position(rng)
+        assert Roi(offset, OUT).grow(before, after).intersect(held).empty
+    everything = CropSampler([volume], OUT, AugmentConfig(), holdout=[Roi((0, 0, 0), (4, 320, 64))])
+    with pytest.raises(CleftchunkError, match="no room for training crops"):
+        everything.draw_position(rng, max_draws=50)
+
+
 @pytest.mark.parametrize("keep_p", [0.1, 0.3])
 def test_rejection_rate_on_label_free_data(keep_p):
     empty = TrainingVolume(np.zeros((4, 64, 64), np.uint8), np.zeros((4, 64, 64), np.uint8))

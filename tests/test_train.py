@@ -188,13 +188,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path
 def test_validation_hook_reports_cremi_metrics(data, tmp_path):
     values = config(
         data, tmp_path / "val", iteration_total=2, validate_every=2,
-        validate_image=str(data / "d.zarr/raw"), validate_labels=str(data / "d.zarr/clefts"), validate_roi="0:4,0:64,0:96",
+        validate_image="d.zarr/tiny_raw", validate_labels="d.zarr/tiny_clefts", validate_roi="0:4,:,:",
     )
     train(values)
     (line,) = (tmp_path / "val" / "validation.jsonl").read_text().splitlines()
     result = json.loads(line)
     assert result["iteration"] == 2 and np.isfinite(result["loss"])
     assert "f1" in result and "cremi_score" in result
+
+
+def test_validation_on_a_training_volume_needs_a_held_out_region(data, tmp_path):
+    values = config(data, tmp_path / "v", iteration_total=1, validate_every=1,
+                    validate_image="d.zarr/raw", validate_labels="d.zarr/clefts")
+    with pytest.raises(CleftchunkError, match="also a training volume"):
+        train(values)
 
 
 # -- the command line ------------------------------------------------------------------------------
