@@ -789,6 +789,8 @@ def train(config: dict | TrainConfig, resume: bool = False, overwrite: bool = Fa
     """Train as configured; returns the path of the last checkpoint (``<output>/last.pth``)."""
     config = as_config(config)
     processes, on_gpu = requested_processes(config)
+    if under_torchrun():
+        processes = int(os.environ["WORLD_SIZE"])
     if config.batch_size % processes:
         raise CleftchunkError(f"batch size -b {config.batch_size} must be a multiple of the {processes} processes (one share each)")
     if under_torchrun():
