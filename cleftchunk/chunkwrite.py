@@ -109,13 +109,21 @@ def remove_partial_writes(array: Any) -> int:
     return len(partial)
 
 
-def plan_tasks(grid: ChunkGrid, itemsize: int, task_bytes: int = DEFAULT_TASK_BYTES, done: Iterable[Coord] = ()) -> list[Task]:
-    """Tasks covering ``grid``: one unit thick in z, spreading over x then y within ``task_bytes``.
+def plan_tasks(
+    grid: ChunkGrid,
+    itemsize: int,
+    task_bytes: int = DEFAULT_TASK_BYTES,
+    done: Iterable[Coord] = (),
+    align: Sequence[int] | None = None,
+) -> list[Task]:
+    """Tasks covering ``grid``: as thin in z as allowed, spreading over x then y within ``task_bytes``.
 
-    Tasks whose units are all in ``done`` are left out.
+    ``align`` (the source's chunk shape) makes task boxes whole multiples of it where that costs
+    at most :data:`ALIGN_SLACK` × ``task_bytes``, so that every source chunk is decompressed once
+    rather than once per task that cuts it. Tasks whose units are all in ``done`` are left out.
     """
     done = set(done)
-    per_task = _units_per_task(grid, itemsize, task_bytes)
+    per_task = _units_per_task(grid, itemsize, task_bytes, _aligned_minimum(grid, itemsize, task_bytes, align))
     task_grid = ChunkGrid(Roi.from_shape(grid.grid_shape), per_task)
     tasks = []
     for _, box in task_grid.chunks():
@@ -129,14 +137,39 @@ def plan_tasks(grid: ChunkGrid, itemsize: int, task_bytes: int = DEFAULT_TASK_BY
     return tasks
 
 
-def _units_per_task(grid: ChunkGrid, itemsize: int, task_bytes: int) -> tuple[int, ...]:
-    """How many units a task spans per axis: 1 in z, then as many of x, then of y, as fit."""
+#: How far past ``task_bytes`` a task may grow to cover whole source chunks.
+ALIGN_SLACK = 4
+
+
+def _aligned_minimum(grid: ChunkGrid, itemsize: int, task_bytes: int, align: Sequence[int] | None) -> tuple[int, ...]:
+    """Per axis, the fewest units whose extent is a multiple of the source chunk (1 if too costly)."""
+    if align is None:
+        return (1,) * grid.roi.ndim
+    minimum = []
+    for unit, src, n, extent in zip(grid.chunk_shape, align, grid.grid_shape, grid.roi.shape):
+        # A source chunk as long as the axis (contiguous HDF5, TIFF pages) gains nothing from alignment.
+        count = 1 if src >= extent else math.lcm(int(unit), int(src)) // unit
+        minimum.append(min(count, n))
     unit_bytes = math.prod(grid.chunk_shape) * itemsize
-    budget = max(1, task_bytes // unit_bytes)
+    for axis in (0, 1, 2):  # too big a box: give up alignment axis by axis
+        if math.prod(minimum) * unit_bytes > ALIGN_SLACK * task_bytes:
+            minimum[axis] = 1
+    return tuple(minimum)
+
+
+def _units_per_task(grid: ChunkGrid, itemsize: int, task_bytes: int, minimum: Sequence[int] = (1, 1, 1)) -> tuple[int, ...]:
+    """Units a task spans per axis: ``minimum`` in z, then as many of x, then of y, as fit.
+
+    Extents along y and x stay multiples of ``minimum``.
+    """
+    unit_bytes = math.prod(grid.chunk_shape) * itemsize
+    mz, my, mx = minimum
+    budget = max(1, task_bytes // (unit_bytes * mz * my * mx))  # in blocks of mz × my × mx units
     nz, ny, nx = grid.grid_shape
-    along_x = min(nx, budget)
-    along_y = min(ny, max(1, budget // along_x)) if along_x == nx else 1
-    return (1, along_y, along_x)
+    along_x = min(nx, mx * min(budget, -(-nx // mx)))
+    rows = max(1, budget // max(1, -(-along_x // mx))) if along_x >= nx else 1
+    along_y = min(ny, my * rows)
+    return (min(nz, mz), along_y, along_x)
 
 
 def _box_indices(box: Roi) -> Iterable[Coord]:
@@ -154,6 +187,7 @@ def fill(
     task_bytes: int = DEFAULT_TASK_BYTES,
     progress: bool | str = False,
     source_itemsize: int | None = None,
+    align: Sequence[int] | None = None,
 ) -> "FillReport":
     """Write every storage unit of the zarr ``array`` not yet stored, with data ``produce(roi)``.
 
@@ -164,7 +198,7 @@ def fill(
     remove_partial_writes(array)
     done = stored_units(array)
     itemsize = source_itemsize or np.dtype(array.dtype).itemsize
-    tasks = plan_tasks(grid, itemsize, task_bytes, done)
+    tasks = plan_tasks(grid, itemsize, task_bytes, done, align)
     total = sum(t.roi.size for t in tasks) * itemsize
     run_tasks([(_fill_task, array, produce, task, grid, itemsize) for task in tasks], total, workers, scheduler, progress)
     written = sum(t.todo_count for t in tasks)
@@ -250,11 +284,12 @@ def compare(
     scheduler: str = "threads",
     task_bytes: int = DEFAULT_TASK_BYTES,
     progress: bool | str = False,
+    align: Sequence[int] | None = None,
 ) -> list[tuple[Coord, Roi, int]]:
     """Chunks of ``array`` whose content differs from ``produce``: (chunk index, ROI, voxels differing)."""
     grid = ChunkGrid(Roi.from_shape(array.shape), tuple(int(c) for c in array.chunks))
     itemsize = np.dtype(array.dtype).itemsize
-    tasks = plan_tasks(grid, itemsize, task_bytes)
+    tasks = plan_tasks(grid, itemsize, task_bytes, align=align)
     total = sum(t.roi.size for t in tasks) * itemsize
     results = run_tasks([(_compare_task, array, produce, task, grid) for task in tasks], total, workers, scheduler, progress)
     mismatches = [m for found in results for m in found[1]]

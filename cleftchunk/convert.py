@@ -266,6 +266,7 @@ def convert(
         task_bytes=task_bytes,
         progress=_label(plan.dst) if progress else False,
         source_itemsize=plan.source.dtype.itemsize,
+        align=plan.source.chunks,
     )
     group = _image_group(output)
     pyramid.build_levels(
@@ -376,6 +377,7 @@ def verify(
         workers=workers,
         scheduler=scheduler,
         progress=f"verify {_label(plan.dst)}" if progress else False,
+        align=plan.source.chunks,
     )
     return [Mismatch(index, roi, n) for index, roi, n in found]
 

@@ -442,3 +442,27 @@ def test_resume_when_killed_right_after_creating_the_output(tmp_path, run_cli):
     result = run_cli("convert", tmp_path / "d.npy", tmp_path / "o.zarr/d", *VS, "--no-progress")
     assert "resumed" in result.output
     np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "d"), data)
+
+
+def test_tasks_align_to_source_chunks():
+    grid = ChunkGrid(Roi.from_shape((128, 512, 512)), (16, 256, 256))
+    # HDF5 chunks of 64³: each task covers whole source chunks in z (4 output chunks thick)
+    tasks = chunkwrite.plan_tasks(grid, 1, 8 * 2**20, align=(64, 64, 64))
+    assert all(t.roi.shape[0] == 64 and t.roi.offset[0] % 64 == 0 for t in tasks)
+    assert sorted(u for t in tasks for u in t.units) == sorted(grid.indices())
+    # a contiguous source (one chunk = the whole volume) keeps the plain, budget-sized tasks
+    plain = chunkwrite.plan_tasks(grid, 1, 8 * 2**20)
+    assert chunkwrite.plan_tasks(grid, 1, 8 * 2**20, align=(128, 512, 512)) == plain
+    assert all(t.roi.shape[0] == 16 for t in plain)
+    # alignment that would need a box far over the budget is given up
+    huge = chunkwrite.plan_tasks(grid, 1, 2**19, align=(64, 1, 1))  # 4 MiB needed, 2 MiB allowed
+    assert all(t.roi.shape[0] == 16 for t in huge)
+
+
+def test_chunked_hdf5_source_with_misaligned_chunks(tmp_path, run_cli):
+    data = ramp((20, 40, 50))
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f.create_dataset("raw", data=data, chunks=(6, 7, 9), compression="gzip")
+    run_cli("convert", tmp_path / "c.h5", tmp_path / "o.zarr/raw", *VS, "--chunks", "4,8,8", "--task-mb", "0",
+            "--verify", "--no-progress")
+    np.testing.assert_array_equal(stored(tmp_path / "o.zarr"), data)
