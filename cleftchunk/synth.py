@@ -23,7 +23,8 @@ Statistics at the default parameters (documented ranges, checked by the tests on
 samples, ~6.7 µm³): cleft voxels are 0.05–0.8 % of the volume (typically 0.2–0.45 %, CREMI-like);
 0.5–4 clefts per µm³ (typically 1–2.5); ~100–300 neurite pieces per such sample.
 
-Imaging defects and the labels: a *misaligned* section is one whose content is shifted in-plane
+The labels depend on the seed and ``synapse_rate`` only, not on ``difficulty`` — except in
+misaligned sections. Imaging defects and the labels: a *misaligned* section is one whose content is shifted in-plane
 (a function of (seed, section index): isolated shifted sections and steps that shift every
 following section). As in CREMI, the ground truth is aligned with the raw: labels are shifted
 together with the image. A *missing* section has its raw replaced by flat grey; its labels are
@@ -64,6 +65,8 @@ VOXEL_SIZE = (40, 4, 4)
 #: Half-thickness of the cleft label around the contact face, px (the label is ~10 px thick).
 CLEFT_HALF_PX = 5.0
 MEMBRANE_HALF_PX = 2.6
+#: Raw value of a missing section (labels are kept there).
+MISSING_GREY = 128
 #: Largest region generated at once inside generate_region (bounds its working memory).
 WORK_PIECE = (8, 512, 512)
 
@@ -131,6 +134,12 @@ def make_params(difficulty: float = 0.5, **overrides) -> SynthParams:
     return SynthParams(difficulty=float(difficulty), **overrides).resolved()
 
 
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**63:
+        raise CleftchunkError(f"seed {seed!r} must be an integer in [0, 2**63): give e.g. --seed 0")
+    return int(seed)
+
+
 # -- the public entry point -----------------------------------------------------------------
 def generate_region(
     roi: Roi | Sequence[int], seed: int = 0, difficulty: float = 0.5, *, resolved: SynthParams | None = None, **params
@@ -144,6 +153,7 @@ def generate_region(
     byte-identical to the same voxels cut out of any larger region.
     """
     roi = roi if isinstance(roi, Roi) else Roi.from_shape(roi)
+    check_seed(seed)
     if roi.ndim != 3:
         raise CleftchunkError(f"region {roi} must have 3 axes (z, y, x)")
     p = resolved if resolved is not None else make_params(difficulty, **params)
@@ -165,9 +175,6 @@ def generate_region(
     missing = missing_sections(seed, z, p)
     out["raw"][missing] = MISSING_GREY
     return out
-
-
-MISSING_GREY = 128
 
 
 def section_shifts(seed: int, z: np.ndarray, p: SynthParams) -> tuple[np.ndarray, np.ndarray]:
@@ -316,9 +323,20 @@ def _draw_vesicles(seed: int, canvas: _Canvas, found: list[Contact]) -> None:
     centres = np.concatenate([s[0] for s in stamps])  # voxel frame, float64
     radii = np.concatenate([s[1] for s in stamps])
     owner = np.concatenate([s[2] for s in stamps])
-    hw = 8
-    oz, oy, ox = np.meshgrid(np.arange(-1, 2), np.arange(-hw, hw + 1), np.arange(-hw, hw + 1), indexing="ij")
     base = np.floor(centres).astype(np.int64)
+    reach = np.array([1, VESICLE_STAMP, VESICLE_STAMP])
+    touching = np.all((base + reach >= canvas.roi.begin) & (base - reach < canvas.roi.end), axis=1)
+    for batch in np.array_split(np.flatnonzero(touching), max(1, int(touching.sum()) // 256)):
+        _stamp_vesicles(canvas, centres[batch], base[batch], radii[batch], owner[batch])
+
+
+#: Half-width (px) of the in-plane window drawn around a vesicle centre.
+VESICLE_STAMP = 8
+
+
+def _stamp_vesicles(canvas: _Canvas, centres, base, radii, owner) -> None:
+    hw = VESICLE_STAMP
+    oz, oy, ox = np.meshgrid(np.arange(-1, 2), np.arange(-hw, hw + 1), np.arange(-hw, hw + 1), indexing="ij")
     vz = base[:, 0, None, None, None] + oz[None]
     vy = base[:, 1, None, None, None] + oy[None]
     vx = base[:, 2, None, None, None] + ox[None]
@@ -433,7 +451,7 @@ def _imaging(seed: int, roi: Roi, image: np.ndarray, p: SynthParams) -> np.ndarr
     return np.clip(np.rint(image * np.float32(255.0)), 0, 255).astype(np.uint8)
 
 
-def synthesize(dst, shape, seed: int = 0, difficulty: float = 0.5, chunks=None, workers=None, format: str = "zarr",
+def synthesize(dst, shape, seed: int = 0, difficulty: float = 0.5, chunks=None, workers=None, format: str | None = None,
                overwrite: bool = False, **params) -> dict:
     """Write a sample to ``dst`` block by block; see :func:`cleftchunk.synth_write.synthesize`."""
     from .synth_write import synthesize as _synthesize

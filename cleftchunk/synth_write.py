@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import CleftchunkError
 from .geometry import ChunkGrid, Roi
-from .synth import VOXEL_SIZE, SynthParams, generate_region, make_params
+from .synth import VOXEL_SIZE, SynthParams, check_seed, generate_region, make_params
 from .volumes import CREMI_BACKGROUND, DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, open_volume, split_spec
 
 #: Larger requests are refused as typos (10^13 voxels is ~10 TB of raw, ~170 TB with labels).
@@ -72,7 +72,7 @@ def synthesize(
     difficulty: float = 0.5,
     chunks: Sequence[int] | None = None,
     workers: int | None = None,
-    format: str = "zarr",
+    format: str | None = None,
     overwrite: bool = False,
     scheduler: str = "processes",
     progress: bool = False,
@@ -80,17 +80,21 @@ def synthesize(
 ) -> dict:
     """Write a synthetic sample of ``shape`` to ``dst``; returns a summary dict.
 
-    ``dst`` is ``out.zarr`` (format zarr) or ``out.hdf`` / ``.h5`` (format cremi). An existing
+    ``dst`` is ``out.zarr`` (format zarr) or ``out.hdf`` / ``.h5`` (format cremi; the format is
+    inferred from the name when not given). An existing
     destination is refused unless ``overwrite``, except an unfinished run of the same sample,
     which is resumed. ``workers`` processes (or threads with ``scheduler="threads"``) generate
     blocks of ``chunks`` voxels; the result does not depend on either.
     """
+    if format is None:
+        format = "cremi" if Path(dst).name.lower().endswith(HDF5_SUFFIXES) else "zarr"
     if format not in FORMATS:
         raise CleftchunkError(f"unknown format {format!r}: use zarr or cremi")
     if scheduler not in ("processes", "threads"):
         raise CleftchunkError(f"unknown scheduler {scheduler!r}: use processes or threads")
     shape = check_shape(shape)
     chunks = check_chunks(chunks, shape)
+    seed = check_seed(seed)
     p = make_params(difficulty, **params)
     workers = _worker_count(workers)
     identity = {"seed": int(seed), "shape": list(shape), "chunks": list(chunks), "params": dataclasses.asdict(p)}
@@ -276,7 +280,7 @@ def _run(todo: list, task: Callable, workers: int, scheduler: str, progress: boo
     finally:
         bar.close()
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def read_sample(dst: str | os.PathLike, roi: Roi | None = None) -> dict:

@@ -26,8 +26,9 @@ def _triple(text: str | None, what: str):
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed: same seed, same volume.")
 @click.option("--difficulty", default=0.5, show_default=True, type=float,
               help="0..1: noise, blur, section changes, distractors, missing/misaligned sections.")
-@click.option("--format", "fmt", default="zarr", show_default=True,
-              help="zarr: DST.zarr/{raw,clefts,neuron_ids}; cremi: one CREMI-layout HDF5 file DST.hdf.")
+@click.option("--format", "fmt", default=None,
+              help="zarr: DST.zarr/{raw,clefts,neuron_ids}; cremi: one CREMI-layout HDF5 file DST.hdf "
+                   "[default: cremi for .hdf/.h5/.hdf5 names, else zarr].")
 @click.option("--chunks", default=None, help="Chunk (= work block) shape Z,Y,X [default: 16,256,256].")
 @click.option("--workers", default=None, type=int, help="Parallel worker processes [default: all cores].")
 @click.option("--threads", is_flag=True, help="Use threads instead of processes for the workers.")
@@ -46,7 +47,7 @@ def command(dst, shape, seed, difficulty, fmt, chunks, workers, threads, missing
     from cleftchunk.synth_preview import preview_region, save_preview
     from cleftchunk.synth_write import check_shape, synthesize
 
-    fmt = fmt.lower()
+    fmt = fmt.lower() if fmt else None
     shape = check_shape(_triple(shape, "--shape"))
     overrides = {k: v for k, v in (("missing_rate", missing_rate), ("misalign_rate", misalign_rate)) if v is not None}
     make_params(difficulty, **overrides)  # fail on bad values before touching the destination
@@ -59,7 +60,7 @@ def command(dst, shape, seed, difficulty, fmt, chunks, workers, threads, missing
     )
     resumed = f", {summary['skipped']} already written" if summary["skipped"] else ""
     click.echo(
-        f"wrote {summary['path']} ({fmt}, shape {','.join(map(str, shape))}, {summary['blocks']} blocks{resumed}) "
+        f"wrote {summary['path']} ({summary['format']}, shape {','.join(map(str, shape))}, {summary['blocks']} blocks{resumed}) "
         f"in {summary['seconds']:.1f} s"
     )
     if preview is not None:

@@ -217,6 +217,8 @@ def test_cli_writes_sample_and_preview(tmp_path, run_cli):
         (["--format", "tiff"], "unknown format"),
         (["--difficulty", "1.5"], "difficulty"),
         (["--chunks", "0,5,5"], "chunks"),
+        (["--seed", "-1"], "seed"),
+        (["--missing-rate", "-0.5"], "non-negative"),
     ],
 )
 def test_cli_bad_input_is_a_one_line_error(tmp_path, run_cli, args, message):
@@ -226,11 +228,45 @@ def test_cli_bad_input_is_a_one_line_error(tmp_path, run_cli, args, message):
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_cli_format_must_match_destination(tmp_path, run_cli):
+def test_cli_format_follows_the_name_or_must_match_it(tmp_path, run_cli):
     result = run_cli("synth", tmp_path / "x.zarr", "--shape", "4,16,16", "--format", "cremi", "--quiet", expect=2)
     assert "HDF5" in result.output
-    result = run_cli("synth", tmp_path / "x.h5", "--shape", "4,16,16", "--quiet", expect=2)
+    result = run_cli("synth", tmp_path / "x.h5", "--shape", "4,16,16", "--format", "zarr", "--quiet", expect=2)
     assert ".zarr" in result.output
+    result = run_cli("synth", tmp_path / "x.h5", "--shape", "4,16,16", "--workers", "1", "--quiet")
+    assert "cremi" in result.output
+    assert open_volume(f"{tmp_path / 'x.h5'}:volumes/labels/clefts").dtype == np.uint64
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "cremi"])
+def test_an_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, fmt):
+    import cleftchunk.synth_write as sw
+
+    dst = tmp_path / ("s.zarr" if fmt == "zarr" else "s.hdf")
+    shape, chunks = (8, 64, 64), (4, 32, 32)
+    done = []
+    real_zarr_block, real_region_block = sw._zarr_block, sw._region_block
+
+    def dies_after_three(real):
+        def task(index, **kwargs):
+            if len(done) == 3:
+                raise KeyboardInterrupt  # as if the user pressed Ctrl-C in the middle
+            done.append(index)
+            return real(index, **kwargs)
+
+        return task
+
+    monkeypatch.setattr(sw, "_zarr_block", dies_after_three(real_zarr_block))
+    monkeypatch.setattr(sw, "_region_block", dies_after_three(real_region_block))
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(dst, shape, seed=6, workers=1, chunks=chunks, **DEFECTS)
+    monkeypatch.setattr(sw, "_zarr_block", real_zarr_block)
+    monkeypatch.setattr(sw, "_region_block", real_region_block)
+    summary = synthesize(dst, shape, seed=6, workers=1, chunks=chunks, **DEFECTS)
+    assert summary["skipped"] == 3 and summary["blocks"] == 8
+    assert _equal(read_sample(dst), generate_region(shape, seed=6, **DEFECTS))
+    with pytest.raises(CleftchunkError, match="exists"):  # finished now: no silent re-run
+        synthesize(dst, shape, seed=6, workers=1, chunks=chunks, **DEFECTS)
 
 
 def test_summary_is_json_serialisable(tmp_path):
