@@ -43,7 +43,7 @@ from scipy import ndimage
 
 from .errors import CleftchunkError
 from .geometry import Roi
-from .synth_fields import rand, voxel_noise
+from .synth_fields import rand, value_noise, voxel_noise
 from .synth_tissue import (
     CELL,
     WARP_PX,
@@ -65,13 +65,15 @@ VOXEL_SIZE = (40, 4, 4)
 #: Half-thickness of the cleft label around the contact face, px (the label is ~10 px thick).
 CLEFT_HALF_PX = 5.0
 MEMBRANE_HALF_PX = 2.6
+#: Lattice of the illumination field: independent per section, smooth over ~1.5 µm in-plane.
+SHADING_SPACING = (1, 384, 384)
 #: Raw value of a missing section (labels are kept there).
 MISSING_GREY = 128
 #: Largest region generated at once inside generate_region (bounds its working memory).
 WORK_PIECE = (8, 512, 512)
 
 # Hash streams of the imaging model (distinct from the tissue streams).
-S_SECTION, S_GRAIN, S_NOISE, S_VESICLE_POS = 50, 51, 52, 53
+S_SECTION, S_GRAIN, S_NOISE, S_VESICLE_POS, S_SHADING = 50, 51, 52, 53, 54
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class SynthParams:
     blur: float | None = None  # in-plane Gaussian sigma, px
     section_contrast: float | None = None  # ± relative contrast change between sections
     section_brightness: float | None = None  # ± brightness change between sections
+    shading: float | None = None  # ± uneven illumination across a section (smooth gain field)
     membrane_dark: float | None = None  # darkness of membranes (0 none, 1 black)
     psd_dark: float | None = None
     missing_rate: float | None = None  # share of sections missing (flat grey)
@@ -104,6 +107,7 @@ class SynthParams:
             blur=0.5 + 1.0 * d,
             section_contrast=0.04 + 0.16 * d,
             section_brightness=0.02 + 0.08 * d,
+            shading=0.03 + 0.12 * d,
             membrane_dark=0.72 - 0.1 * d,
             psd_dark=0.85 - 0.2 * d,
             missing_rate=0.02 * d,
@@ -441,8 +445,10 @@ def _blur_in_plane(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _imaging(seed: int, roi: Roi, image: np.ndarray, p: SynthParams) -> np.ndarray:
-    """Per-section contrast and brightness, detector noise, 8-bit quantisation."""
+    """Uneven illumination, per-section contrast and brightness, detector noise, 8-bit quantisation."""
     z, y, x = (np.arange(b, e) for b, e in zip(roi.begin, roi.end))
+    if p.shading:
+        image = image * (np.float32(1.0) + value_noise(seed, S_SHADING, z, y, x, SHADING_SPACING) * np.float32(2 * p.shading))
     contrast = (1.0 + p.section_contrast * (2.0 * rand(seed, S_SECTION, z, 1) - 1.0)).astype(np.float32)
     brightness = (p.section_brightness * (2.0 * rand(seed, S_SECTION, z, 2) - 1.0)).astype(np.float32)
     mean = np.float32(0.55)
