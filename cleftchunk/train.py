@@ -50,7 +50,6 @@ from .data import CropSampler, CropStream, RejectionConfig, label_codes, make_lo
 from .errors import CleftchunkError
 from .geometry import Roi
 from .model import (
-    arch_spec,
     build_model,
     check_input_shape,
     checkpoint_input_size,
@@ -683,7 +682,7 @@ def parse_roi(text: str | None, shape: Sequence[int]) -> tuple[slice, ...]:
     return tuple(out)
 
 
-def predict_in_memory(net: nn.Module, image: np.ndarray, window: Sequence[int], device: torch.device, batch: int = 1) -> np.ndarray:
+def predict_in_memory(net: nn.Module, image: np.ndarray, window: Sequence[int], device: torch.device) -> np.ndarray:
     """Probabilities over a small in-memory region: 50 %-overlap tiles, mean blending, reflect padding."""
     from .geometry import tile_starts
 
