@@ -31,6 +31,8 @@ RAW_DATASET = "volumes/raw"
 FILE_FORMAT = "0.2"
 #: In-plane HDF5 chunk edge; CREMI files are read section by section.
 H5_CHUNK_YX = 256
+#: Largest slab copied at once (an unchunked HDF5 source reports its whole shape as one chunk).
+SLAB_BYTES = 256 * 2**20
 
 
 def parse_crop(text: str) -> Roi:
@@ -109,11 +111,19 @@ def _to_cremi_ids(kind: str):
     return convert
 
 
+def slab_depth(source: Volume, region: Roi) -> int:
+    """Sections per slab: whole source chunks along z, within :data:`SLAB_BYTES`."""
+    section = region.shape[1] * region.shape[2] * max(source.dtype.itemsize, 8)
+    fits = max(1, SLAB_BYTES // section)
+    chunk = max(1, source.chunks[0])
+    return chunk * max(1, fits // chunk) if chunk <= fits else fits
+
+
 def _copy(f, name: str, source: Volume, region: Roi, dtype, convert, fill) -> "object":
     """Copy ``region`` of ``source`` into a new dataset, one z-slab of whole chunks at a time."""
     chunks = (1, min(H5_CHUNK_YX, region.shape[1]), min(H5_CHUNK_YX, region.shape[2]))
     dataset = f.create_dataset(name, shape=region.shape, dtype=dtype, chunks=chunks, compression="gzip", fillvalue=fill)
-    step = max(1, source.chunks[0])
+    step = slab_depth(source, region)
     for z in range(region.begin[0], region.end[0], step):
         slab = Roi((z, region.begin[1], region.begin[2]), (min(step, region.end[0] - z),) + region.shape[1:])
         data = source[slab.to_slices()]

@@ -317,7 +317,10 @@ def segment(
     structure(connectivity)  # refuse a bad connectivity before any work
     runner = Runner(workers, progress)
     total = Roi.from_shape(source.shape)
-    chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, source.shape))
+    chunks = tuple(int(c) for c in (chunks or DEFAULT_CHUNKS))
+    if len(chunks) != 3 or min(chunks) <= 0:
+        raise CleftchunkError(f"chunk shape {chunks} must be three positive extents (z, y, x)")
+    chunks = tuple(min(c, s) for c, s in zip(chunks, source.shape))
     block_shape = aligned_block_shape(block_shape, chunks, source.shape)
     plan = blocks(total, block_shape)
     target = _create_output(out, source, chunks, overwrite, threshold, min_size, connectivity, kind)

@@ -6,8 +6,10 @@ import h5py
 import numpy as np
 import pytest
 
+from cleftchunk import export, open_volume
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.export import export_cremi, parse_crop
+from cleftchunk.geometry import Roi
 from cleftchunk.metrics import evaluate
 from cleftchunk.segment import segment
 from cleftchunk.volumes import CREMI_BACKGROUND, create_volume
@@ -63,15 +65,18 @@ def test_crop_and_offset_place_the_region_in_the_sample_frame(tmp_path):
         np.testing.assert_array_equal(f["volumes/labels/clefts"].attrs["offset"], [37 * 40.0, 911 * 4.0, 911 * 4.0])
 
 
-def test_pytc_labels_are_converted_and_masks_refused(tmp_path):
-    labels = np.zeros((2, 4, 4), np.uint16)
+def test_pytc_labels_are_converted_and_masks_refused(tmp_path, monkeypatch):
+    labels = np.zeros((3, 4, 4), np.uint16)
     labels[1, 1, 1:3] = 5
+    labels[2, 0, 0] = 1
     with h5py.File(tmp_path / "syn.h5", "w") as f:
-        f["main"] = labels
+        f["main"] = labels  # unchunked: one "chunk" of the whole shape
+    monkeypatch.setattr(export, "SLAB_BYTES", 2 * 16 * 8)  # two sections per slab
+    assert export.slab_depth(open_volume(f"{tmp_path}/syn.h5:main"), Roi.from_shape(labels.shape)) == 2
     export_cremi(f"{tmp_path}/syn.h5:main", tmp_path / "c.hdf")
     with h5py.File(tmp_path / "c.hdf", "r") as f:
         got = f["volumes/labels/clefts"][...]
-    assert (got[1, 1, 1:3] == 5).all() and (got[labels == 0] == BG).all()
+    assert (got[1, 1, 1:3] == 5).all() and got[2, 0, 0] == 1 and (got[labels == 0] == BG).all()
     mask = write(tmp_path / "s.zarr/mask", np.ones((2, 4, 4), bool))
     with pytest.raises(CleftchunkError, match="segment"):
         export_cremi(mask, tmp_path / "d.hdf")
