@@ -338,7 +338,7 @@ def segment(
     comp_ids = canonical_ids(comp_sizes, comp_first, min_size)
     lut = comp_ids[component]
 
-    _relabel_all(source, kind, threshold, plan, total, connectivity, offsets, lut, target, runner)
+    _relabel_all(source, kind, threshold, plan, connectivity, offsets, lut, target, runner)
     target.array.attrs[COMPLETE_ATTRIBUTE] = True
     kept = comp_sizes >= max(min_size, 1)
     return SegmentResult(int(kept.sum()), int((~kept).sum()), int(comp_sizes[kept].sum()), len(plan))
@@ -459,7 +459,7 @@ def _components(pairs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 # -- pass 3: relabel and write ---------------------------------------------------------------------
-def relabel_block(source, kind, threshold, roi: Roi, shape, connectivity, lut_part: np.ndarray, target: Volume) -> int:
+def relabel_block(source, kind, threshold, roi: Roi, connectivity, lut_part: np.ndarray, target: Volume) -> int:
     labels, n = _label_block(source, kind, threshold, roi, connectivity)
     if n != lut_part.size:
         raise RuntimeError(f"block {roi} labelled differently in two passes ({n} vs {lut_part.size} labels)")
@@ -468,12 +468,12 @@ def relabel_block(source, kind, threshold, roi: Roi, shape, connectivity, lut_pa
     return n
 
 
-def _relabel_all(source, kind, threshold, plan, total, connectivity, offsets, lut, target, runner: Runner) -> None:
+def _relabel_all(source, kind, threshold, plan, connectivity, offsets, lut, target, runner: Runner) -> None:
     from dask import delayed
 
     tasks = [
         delayed(relabel_block, pure=True)(
-            source, kind, threshold, b.write_roi, total.shape, connectivity, lut[offsets[i] : offsets[i + 1]], target
+            source, kind, threshold, b.write_roi, connectivity, lut[offsets[i] : offsets[i + 1]], target
         )
         for i, b in enumerate(plan)
     ]
