@@ -15,8 +15,9 @@
 Label rule (``label_mode``): ``cremi`` — uint64 ids, cleft = value not 0xFFFFFFFFFFFFFFFF (and not
 the invalid value 0xFFFFFFFFFFFFFFFE, whose voxels are masked out of the loss); ``nonzero`` — 0 is
 background, anything else cleft (0/1 masks, PyTorch Connectomics ``main`` files); ``auto`` — nonzero
-for every dtype but uint64; uint64 labels are cremi if a few boxes read along the volume's diagonal
-hold the background value 0xFF..FF, and nonzero if they hold 0 but never 0xFF..FF.
+for every dtype but uint64 and for datasets named ``main`` (as ``cleftchunk evaluate`` decides);
+other uint64 labels are cremi if a few boxes read along the volume's diagonal hold the background
+value 0xFF..FF, and nonzero if they hold 0 but never 0xFF..FF.
 Image rule: uint8 / 255 (uint16 / 65535) to float32; float images are taken as they are.
 """
 
@@ -73,8 +74,8 @@ def resolve_label_mode(mode: str, labels: Any) -> str:
         raise CleftchunkError(f"unknown label mode {mode!r}: use {', '.join(LABEL_MODES)}")
     if mode != "auto":
         return mode
-    if np.dtype(labels.dtype) != np.uint64:
-        return "nonzero"
+    if np.dtype(labels.dtype) != np.uint64 or "main" in str(getattr(labels, "inner", "") or "").split("/"):
+        return "nonzero"  # PyTorch Connectomics keeps 0-background labels in datasets named `main`
     return detect_uint64_label_mode(labels)
 
 

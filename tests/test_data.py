@@ -48,6 +48,16 @@ def test_nonzero_labels_and_the_auto_rule():
         resolve_label_mode("main", zero_background)
 
 
+def test_uint64_labels_in_a_dataset_named_main_are_zero_background(tmp_path):
+    import h5py
+
+    from cleftchunk.volumes import open_volume
+
+    with h5py.File(tmp_path / "syn.h5", "w") as f:
+        f["main"] = np.full((4, 32, 32), BG, np.uint64)  # even if it happens to hold 0xFF..FF
+    assert resolve_label_mode("auto", open_volume(f"{tmp_path}/syn.h5:main")) == "nonzero"
+
+
 def test_split_list_takes_the_tutorials_at_lists():
     assert split_list("a.h5@b/c.h5") == ["a.h5", "b/c.h5"]
     assert split_list(["x"]) == ["x"]
