@@ -45,6 +45,12 @@ def test_blockwise_equals_whole_array_for_any_block_shape(tmp_path, connectivity
         np.testing.assert_array_equal(got, expected)
         assert result.components == len(np.unique(expected)) - 1
         assert result.blocks == np.prod([-(-s // b) for s, b in zip(pred.shape, block_shape)])
+    stored = [chunk_files(tmp_path / "s.zarr" / name / "s0") for name in ("4_8_4", "8_16_12", "12_32_28")]
+    assert stored[0] and stored[0] == stored[1] == stored[2]  # byte-identical chunks
+
+
+def chunk_files(array_dir):
+    return {p.relative_to(array_dir): p.read_bytes() for p in array_dir.rglob("*") if p.is_file() and p.name != "zarr.json"}
 
 
 def test_synthetic_clefts_get_the_same_ids_for_any_block_shape(tmp_path):
