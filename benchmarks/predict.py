@@ -259,16 +259,25 @@ def main() -> None:
     if args.eff_overlap is not None:
         cfg["eff_overlap"] = args.eff_overlap
     WORK.mkdir(parents=True, exist_ok=True)
-    sections = []
-    only = args.only.split(",")
-    if "efficiency" in only:
-        sections.append(efficiency(cfg, args.repeats or (3 if args.quick else 1)))
-    if "memory" in only:
-        sections.append(memory(cfg, args.repeats or 3))
-    if "monai" in only:
-        sections.append(monai(cfg, args.repeats or 3))
-    note = "Quick run (--quick): small preset and small volumes.\n\n" if args.quick else ""
-    path = write_fragment("predict", "Prediction: efficiency, memory, MONAI", note + "\n".join(sections))
+    mode = "quick" if args.quick else "full"
+    runners = {
+        "efficiency": lambda: efficiency(cfg, args.repeats or (3 if args.quick else 1)),
+        "memory": lambda: memory(cfg, args.repeats or 3),
+        "monai": lambda: monai(cfg, args.repeats or 3),
+    }
+    for name in args.only.split(","):
+        # Each section is kept, so that sections run separately still make one fragment.
+        (WORK / f"section_{mode}_{name}.md").write_text(runners[name]())
+    parts = []
+    for n in runners:  # each section from a full run where there is one, else from a quick run, said so
+        full, quick = WORK / f"section_full_{n}.md", WORK / f"section_quick_{n}.md"
+        if mode == "full" and full.exists():
+            parts.append(full.read_text())
+        elif quick.exists():
+            parts.append(quick.read_text().replace("\n\n", " (quick configuration: --quick).\n\n", 1))
+    load = f"Load average at the end of the run: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (the 2-core machine is shared).\n\n"
+    body = load + "\n".join(parts)
+    path = write_fragment("predict", "Prediction: efficiency, memory, MONAI", body)
     print(f"wrote {path}")
     shutil.rmtree(WORK / "mem_out.zarr", ignore_errors=True)
 

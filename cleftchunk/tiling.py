@@ -15,6 +15,8 @@ its in-memory reference both build on it.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -67,7 +69,7 @@ class TileGrid:
         before, after = frame_padding(volume_roi.shape, window, pad)
         return cls(volume_roi.grow(before, after), window, stride_for(window, overlap))
 
-    @property
+    @functools.cached_property
     def starts(self) -> tuple[list[int], ...]:
         """Start positions per axis, in world voxels."""
         return tuple(
@@ -93,8 +95,9 @@ class TileGrid:
 
     def tiles_overlapping(self, roi: Roi) -> Iterator[tuple[Coord, Roi]]:
         """The tiles that share at least one voxel with ``roi``, in global order."""
+        # starts are sorted: the tiles overlapping [b, e) are those starting in (b - w, e)
         ranges = [
-            [i for i, s in enumerate(starts) if s < e and s + w > b]
+            range(bisect.bisect_right(starts, b - w), bisect.bisect_left(starts, e))
             for starts, w, b, e in zip(self.starts, self.window, roi.begin, roi.end)
         ]
         for index in itertools.product(*ranges):
