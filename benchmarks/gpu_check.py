@@ -191,7 +191,7 @@ def main() -> None:
     small = (16, 256, 256) if not args.quick else (8, 128, 128)
     small_spec = make_volume(small, chunks)
     raw = open_volume(small_spec)[:]
-    reference = predict_reference(load_model(ckpt), raw, window)
+    reference = predict_reference(load_model(ckpt), raw, window, batch_size=2)  # the batch the runs below use
     outs = []
     for block in ((8, 128, 128), (16, 256, 256)) if not args.quick else ((8, 64, 64), (8, 128, 128)):
         o = str(WORK / f"small_{block[1]}.zarr" / "pred")
@@ -206,7 +206,7 @@ def main() -> None:
     )
     print(checks, flush=True)
     body = (
-        f"Device: {name}, torch {torch.__version__}. Default unetv0 (7.7 M parameters, random weights), window "
+        f"Device: {name}, torch {torch.__version__}. unetv0 {preset} preset (random weights), window "
         f"{'×'.join(map(str, window))}.\n\n### Bare forward throughput\n\n{sweep}\n\n### Efficiency (bare ÷ end to end)\n\n"
         f"{efficiency}\n\n### Correctness\n\n{checks}\n"
     )
