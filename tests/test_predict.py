@@ -310,6 +310,17 @@ def test_a_killed_dask_worker_does_not_change_the_result(tmp_path):
     np.testing.assert_array_equal(read(out), predict_reference(make_slow_model(0.0), raw, WINDOW))
 
 
+def test_runs_on_an_existing_scheduler(tmp_path, raw_spec):
+    from distributed import LocalCluster
+
+    raw, spec = raw_spec
+    out = str(tmp_path / "out.zarr" / "pred")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0", scheduler_port=0) as cluster:
+        result = predict(tiny_model(), spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 32, 32), scheduler=cluster.scheduler_address, **QUIET)
+    assert result.blocks_written == result.blocks
+    np.testing.assert_array_equal(read(out), predict_reference(tiny_model(), raw, WINDOW))
+
+
 def test_out_of_gpu_memory_names_a_smaller_batch():
     class Oom(torch.nn.Module):
         def forward(self, x):
@@ -348,6 +359,13 @@ def test_cli_resumes_same_parameters_and_refuses_others(tmp_path, run_cli, check
     assert "exists, predicted with other parameters (overlap differ)" in refused.output
     assert refused.output.count("\n") == 1
     np.testing.assert_array_equal(read(out), first)  # nothing lost
+    from cleftchunk.model import arch_spec, build_model, save_checkpoint
+
+    torch.manual_seed(1)
+    net = build_model("unetv0", preset="small")
+    other = save_checkpoint(tmp_path / "other.pth", net, arch_spec(net), (4, 32, 32))
+    refused = run_cli("predict", spec, out, "-pm", other, "--workers", "0", "--chunks", "2,32,32", expect=2)
+    assert "other parameters (model_sha256 differ)" in refused.output
     run_cli(*base, "--overlap", "0.75", "--overwrite")
     assert (read(out) != first).any()
 
