@@ -676,16 +676,7 @@ def predict(
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, volume.shape))
     block_shape = _check_block_shape(block_shape, chunks, volume.shape)
 
-    identity = {
-        "format": PREDICT_FORMAT,
-        "model_sha256": source.sha256,
-        "architecture": arch_name,
-        "input": {"spec": volume.spec, "shape": list(volume.shape), "dtype": str(volume.dtype), "offset": list(volume.offset)},
-        "mask": None if mask_volume is None else mask_volume.spec,
-        "chunks": list(chunks),
-        **params.as_dict(),
-    }
-    identity_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    identity, identity_hash = _identity(source, arch_name, volume, mask_volume, chunks, params)
     run_info = {"block_shape": list(block_shape), "workers": workers, "gpus": gpus, "scheduler": scheduler, "retries": retries}
     output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite)
     scratch = Scratch(str(_scratch_dir(output, identity_hash)))
@@ -710,23 +701,37 @@ def predict(
         log(f"plan: {plan.describe()}")
         _execute(client, job, plan, source, retries, progress, result)
     result.seconds = time.perf_counter() - started
+    _raise_if_failed(result)
+    _mark_complete(output, result)
+    scratch.remove()
+    return result
+
+
+def _identity(source: ModelSource, arch_name: str, volume: Volume, mask: Volume | None, chunks: Coord, params: PredictParams) -> tuple[dict, str]:
+    """What the output's bytes depend on, and its hash (stored in the output; resume compares it)."""
+    identity = {
+        "format": PREDICT_FORMAT,
+        "model_sha256": source.sha256,
+        "architecture": arch_name,
+        "input": {"spec": volume.spec, "shape": list(volume.shape), "dtype": str(volume.dtype), "offset": list(volume.offset)},
+        "mask": None if mask is None else mask.spec,
+        "chunks": list(chunks),
+        **params.as_dict(),
+    }
+    return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _raise_if_failed(result: PredictResult) -> None:
     if result.failed:
         shown = "; ".join(f"{roi}: {err}" for roi, err in result.failed[:3])
         raise CleftchunkError(
             f"{len(result.failed)} of {result.blocks} blocks failed ({shown}{'; ...' if len(result.failed) > 3 else ''}): "
             "fix the cause and re-run the same command to finish them"
         )
-    _mark_complete(output, result)
-    scratch.remove()
-    return result
 
 
 def _execute(client: Any, job: Job, plan: Plan, source: ModelSource, retries: int, progress: bool, result: PredictResult) -> None:
-    """Submit tiles and blend tasks in raster order (so the front, and scratch space, stay small),
-    then follow the blend tasks: progress, partial clean-up, failures."""
-    from distributed import as_completed
-    from tqdm import tqdm
-
+    """Run the blocks not done yet; follow them: progress, partial clean-up, failures."""
     scratch = job.scratch
     done = scratch.done()
     todo = [w for w in plan.blocks if _name(w.index) not in done]
@@ -734,6 +739,19 @@ def _execute(client: Any, job: Job, plan: Plan, source: ModelSource, retries: in
     needed = Counter(_name(d) for w in todo for d, _ in w.deps)
     for stale in scratch.partials() - set(needed):
         scratch.drop_partial(stale)
+    tiles_futures, blend_futures = _submit(client, job, plan, todo, source, retries, result)
+    try:
+        _follow(blend_futures, needed, scratch, progress, result)
+        _count_tiles(tiles_futures.values(), result)
+    finally:
+        for f in list(blend_futures) + list(tiles_futures.values()):
+            if f.status != "finished":
+                f.cancel()
+
+
+def _submit(client: Any, job: Job, plan: Plan, todo: list[BlockWork], source: ModelSource, retries: int, result: PredictResult):
+    """Submit tiles and blend tasks in raster order with falling priority, so that blocks finish
+    in that order and the front of partials (scratch space) stays small."""
     source_arg = client.scatter(source, broadcast=True, hash=False) if source.module is not None else source
     token = uuid.uuid4().hex[:8]
     tiles_futures: dict[Coord, Any] = {}
@@ -751,12 +769,16 @@ def _execute(client: Any, job: Job, plan: Plan, source: ModelSource, retries: in
             blend_block, job, work, *deps, key=f"predict-blend-{token}-{_name(work.index)}", retries=retries, priority=-order, pure=False
         )
         blend_futures[future] = work
+    return tiles_futures, blend_futures
 
-    bar = tqdm(
-        total=sum(w.write_roi.size for w in todo), unit="vox", unit_scale=True, disable=not progress,
-        desc="predict", file=sys.stderr, dynamic_ncols=True,
-    )
-    try:
+
+def _follow(blend_futures: dict[Any, BlockWork], needed: Counter, scratch: Scratch, progress: bool, result: PredictResult) -> None:
+    """Collect blend tasks as they finish; drop a partial once every block needing it is written."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    total = sum(w.write_roi.size for w in blend_futures.values())
+    with tqdm(total=total, unit="vox", unit_scale=True, disable=not progress, desc="predict", file=sys.stderr, dynamic_ncols=True) as bar:
         for future in as_completed(list(blend_futures)):
             work = blend_futures.pop(future)
             if future.status != "finished":
@@ -772,12 +794,6 @@ def _execute(client: Any, job: Job, plan: Plan, source: ModelSource, retries: in
                 needed[_name(dep)] -= 1
                 if needed[_name(dep)] == 0:
                     scratch.drop_partial(_name(dep))
-        _count_tiles(tiles_futures.values(), result)
-    finally:
-        bar.close()
-        for f in list(blend_futures) + list(tiles_futures.values()):
-            if f.status != "finished":
-                f.cancel()
 
 
 def _count_tiles(futures: Iterable[Any], result: PredictResult) -> None:
