@@ -193,27 +193,32 @@ def step_runs(quick: bool) -> list:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer crops, one repeat, fewer step settings")
-    quick = parser.parse_args().quick
+RAW = DATA_DIR / "train_results.json"
+
+
+def measure_all(quick: bool) -> dict:
     ensure_data()
     rows, rates = loader_runs(quick)
     breakdown = run_json(BREAKDOWN.format(data=str(DATA), input=INPUT, n=4 if quick else 10))
     steps = step_runs(quick)
+    results = {"quick": quick, "rows": rows, "rates": rates, "breakdown": breakdown, "steps": steps,
+               "load": os.getloadavg()[0], "cores": os.cpu_count()}
+    RAW.write_text(json.dumps(results))
+    return results
 
+
+def render(results: dict) -> str:
+    quick, rows, rates, breakdown, steps = (results[k] for k in ("quick", "rows", "rates", "breakdown", "steps"))
     one = rates["combined warps, cache, 1 worker"]
     two = rates["combined warps, cache, 2 workers"]
     seq = rates["sequential warps (original style), cache, 1 worker"]
     nocache = rates["combined warps, no cache, 1 worker"]
     floor = rates["no augmentation, cache, 1 worker"]
-    parts = "\n".join(
-        f"| {k} | {1000 * v:.0f} |" for k, v in breakdown.items() if k not in ("total", "tries")
-    )
-    load = os.getloadavg()[0]
-    body = f"""
-Load average when the run ended: {load:.1f} on {os.cpu_count()} cores (the machine is shared;
-timings are noisy and the step times especially so).
+    free = rates["combined warps, cache, 1 worker, no rejection"]
+    parts = "\n".join(f"| {k} | {1000 * v:.0f} |" for k, v in breakdown.items() if k not in ("total", "tries"))
+    return f"""
+Load average when the run ended: {results['load']:.1f} on {results['cores']} cores (the machine is
+shared with other jobs; timings are noisy, the step times especially so).
 
 Input {INPUT[0]}×{INPUT[1]}×{INPUT[2]} crops (oversized box 10×512×512) from a synthetic
 {SHAPE[0]}×{SHAPE[1]}×{SHAPE[2]} Zarr volume (chunks 16×256×256, Blosc-zstd), batch 1, medians of
@@ -235,23 +240,37 @@ Training step (forward + backward + Adam), batch 1, {INPUT[0]}×{INPUT[1]}×{INP
 {markdown_table(["preset", "torch threads", "s per step", "steps/s"], steps)}
 
 Reading the numbers:
-- One combined resampling is {one / seq:.1f}× the throughput of resampling the whole oversized box
-  once per warp (sequential, original style); the decoded-chunk cache gives {one / nocache:.2f}×
-  over decoding every read again; without augmentation a worker reaches {floor:.1f} crops/s.
-- 2 workers give {two / one:.2f}× one worker on this 2-core machine (shared with other jobs, so
-  scaling is capped by the cores, not by the loader: the samples are independent and workers share
-  nothing). At {one:.1f} crops/s per worker process, 16 cores give about {16 * one:.0f} crops/s,
+- Baseline: one combined resampling per slice (rotation + rescale + elastic + misalignment) gives
+  {one / seq:.1f}× the throughput of resampling the whole oversized box once per warp
+  (sequential, original style). The decoded-chunk cache gives {one / nocache:.2f}× over decoding
+  every read again in these short runs (it grows as the cache fills); without augmentation a
+  worker reaches {floor:.1f} crops/s, so reading is not the bottleneck — the warps are.
+- Without rejection sampling ({free:.1f} crops/s) most crops hold no cleft, and label boxes
+  without a cleft skip warping and smoothing altogether; with rejection, kept crops hold clefts, so
+  their labels are warped and smoothed, and rejected tries add their label reads.
+- 2 workers give {two / one:.2f}× one worker here: 2 cores shared with other jobs (load above)
+  cap the scaling, not the loader (samples are independent; workers share nothing). At
+  {one:.1f} crops/s per worker process, 16 cores would give about {16 * one:.0f} crops/s,
   {TARGET_CROPS_S / (16 * one):.1f}× short of the ~{TARGET_CROPS_S} crops/s a GPU consumes.
-- Closing the gap on the GPU: the warps (map_coordinates above) and the elastic field are
-  per-voxel gathers that `torch.nn.functional.grid_sample` does on a GPU in well under a
-  millisecond per crop; keeping only chunk reads, decoding and rejection on the CPU workers would
-  leave the cost near the "no augmentation" row per crop. Rejection sampling multiplies the label
-  reads (tries per kept crop); sampling positions from a precomputed list of cleft locations
-  would remove most rejected tries.
-- On this CPU a training step of the small preset takes seconds, so even one loader worker keeps
-  up; the loader only matters when the model runs on a GPU.
+- Closing the gap: the warps (map_coordinates above), the label smoothing (two small filters) and
+  the elastic field are per-voxel gathers and stencils that `torch.nn.functional.grid_sample` and
+  convolutions do on the GPU in well under a millisecond per crop. Leaving only chunk reads,
+  decoding and rejection on the CPU workers would bring each worker near the "no augmentation"
+  row, about {16 * floor:.0f} crops/s on 16 cores. Sampling positions near known clefts instead of
+  rejecting would remove most rejected tries.
+- On this CPU one training step takes seconds (the small preset) to tens of seconds (the default),
+  so a single loader worker keeps up; the loader only matters once the model runs on a GPU. Two
+  torch threads were slower than one here because the other jobs kept both cores busy.
 """
-    path = write_fragment("train", "Training: loader throughput and step time", body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer crops, one repeat, fewer step settings")
+    parser.add_argument("--render", action="store_true", help=f"only rewrite the fragment from {RAW.name}")
+    args = parser.parse_args()
+    results = json.loads(RAW.read_text()) if args.render else measure_all(args.quick)
+    path = write_fragment("train", "Training: loader throughput and step time", render(results))
     print(f"wrote {path}")
 
 
