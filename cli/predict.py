@@ -30,7 +30,7 @@ from cleftchunk_cli.convert import parse_triple
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model on each worker.")
 @click.option("--mask", help="Volume whose zero voxels are not predicted (written 0; tiles without any mask voxel are not run).")
 @click.option("--workers", type=int, help="CPU worker processes (default 1; workers × torch threads ≤ --cpus; 0: run inside this process).")
-@click.option("--gpus", "-g", type=int, help="GPUs to use, one worker each (default: all of this machine's).")
+@click.option("--gpus", "-g", type=int, help="GPUs to use, one worker each (default: all of this machine's); with --scheduler, any N > 0 runs on the workers' GPUs.")
 @click.option("--cpus", "-c", type=int, help="CPU cores to use in all (default: all).")
 @click.option("--scheduler", help="Address of a running Dask scheduler (e.g. tcp://host:8786) instead of a local cluster.")
 @click.option("--block-shape", help=f"Block Z,Y,X, a multiple of the output chunks (default {','.join(map(str, DEFAULT_BLOCK_SHAPE))}).")
