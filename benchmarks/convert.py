@@ -7,12 +7,14 @@ Contenders, each run in a fresh subprocess (so that its peak RSS is its own), re
 - a plain h5py loop reading 16-section slabs and writing them to Zarr.
 
 All write the same Zarr v3 layout: chunks (16, 256, 256), Blosc-zstd level 5 with byte shuffle.
-The input is an uncompressed, contiguous uint8 HDF5 dataset (like the CREMI downloads) with
-EM-like texture (smooth structure plus noise) so that compression does real work. Two sizes at
-least 4× apart show whether peak memory grows with the volume.
+The inputs are uint8 HDF5 datasets with EM-like texture (smooth structure plus noise) so that
+compression does real work: uncompressed and contiguous (like the CREMI downloads) at two sizes
+at least 4× apart, to show whether peak memory grows with the volume; and gzip-compressed in
+64³ chunks (as many tools write HDF5), where reads that cut source chunks decompress them
+repeatedly.
 
-    python benchmarks/convert.py            # 0.25 GiB and 1 GiB, 3 runs each (about 10 min on 2 cores)
-    python benchmarks/convert.py --quick    # 32 MiB and 128 MiB, 3 runs each
+    python benchmarks/convert.py            # 0.25 GiB and 1 GiB (+ 0.25 GiB chunked), 3 runs each (~12 min on 2 cores)
+    python benchmarks/convert.py --quick    # 32 MiB and 128 MiB (+ 128 MiB chunked), 3 runs each
 """
 
 from __future__ import annotations
@@ -51,8 +53,12 @@ for z in range(0, ds.shape[0], step):
 """
 
 
-def em_like_volume(path: Path, depth: int, seed: int = 0) -> None:
-    """Write an uncompressed uint8 HDF5 volume, slab by slab (never the whole volume in memory)."""
+def em_like_volume(path: Path, depth: int, seed: int = 0, chunked: bool = False) -> None:
+    """Write a uint8 HDF5 volume slab by slab (never the whole volume in memory).
+
+    ``chunked``: gzip level 4 in 64³ chunks (fewer sections if the volume is thinner); else
+    uncompressed and contiguous.
+    """
     import h5py
     from scipy.ndimage import gaussian_filter
 
@@ -61,7 +67,8 @@ def em_like_volume(path: Path, depth: int, seed: int = 0) -> None:
     texture = ((texture - texture.min()) / np.ptp(texture) * 200 + 20).astype(np.uint8)
     tiled = np.tile(texture, (PLANE[0] // 512, PLANE[1] // 512))
     with h5py.File(path, "w") as f:
-        ds = f.create_dataset("raw", shape=(depth,) + PLANE, dtype=np.uint8)
+        layout = dict(chunks=(min(64, depth), 64, 64), compression="gzip", compression_opts=4) if chunked else {}
+        ds = f.create_dataset("raw", shape=(depth,) + PLANE, dtype=np.uint8, **layout)
         ds.attrs["resolution"] = (40.0, 4.0, 4.0)
         for z in range(0, depth, 16):
             n = min(16, depth - z)
@@ -88,33 +95,34 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small volumes (32 and 128 MiB)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    depths = (8, 32) if args.quick else (64, 256)
+    cases = [(8, False), (32, False), (32, True)] if args.quick else [(64, False), (256, False), (64, True)]
     work = DATA_DIR / "convert"
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for depth in depths:
-        src = work / f"em_{depth}.h5"
+    for depth, chunked in cases:
+        src = work / f"em_{depth}{'_gzip64' if chunked else ''}.h5"
         if not src.exists():
-            em_like_volume(src, depth)
+            em_like_volume(src, depth, chunked=chunked)
         size = depth * PLANE[0] * PLANE[1]
+        layout = f"gzip, {min(64, depth)}×64×64 chunks" if chunked else "contiguous"
         results = {}
         for repeat in range(args.repeats):
             for name, argv in contenders(src, work / "out.zarr").items():  # interleaved: load noise hits all alike
                 shutil.rmtree(work / "out.zarr", ignore_errors=True)
                 m = measure(argv)
                 results.setdefault(name, []).append(m)
-                print(f"{depth:4d} sections  {name:32s} {m.seconds:7.2f} s  {m.peak_rss_mib:7.0f} MiB", flush=True)
+                print(f"{depth:4d} sections {layout:16s} {name:32s} {m.seconds:7.2f} s  {m.peak_rss_mib:7.0f} MiB", flush=True)
         base = median([m.seconds for m in results["dask from_array().to_zarr()"]])
         for name, ms in results.items():
             seconds = median([m.seconds for m in ms])
             rows.append([
-                f"{size / 2**30:.2f} GiB ({depth}×{PLANE[0]}×{PLANE[1]})", name, f"{seconds:.2f}",
+                f"{size / 2**30:.3g} GiB ({depth}×{PLANE[0]}×{PLANE[1]}), {layout}", name, f"{seconds:.2f}",
                 f"{size / 2**20 / seconds:.0f}", f"{median([m.peak_rss_mib for m in ms]):.0f}", f"{base / seconds:.2f}×",
             ])
     shutil.rmtree(work / "out.zarr", ignore_errors=True)
-    table = markdown_table(["volume", "contender", "median s", "MiB/s", "peak RSS MiB", "speed vs dask"], rows)
+    table = markdown_table(["HDF5 volume", "contender", "median s", "MiB/s", "peak RSS MiB", "speed vs dask"], rows)
     body = (
-        f"HDF5 (uint8, contiguous, uncompressed, EM-like texture) → Zarr v3, chunks {CHUNKS}, Blosc-zstd 5; "
+        f"HDF5 (uint8, EM-like texture) → Zarr v3, chunks {CHUNKS}, Blosc-zstd 5; "
         f"median of {args.repeats} runs, each in a fresh process; peak RSS of the whole process tree."
         f"{' Quick run (--quick).' if args.quick else ''}\n\n{table}\n"
     )

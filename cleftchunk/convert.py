@@ -382,6 +382,31 @@ def verify(
     return [Mismatch(index, roi, n) for index, roi, n in found]
 
 
+# -- one call for any source ---------------------------------------------------------------
+def convert_path(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    dataset: str | None = None,
+    mask: bool = False,
+    overwrite: bool = False,
+    workers: int = DEFAULT_WORKERS,
+    scheduler: str = "threads",
+    task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES,
+    progress: bool = False,
+    **plan_options: Any,
+) -> list[ConversionResult]:
+    """What ``cleftchunk convert SRC DST`` does: a whole CREMI file into a container, else one volume.
+
+    ``plan_options`` are those of :func:`plan_conversion` (chunks, compressor, voxel_size, ...).
+    """
+    run = dict(overwrite=overwrite, workers=workers, scheduler=scheduler, task_bytes=task_bytes, progress=progress)
+    if is_whole_file_request(src, dataset, dst) and cremi_volumes(src) is not None:
+        return convert_cremi_file(src, dst, mask=mask, **run, **plan_options)
+    plan = plan_conversion(src, dst, dataset=dataset, mask=mask, **plan_options)
+    return [convert(plan, **run)]
+
+
 # -- whole CREMI files --------------------------------------------------------------------
 def cremi_volumes(path: str | os.PathLike) -> dict[str, str] | None:
     """Output name → HDF5 dataset for the 3-D volumes of a CREMI file; None if it is not one."""
@@ -470,6 +495,7 @@ __all__ = [
     "Mismatch",
     "convert",
     "convert_cremi_file",
+    "convert_path",
     "cremi_volumes",
     "mask_rule",
     "plan_conversion",

@@ -211,7 +211,7 @@ class Volume:
         """A dask array over the stored data (lazy; each task reopens the store)."""
         import dask.array as da
 
-        if self.is_zarr:
+        if self.is_zarr and self.channel is None:
             arr = da.from_zarr(self.array)
             return arr if chunks is None else arr.rechunk(tuple(chunks))
         return da.from_array(_LazyReader(self), chunks=tuple(chunks or self.chunks), asarray=True, lock=False)

@@ -63,12 +63,10 @@ def command(src, dst, dataset, channel, chunks, compressor, shards, voxel_size, 
         levels=levels,
         level_method=None if downsample == "auto" else downsample,
     )
-    run_options = dict(overwrite=overwrite, workers=workers, scheduler=scheduler, task_bytes=task_mb * 2**20, progress=progress)
-    if conv.is_whole_file_request(src, dataset, dst) and conv.cremi_volumes(src) is not None:
-        results = conv.convert_cremi_file(src, dst, mask=mask, **run_options, **plan_options)
-    else:
-        plan = conv.plan_conversion(src, dst, dataset=dataset, mask=mask, **plan_options)
-        results = [conv.convert(plan, **run_options)]
+    results = conv.convert_path(
+        src, dst, dataset=dataset, mask=mask, overwrite=overwrite, workers=workers, scheduler=scheduler,
+        task_bytes=task_mb * 2**20, progress=progress, **plan_options,
+    )
     for result in results:
         click.echo(_summary(result))
     if do_verify:

@@ -206,6 +206,17 @@ def test_channel_axis_first_and_last(tmp_path):
         open_volume(tmp_path / "rgb.npy", channel=3)
 
 
+def test_channel_of_a_zarr_array_reads_and_goes_to_dask(tmp_path):
+    import zarr
+
+    data = ramp((2, 4, 6, 8))
+    arr = zarr.create_array(str(tmp_path / "c.zarr"), shape=data.shape, chunks=(1, 2, 3, 4), dtype=data.dtype)
+    arr[...] = data
+    vol = open_volume(tmp_path / "c.zarr", channel=1)
+    assert vol.shape == (4, 6, 8) and vol.chunks == (2, 3, 4)
+    np.testing.assert_array_equal(vol.to_dask().compute(), data[1])
+
+
 @pytest.mark.parametrize(
     "shape, message", [((5, 6), "2-D"), ((2, 3, 4, 5), "--channel K"), ((1, 2, 3, 4, 5), "5-D")]
 )
