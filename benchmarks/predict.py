@@ -290,7 +290,7 @@ def main() -> None:
         "memory": lambda: memory(cfg, args.repeats or 3),
         "monai": lambda: monai(cfg, args.repeats or 3),
     }
-    for name in args.only.split(","):
+    for name in filter(None, args.only.split(",")):  # --only "" just reassembles the fragment
         # Each section is kept, so that sections run separately still make one fragment.
         (WORK / f"section_{mode}_{name}.md").write_text(runners[name]())
     parts = []
