@@ -39,7 +39,7 @@ def write_n5(path: Path, dataset: str, data: np.ndarray, block, compression: str
         "dimensions": list(reversed(data.shape)),
         "blockSize": list(reversed(block)),
         "dataType": str(data.dtype),
-        "compression": {"type": compression},
+        "compression": {"type": "gzip", "useZlib": True} if compression == "zlib" else {"type": compression},
         **(attrs or {}),
     }
     (ds / "attributes.json").write_text(json.dumps(meta))
@@ -57,6 +57,18 @@ def write_n5(path: Path, dataset: str, data: np.ndarray, block, compression: str
             from numcodecs import Zstd
 
             payload = bytes(Zstd().encode(payload))
+        elif compression == "zlib":
+            import zlib
+
+            payload = zlib.compress(payload)
+        elif compression == "bzip2":
+            import bz2
+
+            payload = bz2.compress(payload)
+        elif compression == "xz":
+            import lzma
+
+            payload = lzma.compress(payload)
         elif compression == "blosc":
             from numcodecs import Blosc
 

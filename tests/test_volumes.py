@@ -144,7 +144,7 @@ def test_npy_is_memory_mapped(tmp_path):
 
 
 # -- N5 -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("compression", ["raw", "gzip", "zstd", "blosc"])
+@pytest.mark.parametrize("compression", ["raw", "gzip", "zlib", "zstd", "blosc", "bzip2", "xz"])
 def test_n5_roundtrip_every_compression(tmp_path, compression):
     data = ramp((5, 13, 11), np.uint16)
     write_n5(tmp_path / "d.n5", "vol/raw", data, (2, 4, 3), compression,
