@@ -152,6 +152,8 @@ block size and the number of workers (each holds one 16×256×256 block and its 
 meeting a block with more objects in a larger volume. With 2 workers the small size has few
 blocks, so the second worker is often idle there. The machine is shared by five engineers
 (2 cores), so wall times are several times the CPU times and two workers rarely get two full cores.
+Threads beat processes here on every count (wall time, CPU per voxel, memory), so `synthesize`
+uses threads by default; `--processes` remains for machines with many cores.
 
 Peak memory against volume size, `synthesize` to Zarr with 1 worker, one run each (the volume
 grows {long_growth}×):

@@ -1,7 +1,7 @@
 """The tissue model of the synthetic generator: neurons, synapses, vesicles, mitochondria.
 
 Geometry lives in *cell units*: space is cut into neuron cells of ``CELL`` voxels (20 sections ×
-96 × 96 px, i.e. 800 × 384 × 384 nm, so neurites run along z), each holding one jittered seed
+80 × 80 px, i.e. 800 × 320 × 320 nm, so neurites run along z), each holding one jittered seed
 point. Neurons are the additively weighted Voronoi cells of these seeds (weights make some cells
 large like dendrites, most small like axons, and bend the boundaries) in a *warped* space: every
 voxel's in-plane position is displaced by smooth value noise, which turns the polygons into
@@ -29,13 +29,14 @@ CELL_PX = CELL * np.array([10, 1, 1])
 WARP_OCTAVES = (((12, 96, 96), 22.0), ((6, 40, 40), 7.0))
 WARP_PX = sum(amp for _, amp in WARP_OCTAVES)
 #: Candidate seeds of a voxel: the cells around its own (unwarped) cell; wider in-plane
-#: because the warp moves voxels by up to a quarter cell.
+#: because the warp moves voxels by up to WARP_PX (about a third of a cell).
 CANDIDATE_OFFSETS = np.array(list(itertools.product((-1, 0, 1), (-2, -1, 0, 1, 2), (-2, -1, 0, 1, 2))))
 #: Neighbour pairs that may carry a synapse: the forward half of the 26-neighbourhood.
 PAIR_OFFSETS = np.array([o for o in itertools.product((-1, 0, 1), repeat=3) if o > (0, 0, 0)])
 #: Tessellation work unit inside a cell, in voxels: small enough that pruning leaves few candidates.
 PIECE = (5, 32, 32)
-#: Largest extent of any object around its anchor, in cells (sets how far to look for objects).
+#: How many cells away an object's anchor cell may lie from a region it reaches (contacts and
+#: mitochondria reach < 3.7 cells from their cell, see CONTACT_REACH_PX and MITO_REACH_PX).
 OBJECT_REACH_CELLS = 3
 
 # Hash streams: one per kind of random number, so that they are independent.

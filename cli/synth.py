@@ -30,14 +30,14 @@ def _triple(text: str | None, what: str):
               help="zarr: DST.zarr/{raw,clefts,neuron_ids}; cremi: one CREMI-layout HDF5 file DST.hdf "
                    "[default: cremi for .hdf/.h5/.hdf5 names, else zarr].")
 @click.option("--chunks", default=None, help="Chunk (= work block) shape Z,Y,X [default: 16,256,256].")
-@click.option("--workers", default=None, type=int, help="Parallel worker processes [default: all cores].")
-@click.option("--threads", is_flag=True, help="Use threads instead of processes for the workers.")
+@click.option("--workers", default=None, type=int, help="Parallel workers (threads) [default: all cores].")
+@click.option("--processes", is_flag=True, help="Use worker processes instead of threads (for many cores).")
 @click.option("--missing-rate", default=None, type=float, help="Share of missing sections [default: 0.02*difficulty].")
 @click.option("--misalign-rate", default=None, type=float, help="Share of shifted sections [default: 0.02*difficulty].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing destination.")
 @click.option("--preview", default=None, type=click.Path(), help="Also write a PNG of a few sections with clefts overlaid.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(dst, shape, seed, difficulty, fmt, chunks, workers, threads, missing_rate, misalign_rate, overwrite, preview, quiet):
+def command(dst, shape, seed, difficulty, fmt, chunks, workers, processes, missing_rate, misalign_rate, overwrite, preview, quiet):
     """Write a synthetic CREMI-like EM sample with synaptic clefts to DST.
 
     Every voxel is a function of the seed and its coordinate, so the result is the same for any
@@ -55,7 +55,7 @@ def command(dst, shape, seed, difficulty, fmt, chunks, workers, threads, missing
         raise CleftchunkError(f"--preview {preview} must name a .png file")
     summary = synthesize(
         dst, shape, seed=seed, difficulty=difficulty, chunks=_triple(chunks, "--chunks"), workers=workers,
-        format=fmt, overwrite=overwrite, scheduler="threads" if threads else "processes", progress=not quiet,
+        format=fmt, overwrite=overwrite, scheduler="processes" if processes else "threads", progress=not quiet,
         **overrides,
     )
     resumed = f", {summary['skipped']} already written" if summary["skipped"] else ""

@@ -41,9 +41,10 @@ def test_same_seed_same_bytes_other_seed_other_volume():
 @pytest.mark.parametrize("block_shape", [(7, 64, 50), (1, 40, 110), (5, 96, 9), (16, 20, 20)])
 def test_blockwise_equals_whole_region(block_shape):
     roi = Roi((-3, 17, -40), (16, 96, 110))  # negative and odd offsets on purpose
-    whole = generate_region(roi, seed=3, difficulty=0.9, **DEFECTS)
+    whole = generate_region(roi, seed=11, difficulty=0.9, **DEFECTS)
+    assert (whole["clefts"] != CREMI_BACKGROUND).sum() > 1000  # synapses cross the block borders
     for block in blocks(roi, block_shape):
-        part = generate_region(block.write_roi, seed=3, difficulty=0.9, **DEFECTS)
+        part = generate_region(block.write_roi, seed=11, difficulty=0.9, **DEFECTS)
         window = block.write_roi.to_slices(roi.begin)
         for name in whole:
             assert np.array_equal(whole[name][window], part[name]), (block_shape, block.write_roi, name)
@@ -140,12 +141,14 @@ def test_bad_parameters_are_one_line_errors():
 
 def test_synthesize_zarr_is_independent_of_workers_and_chunks(tmp_path):
     shape = (12, 70, 90)
-    one = synthesize(tmp_path / "one.zarr", shape, seed=4, workers=1, chunks=(5, 32, 64), **DEFECTS)
+    one = synthesize(tmp_path / "one.zarr", shape, seed=10, workers=1, chunks=(5, 32, 64), **DEFECTS)
     assert one["blocks"] == 3 * 3 * 2
-    synthesize(tmp_path / "two.zarr", shape, seed=4, workers=2, chunks=(4, 64, 40), **DEFECTS)
+    synthesize(tmp_path / "two.zarr", shape, seed=10, workers=2, chunks=(4, 64, 40), scheduler="processes", **DEFECTS)
+    synthesize(tmp_path / "three.zarr", shape, seed=10, workers=2, chunks=(12, 20, 90), scheduler="threads", **DEFECTS)
     a, b = read_sample(tmp_path / "one.zarr"), read_sample(tmp_path / "two.zarr")
-    assert _equal(a, b)
-    assert _equal(a, generate_region(shape, seed=4, **DEFECTS))
+    assert _equal(a, b) and _equal(a, read_sample(tmp_path / "three.zarr"))
+    assert _equal(a, generate_region(shape, seed=10, **DEFECTS))
+    assert (a["clefts"] != CREMI_BACKGROUND).any()
     raw = open_volume(tmp_path / "one.zarr" / "raw")
     assert raw.voxel_size == (40.0, 4.0, 4.0) and raw.chunks == (5, 32, 64)
 
