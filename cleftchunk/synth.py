@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from .errors import CleftchunkError
 from .geometry import Roi
@@ -62,6 +61,8 @@ from .synth_tissue import (
 from .volumes import CREMI_BACKGROUND
 
 VOXEL_SIZE = (40, 4, 4)
+#: The extent of a CREMI training sample (5 × 5 × 5 µm), the default of ``cleftchunk synth``.
+DEFAULT_SHAPE = (125, 1250, 1250)
 #: Half-thickness of the cleft label around the contact face, px (the label is ~10 px thick).
 CLEFT_HALF_PX = 5.0
 MEMBRANE_HALF_PX = 2.6
@@ -440,6 +441,8 @@ def _draw_mito_window(canvas: _Canvas, m: Mitochondrion, sl, inside: Roi) -> Non
 def _blur_in_plane(image: np.ndarray, sigma: float) -> np.ndarray:
     if not sigma:
         return image
+    from scipy import ndimage  # imported here: the command line loads this module at start-up
+
     out = ndimage.gaussian_filter1d(image, sigma, axis=1, mode="nearest", truncate=4.0)
     return ndimage.gaussian_filter1d(out, sigma, axis=2, mode="nearest", truncate=4.0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.synth import DEFAULT_SHAPE
 
 
 def _triple(text: str | None, what: str):
@@ -22,7 +23,8 @@ def _triple(text: str | None, what: str):
 
 @click.command("synth")
 @click.argument("dst", type=click.Path())
-@click.option("--shape", default="125,1250,1250", show_default=True, help="Volume extent Z,Y,X in voxels (40x4x4 nm).")
+@click.option("--shape", default=",".join(map(str, DEFAULT_SHAPE)), show_default=True,
+              help="Volume extent Z,Y,X in voxels (40x4x4 nm).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed: same seed, same volume.")
 @click.option("--difficulty", default=0.5, show_default=True, type=float,
               help="0..1: noise, blur, section changes, distractors, missing/misaligned sections.")
