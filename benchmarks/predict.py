@@ -17,6 +17,8 @@ Every contender runs in a fresh subprocess (peak RSS of its whole process tree),
 
     python benchmarks/predict.py            # full run (~10 min on 2 idle cores)
     python benchmarks/predict.py --quick    # small volumes and the small preset (~2 min)
+    python benchmarks/predict.py --mid --only efficiency  # default model on 16×512×512 (8 tiles),
+                                            # when the full efficiency run does not fit a loaded machine
     python benchmarks/predict.py --only monai,memory
 """
 
@@ -262,6 +264,12 @@ CONFIGS = {
         mem_shapes=[(32, 512, 512), (64, 1024, 1024)], mem_window=(8, 256, 256), mem_block=(16, 256, 256),
         monai_shape=(16, 512, 512), monai_window=(8, 256, 256),
     ),
+    "mid": dict(
+        eff_shape=(16, 512, 512), eff_window=(8, 256, 256), eff_overlap=0.0, eff_preset="default", chunks=(16, 256, 256),
+        eff_sample=8,
+        mem_shapes=[(16, 256, 256), (32, 512, 512)], mem_window=(8, 128, 128), mem_block=(8, 128, 128),
+        monai_shape=(16, 256, 256), monai_window=(8, 128, 128),
+    ),
     "quick": dict(
         eff_shape=(16, 256, 256), eff_window=(8, 128, 128), eff_overlap=0.5, eff_preset="small", chunks=(8, 128, 128),
         mem_shapes=[(16, 256, 256), (32, 512, 512)], mem_window=(8, 128, 128), mem_block=(8, 128, 128),
@@ -273,18 +281,19 @@ CONFIGS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small volumes and the small preset")
+    parser.add_argument("--mid", action="store_true", help="efficiency with the default model on 16×512×512 (8 tiles): for a loaded machine")
     parser.add_argument("--only", default="efficiency,memory,monai", help="comma-separated sections to run")
     parser.add_argument("--repeats", type=int, help="runs per contender (default: 1 full efficiency, 3 otherwise)")
     parser.add_argument("--eff-overlap", type=float, help="overlap of the efficiency run (full default 0: 64 tiles)")
     parser.add_argument("--eff-sample", type=int, help="time the bare forward on this many tiles and scale (full default 8)")
     args = parser.parse_args()
-    cfg = dict(CONFIGS["quick" if args.quick else "full"])
+    cfg = dict(CONFIGS["quick" if args.quick else "mid" if args.mid else "full"])
     if args.eff_overlap is not None:
         cfg["eff_overlap"] = args.eff_overlap
     if args.eff_sample is not None:
         cfg["eff_sample"] = args.eff_sample
     WORK.mkdir(parents=True, exist_ok=True)
-    mode = "quick" if args.quick else "full"
+    mode = "quick" if args.quick else "mid" if args.mid else "full"
     runners = {
         "efficiency": lambda: efficiency(cfg, args.repeats or (3 if args.quick else 1)),
         "memory": lambda: memory(cfg, args.repeats or 3),
@@ -295,9 +304,11 @@ def main() -> None:
         (WORK / f"section_{mode}_{name}.md").write_text(runners[name]())
     parts = []
     for n in runners:  # each section from a full run where there is one, else from a quick run, said so
-        full, quick = WORK / f"section_full_{n}.md", WORK / f"section_quick_{n}.md"
-        if mode == "full" and full.exists():
+        full, mid, quick = (WORK / f"section_{m}_{n}.md" for m in ("full", "mid", "quick"))
+        if mode != "quick" and full.exists():
             parts.append(full.read_text())
+        elif mode != "quick" and mid.exists():
+            parts.append(mid.read_text().replace("\n\n", " (mid configuration: --mid).\n\n", 1))
         elif quick.exists():
             parts.append(quick.read_text().replace("\n\n", " (quick configuration: --quick).\n\n", 1))
     load = f"Load average at the end of the run: {', '.join(f'{v:.1f}' for v in os.getloadavg())} (the 2-core machine is shared).\n\n"
