@@ -145,11 +145,7 @@ def _aligned_minimum(grid: ChunkGrid, itemsize: int, task_bytes: int, align: Seq
     """Per axis, the fewest units whose extent is a multiple of the source chunk (1 if too costly)."""
     if align is None:
         return (1,) * grid.roi.ndim
-    minimum = []
-    for unit, src, n, extent in zip(grid.chunk_shape, align, grid.grid_shape, grid.roi.shape):
-        # A source chunk as long as the axis (contiguous HDF5, TIFF pages) gains nothing from alignment.
-        count = 1 if src >= extent else math.lcm(int(unit), int(src)) // unit
-        minimum.append(min(count, n))
+    minimum = [min(math.lcm(int(unit), int(src)) // unit, n) for unit, src, n in zip(grid.chunk_shape, align, grid.grid_shape)]
     unit_bytes = math.prod(grid.chunk_shape) * itemsize
     for axis in (0, 1, 2):  # too big a box: give up alignment axis by axis
         if math.prod(minimum) * unit_bytes > ALIGN_SLACK * task_bytes:

@@ -266,7 +266,7 @@ def convert(
         task_bytes=task_bytes,
         progress=_label(plan.dst) if progress else False,
         source_itemsize=plan.source.dtype.itemsize,
-        align=plan.source.chunks,
+        align=source_chunking(plan.source),
     )
     group = _image_group(output)
     pyramid.build_levels(
@@ -275,6 +275,15 @@ def convert(
     )
     group.attrs[PLAN_ATTR] = {**plan.record(), "complete": True}
     return ConversionResult(plan, status, report.units, report.written, report.bytes_read)
+
+
+def source_chunking(source: Volume) -> tuple[int, ...] | None:
+    """The source's chunk shape if tasks should be aligned to it; None for unchunked storage.
+
+    Contiguous HDF5 and ``.npy`` report the whole volume as one chunk: any slab reads only
+    what it needs, so there is nothing to align to.
+    """
+    return None if source.chunks == source.shape else source.chunks
 
 
 def _label(dst: str) -> str:
@@ -377,7 +386,7 @@ def verify(
         workers=workers,
         scheduler=scheduler,
         progress=f"verify {_label(plan.dst)}" if progress else False,
-        align=plan.source.chunks,
+        align=source_chunking(plan.source),
     )
     return [Mismatch(index, roi, n) for index, roi, n in found]
 

@@ -450,13 +450,23 @@ def test_tasks_align_to_source_chunks():
     tasks = chunkwrite.plan_tasks(grid, 1, 8 * 2**20, align=(64, 64, 64))
     assert all(t.roi.shape[0] == 64 and t.roi.offset[0] % 64 == 0 for t in tasks)
     assert sorted(u for t in tasks for u in t.units) == sorted(grid.indices())
-    # a contiguous source (one chunk = the whole volume) keeps the plain, budget-sized tasks
+    # a source chunk as deep as the volume is still not cut (it would be decompressed per task)
+    deep = chunkwrite.plan_tasks(grid, 1, 8 * 2**20, align=(128, 64, 64))
+    assert all(t.roi.shape[0] == 128 for t in deep)
     plain = chunkwrite.plan_tasks(grid, 1, 8 * 2**20)
-    assert chunkwrite.plan_tasks(grid, 1, 8 * 2**20, align=(128, 512, 512)) == plain
     assert all(t.roi.shape[0] == 16 for t in plain)
     # alignment that would need a box far over the budget is given up
     huge = chunkwrite.plan_tasks(grid, 1, 2**19, align=(64, 1, 1))  # 4 MiB needed, 2 MiB allowed
     assert all(t.roi.shape[0] == 16 for t in huge)
+
+
+def test_only_chunked_sources_are_aligned_to(tmp_path):
+    data = ramp((8, 16, 16))
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        f["contiguous"] = data
+        f.create_dataset("chunked", data=data, chunks=(8, 4, 4))
+    assert conv.source_chunking(open_volume(f"{tmp_path / 'a.h5'}:contiguous")) is None
+    assert conv.source_chunking(open_volume(f"{tmp_path / 'a.h5'}:chunked")) == (8, 4, 4)
 
 
 def test_chunked_hdf5_source_with_misaligned_chunks(tmp_path, run_cli):
