@@ -261,6 +261,48 @@ Reading the numbers:
 - On this CPU one training step takes seconds (the small preset) to tens of seconds (the default),
   so a single loader worker keeps up; the loader only matters once the model runs on a GPU. Two
   torch threads were slower than one here because the other jobs kept both cores busy.
+""" + quality_section()
+
+
+QUALITY = DATA_DIR / "quality"
+QUALITY_COMMANDS = """\
+cleftchunk synth train.zarr --shape 40,512,512 --seed 1
+cleftchunk synth heldout.zarr --shape 24,512,512 --seed 2
+cleftchunk train -dn train.zarr/raw -ln train.zarr/clefts -o out-small -mi 8,128,128 -b 2 -c 1 --preset small \\
+    --iteration-total 1500 --iteration-save 250 --validate-image heldout.zarr/raw \\
+    --validate-labels heldout.zarr/clefts --validate-roi 0:16,0:256,0:256 --validate-every 250
+cleftchunk predict heldout.zarr/raw pred1500.zarr/pred --checkpoint out-small/volume_1500.pth
+cleftchunk evaluate pred1500.zarr/pred heldout.zarr/clefts --json metrics1500.json"""
+
+
+def quality_section() -> str:
+    """The held-out CREMI metrics of the small preset trained on CPU (run by hand: see the commands)."""
+    path = QUALITY / "metrics1500.json"
+    if not path.exists():
+        return ""
+    m = json.loads(path.read_text())
+    rows = [[k, f"{m[k]:.4g}" if isinstance(m[k], float) else m[k]] for k in
+            ("f1", "precision", "recall", "cremi_score", "adgt", "adf", "fp", "fn", "pred_voxels", "gt_voxels")]
+    return f"""
+### Quality: small preset, 1,500 iterations on the CPU, held-out synthetic volume
+
+Trained on a synthetic 40×512×512 volume (seed 1), evaluated on another (24×512×512, seed 2),
+batch 2 of 8×128×128 crops, all augmentations and the original loss/optimizer (about 35 minutes
+here, under load). Commands (in benchmarks/_data/quality):
+
+```
+{QUALITY_COMMANDS}
+```
+
+{markdown_table(["metric", "value"], rows)}
+
+Far from useful: the class-rebalanced BCE makes the young model mark about
+{m['pred_voxels'] / max(m['gt_voxels'], 1):.0f}× more voxels than there are cleft voxels (recall 1,
+low precision); the original trains 100,000 iterations of batch 8 at 8×256×256, about 1,000× the
+voxels seen here. The periodic validation on a 16×256×256 region (the run was then resumed with
+--resume to 2,000 iterations) did not improve between 250 and
+2,000 iterations (F1 0.02–0.09, `validation.jsonl`), so this CPU budget says nothing about the
+model's reachable quality; a GPU run is needed for that.
 """
 
 
