@@ -20,6 +20,7 @@ repeatedly.
 from __future__ import annotations
 
 import argparse
+import resource
 import shutil
 import sys
 from pathlib import Path
@@ -78,6 +79,14 @@ def em_like_volume(path: Path, depth: int, seed: int = 0, chunked: bool = False)
             ds[z : z + n] = slab
 
 
+def measure_with_cpu(argv: list[str]):
+    """``measure`` plus the CPU seconds (user + system) of the whole process tree."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    m = measure(argv)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return m, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def contenders(src: Path, dst: Path) -> dict[str, list[str]]:
     cli = [sys.executable, "-m", "cleftchunk_cli.main", "convert", str(src), f"{dst}/raw", "--chunks", ",".join(map(str, CHUNKS)),
            "--no-progress", "--overwrite"]
@@ -109,21 +118,24 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name, argv in contenders(src, work / "out.zarr").items():  # interleaved: load noise hits all alike
                 shutil.rmtree(work / "out.zarr", ignore_errors=True)
-                m = measure(argv)
-                results.setdefault(name, []).append(m)
-                print(f"{depth:4d} sections {layout:16s} {name:32s} {m.seconds:7.2f} s  {m.peak_rss_mib:7.0f} MiB", flush=True)
-        base = median([m.seconds for m in results["dask from_array().to_zarr()"]])
-        for name, ms in results.items():
-            seconds = median([m.seconds for m in ms])
+                m, cpu = measure_with_cpu(argv)
+                results.setdefault(name, []).append((m, cpu))
+                print(f"{depth:4d} sections {layout:16s} {name:32s} {m.seconds:7.2f} s  {cpu:7.2f} CPU s  {m.peak_rss_mib:7.0f} MiB", flush=True)
+        base = median([m.seconds for m, _ in results["dask from_array().to_zarr()"]])
+        for name, runs in results.items():
+            seconds = median([m.seconds for m, _ in runs])
             rows.append([
                 f"{size / 2**30:.3g} GiB ({depth}×{PLANE[0]}×{PLANE[1]}), {layout}", name, f"{seconds:.2f}",
-                f"{size / 2**20 / seconds:.0f}", f"{median([m.peak_rss_mib for m in ms]):.0f}", f"{base / seconds:.2f}×",
+                f"{size / 2**20 / seconds:.0f}", f"{median([cpu for _, cpu in runs]):.2f}",
+                f"{median([m.peak_rss_mib for m, _ in runs]):.0f}", f"{base / seconds:.2f}×",
             ])
     shutil.rmtree(work / "out.zarr", ignore_errors=True)
-    table = markdown_table(["HDF5 volume", "contender", "median s", "MiB/s", "peak RSS MiB", "speed vs dask"], rows)
+    table = markdown_table(["HDF5 volume", "contender", "median s", "MiB/s", "CPU s", "peak RSS MiB", "speed vs dask"], rows)
     body = (
         f"HDF5 (uint8, EM-like texture) → Zarr v3, chunks {CHUNKS}, Blosc-zstd 5; "
-        f"median of {args.repeats} runs, each in a fresh process; peak RSS of the whole process tree."
+        f"median of {args.repeats} runs, each in a fresh process; peak RSS of the whole process tree; "
+        "CPU s = user + system time of the process tree, which depends far less than wall time on what "
+        "else the (shared) machine runs."
         f"{' Quick run (--quick).' if args.quick else ''}\n\n{table}\n"
     )
     path = write_fragment("convert", "Conversion: HDF5 → Zarr", body)
