@@ -60,13 +60,7 @@ def cli(debug: bool) -> None:
 
 
 for _name in COMMANDS:
-    try:
-        _module = importlib.import_module(f"cleftchunk_cli.{_name}")
-    except ModuleNotFoundError as _e:  # a command still being built is simply absent
-        if _e.name != f"cleftchunk_cli.{_name}":
-            raise
-        continue
-    cli.add_command(_module.command)
+    cli.add_command(importlib.import_module(f"cleftchunk_cli.{_name}").command)
 
 
 def main(argv: list[str] | None = None) -> None:
