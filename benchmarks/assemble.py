@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from _common import HERE, RESULTS_DIR, machine_info
 
-ORDER = ["convert", "synth", "train", "predict", "gpu", "evaluate", "demo"]
+ORDER = ["demo", "convert", "synth", "train", "predict", "predict-gpu", "evaluate"]
 
 
 def main() -> None:
@@ -19,6 +19,15 @@ def main() -> None:
         f"Assembled on: {machine_info()}",
         "",
     ]
+    if not (RESULTS_DIR / "predict-gpu.md").exists():
+        parts += [
+            "## Prediction on a GPU",
+            "",
+            "Not measured yet: no GPU machine has been lent to the sessions so far. `python",
+            "benchmarks/gpu_check.py` (a few minutes) measures bf16/fp32 throughput at batch 1–8, TB per",
+            "GPU-hour and the end-to-end efficiency, and writes `results/predict-gpu.md` here.",
+            "",
+        ]
     for path in fragments:
         parts += [path.read_text().strip(), ""]
     (HERE / "RESULTS.md").write_text("\n".join(parts))

@@ -42,9 +42,15 @@ class DemoSettings:
     difficulty: float = 0.5
     preset: str = "small"
     input_size: tuple[int, int, int] = (8, 160, 160)
-    iterations: int = 1200
+    iterations: int = 1000
     batch_size: int = 2
+    # The original recipe (Adam with amsgrad, reduce-on-plateau, class-rebalanced BCE), with a
+    # higher learning rate for the short run. Neither it nor the later recipe (AdamW + cosine +
+    # Dice, lr 3e-3: held-out F1 0.25 after 800 iterations) trains far in a CPU's 10 minutes.
     lr: float = 2e-3
+    optimizer: str = "adam"
+    scheduler: str = "plateau"
+    dice: float = 0.0
     loader_workers: int = 1
     predict_workers: int = 1
     predict_batch: int = 2
@@ -242,6 +248,9 @@ class Demo:
             "batch_size": s.batch_size,
             "workers": s.loader_workers,
             "lr": s.lr,
+            "optimizer": s.optimizer,
+            "scheduler": s.scheduler,
+            "dice": s.dice,
             "seed": s.seed,
             "gpus": 1 if s.device == "cuda" else 0,
             "image_every": max(s.iterations // 4, 1),
@@ -356,7 +365,8 @@ def write_demo_report(demo: Demo) -> Path:
         "What ran",
         f"Training sample {_shape(s.train_shape)} (seed {s.seed}), held-out test sample {_shape(s.test_shape)} "
         f"(seed {s.seed + 1}), difficulty {s.difficulty}; unetv0 preset '{s.preset}', input {_shape(s.input_size)}, "
-        f"{s.iterations} iterations of batch {s.batch_size} on {s.device}.",
+        f"{s.iterations} iterations of batch {s.batch_size} on {s.device} ({s.optimizer}, {s.scheduler} schedule, "
+        f"weighted BCE{' + Dice' if s.dice else ''}, lr {s.lr:g}).",
     )
 
     model, baseline = demo.results.get("model", {}), demo.results.get("baseline", {})
