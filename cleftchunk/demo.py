@@ -333,10 +333,10 @@ def best_baseline_threshold(sample: Path) -> int:
 def write_threshold_baseline(raw_spec: Path, out: Path, threshold: int) -> None:
     """Write ``raw <= threshold`` as a 0/1 uint8 volume, chunk by chunk."""
     from .geometry import ChunkGrid
-    from .volumes import create_volume, open_volume
+    from .volumes import create_like, open_volume
 
     raw = open_volume(raw_spec)
-    target = create_volume(out, raw.shape, np.uint8, chunks=raw.chunks, voxel_size=raw.voxel_size, offset_nm=raw.offset_nm, overwrite=True)
+    target = create_like(out, raw, np.uint8, overwrite=True)
     for _, roi in ChunkGrid(raw.roi, raw.chunks).chunks():
         target.write(roi, (raw.read(roi) <= threshold).astype(np.uint8))
 

@@ -70,7 +70,7 @@ from .tiling import (
     reflect_read,
     to_fixed,
 )
-from .volumes import DEFAULT_CHUNKS, Volume, create_volume, open_volume
+from .volumes import DEFAULT_CHUNKS, Volume, create_like, open_volume
 from .volumes import exists as volume_exists
 
 PREDICT_FORMAT = "cleftchunk-predict/1"
@@ -949,13 +949,11 @@ def _open_output(
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
     }
-    output = create_volume(
+    output = create_like(
         spec,
-        volume.shape,
+        volume,
         np.uint8,
         chunks=chunks,
-        voxel_size=volume.voxel_size,
-        offset_nm=volume.offset_nm,
         attrs=None if resuming else {ATTR: provenance},
         overwrite=overwrite,
         exist_ok=resuming,

@@ -41,7 +41,7 @@ import numpy as np
 
 from .errors import CleftchunkError
 from .geometry import Roi, blocks
-from .volumes import CREMI_BACKGROUND, DEFAULT_CHUNKS, Volume, create_volume, exists, open_volume
+from .volumes import CREMI_BACKGROUND, DEFAULT_CHUNKS, Volume, create_like, exists, open_volume
 
 KINDS = ("ids", "main", "mask", "prob")
 DEFAULT_THRESHOLD = 128
@@ -363,13 +363,11 @@ def _create_output(out, source, chunks, overwrite, threshold, min_size, connecti
     if not overwrite and exists(out) and _is_unfinished(out):
         overwrite = True
     params = {"threshold": threshold, "min_size": min_size, "connectivity": connectivity, "input_kind": kind}
-    return create_volume(
+    return create_like(
         out,
-        source.shape,
+        source,
         np.uint64,
         chunks=chunks,
-        voxel_size=source.voxel_size,
-        offset_nm=source.offset_nm,
         fill_value=int(CREMI_BACKGROUND),
         attrs={KIND_ATTRIBUTE: "ids", COMPLETE_ATTRIBUTE: False, "segment": params, "source": source.spec},
         overwrite=overwrite,

@@ -44,7 +44,6 @@ from .errors import CleftchunkError
 from .geometry import Roi
 from .synth_fields import rand, value_noise, voxel_noise
 from .synth_tissue import (
-    CELL,
     WARP_PX,
     Contact,
     Mitochondrion,

@@ -603,6 +603,23 @@ def _fresh_group(root: Any, inner: str) -> Any:
     return root.require_group(inner)
 
 
+def create_like(spec: str | os.PathLike, like: Volume, dtype: Any, chunks: Sequence[int] | None = None, **options: Any) -> Volume:
+    """Create a volume in the frame of ``like``: same shape, voxel size and offset (chunks too by default).
+
+    Every derived output (predictions, cleft ids, masks) is created this way, so it overlays its
+    input in any viewer; ``options`` are those of :func:`create_volume`.
+    """
+    return create_volume(
+        spec,
+        like.shape,
+        dtype,
+        chunks=like.chunks if chunks is None else chunks,
+        voxel_size=like.voxel_size,
+        offset_nm=like.offset_nm,
+        **options,
+    )
+
+
 def image_group_of(volume: Volume) -> tuple[Path, str]:
     """(container, group path) of the OME-Zarr image a level array belongs to."""
     inner = volume.inner or ""

@@ -87,7 +87,7 @@ def _verify(plan: conv.ConversionPlan, workers: int, scheduler: str, progress: b
     if mismatches:
         for m in mismatches[:20]:
             click.echo(f"mismatch: {plan.dst} {m}", err=True)
-        more = f" (first 20 listed)" if len(mismatches) > 20 else ""
+        more = " (first 20 listed)" if len(mismatches) > 20 else ""
         raise CleftchunkError(
             f"{plan.dst}: {len(mismatches)} chunks differ from {plan.source}{more}: re-run with --overwrite to rewrite it"
         )

@@ -135,6 +135,7 @@ def test_hand_computed_anisotropic_case(tmp_path):
     # d_P over Q: x=0 -> 4 (to x=1), x=1 -> 0
     d_p = [4.0, 0.0]
     mean_q = sum(d_q) / 3
+    mean_p = sum(d_p) / 2
     std_q = math.sqrt(sum((d - mean_q) ** 2 for d in d_q) / 3)
     p = write(tmp_path / "v.zarr/pred", pred.astype(np.uint8), chunks=(1, 1, 2))
     g = write(tmp_path / "v.zarr/gt", cremi_ids(gt), chunks=(1, 1, 2), fill_value=int(BG))
@@ -143,8 +144,8 @@ def test_hand_computed_anisotropic_case(tmp_path):
         evaluate(p, g, theta=50, block_shape=(1, 1, 2), halo=(0, 0, 0)),
     ):
         assert (got["fp"], got["fn"], got["tp"]) == (1, 0, 2)  # 80 > 50
-        assert got["adgt"] == pytest.approx(mean_q) and got["adf"] == pytest.approx(2.0)
-        assert got["cremi_score"] == pytest.approx((mean_q + 2.0) / 2)
+        assert got["adgt"] == pytest.approx(mean_q) and got["adf"] == pytest.approx(mean_p)
+        assert got["cremi_score"] == pytest.approx((mean_q + mean_p) / 2)
         assert got["pred_to_gt"] == pytest.approx({"count": 3, "mean": mean_q, "std": std_q, "max": 80.0, "median": 12.0})
         assert got["gt_to_pred"] == pytest.approx({"count": 2, "mean": 2.0, "std": 2.0, "max": 4.0, "median": 2.0})
         assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((2 / 3, 1.0, 4 / 5))
