@@ -57,7 +57,8 @@ def draw(shape, clefts, thickness: float, shift=(0, 0)) -> np.ndarray:
 
 
 def make_data(shape, path: Path) -> dict:
-    from cleftchunk.volumes import CREMI_BACKGROUND, create_volume
+    from cleftchunk.labels import CREMI_BACKGROUND
+    from cleftchunk.io.volumes import create_volume
 
     rng = np.random.default_rng(1)
     truth = sheet_clefts(shape, seed=0)
@@ -82,7 +83,7 @@ def reference_evaluate_code(path: Path) -> str:
         "import json, numpy as np\n"
         "from cleftchunk import open_volume\n"
         "from cleftchunk.metrics import cremi_metrics_reference\n"
-        "from cleftchunk.volumes import CREMI_BACKGROUND, CREMI_INVALID\n"
+        "from cleftchunk.io.volumes import CREMI_BACKGROUND, CREMI_INVALID\n"
         f"pred = open_volume('{path}/pred')[...]; gt = open_volume('{path}/gt')[...]\n"
         "r = cremi_metrics_reference(pred >= 128, gt != CREMI_BACKGROUND, (40, 4, 4), invalid_mask=gt == CREMI_INVALID)\n"
         "print(json.dumps({'score': r['cremi_score'], 'fp': r['fp'], 'fn': r['fn']}))\n"
@@ -94,7 +95,7 @@ def reference_segment_code(path: Path) -> str:
         "import numpy as np\n"
         "from cleftchunk import open_volume\n"
         "from cleftchunk.segment import connected_components_reference\n"
-        "from cleftchunk.volumes import create_volume, CREMI_BACKGROUND\n"
+        "from cleftchunk.io.volumes import create_volume, CREMI_BACKGROUND\n"
         f"src = open_volume('{path}/pred'); pred = src[...]\n"
         "ids = connected_components_reference(pred >= 128, 26)\n"
         f"v = create_volume('{path}/ref_clefts', ids.shape, np.uint64, chunks=(16, 256, 256), "

@@ -71,14 +71,14 @@ def throughput(model, device, window, precision: str, batch: int, batches: int) 
 def coverage(shape, window, overlap=0.5) -> float:
     """Tiles covering a voxel on average: grid tiles × tile voxels ÷ volume voxels."""
     from cleftchunk.geometry import Roi
-    from cleftchunk.tiling import TileGrid
+    from cleftchunk.predict.tiling import TileGrid
 
     grid = TileGrid.over(Roi((0, 0, 0), shape), window, overlap, pad=False)
     return grid.count * float(np.prod(window)) / float(np.prod(shape))
 
 
 def make_volume(shape, chunks) -> str:
-    from cleftchunk.volumes import create_volume
+    from cleftchunk.io.volumes import create_volume
 
     spec = str(WORK / f"raw_{'x'.join(map(str, shape))}.zarr" / "raw")
     if Path(spec).exists():
@@ -93,8 +93,8 @@ def make_volume(shape, chunks) -> str:
 
 def bare_over_grid(model, device, spec, window, precision, batch) -> tuple[float, int]:
     from cleftchunk.predict import PredictParams, TileRunner
-    from cleftchunk.tiling import TileGrid
-    from cleftchunk.volumes import open_volume
+    from cleftchunk.predict.tiling import TileGrid
+    from cleftchunk.io.volumes import open_volume
 
     raw = open_volume(spec)[:]
     from cleftchunk.geometry import Roi
@@ -131,7 +131,7 @@ def main() -> None:
 
     from cleftchunk.model import arch_spec, build_model, load_model, save_checkpoint
     from cleftchunk.predict import predict_reference
-    from cleftchunk.volumes import open_volume
+    from cleftchunk.io.volumes import open_volume
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --device cpu --quick to exercise the script")

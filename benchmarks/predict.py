@@ -43,8 +43,8 @@ BARE_FORWARD = """
 import json, time, numpy as np, torch
 torch.set_num_threads({threads})
 from cleftchunk.model import load_model
-from cleftchunk.tiling import TileGrid
-from cleftchunk.volumes import open_volume
+from cleftchunk.predict.tiling import TileGrid
+from cleftchunk.io.volumes import open_volume
 from cleftchunk.geometry import Roi
 volume = open_volume({spec!r})
 raw = volume[:]
@@ -76,7 +76,7 @@ CHEAP_IN_MEMORY = """
 import torch, zarr
 torch.set_num_threads({threads})
 from cleftchunk.predict import predict_reference
-from cleftchunk.volumes import create_volume, open_volume
+from cleftchunk.io.volumes import create_volume, open_volume
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3, padding=1), torch.nn.Sigmoid()).eval()
 raw = open_volume({spec!r})[:]
@@ -89,7 +89,7 @@ import numpy as np, torch
 torch.set_num_threads({threads})
 from monai.inferers import sliding_window_inference
 from cleftchunk.model import load_model
-from cleftchunk.volumes import create_volume, open_volume
+from cleftchunk.io.volumes import create_volume, open_volume
 raw = open_volume({spec!r})[:]
 model = load_model({ckpt!r})
 x = torch.from_numpy(raw[None, None]).float().div_(255.0)
@@ -104,7 +104,7 @@ create_volume({out!r}, out.shape, out.dtype, chunks={chunks!r}, overwrite=True).
 def random_volume(shape: tuple[int, int, int], chunks: tuple[int, int, int], seed: int = 0) -> str:
     """A uint8 Zarr volume of EM-like noise (the model's time does not depend on content; no
     tile is single-valued, so none is skipped). Written slab by slab."""
-    from cleftchunk.volumes import create_volume
+    from cleftchunk.io.volumes import create_volume
 
     spec = str(WORK / f"raw_{'x'.join(map(str, shape))}.zarr" / "raw")
     if Path(spec).exists():
@@ -243,7 +243,7 @@ def monai(cfg: dict, repeats: int) -> str:
     base = times["MONAI sliding_window_inference"]
     for row in rows:
         row.append(f"{base / float(row[1]):.2f}×")
-    from cleftchunk.volumes import open_volume
+    from cleftchunk.io.volumes import open_volume
 
     a, b = open_volume(ours_out)[:].astype(int), open_volume(monai_out)[:].astype(int)
     diff = np.abs(a - b)

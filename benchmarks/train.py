@@ -41,8 +41,8 @@ import json, time, torch
 torch.set_num_threads(1)
 import numpy as np
 from scipy import ndimage as ndi
-from cleftchunk.augment import AugmentConfig, Augmenter
-from cleftchunk.data import CropSampler, CropStream, RejectionConfig, make_loader, open_training_volumes
+from cleftchunk.train.augment import AugmentConfig, Augmenter
+from cleftchunk.train.data import CropSampler, CropStream, RejectionConfig, make_loader, open_training_volumes
 from cleftchunk.geometry import Roi
 
 class SequentialWarps(Augmenter):
@@ -98,7 +98,7 @@ BREAKDOWN = """
 import cProfile, json, pstats, torch
 torch.set_num_threads(1)
 import numpy as np
-from cleftchunk.data import CropSampler, open_training_volumes
+from cleftchunk.train.data import CropSampler, open_training_volumes
 volumes = open_training_volumes([{data!r} + "/raw"], [{data!r} + "/clefts"])
 sampler = CropSampler(volumes, {input!r})
 for i in range(3):

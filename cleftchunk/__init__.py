@@ -10,14 +10,14 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .errors import CleftchunkError  # noqa: E402
-from .geometry import Block, ChunkGrid, Roi  # noqa: E402
-from .volumes import Volume, create_volume, open_volume  # noqa: E402
+from cleftchunk.errors import CleftchunkError  # noqa: E402
+from cleftchunk.geometry import Block, ChunkGrid, Roi  # noqa: E402
+from cleftchunk.io.volumes import Volume, create_volume, open_volume  # noqa: E402
 
 
 def load_model(checkpoint_path: Any, device: Any = "cpu") -> Any:
     """Rebuild a trained model from a checkpoint file alone (eval mode, probabilities out)."""
-    from .model import load_model as _load
+    from cleftchunk.model import load_model as _load
 
     return _load(checkpoint_path, device=device)
 

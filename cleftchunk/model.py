@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .errors import CleftchunkError
+from cleftchunk.errors import CleftchunkError
 
 CHECKPOINT_FORMAT = "cleftchunk-checkpoint/1"
 

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import click
 
-from cleftchunk import convert as conv
-from cleftchunk.chunkwrite import DEFAULT_TASK_BYTES
+from cleftchunk.io import convert as conv
+from cleftchunk.run.chunks import DEFAULT_TASK_BYTES
 from cleftchunk.errors import CleftchunkError
-
-
-def parse_triple(text: str | None, option: str, kind: type = int) -> tuple | None:
-    """``"40,4,4"`` → (40, 4, 4); a one-line error naming the option otherwise."""
-    if text is None:
-        return None
-    try:
-        values = tuple(kind(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise CleftchunkError(f"{option} {text!r}: give three comma-separated numbers Z,Y,X")
-    return values
+from cleftchunk_cli.options import parse_zyx, positive_zyx
 
 
 @click.command("convert")
@@ -54,11 +42,11 @@ def command(src, dst, dataset, channel, chunks, compressor, shards, voxel_size, 
     """
     plan_options = dict(
         channel=channel,
-        chunks=parse_triple(chunks, "--chunks"),
+        chunks=positive_zyx(chunks, "--chunks"),
         compressor=compressor,
-        shards=parse_triple(shards, "--shards"),
-        voxel_size=parse_triple(voxel_size, "--voxel-size", float),
-        offset_nm=parse_triple(offset, "--offset", float),
+        shards=positive_zyx(shards, "--shards"),
+        voxel_size=positive_zyx(voxel_size, "--voxel-size", float),
+        offset_nm=parse_zyx(offset, "--offset", float),
         background=background,
         levels=levels,
         level_method=None if downsample == "auto" else downsample,

@@ -8,10 +8,10 @@ import sys
 import click
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.metrics import THETA_NM, evaluate, format_table, to_json
-from cleftchunk.segment import DEFAULT_THRESHOLD
+from cleftchunk.post.metrics import THETA_NM, evaluate, format_table, to_json
+from cleftchunk.post.segment import DEFAULT_THRESHOLD
 
-from .segment import KIND_CHOICE, check_threshold, parse_triple
+from cleftchunk_cli.options import KIND_CHOICE, check_threshold, parse_zyx, positive_zyx
 
 
 @click.command("evaluate")
@@ -54,11 +54,11 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
         gt,
         theta=theta,
         threshold=check_threshold(threshold),
-        voxel_size=parse_triple(voxel_size, "--voxel-size", float),
+        voxel_size=positive_zyx(voxel_size, "--voxel-size", float),
         pred_kind=pred_kind,
         gt_kind=gt_kind,
-        block_shape=parse_triple(block_shape, "--block-shape"),
-        halo=parse_triple(halo, "--halo"),
+        block_shape=positive_zyx(block_shape, "--block-shape"),
+        halo=parse_zyx(halo, "--halo", minimum=0),
         workers=workers,
         progress=sys.stderr.isatty() if progress is None else progress,
     )

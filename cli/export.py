@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from cleftchunk.export import export_cremi, parse_crop
+from cleftchunk.post.export import export_cremi, parse_crop
 
-from .segment import KIND_CHOICE, parse_triple
+from cleftchunk_cli.options import KIND_CHOICE, parse_zyx
 
 
 @click.command("export")
@@ -33,7 +33,7 @@ def command(clefts, out, raw, crop, offset, kind, overwrite):
         clefts,
         out,
         raw=raw,
-        offset=parse_triple(offset, "--offset"),
+        offset=parse_zyx(offset, "--offset"),
         crop=parse_crop(crop) if crop else None,
         kind=kind,
         overwrite=overwrite,

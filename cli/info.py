@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cleftchunk import info as volume_info
+from cleftchunk.io import info as volume_info
 
 
 @click.command("info")

@@ -12,8 +12,8 @@ import click
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.predict import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, predict
-from cleftchunk.volumes import split_spec
-from cleftchunk_cli.convert import parse_triple
+from cleftchunk.io.volumes import split_spec
+from cleftchunk_cli.options import positive_zyx
 
 
 @click.command("predict")
@@ -54,7 +54,7 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
     if not checkpoint:
         raise CleftchunkError("no model given: pass --checkpoint CKPT (or -pm CKPT), a file written by cleftchunk train")
     options = dict(
-        window=parse_triple(model_input, "--model-input"),
+        window=positive_zyx(model_input, "--model-input"),
         overlap=overlap,
         blend=blend,
         pad=pad,
@@ -67,8 +67,8 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
         gpus=gpus,
         cores=cpus,
         scheduler=scheduler,
-        block_shape=parse_triple(block_shape, "--block-shape"),
-        chunks=parse_triple(chunks, "--chunks"),
+        block_shape=positive_zyx(block_shape, "--block-shape"),
+        chunks=positive_zyx(chunks, "--chunks"),
         overwrite=overwrite,
         retries=retries,
         progress=progress,

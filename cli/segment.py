@@ -6,33 +6,8 @@ import sys
 
 import click
 
-from cleftchunk.errors import CleftchunkError
-from cleftchunk.segment import DEFAULT_THRESHOLD, KINDS, segment
-
-KIND_CHOICE = click.Choice(("auto",) + KINDS)
-
-
-def parse_triple(text: str | None, name: str, cast=int) -> tuple | None:
-    """'Z,Y,X' (or one number for all three axes) -> a tuple of three numbers."""
-    if text is None:
-        return None
-    parts = [p for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        values = tuple(cast(p) for p in parts)
-    except ValueError:
-        raise CleftchunkError(f"{name} {text!r} is not a list of numbers: write Z,Y,X, e.g. 32,256,256") from None
-    if len(values) == 1:
-        values = values * 3
-    if len(values) != 3:
-        raise CleftchunkError(f"{name} {text!r} has {len(values)} values: write three, Z,Y,X")
-    return values
-
-
-def check_threshold(threshold: float) -> float:
-    if not 0 < threshold <= 255:
-        raise CleftchunkError(f"--threshold {threshold:g} is outside (0, 255]: it applies to uint8 probabilities (p*255)")
-    return threshold
-
+from cleftchunk.post.segment import DEFAULT_THRESHOLD, segment
+from cleftchunk_cli.options import KIND_CHOICE, check_threshold, positive_zyx
 
 @click.command("segment")
 @click.argument("pred")
@@ -62,8 +37,8 @@ def command(pred, output, threshold, min_size, connectivity, pred_kind, block_sh
         min_size=min_size,
         connectivity=int(connectivity),
         kind=pred_kind,
-        block_shape=parse_triple(block_shape, "--block-shape"),
-        chunks=parse_triple(chunks, "--chunks"),
+        block_shape=positive_zyx(block_shape, "--block-shape"),
+        chunks=positive_zyx(chunks, "--chunks"),
         workers=workers,
         progress=sys.stderr.isatty() if progress is None else progress,
         overwrite=overwrite,

@@ -5,20 +5,8 @@ from __future__ import annotations
 import click
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.synth import DEFAULT_SHAPE
-
-
-def _triple(text: str | None, what: str):
-    if text is None:
-        return None
-    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        values = tuple(int(p) for p in parts)
-    except ValueError:
-        raise CleftchunkError(f"{what} {text!r} must be 3 integers Z,Y,X, e.g. 125,1250,1250") from None
-    if len(values) != 3:
-        raise CleftchunkError(f"{what} {text!r} must have 3 values Z,Y,X, e.g. 125,1250,1250")
-    return values
+from cleftchunk.synth.generate import DEFAULT_SHAPE
+from cleftchunk_cli.options import positive_zyx
 
 
 @click.command("synth")
@@ -45,18 +33,18 @@ def command(dst, shape, seed, difficulty, fmt, chunks, workers, processes, missi
     Every voxel is a function of the seed and its coordinate, so the result is the same for any
     chunking or number of workers, and an interrupted run resumes when re-run.
     """
-    from cleftchunk.synth import generate_region, make_params
-    from cleftchunk.synth_preview import preview_region, save_preview
-    from cleftchunk.synth_write import check_shape, synthesize
+    from cleftchunk.synth.generate import generate_region, make_params
+    from cleftchunk.synth.preview import preview_region, save_preview
+    from cleftchunk.synth.write import check_shape, synthesize
 
     fmt = fmt.lower() if fmt else None
-    shape = check_shape(_triple(shape, "--shape"))
+    shape = check_shape(positive_zyx(shape, "--shape"))
     overrides = {k: v for k, v in (("missing_rate", missing_rate), ("misalign_rate", misalign_rate)) if v is not None}
     make_params(difficulty, **overrides)  # fail on bad values before touching the destination
     if preview is not None and not str(preview).lower().endswith(".png"):
         raise CleftchunkError(f"--preview {preview} must name a .png file")
     summary = synthesize(
-        dst, shape, seed=seed, difficulty=difficulty, chunks=_triple(chunks, "--chunks"), workers=workers,
+        dst, shape, seed=seed, difficulty=difficulty, chunks=positive_zyx(chunks, "--chunks"), workers=workers,
         format=fmt, overwrite=overwrite, scheduler="processes" if processes else "threads", progress=not quiet,
         **overrides,
     )

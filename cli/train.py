@@ -70,7 +70,7 @@ def command(config_file, augment, no_augment, rejection, no_progress, resume, ov
     """Train the cleft model on image/label volumes (random augmented crops, read lazily)."""
     from pathlib import Path
 
-    from cleftchunk.augment import AugmentConfig
+    from cleftchunk.train.augment import AugmentConfig
     from cleftchunk.model import load_checkpoint
     from cleftchunk.train import TrainConfig, load_yaml_config, train
 

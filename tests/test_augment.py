@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from cleftchunk.augment import AugmentConfig, Augmenter, Plan, apply_flips, smooth_labels
-from cleftchunk.data import CropSampler, RejectionConfig, TrainingVolume
+from cleftchunk.train.augment import AugmentConfig, Augmenter, Plan, apply_flips, smooth_labels
+from cleftchunk.train.data import CropSampler, RejectionConfig, TrainingVolume
 
 OUT = (4, 64, 64)
 LOW, HIGH = 20, 220  # image grey values off / on the drawn pattern

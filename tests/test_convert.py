@@ -17,10 +17,10 @@ import tifffile
 import zarr
 from PIL import Image
 
-from cleftchunk import chunkwrite
-from cleftchunk import convert as conv
+from cleftchunk.run import chunks as chunkwrite
+from cleftchunk.io import convert as conv
 from cleftchunk.geometry import ChunkGrid, Roi
-from cleftchunk.volumes import open_volume
+from cleftchunk.io.volumes import open_volume
 from convert_helpers import CREMI_BG, ramp, write_cremi, write_n5
 
 VS = ("--voxel-size", "40,4,4")

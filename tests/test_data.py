@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cleftchunk import CleftchunkError
-from cleftchunk.augment import AugmentConfig
-from cleftchunk.data import (
+from cleftchunk.train.augment import AugmentConfig
+from cleftchunk.train.data import (
     CACHE_CHUNKS,
     CropSampler,
     CropStream,
@@ -20,7 +20,8 @@ from cleftchunk.data import (
     resolve_label_mode,
     split_list,
 )
-from cleftchunk.volumes import CREMI_BACKGROUND, CREMI_INVALID, create_volume
+from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID
+from cleftchunk.io.volumes import create_volume
 
 BG, INVALID = int(CREMI_BACKGROUND), int(CREMI_INVALID)
 OUT = (2, 32, 32)
@@ -51,7 +52,7 @@ def test_nonzero_labels_and_the_auto_rule():
 def test_uint64_labels_in_a_dataset_named_main_are_zero_background(tmp_path):
     import h5py
 
-    from cleftchunk.volumes import open_volume
+    from cleftchunk.io.volumes import open_volume
 
     with h5py.File(tmp_path / "syn.h5", "w") as f:
         f["main"] = np.full((4, 32, 32), BG, np.uint64)  # even if it happens to hold 0xFF..FF

@@ -6,13 +6,16 @@ import h5py
 import numpy as np
 import pytest
 
-from cleftchunk import export, open_volume
+from cleftchunk import open_volume
+
+from cleftchunk.post import export
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.export import export_cremi, parse_crop
+from cleftchunk.post.export import export_cremi, parse_crop
 from cleftchunk.geometry import Roi
-from cleftchunk.metrics import evaluate
-from cleftchunk.segment import segment
-from cleftchunk.volumes import CREMI_BACKGROUND, create_volume
+from cleftchunk.post.metrics import evaluate
+from cleftchunk.post.segment import segment
+from cleftchunk.labels import CREMI_BACKGROUND
+from cleftchunk.io.volumes import create_volume
 
 BG = CREMI_BACKGROUND
 

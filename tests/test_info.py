@@ -8,8 +8,8 @@ import h5py
 import numpy as np
 import tifffile
 
-from cleftchunk.info import describe, sample_range
-from cleftchunk.volumes import create_volume, open_volume
+from cleftchunk.io.info import describe, sample_range
+from cleftchunk.io.volumes import create_volume, open_volume
 from convert_helpers import ramp, write_cremi, write_n5
 
 

@@ -11,10 +11,11 @@ import pytest
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
-from cleftchunk import metrics
-from cleftchunk.metrics import cremi_metrics_reference, evaluate
-from cleftchunk.synth import generate_region
-from cleftchunk.volumes import CREMI_BACKGROUND, CREMI_INVALID, create_volume
+from cleftchunk.post import metrics
+from cleftchunk.post.metrics import cremi_metrics_reference, evaluate
+from cleftchunk.synth.generate import generate_region
+from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID
+from cleftchunk.io.volumes import create_volume
 
 BG, INV = CREMI_BACKGROUND, CREMI_INVALID
 VS = (40.0, 4.0, 4.0)

@@ -20,7 +20,7 @@ import zarr
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
 from cleftchunk.predict import GpuOutOfMemory, TileRunner, PredictParams, predict, predict_reference
-from cleftchunk.volumes import create_volume, open_volume
+from cleftchunk.io.volumes import create_volume, open_volume
 
 WINDOW = (4, 16, 16)
 CHUNKS = (4, 16, 16)
@@ -190,7 +190,7 @@ def test_empty_blocks_are_skipped_without_changing_neighbours(tmp_path):
     out = str(tmp_path / "out.zarr" / "pred")
     result = predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 16, 16), processes=False, **QUIET)
     np.testing.assert_array_equal(read(out), predict_reference(tiny_model(), raw, WINDOW))
-    from cleftchunk.tiling import TileGrid
+    from cleftchunk.predict.tiling import TileGrid
 
     grid = TileGrid.over(Roi((0, 0, 0), raw.shape), WINDOW, 0.5, pad=False)
     touching = sum(1 for _, t in grid.tiles() if not t.intersect(cube).empty)
@@ -277,7 +277,7 @@ def test_resume_after_killing_the_process(tmp_path):
 
 
 def test_a_killed_dask_worker_does_not_change_the_result(tmp_path):
-    from cleftchunk.cluster import ClusterSpec, dask_client
+    from cleftchunk.run.cluster import ClusterSpec, dask_client
 
     raw = tissue((8, 48, 48), seed=4)
     spec = write_volume(tmp_path / "in.zarr" / "raw", raw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from cleftchunk.report import Report, Table, curve_png, overlay_section, section_panel_png, sections_with_most, smooth
+from cleftchunk.demo.report import Report, Table, curve_png, overlay_section, section_panel_png, sections_with_most, smooth
 
 
 def test_overlay_colours_only_masked_pixels():

@@ -8,9 +8,11 @@ import pytest
 from cleftchunk import open_volume
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
-from cleftchunk.segment import connected_components_reference, resolve_kind, segment
-from cleftchunk.synth import generate_region
-from cleftchunk.volumes import CREMI_BACKGROUND, create_volume
+from cleftchunk.labels import resolve_kind
+from cleftchunk.post.segment import connected_components_reference, segment
+from cleftchunk.synth.generate import generate_region
+from cleftchunk.labels import CREMI_BACKGROUND
+from cleftchunk.io.volumes import create_volume
 
 BG = CREMI_BACKGROUND
 

@@ -10,9 +10,10 @@ import pytest
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi, blocks
-from cleftchunk.synth import VOXEL_SIZE, generate_region, make_params, section_shifts
-from cleftchunk.synth_write import read_sample, synthesize
-from cleftchunk.volumes import CREMI_BACKGROUND, CREMI_INVALID, open_volume
+from cleftchunk.synth.generate import VOXEL_SIZE, generate_region, make_params, section_shifts
+from cleftchunk.synth.write import read_sample, synthesize
+from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID
+from cleftchunk.io.volumes import open_volume
 
 # Defects switched up so that the chunk tests also cover misaligned and missing sections.
 DEFECTS = dict(missing_rate=0.1, misalign_rate=0.15, misalign_step_rate=0.1)
@@ -242,7 +243,7 @@ def test_cli_format_follows_the_name_or_must_match_it(tmp_path, run_cli):
 
 @pytest.mark.parametrize("fmt", ["zarr", "cremi"])
 def test_an_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, fmt):
-    import cleftchunk.synth_write as sw
+    import cleftchunk.synth.write as sw
 
     dst = tmp_path / ("s.zarr" if fmt == "zarr" else "s.hdf")
     shape, chunks = (8, 64, 64), (4, 32, 32)

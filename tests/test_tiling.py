@@ -10,7 +10,7 @@ import pytest
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
-from cleftchunk.tiling import (
+from cleftchunk.predict.tiling import (
     TileGrid,
     blended_uint8,
     check_fixed_headroom,

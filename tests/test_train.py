@@ -23,7 +23,8 @@ from cleftchunk.train import (
     training_loss,
     weighted_bce,
 )
-from cleftchunk.volumes import CREMI_BACKGROUND, create_volume
+from cleftchunk.labels import CREMI_BACKGROUND
+from cleftchunk.io.volumes import create_volume
 
 SHAPE = (8, 96, 96)
 MI = [4, 64, 64]
@@ -166,7 +167,7 @@ def test_interrupted_adamw_cosine_ema_run_resumes_exactly(data, tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
-    import cleftchunk.train as train_module
+    import cleftchunk.train.trainer as train_module
 
     calls = {"n": 0}
     real = train_module.training_loss

@@ -15,8 +15,8 @@ from PIL import Image
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
-from cleftchunk.sources import N5Array, decode_n5_block, natural_key
-from cleftchunk.volumes import create_volume, ome_multiscales, open_volume, split_spec
+from cleftchunk.io.sources import N5Array, decode_n5_block, natural_key
+from cleftchunk.io.volumes import create_volume, ome_multiscales, open_volume, split_spec
 from convert_helpers import ramp, write_n5
 
 

@@ -40,10 +40,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CleftchunkError
-from .geometry import Roi
-from .synth_fields import rand, value_noise, voxel_noise
-from .synth_tissue import (
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Roi
+from cleftchunk.synth.fields import rand, value_noise, voxel_noise
+from cleftchunk.synth.tissue import (
     WARP_PX,
     Contact,
     Mitochondrion,
@@ -57,7 +57,7 @@ from .synth_tissue import (
     warp_at,
     warp_fields,
 )
-from .volumes import CREMI_BACKGROUND
+from cleftchunk.labels import CREMI_BACKGROUND
 
 VOXEL_SIZE = (40, 4, 4)
 #: The extent of a CREMI training sample (5 × 5 × 5 µm), the default of ``cleftchunk synth``.
@@ -457,12 +457,3 @@ def _imaging(seed: int, roi: Roi, image: np.ndarray, p: SynthParams) -> np.ndarr
     image = (image - mean) * contrast[:, None, None] + mean + brightness[:, None, None]
     image = image + voxel_noise(seed, S_NOISE, z, y, x) * np.float32(p.noise)
     return np.clip(np.rint(image * np.float32(255.0)), 0, 255).astype(np.uint8)
-
-
-def synthesize(dst, shape, seed: int = 0, difficulty: float = 0.5, chunks=None, workers=None, format: str | None = None,
-               overwrite: bool = False, **params) -> dict:
-    """Write a sample to ``dst`` block by block; see :func:`cleftchunk.synth_write.synthesize`."""
-    from .synth_write import synthesize as _synthesize
-
-    return _synthesize(dst, shape, seed=seed, difficulty=difficulty, chunks=chunks, workers=workers, format=format,
-                       overwrite=overwrite, **params)

@@ -33,8 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import CleftchunkError
-from .geometry import ChunkGrid, Roi
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import ChunkGrid, Roi
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")

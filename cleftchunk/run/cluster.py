@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-from .errors import CleftchunkError
+from cleftchunk.errors import CleftchunkError
 
 
 @dataclass(frozen=True)

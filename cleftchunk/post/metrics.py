@@ -59,10 +59,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import CleftchunkError
-from .geometry import Roi, blocks, voxels_from_nm
-from .segment import DEFAULT_THRESHOLD, Runner, as_volume, cleft_mask, resolve_kind
-from .volumes import CREMI_INVALID, Volume
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Roi, blocks, voxels_from_nm
+from cleftchunk.labels import DEFAULT_THRESHOLD, cleft_mask, resolve_label_kind
+from cleftchunk.post.segment import Runner, as_volume
+from cleftchunk.labels import CREMI_INVALID
+from cleftchunk.io.volumes import Volume
 
 THETA_NM = 200.0
 DEFAULT_BLOCK_SHAPE = (32, 256, 256)
@@ -394,7 +396,7 @@ def evaluate(
         raise CleftchunkError(f"θ = {theta} nm is negative: give a distance >= 0")
     vs = common_voxel_size(pred, gt, voxel_size)
     region = evaluated_region(pred, gt, vs)
-    pair = Pair(pred, gt, resolve_kind(pred, pred_kind), resolve_kind(gt, gt_kind), threshold, region.offset)
+    pair = Pair(pred, gt, resolve_label_kind(pred, pred_kind), resolve_label_kind(gt, gt_kind), threshold, region.offset)
     total = Roi.from_shape(gt.shape)
     block_shape = tuple(min(b, s) for b, s in zip(block_shape or DEFAULT_BLOCK_SHAPE, gt.shape))
     halo = tuple(halo) if halo is not None else default_halo(theta, vs)

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from . import sources
-from .errors import CleftchunkError
-from .geometry import ChunkGrid, Roi
-from .volumes import Volume, list_hdf5_datasets, open_volume, source_kind, split_spec
+from cleftchunk.io import sources
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import ChunkGrid, Roi
+from cleftchunk.io.volumes import Volume, list_hdf5_datasets, open_volume, source_kind, split_spec
 
 SAMPLE_CHUNKS = 8
 #: Largest box read per sampled chunk: contiguous HDF5 datasets have one chunk, the whole volume.

@@ -27,12 +27,10 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import CleftchunkError
-from .geometry import Roi
-
-#: Bits of the label "code" array resampled with order 0: bit 0 = cleft, bit 1 = invalid (ignored).
-CLEFT_BIT = 1
-INVALID_BIT = 2
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Roi
+# The label "code" array resampled with order 0: bit 0 = cleft, bit 1 = invalid (ignored).
+from cleftchunk.labels import CLEFT_BIT, INVALID_BIT
 
 
 @dataclass

@@ -21,10 +21,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CleftchunkError
-from .geometry import Roi
-from .segment import as_volume, resolve_kind
-from .volumes import CREMI_BACKGROUND, HDF5_SUFFIXES, Volume
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Roi
+from cleftchunk.labels import resolve_label_kind
+from cleftchunk.post.segment import as_volume
+from cleftchunk.labels import CREMI_BACKGROUND
+from cleftchunk.io.volumes import HDF5_SUFFIXES, Volume
 
 CLEFTS_DATASET = "volumes/labels/clefts"
 RAW_DATASET = "volumes/raw"
@@ -59,7 +61,7 @@ def export_cremi(
     import h5py
 
     source = as_volume(clefts)
-    kind = resolve_kind(source, kind)
+    kind = resolve_label_kind(source, kind)
     if kind not in ("ids", "main"):
         raise CleftchunkError(
             f"{source.spec} holds a {kind}, not cleft ids: run `cleftchunk segment` on it first and export the result"

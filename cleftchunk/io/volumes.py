@@ -30,9 +30,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import CleftchunkError
-from .geometry import Roi, voxels_from_nm
-from . import sources
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Roi, voxels_from_nm
+from cleftchunk.io import sources
 
 #: Default chunk shape of written volumes: 1 MiB for uint8, thin in z to follow EM anisotropy
 #: (40 nm sections vs 4 nm pixels), and a divisor of the default prediction block so that blocks
@@ -44,8 +44,6 @@ ZARR_SUFFIXES = (".zarr", ".zarr2", ".zarr3")
 AXES = ("z", "y", "x")
 
 #: CREMI label conventions.
-CREMI_BACKGROUND = np.uint64(0xFFFFFFFFFFFFFFFF)
-CREMI_INVALID = np.uint64(0xFFFFFFFFFFFFFFFE)
 
 
 # -- spec parsing -------------------------------------------------------------------------
@@ -166,6 +164,11 @@ class Volume:
     def chunks(self) -> tuple[int, ...]:
         chunks = getattr(self.array, "chunks", None)
         return tuple(int(c) for c in chunks) if chunks else self.shape
+
+    @property
+    def attrs(self) -> dict:
+        """The stored array's attributes (a copy; empty for formats without any)."""
+        return dict(getattr(self.array, "attrs", None) or {})
 
     @property
     def offset(self) -> tuple[int, ...]:

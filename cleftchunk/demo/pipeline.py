@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from .errors import CleftchunkError
+from cleftchunk.errors import CleftchunkError
 
 MARKER = "demo.json"
 STAGES = ("synthesize", "convert", "train", "predict", "segment", "evaluate", "report")
@@ -216,7 +216,7 @@ class Demo:
         return self.folder / "report.html"
 
     def synthesize(self, detail: dict) -> None:
-        from .synth import synthesize
+        from cleftchunk.synth import synthesize
 
         s = self.settings
         self.data.mkdir(parents=True, exist_ok=True)
@@ -225,14 +225,14 @@ class Demo:
             detail[which] = {"shape": list(shape), "seed": seed, **_plain(summary)}
 
     def convert(self, detail: dict) -> None:
-        from .convert import convert_cremi_file
+        from cleftchunk.io.convert import convert_cremi_file
 
         for which in ("train", "test"):
             results = convert_cremi_file(self.sample_hdf(which), self.sample_zarr(which), overwrite=True)
             detail[which] = [str(getattr(r, "status", "")) for r in results]
 
     def train(self, detail: dict) -> None:
-        from .train import train
+        from cleftchunk.train import train
 
         s = self.settings
         config = {
@@ -263,7 +263,7 @@ class Demo:
         detail["samples"] = s.iterations * s.batch_size
 
     def predict(self, detail: dict) -> None:
-        from .predict import predict
+        from cleftchunk.predict import predict
 
         s = self.settings
         result = predict(
@@ -286,13 +286,13 @@ class Demo:
         )
 
     def segment(self, detail: dict) -> None:
-        from .segment import segment
+        from cleftchunk.post.segment import segment
 
         result = segment(str(self.results_zarr / "pred"), str(self.results_zarr / "clefts"), overwrite=True)
         detail.update(components=result.components, voxels=result.voxels)
 
     def evaluate(self, detail: dict) -> None:
-        from .metrics import evaluate
+        from cleftchunk.post.metrics import evaluate
 
         gt = str(self.sample_zarr("test") / "clefts")
         model = evaluate(str(self.results_zarr / "clefts"), gt)
@@ -316,8 +316,9 @@ def best_baseline_threshold(sample: Path) -> int:
 
     Chosen on the training sample only, so that the held-out comparison is fair to the baseline.
     """
-    from .metrics import cremi_metrics_reference
-    from .volumes import CREMI_BACKGROUND, open_volume
+    from cleftchunk.post.metrics import cremi_metrics_reference
+    from cleftchunk.labels import CREMI_BACKGROUND
+    from cleftchunk.io.volumes import open_volume
 
     raw_volume = open_volume(sample / "raw")
     raw = raw_volume[:]
@@ -332,8 +333,8 @@ def best_baseline_threshold(sample: Path) -> int:
 
 def write_threshold_baseline(raw_spec: Path, out: Path, threshold: int) -> None:
     """Write ``raw <= threshold`` as a 0/1 uint8 volume, chunk by chunk."""
-    from .geometry import ChunkGrid
-    from .volumes import create_like, open_volume
+    from cleftchunk.geometry import ChunkGrid
+    from cleftchunk.io.volumes import create_like, open_volume
 
     raw = open_volume(raw_spec)
     target = create_like(out, raw, np.uint8, overwrite=True)
@@ -355,8 +356,9 @@ METRIC_ROWS = [
 
 
 def write_demo_report(demo: Demo) -> Path:
-    from .report import Report, Table, curve_png, section_panel_png, sections_with_most, smooth
-    from .volumes import CREMI_BACKGROUND, open_volume
+    from cleftchunk.demo.report import Report, Table, curve_png, section_panel_png, sections_with_most, smooth
+    from cleftchunk.labels import CREMI_BACKGROUND
+    from cleftchunk.io.volumes import open_volume
 
     figures = demo.folder / "figures"
     s = demo.settings

@@ -7,9 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CleftchunkError
-from .geometry import Roi
-from .volumes import CREMI_BACKGROUND, CREMI_INVALID
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Roi
+from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID
 
 GAP_PX = 8
 

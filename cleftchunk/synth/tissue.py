@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .geometry import Roi
-from .synth_fields import hash_key, rand, uniform, value_noise, value_noise_at
+from cleftchunk.geometry import Roi
+from cleftchunk.synth.fields import hash_key, rand, uniform, value_noise, value_noise_at
 
 #: Neuron cell size in voxels (z, y, x).
 CELL = np.array([20, 80, 80], dtype=np.int64)

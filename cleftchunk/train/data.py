@@ -12,12 +12,9 @@
   therefore the same for any number of loader workers, and the same global batch is seen for any
   number of processes (DDP); resuming only needs the next batch index.
 
-Label rule (``label_mode``): ``cremi`` — uint64 ids, cleft = value not 0xFFFFFFFFFFFFFFFF (and not
-the invalid value 0xFFFFFFFFFFFFFFFE, whose voxels are masked out of the loss); ``nonzero`` — 0 is
-background, anything else cleft (0/1 masks, PyTorch Connectomics ``main`` files); ``auto`` — nonzero
-for every dtype but uint64 and for datasets named ``main`` (as ``cleftchunk evaluate`` decides);
-other uint64 labels are cremi if a few boxes read along the volume's diagonal hold the background
-value 0xFF..FF, and nonzero if they hold 0 but never 0xFF..FF.
+Label rule: :mod:`cleftchunk.labels` decides what a label volume holds, as for every other
+stage (``label_mode`` overrides it: ``cremi``/``ids``, ``nonzero``/``main``, ``mask``, ``prob``);
+CREMI's invalid value 0xFFFFFFFFFFFFFFFE is masked out of the loss.
 Image rule: uint8 / 255 (uint16 / 65535) to float32; float images are taken as they are.
 """
 
@@ -36,11 +33,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .augment import CLEFT_BIT, INVALID_BIT, AugmentConfig, Augmenter
-from .errors import CleftchunkError
-from .geometry import ChunkGrid, Roi
-from .volumes import CREMI_BACKGROUND, CREMI_INVALID, open_volume
+from cleftchunk.train.augment import AugmentConfig, Augmenter
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.labels import label_codes, resolve_label_kind
+from cleftchunk.geometry import ChunkGrid, Roi
+from cleftchunk.io.volumes import open_volume
 
+#: Accepted by ``label_mode`` (see :mod:`cleftchunk.labels`).
 LABEL_MODES = ("auto", "cremi", "nonzero")
 
 
@@ -69,44 +68,12 @@ class RejectionConfig:
 
 # -- labels and images -------------------------------------------------------------------------------
 def resolve_label_mode(mode: str, labels: Any) -> str:
-    """The label rule for ``labels`` (an array-like): ``auto`` looks at its dtype and a few boxes."""
+    """Training's name (``cremi``, ``nonzero`` or ``prob``) for the kind of a label volume, as
+    :func:`cleftchunk.labels.resolve_label_kind` decides it for every stage."""
     if mode not in LABEL_MODES:
         raise CleftchunkError(f"unknown label mode {mode!r}: use {', '.join(LABEL_MODES)}")
-    if mode != "auto":
-        return mode
-    if np.dtype(labels.dtype) != np.uint64 or "main" in str(getattr(labels, "inner", "") or "").split("/"):
-        return "nonzero"  # PyTorch Connectomics keeps 0-background labels in datasets named `main`
-    return detect_uint64_label_mode(labels)
-
-
-def detect_uint64_label_mode(labels: Any, boxes: int = 4) -> str:
-    """uint64 labels are CREMI ids if the background value 0xFF..FF occurs, else 0-background ids.
-
-    CREMI clefts are sparse, so any box holds background; a 0-background id volume (PyTorch
-    Connectomics ``main``) never holds 0xFF..FF. Reads at most ``boxes`` chunk-sized boxes spread
-    along the diagonal, so the cost does not grow with the volume.
-    """
-    shape = tuple(int(s) for s in labels.shape)
-    size = tuple(min(c, s) for c, s in zip(cache_chunk_shape(labels), shape))
-    seen_zero = False
-    for i in range(boxes):
-        frac = (i + 0.5) / boxes
-        start = tuple(int((s - b) * frac) for s, b in zip(shape, size))
-        data = np.asarray(labels[Roi(start, size).to_slices()])
-        if (data == CREMI_BACKGROUND).any():
-            return "cremi"
-        seen_zero = seen_zero or bool((data == 0).any())
-    return "nonzero" if seen_zero else "cremi"
-
-
-def label_codes(raw: np.ndarray, mode: str) -> np.ndarray:
-    """uint8 codes (bit 0 cleft, bit 1 invalid) from stored labels, for order-0 resampling."""
-    if mode == "cremi":
-        raw = raw.astype(np.uint64, copy=False)
-        invalid = raw == CREMI_INVALID
-        cleft = (raw != CREMI_BACKGROUND) & ~invalid
-        return (cleft * np.uint8(CLEFT_BIT)) | (invalid * np.uint8(INVALID_BIT))
-    return (raw != 0).astype(np.uint8)
+    kind = resolve_label_kind(labels, mode, scan=False)
+    return {"ids": "cremi", "main": "nonzero", "mask": "nonzero"}.get(kind, kind)
 
 
 def image_scale(dtype: np.dtype) -> float:
@@ -312,7 +279,7 @@ class CropSampler:
         self.images: list[Any] = []
         self.codes: list[Any] = []
         for i, v in enumerate(self.volumes):
-            convert = partial(label_codes, mode=v.label_mode)
+            convert = partial(label_codes, kind=v.label_mode)
             if cache_mb > 0:
                 self.images.append(ChunkedView(v.image, self.cache, f"image{i}"))
                 self.codes.append(ChunkedView(v.labels, self.cache, f"labels{i}", convert))

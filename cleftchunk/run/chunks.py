@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .geometry import ChunkGrid, Coord, Roi
+from cleftchunk.geometry import ChunkGrid, Coord, Roi
 
 #: Bytes of source data one task reads: large enough for efficient I/O, small enough that a
 #: few workers stay within a few hundred MiB.

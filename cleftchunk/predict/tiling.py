@@ -24,8 +24,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .errors import CleftchunkError
-from .geometry import Coord, Roi, as_coord, tile_starts
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Coord, Roi, as_coord, tile_starts
 
 #: Fixed-point scale of the blending sums: contributions w·p ∈ [0, 1] become integers < 2**40.
 FIXED_BITS = 40

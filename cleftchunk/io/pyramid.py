@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from . import chunkwrite
-from .geometry import Roi
-from .volumes import ome_multiscales
+from cleftchunk.run import chunks as chunkwrite
+from cleftchunk.geometry import Roi
+from cleftchunk.io.volumes import ome_multiscales
 
 FACTOR = (1, 2, 2)
 METHODS = ("mean", "stride", "mode")

@@ -25,10 +25,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import CleftchunkError
-from .geometry import ChunkGrid, Roi
-from .synth import VOXEL_SIZE, SynthParams, check_seed, generate_region, make_params
-from .volumes import CREMI_BACKGROUND, DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, open_volume, split_spec
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import ChunkGrid, Roi
+from cleftchunk.synth.generate import VOXEL_SIZE, SynthParams, check_seed, generate_region, make_params
+from cleftchunk.labels import CREMI_BACKGROUND, kind_attrs
+from cleftchunk.io.volumes import DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, open_volume, split_spec
 
 #: Larger requests are refused as typos (10^13 voxels is ~10 TB of raw, ~170 TB with labels).
 MAX_VOXELS = 10**13
@@ -36,6 +37,8 @@ FORMATS = ("zarr", "cremi")
 NAMES = ("raw", "clefts", "neuron_ids")
 DTYPES = {"raw": np.uint8, "clefts": np.uint64, "neuron_ids": np.uint64}
 FILL = {"raw": 0, "clefts": int(CREMI_BACKGROUND), "neuron_ids": 0}
+#: What each volume holds (:mod:`cleftchunk.labels`), recorded in its attributes.
+KIND = {"raw": "image", "clefts": "ids", "neuron_ids": "neurons"}
 CREMI_PATHS = {"raw": "volumes/raw", "clefts": "volumes/labels/clefts", "neuron_ids": "volumes/labels/neuron_ids"}
 ATTR = "cleftchunk_synth"
 
@@ -135,7 +138,7 @@ def _write_zarr(dst, shape, chunks, seed, p, identity, workers, scheduler, overw
         volumes[name] = create_volume(
             f"{dst}/{name}", shape, DTYPES[name], chunks=chunks, voxel_size=VOXEL_SIZE,
             fill_value=FILL[name], overwrite=overwrite, exist_ok=resume,
-            attrs={ATTR: {"seed": seed, "difficulty": p.difficulty}},
+            attrs={ATTR: {"seed": seed, "difficulty": p.difficulty}, **kind_attrs(KIND[name])},
         )
     root = zarr.open_group(str(dst), mode="a")
     root.attrs[ATTR] = {**identity, "complete": False}

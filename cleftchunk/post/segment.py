@@ -1,6 +1,6 @@
 """Cleft instances: binarize a prediction, then connected components block-wise.
 
-What counts as a cleft voxel depends on the *kind* of volume (see :func:`resolve_kind`):
+What counts as a cleft voxel depends on the *kind* of volume (decided by :func:`cleftchunk.labels.resolve_kind`):
 
 - ``ids``   CREMI cleft ids (uint64): every value but 0xFFFFFFFFFFFFFFFF is a cleft, 0 included;
 - ``main``  PyTorch Connectomics labels (unsigned ints): 0 is background, anything else a cleft;
@@ -39,16 +39,12 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import CleftchunkError
-from .geometry import Roi, blocks
-from .volumes import CREMI_BACKGROUND, DEFAULT_CHUNKS, Volume, create_like, exists, open_volume
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.labels import DEFAULT_THRESHOLD, KIND_ATTRIBUTE, cleft_mask, resolve_label_kind
+from cleftchunk.geometry import Roi, blocks
+from cleftchunk.labels import CREMI_BACKGROUND
+from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, create_like, exists, open_volume
 
-KINDS = ("ids", "main", "mask", "prob")
-DEFAULT_THRESHOLD = 128
-#: Attribute by which cleftchunk marks what a volume holds (written by ``segment``).
-KIND_ATTRIBUTE = "cleft_kind"
-#: Provenance attribute of `cleftchunk predict` outputs: uint8 probabilities, no value scan needed.
-PREDICT_ATTRIBUTE = "cleftchunk_predict"
 #: Blocks of 32 x 512 x 512 voxels: ~100 MiB of labels and output per task.
 DEFAULT_BLOCK_FACTOR = (2, 2, 2)
 #: Local labels are packed with their block's number into one uint64: block << 32 | label.
@@ -60,85 +56,6 @@ def as_volume(source: Volume | str, voxel_size: Sequence[float] | None = None) -
     if isinstance(source, Volume):
         return source
     return open_volume(source, voxel_size=voxel_size)
-
-
-def resolve_kind(volume: Volume, kind: str = "auto") -> str:
-    """Decide what a volume holds; ``kind`` other than ``auto`` is checked against the dtype.
-
-    Auto-detection, in order: the ``cleft_kind`` attribute (``prob`` for outputs of
-    ``cleftchunk predict``); bool -> mask; a dataset named
-    ``main`` (PyTorch Connectomics) with unsigned ints -> main; uint64 -> ids (CREMI);
-    uint8 -> mask if every value is 0 or 1, else prob; other unsigned ints -> main;
-    floats -> prob if every value lies in [0, 1]. Anything else (signed ints, floats
-    outside [0, 1]) is refused: pass ``kind`` explicitly.
-    """
-    dtype = volume.dtype
-    if kind != "auto":
-        _check_kind(volume, kind)
-        return kind
-    attrs = dict(getattr(volume.array, "attrs", {}) or {})
-    declared = attrs.get(KIND_ATTRIBUTE) or ("prob" if PREDICT_ATTRIBUTE in attrs else None)
-    if declared in KINDS:
-        _check_kind(volume, declared)
-        return declared
-    name = (volume.inner or "").rstrip("/").rpartition("/")[2]
-    if dtype == np.bool_:
-        return "mask"
-    if dtype.kind == "u" and name == "main":
-        return "main"
-    if dtype == np.uint64:
-        return "ids"
-    if dtype == np.uint8:
-        return "mask" if _value_range(volume)[1] <= 1 else "prob"
-    if dtype.kind == "u":
-        return "main"
-    if dtype.kind == "f":
-        low, high = _value_range(volume)
-        if 0 <= low and high <= 1:
-            return "prob"
-        raise CleftchunkError(
-            f"{volume.spec}: {dtype} values span [{low:g}, {high:g}], neither probabilities in [0, 1] "
-            "nor ids/masks: convert it to uint8 probabilities or uint64 CREMI ids"
-        )
-    raise CleftchunkError(
-        f"{volume.spec}: dtype {dtype} is neither CREMI ids (uint64), a mask, labels (unsigned) nor "
-        "probabilities (uint8/float): convert it, or say what it is with --pred-kind/--gt-kind"
-    )
-
-
-def _check_kind(volume: Volume, kind: str) -> None:
-    dtype = volume.dtype
-    if kind not in KINDS:
-        raise CleftchunkError(f"unknown volume kind {kind!r}: use one of auto, {', '.join(KINDS)}")
-    fits = {
-        "ids": dtype == np.uint64,
-        "main": dtype.kind in "biu",
-        "mask": dtype.kind in "biu",
-        "prob": dtype == np.uint8 or dtype.kind == "f",
-    }[kind]
-    if not fits:
-        raise CleftchunkError(f"{volume.spec}: dtype {dtype} cannot hold {kind!r} data: choose another kind")
-
-
-def _value_range(volume: Volume) -> tuple[float, float]:
-    import dask
-
-    data = volume.to_dask()
-    low, high = dask.compute(data.min(), data.max())
-    return float(low), float(high)
-
-
-def cleft_mask(data: np.ndarray, kind: str, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """Boolean mask of cleft voxels (invalid ground-truth voxels are *not* removed here)."""
-    if kind == "ids":
-        return data != CREMI_BACKGROUND
-    if kind in ("main", "mask"):
-        return data != 0
-    if kind == "prob":
-        if data.dtype.kind == "f":
-            return data >= threshold / 255.0
-        return data >= threshold
-    raise ValueError(f"unknown kind {kind!r}")
 
 
 # -- connectivity --------------------------------------------------------------------------------
@@ -311,7 +228,7 @@ def segment(
 ) -> SegmentResult:
     """Write uint64 CREMI cleft ids of ``pred``'s connected components to ``out`` (a Zarr spec)."""
     source = as_volume(pred)
-    kind = resolve_kind(source, kind)
+    kind = resolve_label_kind(source, kind)
     if min_size < 0:
         raise CleftchunkError(f"--min-size {min_size} is negative: give a number of voxels >= 0")
     structure(connectivity)  # refuse a bad connectivity before any work

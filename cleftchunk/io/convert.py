@@ -17,10 +17,11 @@ Decisions, documented here once:
   the conversion is refused rather than guessing: every distance the project reports (the CREMI
   score is in nm) depends on it, and a silent 40×4×4 would be wrong for e.g. SNEMI (30×6×6).
 - **Mask** (``mask=True``): a uint8 0/1 cleft mask. A voxel is a cleft unless its value is a
-  "not-cleft" value, chosen by this rule: ``background=`` if given (an int, or ``"cremi"``);
-  else the source's ``background`` attribute; else, for uint64 data whose path lies under
-  ``volumes/`` or is named ``*clefts*``, the CREMI values 0xFFFFFFFFFFFFFFFF (background) and
+  "not-cleft" value: ``background=`` if given (an int, or ``"cremi"``); else, when
+  :mod:`cleftchunk.labels` finds CREMI ids, 0xFFFFFFFFFFFFFFFF (background) and
   0xFFFFFFFFFFFFFFFE (invalid); else 0 (PyTorch Connectomics ``main`` files, binary masks).
+- **Kind**: the output records what it holds (``cleft_kind``: ``ids``, ``main``, ``mask``,
+  ``image``, ``neurons``) whenever the source's metadata, name or a few sampled boxes tell it.
 - **Existing output**: never replaced without ``overwrite``. If it exists with the same plan
   (recorded in its ``cleftchunk_convert`` attribute) the conversion *resumes*: only storage units
   missing from the store are written; a complete output is left as is. Any other existing output
@@ -38,12 +39,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import chunkwrite, pyramid
-from .errors import CleftchunkError
-from .geometry import Roi
-from .volumes import (
-    CREMI_BACKGROUND,
-    CREMI_INVALID,
+from cleftchunk.run import chunks as chunkwrite
+
+from cleftchunk.io import pyramid
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Roi
+from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID, kind_attrs, known_kind, not_cleft_values
+from cleftchunk.io.volumes import (
     DEFAULT_CHUNKS,
     Volume,
     create_volume,
@@ -190,31 +192,26 @@ def mask_rule(source: Volume, background: int | str | None = None) -> tuple[int,
             return (int(background),)
         except ValueError:
             raise CleftchunkError(f"--background {background!r}: give an integer or 'cremi'") from None
-    attrs = dict(source.array.attrs)
-    if "background" in attrs and int(attrs["background"]) != int(CREMI_BACKGROUND):
-        return (int(attrs["background"]),)
-    if "background" in attrs:  # a CREMI label volume converted earlier: its invalid value is no cleft either
-        return (int(CREMI_BACKGROUND), int(CREMI_INVALID))
-    inner = (source.inner or "").lower()
-    if source.dtype == np.uint64 and (inner.startswith("volumes/") or "clefts" in inner):
-        return (int(CREMI_BACKGROUND), int(CREMI_INVALID))
-    return (0,)
+    return not_cleft_values("ids" if known_kind(source) == "ids" else "main")
 
 
 def _fill_value(source: Volume, mask: bool) -> Any:
     """Unwritten chunks read as this: the CREMI background for CREMI label volumes (mostly background)."""
-    if not mask and source.dtype == np.uint64 and mask_rule(source)[0] == int(CREMI_BACKGROUND):
+    if not mask and known_kind(source) == "ids":
         return int(CREMI_BACKGROUND)
     return 0
 
 
 def _carried_attrs(source: Volume, not_cleft: tuple[int, ...] | None) -> dict:
+    """The kind of the output, decided here once (:mod:`cleftchunk.labels`) and read by every stage."""
     if not_cleft is not None:
-        return {"background": 0}
-    attrs = dict(source.array.attrs)
-    if source.dtype == np.uint64 and mask_rule(source)[0] == int(CREMI_BACKGROUND):
-        return {"background": int(CREMI_BACKGROUND)}
-    return {"background": attrs["background"]} if "background" in attrs else {}
+        return {"background": 0, **kind_attrs("mask")}
+    kind = known_kind(source)
+    if kind == "ids":
+        return {"background": int(CREMI_BACKGROUND), **kind_attrs(kind)}
+    attrs = source.attrs
+    carried = {"background": attrs["background"]} if "background" in attrs else {}
+    return {**carried, **kind_attrs(kind)}
 
 
 # -- the data path ------------------------------------------------------------------------

@@ -1,0 +1,264 @@
+"""What a volume holds, decided once, by one rule that every stage reads.
+
+Kinds (the ``cleft_kind`` attribute of a volume written by cleftchunk):
+
+- ``ids``: CREMI cleft ids, uint64; background 0xFFFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFE marks
+  voxels the metrics ignore; every other value is a cleft voxel.
+- ``main``: 0-background ids or masks, as in PyTorch Connectomics' ``main`` datasets: non-zero is
+  a cleft voxel.
+- ``mask``: 0/1 (or bool): non-zero is a cleft voxel.
+- ``prob``: cleft probabilities, uint8 (p·255, what ``cleftchunk predict`` writes) or float in
+  [0, 1]; a cleft voxel is one at or above a threshold.
+- ``image`` and ``neurons``: EM intensities and neuron ids. They are not cleft labels, and a stage
+  that reads labels refuses them instead of counting every voxel as a cleft.
+
+:func:`resolve_kind` decides, in this order: an explicit ``kind`` (the commands' ``--kind`` /
+``--labels``; checked against the dtype); the stored ``cleft_kind`` attribute (written by
+``convert``, ``synth``, ``predict`` and ``segment``); a ``background`` attribute; the dtype and
+name; and only then, for uint64 volumes, a look at a few boxes. When the boxes cannot tell CREMI
+ids from 0-background ids, it is an error that names the override — never a guess that turns
+every voxel into a cleft.
+
+This module knows nothing of storage: it works on anything with ``dtype``, ``shape``, ``attrs``,
+``inner`` (the path inside its container) and numpy-style slicing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from cleftchunk.errors import CleftchunkError
+
+#: The attribute that records a volume's kind.
+KIND_ATTRIBUTE = "cleft_kind"
+#: Provenance attribute of `cleftchunk predict` outputs (uint8 probabilities).
+PREDICT_ATTRIBUTE = "cleftchunk_predict"
+
+#: Kinds that hold clefts (what ``--kind`` accepts).
+KINDS = ("ids", "main", "mask", "prob")
+#: Kinds that do not.
+OTHER_KINDS = ("image", "neurons")
+#: Other names users know these by (``--label-mode`` of training; the issue tracker's words).
+ALIASES = {"cremi": "ids", "nonzero": "main", "zero-background": "main"}
+
+CREMI_BACKGROUND = np.uint64(0xFFFFFFFFFFFFFFFF)
+CREMI_INVALID = np.uint64(0xFFFFFFFFFFFFFFFE)
+DEFAULT_THRESHOLD = 128
+
+#: Training's uint8 label codes: bit 0 cleft, bit 1 invalid (resampled with order 0).
+CLEFT_BIT = 1
+INVALID_BIT = 2
+
+#: CREMI's own dataset paths.
+CREMI_RAW = "volumes/raw"
+CREMI_CLEFTS = "volumes/labels/clefts"
+CREMI_NEURONS = "volumes/labels/neuron_ids"
+
+
+def canonical(kind: str) -> str:
+    """``kind`` with aliases resolved; an unknown name is an error listing the valid ones."""
+    kind = ALIASES.get(kind, kind)
+    if kind != "auto" and kind not in KINDS + OTHER_KINDS:
+        raise CleftchunkError(f"unknown volume kind {kind!r}: use one of auto, {', '.join(KINDS)} (or cremi, zero-background)")
+    return kind
+
+
+def check_fits(dtype: Any, kind: str, where: str) -> None:
+    dtype = np.dtype(dtype)
+    fits = {
+        "ids": dtype == np.uint64,
+        "main": dtype.kind in "biu",
+        "mask": dtype.kind in "biu",
+        "prob": dtype == np.uint8 or dtype.kind == "f",
+        "image": dtype.kind in "uif",
+        "neurons": dtype.kind in "iu",
+    }[kind]
+    if not fits:
+        raise CleftchunkError(f"{where}: dtype {dtype} cannot hold {kind!r} data: choose another kind")
+
+
+def declared_kind(attrs: dict) -> str | None:
+    """The kind a volume's attributes state, if any."""
+    declared = attrs.get(KIND_ATTRIBUTE)
+    if declared in KINDS + OTHER_KINDS:
+        return declared
+    if PREDICT_ATTRIBUTE in attrs:
+        return "prob"
+    if "background" in attrs:
+        try:
+            background = int(attrs["background"])
+        except (TypeError, ValueError):
+            return None
+        return "ids" if background == int(CREMI_BACKGROUND) else "main" if background == 0 else None
+    return None
+
+
+def path_parts(volume: Any) -> list[str]:
+    """The parts of a volume's path inside its container, without OME-Zarr's level names."""
+    parts = [p for p in str(getattr(volume, "inner", "") or "").split("/") if p]
+    while parts and parts[-1].startswith("s") and parts[-1][1:].isdigit():
+        parts.pop()
+    return parts
+
+
+def kind_from_name(volume: Any) -> str | None:
+    """What the dataset's name says: CREMI's paths, and PyTorch Connectomics' ``main``."""
+    inner = "/".join(path_parts(volume))
+    if inner.endswith(CREMI_CLEFTS):
+        return "ids" if np.dtype(volume.dtype) == np.uint64 else None
+    if inner.endswith(CREMI_NEURONS):
+        return "neurons"
+    if inner.endswith(CREMI_RAW):
+        return "image"
+    if "main" in path_parts(volume) and np.dtype(volume.dtype).kind in "biu":
+        return "main"
+    return None
+
+
+def resolve_kind(volume: Any, kind: str = "auto", value_range: Any = None, scan: bool = True) -> str:
+    """The kind of ``volume`` (see the module docstring). ``value_range()`` → (min, max) is asked
+    only for uint8 and float volumes with no stated kind; with ``scan=False`` (training, which
+    reads only the crops it needs) an unstated uint8 volume is taken as a mask (non-zero = cleft)
+    without reading it, which gives the same cleft voxels as ``prob`` for 0/255 masks."""
+    where = getattr(volume, "spec", None) or str(volume)
+    kind = canonical(kind)
+    if kind != "auto":
+        check_fits(volume.dtype, kind, where)
+        return kind
+    stated = declared_kind(dict(getattr(volume, "attrs", None) or {})) or kind_from_name(volume)
+    if stated is not None:
+        check_fits(volume.dtype, stated, where)
+        return stated
+    dtype = np.dtype(volume.dtype)
+    if dtype == np.bool_:
+        return "mask"
+    if dtype == np.uint64:
+        return detect_uint64_kind(volume)
+    if dtype == np.uint8:
+        return "mask" if not scan or _range(volume, value_range)[1] <= 1 else "prob"
+    if dtype.kind == "u":
+        return "main"
+    if dtype.kind == "f":
+        low, high = _range(volume, value_range)
+        if 0 <= low and high <= 1:
+            return "prob"
+        raise CleftchunkError(
+            f"{where}: {dtype} values span [{low:g}, {high:g}], neither probabilities in [0, 1] "
+            "nor ids/masks: convert it to uint8 probabilities or uint64 CREMI ids"
+        )
+    raise CleftchunkError(
+        f"{where}: dtype {dtype} is neither CREMI ids (uint64), a mask, labels (unsigned) nor "
+        "probabilities (uint8/float): convert it, or say what it is with --kind"
+    )
+
+
+def known_kind(volume: Any) -> str | None:
+    """The kind when it can be told without reading much: stated, named, or a uint64 volume
+    whose sampled boxes decide. None otherwise (``convert`` then records nothing)."""
+    stated = declared_kind(dict(getattr(volume, "attrs", None) or {})) or kind_from_name(volume)
+    if stated is not None or np.dtype(volume.dtype) != np.uint64:
+        return stated
+    try:
+        return detect_uint64_kind(volume)
+    except CleftchunkError:
+        return None
+
+
+def resolve_label_kind(volume: Any, kind: str = "auto", value_range: Any = None, scan: bool = True) -> str:
+    """:func:`resolve_kind` for a volume read as cleft labels: images and neuron ids are refused."""
+    resolved = resolve_kind(volume, kind, value_range, scan)
+    if resolved in OTHER_KINDS:
+        what = "an EM image" if resolved == "image" else "neuron ids"
+        raise CleftchunkError(
+            f"{getattr(volume, 'spec', volume)} holds {what}, not cleft labels: give the clefts volume "
+            "(or --kind ids|main|mask if its metadata is wrong)"
+        )
+    return resolved
+
+
+def detect_uint64_kind(labels: Any, boxes: int = 4) -> str:
+    """uint64 labels with no stated kind: CREMI ids if 0xFF..FF occurs, 0-background if 0 does.
+
+    CREMI clefts are sparse, so any box holds background; a 0-background volume never holds
+    0xFF..FF. Reads at most ``boxes`` chunk-sized boxes along the diagonal, so the cost does not
+    grow with the volume. Boxes that hold neither value cannot be told apart: an error.
+    """
+    shape = tuple(int(s) for s in labels.shape)
+    chunk = tuple(getattr(labels, "chunks", None) or (16, 256, 256))[-len(shape):]
+    size = tuple(max(1, min(int(c), s)) for c, s in zip(chunk, shape))
+    seen_zero = False
+    for i in range(boxes):
+        frac = (i + 0.5) / boxes
+        start = tuple(int((s - b) * frac) for s, b in zip(shape, size))
+        data = np.asarray(labels[tuple(slice(a, a + b) for a, b in zip(start, size))])
+        if (data == CREMI_BACKGROUND).any():
+            return "ids"
+        seen_zero = seen_zero or bool((data == 0).any())
+    if seen_zero:
+        return "main"
+    raise CleftchunkError(
+        f"{getattr(labels, 'spec', labels)}: uint64 labels holding neither the CREMI background 0xFFFFFFFFFFFFFFFF "
+        "nor 0 where sampled: say which they are with --kind ids (CREMI) or --kind main (0 = background)"
+    )
+
+
+def cleft_mask(data: np.ndarray, kind: str, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    """Boolean mask of cleft voxels (CREMI's invalid value counts as a cleft here; see
+    :func:`invalid_mask`)."""
+    if kind == "ids":
+        return data != CREMI_BACKGROUND
+    if kind in ("main", "mask"):
+        return data != 0
+    if kind == "prob":
+        if data.dtype.kind == "f":
+            return data >= threshold / 255.0
+        return data >= threshold
+    raise ValueError(f"not a cleft kind: {kind!r}")
+
+
+def invalid_mask(data: np.ndarray, kind: str) -> np.ndarray | None:
+    """Voxels the metrics and the loss ignore (only CREMI ids have them); None when none can be."""
+    return data == CREMI_INVALID if kind == "ids" else None
+
+
+def label_codes(data: np.ndarray, kind: str) -> np.ndarray:
+    """uint8 codes (bit 0 cleft, bit 1 invalid) from stored labels, for training's resampling."""
+    kind = canonical(kind)
+    if kind == "ids":
+        data = data.astype(np.uint64, copy=False)
+        invalid = data == CREMI_INVALID
+        cleft = (data != CREMI_BACKGROUND) & ~invalid
+        return (cleft * np.uint8(CLEFT_BIT)) | (invalid * np.uint8(INVALID_BIT))
+    return cleft_mask(data, kind).astype(np.uint8)
+
+
+def not_cleft_values(kind: str) -> tuple[int, ...]:
+    """The stored values that are not clefts, for making a 0/1 mask (``convert --mask``)."""
+    if kind == "ids":
+        return (int(CREMI_BACKGROUND), int(CREMI_INVALID))
+    if kind in ("main", "mask"):
+        return (0,)
+    raise CleftchunkError(f"a {kind!r} volume has no cleft/background values to make a mask of: give a label volume")
+
+
+def _range(volume: Any, value_range: Any) -> tuple[float, float]:
+    if value_range is not None:
+        return value_range()
+    import dask.array as da
+
+    data = volume.to_dask() if hasattr(volume, "to_dask") else da.from_array(np.asarray(volume))
+    low, high = da.compute(data.min(), data.max())
+    return float(low), float(high)
+
+
+def kind_attrs(kind: str | None) -> dict:
+    """The attributes that record ``kind`` on a new volume (none when it is unknown)."""
+    return {} if kind is None else {KIND_ATTRIBUTE: kind}
+
+
+__all__: Sequence[str] = [
+    "CREMI_BACKGROUND", "CREMI_INVALID", "KINDS", "KIND_ATTRIBUTE", "cleft_mask", "label_codes", "resolve_kind",
+    "resolve_label_kind",
+]

@@ -1,0 +1,330 @@
+"""TODO api."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Coord, as_coord
+from cleftchunk.predict.tiling import (
+    check_fixed_headroom,
+    frame_padding,
+)
+from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, create_like, open_volume
+from cleftchunk.io.volumes import exists as volume_exists
+from cleftchunk.predict.engine import Job, PredictResult, _execute
+from cleftchunk.predict.params import ATTR, DEFAULT_BLOCK_SHAPE, PRECISIONS, PREDICT_FORMAT, PredictParams
+from cleftchunk.predict.plan import make_plan
+from cleftchunk.predict.runner import ModelSource
+from cleftchunk.predict.scratch import Scratch
+
+
+
+# -- the Python API -----------------------------------------------------------------------
+def predict(
+    model_or_checkpoint: Any,
+    input_volume: Any,
+    output_spec: str | os.PathLike,
+    *,
+    window: Sequence[int] | None = None,
+    overlap: float = 0.5,
+    blend: str = "gaussian",
+    pad: bool = False,
+    batch_size: int | None = None,
+    tta: int = 1,
+    precision: str = "auto",
+    compile: bool = False,
+    mask: Any = None,
+    block_shape: Sequence[int] | None = None,
+    chunks: Sequence[int] | None = None,
+    workers: int | None = None,
+    gpus: int | None = None,
+    cores: int | None = None,
+    scheduler: str | None = None,
+    processes: bool = True,
+    client: Any = None,
+    overwrite: bool = False,
+    retries: int = 2,
+    progress: bool = True,
+    architecture: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PredictResult:
+    """Predict cleft probabilities of ``input_volume`` into ``output_spec`` (``out.zarr/pred``).
+
+    ``model_or_checkpoint``: a checkpoint path, or an ``nn.Module`` mapping float (N,1,z,y,x)
+    raw/255 to probabilities (e.g. from ``cleftchunk.load_model``; then ``window`` is required).
+    ``input_volume``: a :class:`Volume` or a spec ``open_volume`` reads. Work runs on ``client``,
+    or the cluster at ``scheduler``, or a local cluster started here (``workers``, ``gpus``).
+    Raises :class:`CleftchunkError` for bad input, and after the run if some blocks failed.
+    """
+    from cleftchunk.run.cluster import ClusterSpec, dask_client, resolve_gpus
+
+    log = log or _stderr
+    started = time.perf_counter()
+    volume = _open_input(input_volume)
+    source, window, arch_name = _model_source(model_or_checkpoint, window, architecture)
+    if client is None and scheduler is None:
+        gpus = resolve_gpus(gpus)
+    device = "cuda" if gpus else "cpu"
+    params = PredictParams(
+        window,
+        overlap,
+        blend,
+        pad,
+        batch_size or (4 if device == "cuda" else 1),
+        tta,
+        _resolve_precision(precision, device),
+        device,
+        compile,
+    )
+    mask_volume = _open_mask(mask, volume)
+    grid = params.grid(volume.roi)
+    check_fixed_headroom(grid)
+    _warn_if_small(volume, params, log)
+    chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, volume.shape))
+    block_shape = _check_block_shape(block_shape, chunks, volume.shape)
+
+    identity, identity_hash = _identity(source, arch_name, volume, mask_volume, chunks, params)
+    run_info = {"block_shape": list(block_shape), "workers": workers, "gpus": gpus, "scheduler": scheduler, "retries": retries}
+    output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite)
+    scratch = Scratch(str(_scratch_dir(output, identity_hash)))
+    result = PredictResult(str(output_spec), grid.count)
+    plan = make_plan(grid, volume.roi, block_shape)
+    result.blocks = len(plan.blocks)
+    if resuming and output.array.attrs.get(ATTR, {}).get("complete"):
+        log(f"{output_spec} is already complete with these parameters: nothing to do (--overwrite to redo it)")
+        result.blocks_already_done = result.blocks
+        return result
+    scratch.ensure()
+    spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes)
+    # Worker processes we start get cores // workers torch threads each; others keep their own.
+    threads = spec.torch_threads() if client is None and scheduler is None and not spec.in_process else None
+    job = Job(volume, output, mask_volume, params, grid, volume.roi, scratch, threads)
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            client = stack.enter_context(dask_client(spec))
+        result.dashboard = getattr(client, "dashboard_link", None)
+        if result.dashboard:
+            log(f"Dask dashboard: {result.dashboard}")
+        log(f"plan: {plan.describe()}")
+        _execute(client, job, plan, source, retries, progress, result)
+    result.seconds = time.perf_counter() - started
+    _raise_if_failed(result)
+    _mark_complete(output, result)
+    scratch.remove()
+    return result
+
+
+def _identity(source: ModelSource, arch_name: str, volume: Volume, mask: Volume | None, chunks: Coord, params: PredictParams) -> tuple[dict, str]:
+    """What the output's bytes depend on, and its hash (stored in the output; resume compares it)."""
+    identity = {
+        "format": PREDICT_FORMAT,
+        "model_sha256": source.sha256,
+        "architecture": arch_name,
+        "input": {"spec": volume.spec, "shape": list(volume.shape), "dtype": str(volume.dtype), "offset": list(volume.offset)},
+        "mask": None if mask is None else mask.spec,
+        "chunks": list(chunks),
+        **params.as_dict(),
+    }
+    return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _raise_if_failed(result: PredictResult) -> None:
+    if result.failed:
+        shown = "; ".join(f"{roi}: {err}" for roi, err in result.failed[:3])
+        raise CleftchunkError(
+            f"{len(result.failed)} of {result.blocks} blocks failed ({shown}{'; ...' if len(result.failed) > 3 else ''}): "
+            "fix the cause and re-run the same command to finish them"
+        )
+
+
+# -- checks and set-up --------------------------------------------------------------------
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _open_input(input_volume: Any) -> Volume:
+    volume = input_volume if isinstance(input_volume, Volume) else open_volume(input_volume)
+    if volume.ndim != 3:
+        raise CleftchunkError(f"{volume.spec} has {volume.ndim} axes {volume.shape}: predict needs a 3-D (z, y, x) volume")
+    if volume.dtype != np.uint8 and volume.dtype.kind != "f":
+        raise CleftchunkError(
+            f"{volume.spec} is {volume.dtype}: the model reads uint8 EM intensities; convert it to uint8 first"
+        )
+    return volume
+
+
+def _open_mask(mask: Any, volume: Volume) -> Volume | None:
+    if mask is None:
+        return None
+    mask_volume = mask if isinstance(mask, Volume) else open_volume(mask)
+    if tuple(mask_volume.voxel_size) != tuple(volume.voxel_size):
+        raise CleftchunkError(
+            f"mask {mask_volume.spec} has voxel size {mask_volume.voxel_size}, the input {volume.voxel_size}: "
+            "give a mask at the input's resolution"
+        )
+    if not mask_volume.roi.contains(volume.roi):
+        raise CleftchunkError(f"mask {mask_volume.spec} ({mask_volume.roi}) does not cover the input ({volume.roi}): give a mask covering it")
+    return mask_volume
+
+
+def _model_source(model_or_checkpoint: Any, window: Sequence[int] | None, architecture: str | None) -> tuple[ModelSource, Coord, str]:
+    if isinstance(model_or_checkpoint, (str, os.PathLike)):
+        from cleftchunk.model import check_input_shape, checkpoint_input_size, load_checkpoint, model_from_checkpoint
+
+        path = Path(model_or_checkpoint)
+        ckpt = load_checkpoint(path)
+        model_from_checkpoint(ckpt)  # an unknown architecture or weights that do not fit fail here, not on a worker
+        arch = str(ckpt["arch"].get("name", "unetv0"))
+        if architecture is not None and architecture != arch:
+            raise CleftchunkError(f"{path} holds a {arch} model, not {architecture}: drop -ac or give a {architecture} checkpoint")
+        window = tuple(window or checkpoint_input_size(ckpt))
+        if arch == "unetv0":
+            check_input_shape(window)
+        return ModelSource(_file_sha256(path), checkpoint=str(path.resolve())), as_coord(window, 3), arch
+    if window is None:
+        raise CleftchunkError("predict with an in-memory model needs window= (the model input size z,y,x)")
+    return ModelSource(_module_sha256(model_or_checkpoint), module=model_or_checkpoint), as_coord(tuple(window), 3), type(model_or_checkpoint).__name__
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _module_sha256(module: Any) -> str:
+    h = hashlib.sha256(type(module).__qualname__.encode())
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _resolve_precision(precision: str, device: str) -> str:
+    if precision not in PRECISIONS:
+        raise CleftchunkError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    return precision
+
+
+def _warn_if_small(volume: Volume, params: PredictParams, log: Callable[[str], None]) -> None:
+    before, after = frame_padding(volume.shape, params.window, params.pad)
+    short = [a for a, (s, w) in enumerate(zip(volume.shape, params.window)) if s < w]
+    if short:
+        padded = tuple(s + b + a for s, b, a in zip(volume.shape, before, after))
+        log(
+            f"warning: input {volume.shape} is smaller than the model window {params.window} along "
+            f"{', '.join('zyx'[a] for a in short)}: padding it by reflection to {padded} (the padding is not written)"
+        )
+
+
+def _check_block_shape(block_shape: Sequence[int] | None, chunks: Coord, shape: Sequence[int]) -> Coord:
+    if block_shape is None:
+        block_shape = tuple(max(c, (b // c) * c) for b, c in zip(DEFAULT_BLOCK_SHAPE, chunks))
+    block_shape = tuple(int(b) for b in block_shape)
+    if len(block_shape) != 3 or any(b <= 0 for b in block_shape):
+        raise CleftchunkError(f"block shape {block_shape} must be 3 positive extents z,y,x")
+    bad = [a for a, (b, c, s) in enumerate(zip(block_shape, chunks, shape)) if b % c and b < s]
+    if bad:
+        fixed = tuple(max(c, round(b / c) * c) for b, c in zip(block_shape, chunks))
+        raise CleftchunkError(
+            f"block shape {block_shape} is not a multiple of the output chunks {chunks}: use --block-shape {','.join(map(str, fixed))}"
+        )
+    return tuple(min(b, s) for b, s in zip(block_shape, shape))
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("cleftchunk", "torch", "numpy", "zarr", "dask", "distributed"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[name] = md.version(name)
+    return out
+
+
+def _open_output(
+    spec: str | os.PathLike, volume: Volume, chunks: Coord, identity: dict, identity_hash: str, run_info: dict, overwrite: bool
+) -> tuple[Volume, bool]:
+    """Create the output, or reopen it to resume when it was started with the same identity."""
+    resuming = False
+    if volume_exists(spec) and not overwrite:
+        previous = _previous_identity(spec)
+        if previous is None:
+            raise CleftchunkError(f"{spec} exists and is not a cleftchunk prediction: pass --overwrite to replace it, or choose another output")
+        if previous.get("identity_hash") != identity_hash:
+            changed = sorted(k for k in set(identity) | set(previous.get("identity", {})) if identity.get(k) != previous.get("identity", {}).get(k))
+            raise CleftchunkError(
+                f"{spec} exists, predicted with other parameters ({', '.join(changed) or 'model'} differ): "
+                "pass --overwrite to replace it, or choose another output"
+            )
+        resuming = True
+    if overwrite and volume_exists(spec):
+        _remove_scratch_dirs(spec)
+    provenance = {
+        "identity": identity,
+        "identity_hash": identity_hash,
+        "run": run_info,
+        "versions": _versions(),
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "complete": False,
+    }
+    output = create_like(
+        spec,
+        volume,
+        np.uint8,
+        chunks=chunks,
+        attrs=None if resuming else {ATTR: provenance},
+        overwrite=overwrite,
+        exist_ok=resuming,
+    )
+    return output, resuming
+
+
+def _previous_identity(spec: str | os.PathLike) -> dict | None:
+    try:
+        previous = open_volume(spec)
+        return dict(previous.array.attrs).get(ATTR)
+    except CleftchunkError:
+        return None
+
+
+def _scratch_dir(output: Volume, identity_hash: str) -> Path:
+    """Beside the output container (never inside it, so Zarr readers do not see it)."""
+    inner = (output.inner or "").rsplit("/s0", 1)[0].replace("/", "_")
+    container = Path(output.container).resolve()
+    return container.parent / f".{container.name}.{inner}.predict-{identity_hash[:16]}"
+
+
+def _remove_scratch_dirs(spec: str | os.PathLike) -> None:
+    from cleftchunk.io.volumes import split_spec
+
+    container, inner = split_spec(spec)
+    container = Path(container).resolve()
+    for old in container.parent.glob(f".{container.name}.{(inner or '').replace('/', '_')}.predict-*"):
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _mark_complete(output: Volume, result: PredictResult) -> None:
+    attrs = dict(output.array.attrs).get(ATTR, {})
+    attrs.update(
+        complete=True,
+        finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        tiles={"in_grid": result.tiles_in_grid, "run": result.tiles_run, "empty": result.tiles_skipped, "reused": result.tiles_reused},
+    )
+    output.array.attrs[ATTR] = attrs

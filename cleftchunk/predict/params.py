@@ -1,0 +1,63 @@
+"""TODO params."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Coord, Roi, as_coord
+from cleftchunk.predict.tiling import (
+    TileGrid,
+    importance_map,
+)
+
+
+
+PREDICT_FORMAT = "cleftchunk-predict/1"
+ATTR = "cleftchunk_predict"
+DEFAULT_BLOCK_SHAPE = (32, 512, 512)
+TTA_CHOICES = (1, 4, 8, 16)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class GpuOutOfMemory(CleftchunkError):
+    """The GPU cannot hold a batch; the message says which batch size to try."""
+
+
+# -- parameters ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PredictParams:
+    """Everything that can change a bit of the output (and nothing that cannot)."""
+
+    window: Coord
+    overlap: float = 0.5
+    blend: str = "gaussian"
+    pad: bool = False
+    batch_size: int = 1
+    tta: int = 1
+    precision: str = "fp32"
+    device: str = "cpu"  # the kind of device: "cpu" or "cuda"
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "window", as_coord(self.window, 3))
+        if any(w <= 0 for w in self.window):
+            raise CleftchunkError(f"model input size {self.window} must be positive: e.g. -mi 8,256,256")
+        if self.batch_size < 1:
+            raise CleftchunkError(f"batch size {self.batch_size} must be at least 1")
+        if self.tta not in TTA_CHOICES:
+            raise CleftchunkError(f"--tta {self.tta}: use one of {', '.join(map(str, TTA_CHOICES))}")
+        if self.tta == 16 and self.window[1] != self.window[2]:
+            raise CleftchunkError(f"--tta 16 transposes y and x, which needs a square window, not {self.window}: use --tta 8")
+        if self.precision not in PRECISIONS[1:]:
+            raise CleftchunkError(f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        importance_map((1, 1, 1), self.blend)  # validates the name
+
+    def grid(self, volume_roi: Roi) -> TileGrid:
+        return TileGrid.over(volume_roi, self.window, self.overlap, self.pad)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["window"] = list(self.window)
+        return d

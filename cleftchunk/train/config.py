@@ -1,0 +1,154 @@
+"""TODO config."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+from cleftchunk.train.augment import AugmentConfig
+from cleftchunk.train.data import RejectionConfig, split_list
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.model import (
+    check_input_shape,
+    resolve_filters,
+)
+
+
+# -- configuration ----------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; YAML files and command-line flags use these names."""
+
+    images: list[str] = field(default_factory=list)  # -dn, relative to root
+    labels: list[str] = field(default_factory=list)  # -ln
+    root: str | None = None  # -t
+    output: str = "outputs/unetv0"  # -o
+    lr: float = 1e-3
+    iteration_total: int = 100_000
+    iteration_save: int = 10_000
+    input_size: list[int] = field(default_factory=lambda: [8, 256, 256])  # -mi
+    gpus: int | None = None  # -g; None: 1 if CUDA is available, else the CPU
+    workers: int = 1  # -c
+    cache_mb: float = 512  # decoded-chunk cache of each loader process (0: none)
+    batch_size: int = 8  # -b, global over all processes
+    arch: str = "unetv0"  # -ac
+    preset: str | None = None
+    filters: list[int] | None = None
+    seed: int = 0
+    label_mode: str = "auto"
+    augment: dict = field(default_factory=dict)  # AugmentConfig fields
+    rejection: dict = field(default_factory=dict)  # RejectionConfig fields
+    optimizer: str = "adam"  # adam (amsgrad, the original) | adamw
+    weight_decay: float | None = None  # None: 1e-6 for adam, 1e-2 for adamw
+    scheduler: str = "plateau"  # plateau (the original) | cosine | constant
+    warmup: int = 0  # linear warm-up iterations (cosine)
+    min_lr: float = 1e-7
+    plateau_patience: int = 1000  # scheduler steps of 10 iterations each
+    ema: float = 0.0  # EMA decay of the weights; 0: off
+    dice: float = 0.0  # weight of the Dice term added to the BCE
+    bf16: bool = True  # autocast on GPUs
+    log_dir: str | None = None  # default runs/<output folder name>
+    log_every: int = 10
+    image_every: int = 500
+    validate_image: str | None = None
+    validate_labels: str | None = None
+    validate_roi: str | None = None  # "z0:z1,y0:y1,x0:x1" voxels of the validation volume
+    validate_every: int = 0
+    progress: bool = True
+    threads: int | None = None  # torch threads on the CPU; None: cores left over by the loader workers
+    cpu_processes: int = 0  # DDP on the CPU (gloo) to exercise the multi-process path
+
+    #: Keys that control one invocation and are not stored with the run.
+    RUN_ONLY = ("resume", "overwrite")
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "TrainConfig":
+        values = {k.replace("-", "_"): v for k, v in dict(values or {}).items() if k not in cls.RUN_ONLY}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise CleftchunkError(f"unknown training setting(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(known))}")
+        config = cls(**values)
+        config.normalize()
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def normalize(self) -> None:
+        self.images = split_list(self.images)
+        self.labels = split_list(self.labels)
+        self.input_size = parse_shape(self.input_size, "model input -mi")
+        check_input_shape(self.input_size)
+        if self.filters is not None:
+            self.filters = parse_ints(self.filters, "--filters")
+        self.augment = AugmentConfig.from_dict(self.augment).to_dict()
+        self.rejection = RejectionConfig.from_dict(self.rejection).to_dict()
+        for name in ("iteration_total", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise CleftchunkError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if int(self.iteration_save) < 0 or int(self.workers) < 0:
+            raise CleftchunkError("iteration-save and the number of workers -c must not be negative")
+        if not float(self.lr) > 0:
+            raise CleftchunkError(f"learning rate -lr {self.lr} must be positive")
+        if self.optimizer not in ("adam", "adamw"):
+            raise CleftchunkError(f"unknown optimizer {self.optimizer!r}: use adam or adamw")
+        if self.scheduler not in ("plateau", "cosine", "constant"):
+            raise CleftchunkError(f"unknown scheduler {self.scheduler!r}: use plateau, cosine or constant")
+        if not 0 <= float(self.ema) < 1:
+            raise CleftchunkError(f"ema decay {self.ema} must lie in [0, 1) (0 switches it off; 0.999 is typical)")
+        if bool(self.validate_image) != bool(self.validate_labels):
+            raise CleftchunkError("validation needs both --validate-image and --validate-labels")
+        resolve_filters(self.arch, self.preset, self.filters)  # unknown presets fail now, not later
+
+    @property
+    def arch_dict(self) -> dict:
+        return {
+            "name": self.arch,
+            "filters": list(resolve_filters(self.arch, self.preset, self.filters)),
+            "in_channels": 1,
+            "out_channels": 1,
+        }
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output)
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return Path(self.log_dir) if self.log_dir else Path("runs") / (self.output_dir.resolve().name or "train")
+
+
+def parse_ints(value: Any, what: str) -> list[int]:
+    try:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return [int(v) for v in items]
+    except (TypeError, ValueError):
+        raise CleftchunkError(f"{what} {value!r} must be integers separated by commas, e.g. 8,256,256") from None
+
+
+def parse_shape(value: Any, what: str) -> list[int]:
+    shape = parse_ints(value, what)
+    if len(shape) != 3 or any(s <= 0 for s in shape):
+        raise CleftchunkError(f"{what} {value!r} must be three positive sizes z,y,x, e.g. 8,256,256")
+    return shape
+
+
+def load_yaml_config(path: str | os.PathLike) -> dict:
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise CleftchunkError(f"cannot read the config file {path} ({e.strerror}): check the path") from e
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise CleftchunkError(f"{path} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from e
+    if not isinstance(values, dict):
+        raise CleftchunkError(f"{path} must hold a mapping of settings (key: value), not a {type(values).__name__}")
+    return values

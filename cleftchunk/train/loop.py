@@ -1,0 +1,182 @@
+"""TODO loop."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from cleftchunk.train.augment import AugmentConfig
+from cleftchunk.train.data import CropSampler, CropStream, RejectionConfig, make_loader, open_training_volumes
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.model import (
+    load_checkpoint,
+)
+from cleftchunk.train.config import TrainConfig
+from cleftchunk.train.distributed import Dist, free_port, init_distributed, requested_processes, under_torchrun
+from cleftchunk.train.logger import Logger
+from cleftchunk.train.outputs import check_output, check_resumable, clear_output, write_config
+from cleftchunk.train.trainer import Hook, NonFiniteLoss, TrainState, Trainer, TrainingInterrupted
+from cleftchunk.train.validation import Validator
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def as_config(config: dict | TrainConfig) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        config.normalize()
+        return config
+    return TrainConfig.from_dict(config)
+
+
+def train(config: dict | TrainConfig, resume: bool = False, overwrite: bool = False, hooks: Sequence[Hook] = ()) -> Path:
+    """Train as configured; returns the path of the last checkpoint (``<output>/last.pth``)."""
+    config = as_config(config)
+    processes, on_gpu = requested_processes(config)
+    if under_torchrun():
+        processes = int(os.environ["WORLD_SIZE"])
+    if config.batch_size % processes:
+        raise CleftchunkError(f"batch size -b {config.batch_size} must be a multiple of the {processes} processes (one share each)")
+    if under_torchrun():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        return run_process(config, init_distributed(rank, world, local, on_gpu), resume, overwrite, hooks)
+    if processes > 1:
+        return spawn_processes(config, processes, on_gpu, resume, overwrite)
+    return run_process(config, init_distributed(0, 1, 0, on_gpu), resume, overwrite, hooks)
+
+
+def spawn_processes(config: TrainConfig, processes: int, on_gpu: bool, resume: bool, overwrite: bool) -> Path:
+    """``-g N``: N processes on this machine, one per GPU (hooks cannot cross processes)."""
+    import torch.multiprocessing as mp
+
+    check_output(config, resume, overwrite)  # fail here, in one process, rather than N times
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(free_port())
+    try:
+        mp.spawn(_spawned, args=(processes, on_gpu, config.to_dict(), resume, overwrite), nprocs=processes, join=True)
+    except mp.ProcessRaisedException as e:
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        user = [line for line in lines if "CleftchunkError:" in line]
+        if user:
+            raise CleftchunkError(user[-1].split("CleftchunkError:", 1)[1].strip()) from None
+        raise RuntimeError(f"a training process failed: {lines[-1] if lines else e}") from None
+    return config.output_dir / "last.pth"
+
+
+def _spawned(rank: int, world: int, on_gpu: bool, config: dict, resume: bool, overwrite: bool) -> None:
+    run_process(TrainConfig.from_dict(config), init_distributed(rank, world, rank, on_gpu), resume, overwrite, ())
+
+
+def run_process(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: Sequence[Hook]) -> Path:
+    try:
+        return _run(config, dist, resume, overwrite, hooks)
+    finally:
+        if dist.active and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: Sequence[Hook]) -> Path:
+    check_output(config, resume, overwrite)
+    last = config.output_dir / "last.pth"
+    ckpt = load_checkpoint(last) if resume else None
+    if ckpt is not None:
+        check_resumable(ckpt, config, last)
+    volumes = open_training_volumes(config.images, config.labels, config.root, config.label_mode)
+    validator = Validator(config) if config.validate_image and config.validate_every else None
+    sampler = CropSampler(
+        volumes, config.input_size, AugmentConfig.from_dict(config.augment), RejectionConfig.from_dict(config.rejection),
+        cache_mb=config.cache_mb, holdout=validator.holdout_for(volumes) if validator else None,
+    )
+    hooks = list(hooks) + ([validator] if validator else [])
+    dist.barrier()  # every process has checked before the main one changes anything
+    if dist.main:
+        if overwrite:
+            clear_output(config)
+        write_config(config)
+    dist.barrier()
+
+    trainer = Trainer(config, dist)
+    if ckpt is not None:
+        trainer.restore(ckpt)
+    if trainer.iteration >= config.iteration_total:
+        return last
+    if dist.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    per_process = config.batch_size // dist.world_size
+    stream = CropStream(sampler, per_process, config.seed, start=trainer.iteration, rank=dist.rank, world_size=dist.world_size)
+    logger = Logger(config, dist, trainer.iteration)
+    batches = iter(make_loader(stream, config.workers))
+    threads = torch.get_num_threads()
+    if dist.device.type == "cpu":
+        torch.set_num_threads(cpu_threads(config, dist.world_size))
+    try:
+        while trainer.iteration < config.iteration_total:
+            batch = next(batches)
+            try:
+                loss, logits = trainer.step(batch)
+            except NonFiniteLoss as e:
+                raise CleftchunkError(non_finite_message(e.value, trainer.iteration + 1, last)) from None
+            logger.iteration(trainer, loss, batch, logits)
+            if dist.main and should_save(trainer.iteration, config):
+                save_both(trainer, config)
+            state = TrainState(trainer.iteration, loss, config, trainer, logger.writer)
+            for hook in hooks:
+                hook(state)
+            if state.metrics and dist.main:
+                logger.message(format_metrics(state.iteration, state.metrics))
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(interrupted_message(trainer.iteration, last)) from None
+    finally:
+        del batches  # stops the loader's worker processes
+        logger.close()
+        torch.set_num_threads(threads)
+    dist.barrier()
+    return last
+
+
+def cpu_threads(config: TrainConfig, processes: int = 1) -> int:
+    """Threads for CPU training: oversubscribing cores (loader workers + torch threads) makes
+    torch's parallel kernels spin-wait and slows a step by several times."""
+    if config.threads:
+        return int(config.threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // processes - config.workers)
+
+
+def should_save(iteration: int, config: TrainConfig) -> bool:
+    return iteration == config.iteration_total or (config.iteration_save and iteration % config.iteration_save == 0)
+
+
+def save_both(trainer: Trainer, config: TrainConfig) -> Path:
+    """``volume_<iteration>.pth`` (the original's name) and ``last.pth``, both written atomically."""
+    named = trainer.save(config.output_dir / f"volume_{trainer.iteration}.pth")
+    tmp = config.output_dir / ".last.pth.copy.tmp"
+    shutil.copyfile(named, tmp)
+    os.replace(tmp, config.output_dir / "last.pth")
+    return named
+
+
+def non_finite_message(value: float, iteration: int, last: Path) -> str:
+    if last.is_file():
+        kept = f"the last good checkpoint is {last} (iteration {load_checkpoint(last)['iteration']})"
+    else:
+        kept = "no checkpoint was written yet"
+    return (
+        f"the loss became {value} at iteration {iteration}, so training stopped; {kept}; "
+        "lower the learning rate (-lr) and --resume, or check the input data"
+    )
+
+
+def interrupted_message(iteration: int, last: Path) -> str:
+    if last.is_file():
+        saved = load_checkpoint(last)["iteration"]
+        return f"interrupted at iteration {iteration}; {last} holds iteration {saved}: add --resume to the same command to continue from there"
+    return f"interrupted at iteration {iteration} before the first checkpoint: run the command again to start over"
+
+
+def format_metrics(iteration: int, metrics: dict) -> str:
+    parts = [f"{k} {v:.4g}" for k, v in metrics.items() if k != "iteration" and isinstance(v, (int, float))]
+    return f"validation @ {iteration}: " + ", ".join(parts)
