@@ -16,7 +16,8 @@ from PIL import Image
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
 from cleftchunk.io.sources import N5Array, decode_n5_block, natural_key
-from cleftchunk.io.volumes import create_volume, ome_multiscales, open_volume, split_spec
+from cleftchunk.io.ome import ome_multiscales
+from cleftchunk.io.volumes import create_volume, open_volume, split_spec
 from convert_helpers import ramp, write_n5
 
 

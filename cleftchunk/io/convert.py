@@ -42,6 +42,7 @@ import numpy as np
 from cleftchunk.run import chunks as chunkwrite
 
 from cleftchunk.io import pyramid
+from cleftchunk.io.cremi import cremi_volumes, read_cremi_annotations
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID, kind_attrs, known_kind, not_cleft_values
@@ -51,7 +52,6 @@ from cleftchunk.io.volumes import (
     create_volume,
     exists,
     is_hdf5,
-    list_hdf5_datasets,
     open_volume,
     split_spec,
 )
@@ -63,7 +63,6 @@ SCHEDULERS = ("threads", "processes")
 PLAN_ATTR = "cleftchunk_convert"
 #: Recorded plan entries that only concern the pyramid: changing them rebuilds levels, keeps s0.
 LEVEL_KEYS = ("levels", "level_method")
-CREMI_NAMES = {"volumes/raw": "raw", "volumes/labels/clefts": "clefts", "volumes/labels/neuron_ids": "neuron_ids"}
 
 
 @dataclass(frozen=True)
@@ -414,43 +413,6 @@ def convert_path(
 
 
 # -- whole CREMI files --------------------------------------------------------------------
-def cremi_volumes(path: str | os.PathLike) -> dict[str, str] | None:
-    """Output name → HDF5 dataset for the 3-D volumes of a CREMI file; None if it is not one."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            if "volumes" not in f or not isinstance(f["volumes"], h5py.Group):
-                return None
-            names = {}
-            for ds in list_hdf5_datasets(f["volumes"]):
-                full = f"volumes/{ds}"
-                if f[full].ndim == 3:
-                    names[CREMI_NAMES.get(full, ds.rpartition("/")[2])] = full
-            return names or None
-    except OSError as e:
-        raise CleftchunkError(f"{path} is not a readable HDF5 file ({e}): check that it is complete") from e
-
-
-def read_cremi_annotations(path: str | os.PathLike) -> dict | None:
-    """The synaptic partner annotations of a CREMI file as JSON-able lists (locations in nm, z, y, x)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        if "annotations" not in f:
-            return None
-        group = f["annotations"]
-        out: dict[str, Any] = {}
-        for name in list_hdf5_datasets(group):
-            data = group[name][()]
-            if data.dtype.kind in "SO":
-                data = np.array([v.decode() if isinstance(v, bytes) else str(v) for v in np.ravel(data)])
-            out[name] = data.tolist()
-        if "offset" in group.attrs:
-            out["offset"] = [float(v) for v in group.attrs["offset"]]
-        return out
-
-
 def convert_cremi_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,

@@ -19,7 +19,7 @@ import numpy as np
 
 from cleftchunk.run import chunks as chunkwrite
 from cleftchunk.geometry import Roi
-from cleftchunk.io.volumes import ome_multiscales
+from cleftchunk.io.ome import ome_multiscales
 
 FACTOR = (1, 2, 2)
 METHODS = ("mean", "stride", "mode")

@@ -33,6 +33,7 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi, voxels_from_nm
 from cleftchunk.io import sources
+from cleftchunk.io.ome import AXES, compressor_codecs, multiscale_level0, ome_multiscales, read_frame
 
 #: Default chunk shape of written volumes: 1 MiB for uint8, thin in z to follow EM anisotropy
 #: (40 nm sections vs 4 nm pixels), and a divisor of the default prediction block so that blocks
@@ -41,7 +42,6 @@ DEFAULT_CHUNKS = (16, 256, 256)
 DEFAULT_VOXEL_SIZE = (40.0, 4.0, 4.0)
 HDF5_SUFFIXES = (".h5", ".hdf", ".hdf5")
 ZARR_SUFFIXES = (".zarr", ".zarr2", ".zarr3")
-AXES = ("z", "y", "x")
 
 #: CREMI label conventions.
 
@@ -396,7 +396,7 @@ def _open_zarr(volume: Volume) -> Any:
     except Exception as e:  # zarr raises several types for missing/invalid metadata
         raise CleftchunkError(f"{volume.spec} is not a readable Zarr node ({type(e).__name__}: {e})") from e
     if isinstance(node, zarr.Group):
-        level0 = _multiscale_level0(node)
+        level0 = multiscale_level0(node)
         if level0 is None:
             arrays = sorted(k for k, _ in node.arrays())
             groups = sorted(k for k, _ in node.groups())
@@ -409,114 +409,7 @@ def _open_zarr(volume: Volume) -> Any:
     return node
 
 
-def _multiscale_level0(group: Any) -> str | None:
-    attrs = dict(group.attrs)
-    ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
-    if ms:
-        return ms[0]["datasets"][0]["path"]
-    return None
-
-
-def read_frame(volume: Volume) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    """Voxel size and offset (nm) from whatever metadata convention the source uses."""
-    attrs = dict(volume.array.attrs)
-    vs = attrs.get("voxel_size") or attrs.get("resolution")
-    off = attrs.get("offset")
-    if vs is None and "pixelResolution" in attrs:  # N5 / BigDataViewer: x, y, z order
-        pr = attrs["pixelResolution"]
-        vs = list(reversed(pr["dimensions"] if isinstance(pr, dict) else pr))
-    if vs is None and volume.is_zarr:
-        vs, off = _ome_frame(volume, off)
-    if vs is not None and np.ndim(vs) == 0:  # some tools store a single isotropic number
-        vs = [vs] * volume.ndim
-    vs = tuple(float(v) for v in vs) if vs is not None else None
-    off = tuple(float(v) for v in off) if off is not None else None
-    return vs, off
-
-
-def _ome_frame(volume: Volume, off: Any) -> tuple[Any, Any]:
-    import zarr
-
-    if not volume.inner:
-        return None, off
-    parent_path, _, name = (volume.inner or "").rpartition("/")
-    try:
-        parent = zarr.open_group(str(volume.container), mode="r", path=parent_path)
-    except Exception:
-        return None, off
-    attrs = dict(parent.attrs)
-    ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
-    if not ms:
-        return None, off
-    for ds in ms[0]["datasets"]:
-        if ds["path"] == name:
-            scale = translation = None
-            for t in ds.get("coordinateTransformations", []):
-                if t["type"] == "scale":
-                    scale = t["scale"]
-                elif t["type"] == "translation":
-                    translation = t["translation"]
-            return scale, (off if off is not None else translation)
-    return None, off
-
-
 # -- creating -----------------------------------------------------------------------------
-def compressor_codecs(name: str | None) -> list:
-    """Zarr v3 codecs for a compressor name: zstd (Blosc-zstd, default), lz4, gzip, none."""
-    import zarr.codecs as zc
-
-    name = (name or "zstd").lower()
-    if name in ("zstd", "blosc-zstd", "blosc"):
-        return [zc.BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")]
-    if name in ("lz4", "blosc-lz4"):
-        return [zc.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]
-    if name in ("gzip", "zlib"):
-        return [zc.GzipCodec(level=5)]
-    if name in ("none", "raw"):
-        return []
-    raise CleftchunkError(f"unknown compressor {name!r}: use zstd, lz4, gzip or none")
-
-
-def ome_multiscales(
-    name: str,
-    voxel_size: Sequence[float],
-    offset_nm: Sequence[float],
-    levels: Sequence[tuple[str, Sequence[float]]] | None = None,
-    centered: bool = True,
-) -> dict:
-    """OME-Zarr 0.5 ``ome`` attribute for an image whose levels are given as (path, factor).
-
-    ``centered``: levels are means over ``factor`` voxels (first voxel centred half a patch
-    later); False for strided levels, whose first voxel is the finer level's first voxel.
-    """
-    levels = levels or [("s0", (1, 1, 1))]
-    datasets = []
-    for path, factor in levels:
-        scale = [float(v) * float(f) for v, f in zip(voxel_size, factor)]
-        # A level downsampled by f (mean over f voxels) has its first voxel centred (f-1)/2 voxels later.
-        shift = 0.5 if centered else 0.0
-        translation = [float(o) + (float(f) - 1) * float(v) * shift for o, v, f in zip(offset_nm, voxel_size, factor)]
-        datasets.append(
-            {
-                "path": path,
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": scale},
-                    {"type": "translation", "translation": translation},
-                ],
-            }
-        )
-    return {
-        "version": "0.5",
-        "multiscales": [
-            {
-                "name": name,
-                "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in AXES],
-                "datasets": datasets,
-            }
-        ],
-    }
-
-
 def exists(spec: str | os.PathLike) -> bool:
     container, inner = split_spec(spec)
     if inner is None:
@@ -621,10 +514,3 @@ def create_like(spec: str | os.PathLike, like: Volume, dtype: Any, chunks: Seque
         offset_nm=like.offset_nm,
         **options,
     )
-
-
-def image_group_of(volume: Volume) -> tuple[Path, str]:
-    """(container, group path) of the OME-Zarr image a level array belongs to."""
-    inner = volume.inner or ""
-    parent, _, _ = inner.rpartition("/")
-    return volume.container, parent

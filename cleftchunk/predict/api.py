@@ -1,4 +1,5 @@
-"""TODO api."""
+"""``predict(model, volume, output)``: the Python API and command behind ``cleftchunk predict``:
+check the input, open or resume the output, plan, run the engine, record completion."""
 
 from __future__ import annotations
 

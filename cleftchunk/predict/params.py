@@ -1,4 +1,4 @@
-"""TODO params."""
+"""Prediction parameters: everything that can change a bit of the output, and nothing else."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO plan."""
+"""The plan of a prediction as a value: blocks aligned to the output chunks, the tiles each owns
+(the block holding the tile's clamped start), and the blocks whose partials each needs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO reference."""
+"""The in-memory reference of prediction: the same answer as the block-wise engine, written
+plainly over one array (the tests' oracle, and what validation during training runs)."""
 
 from __future__ import annotations
 

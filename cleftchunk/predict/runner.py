@@ -1,4 +1,5 @@
-"""TODO runner."""
+"""Running a model over tiles: fixed-shape batches, flip TTA, autocast, and the fixed-point
+accumulation of a block's tiles; the model each worker loads once and keeps (a bounded cache)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO scratch."""
+"""Scratch space of a prediction: partial sums and done markers, each appearing by an atomic rename."""
 
 from __future__ import annotations
 

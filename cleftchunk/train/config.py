@@ -1,4 +1,5 @@
-"""TODO config."""
+"""The training configuration: every setting with its default, parsing and checks, and the
+precedence of its sources (defaults < the run's stored config < a YAML file < explicit values)."""
 
 from __future__ import annotations
 

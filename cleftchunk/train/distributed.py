@@ -1,4 +1,4 @@
-"""TODO distributed."""
+"""Several training processes: DistributedDataParallel over GPUs (NCCL) or, to test that path, CPUs (gloo)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO logger."""
+"""TensorBoard logging and the progress bar of a training run."""
 
 from __future__ import annotations
 

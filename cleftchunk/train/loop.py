@@ -1,4 +1,5 @@
-"""TODO loop."""
+"""``train(config)``: one process, several spawned ones, or ranks under ``torchrun``; the loop
+that steps, logs, saves and calls the hooks; the messages for interruptions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO loss."""
+"""The training loss: the original class-rebalanced BCE, with an optional Dice term."""
 
 from __future__ import annotations
 

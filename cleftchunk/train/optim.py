@@ -1,4 +1,4 @@
-"""TODO optim."""
+"""Optimizers (Adam with amsgrad, as the original; AdamW), learning-rate schedules, and an EMA of the weights."""
 
 from __future__ import annotations
 

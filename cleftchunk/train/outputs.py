@@ -1,4 +1,5 @@
-"""TODO outputs."""
+"""A run's output folder: checkpoints it may hold, the guard against mixing runs, the stored
+config, and the RNG state saved with each checkpoint (plain types, so ``weights_only`` loads it)."""
 
 from __future__ import annotations
 

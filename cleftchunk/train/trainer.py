@@ -1,4 +1,5 @@
-"""TODO trainer."""
+"""The trainer of one process: model, optimizer, schedule and EMA, one step, and checkpoint
+save/restore (resuming gives bitwise the weights of an uninterrupted run on the CPU)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO validation."""
+"""Validation during training, with the predictor users run (:func:`cleftchunk.predict.predict_reference`)
+and the CREMI metrics of :mod:`cleftchunk.post.metrics`, so a validation score is what ``predict``
+followed by ``evaluate`` gives."""
 
 from __future__ import annotations
 
