@@ -198,6 +198,32 @@ def test_validation_hook_reports_cremi_metrics(data, tmp_path):
     assert "f1" in result and "cremi_score" in result
 
 
+def test_validation_scores_are_what_predict_then_evaluate_give(data, tmp_path):
+    """Validation runs the shipped predictor: the score it logs for the final weights equals the one
+    a user gets from `predict` (with its defaults) and `evaluate` on the same region."""
+    from cleftchunk.io.volumes import open_volume
+    from cleftchunk.post.metrics import evaluate
+    from cleftchunk.predict import predict
+
+    values = config(
+        data, tmp_path / "val", iteration_total=2, validate_every=2,
+        validate_image="d.zarr/tiny_raw", validate_labels="d.zarr/tiny_clefts", validate_roi="0:4,:,:",
+    )
+    last = train(values)
+    logged = json.loads((tmp_path / "val" / "validation.jsonl").read_text().splitlines()[-1])
+    region = {}
+    for name in ("tiny_raw", "tiny_clefts"):
+        source = open_volume(data / f"d.zarr/{name}")
+        array = source[:4]
+        copy = create_volume(tmp_path / f"region.zarr/{name}", array.shape, array.dtype, chunks=(4, 48, 48))
+        copy.write(copy.roi, array)
+        region[name] = copy
+    predict(last, region["tiny_raw"], tmp_path / "region.zarr/pred", workers=0, progress=False)
+    metrics = evaluate(tmp_path / "region.zarr/pred", region["tiny_clefts"])
+    for key in ("f1", "fp", "fn"):
+        assert logged[key] == pytest.approx(float(metrics[key])), key
+
+
 def test_validation_on_a_training_volume_needs_a_held_out_region(data, tmp_path):
     values = config(data, tmp_path / "v", iteration_total=1, validate_every=1,
                     validate_image="d.zarr/raw", validate_labels="d.zarr/clefts")

@@ -15,17 +15,15 @@ from typing import Sequence
 
 import numpy as np
 
+from cleftchunk.figures import overlay
+
 GT_COLOUR = np.array([0, 220, 0], dtype=np.float32)  # ground truth: green
 PRED_COLOUR = np.array([230, 0, 230], dtype=np.float32)  # prediction: magenta (overlap reads white)
 
 
 def overlay_section(raw: np.ndarray, gt: np.ndarray | None = None, pred: np.ndarray | None = None, alpha: float = 0.45) -> np.ndarray:
     """An RGB uint8 image of one raw section with boolean masks blended on top."""
-    rgb = np.repeat(raw.astype(np.float32)[..., None], 3, axis=-1)
-    for mask, colour in ((gt, GT_COLOUR), (pred, PRED_COLOUR)):
-        if mask is not None and mask.any():
-            rgb[mask] = (1 - alpha) * rgb[mask] + alpha * colour
-    return np.clip(rgb, 0, 255).astype(np.uint8)
+    return overlay(raw, ((gt, GT_COLOUR), (pred, PRED_COLOUR)), alpha)
 
 
 def section_panel_png(

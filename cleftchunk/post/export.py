@@ -23,13 +23,13 @@ import numpy as np
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
-from cleftchunk.labels import resolve_label_kind
+from cleftchunk.labels import CREMI_CLEFTS, CREMI_RAW, resolve_label_kind
 from cleftchunk.post.segment import as_volume
 from cleftchunk.labels import CREMI_BACKGROUND
 from cleftchunk.io.volumes import HDF5_SUFFIXES, Volume
 
-CLEFTS_DATASET = "volumes/labels/clefts"
-RAW_DATASET = "volumes/raw"
+CLEFTS_DATASET = CREMI_CLEFTS
+RAW_DATASET = CREMI_RAW
 FILE_FORMAT = "0.2"
 #: In-plane HDF5 chunk edge; CREMI files are read section by section.
 H5_CHUNK_YX = 256

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.figures import overlay
 from cleftchunk.geometry import Roi
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID
 
@@ -27,18 +28,14 @@ def cleft_colours(ids: np.ndarray) -> np.ndarray:
     return (60 + 195 * rgb).astype(np.uint8)
 
 
-def overlay_section(raw: np.ndarray, clefts: np.ndarray, alpha: float = 0.55, outline_only: bool = False) -> np.ndarray:
+def tint_clefts(raw: np.ndarray, clefts: np.ndarray, alpha: float = 0.55, outline_only: bool = False) -> np.ndarray:
     """RGB uint8 of one section with cleft voxels tinted by their id's colour."""
-    rgb = np.repeat(raw[..., None], 3, axis=-1).astype(np.float32)
     is_cleft = (clefts != CREMI_BACKGROUND) & (clefts != CREMI_INVALID)
     if outline_only:
         inner = is_cleft.copy()
         inner[1:-1, 1:-1] &= is_cleft[:-2, 1:-1] & is_cleft[2:, 1:-1] & is_cleft[1:-1, :-2] & is_cleft[1:-1, 2:]
         is_cleft &= ~inner
-    if is_cleft.any():
-        colours = cleft_colours(clefts[is_cleft]).astype(np.float32)
-        rgb[is_cleft] = (1 - alpha) * rgb[is_cleft] + alpha * colours
-    return np.clip(rgb, 0, 255).astype(np.uint8)
+    return overlay(raw, [(is_cleft, cleft_colours(clefts[is_cleft]))], alpha)
 
 
 def preview_image(raw: np.ndarray, clefts: np.ndarray, sections: Sequence[int] | None = None, with_plain: bool = True):
@@ -56,7 +53,7 @@ def preview_image(raw: np.ndarray, clefts: np.ndarray, sections: Sequence[int] |
         if with_plain:
             canvas[:h, x0 : x0 + w] = np.repeat(raw[z][..., None], 3, axis=-1)
         y0 = (h + GAP_PX) if with_plain else 0
-        canvas[y0 : y0 + h, x0 : x0 + w] = overlay_section(raw[z], clefts[z])
+        canvas[y0 : y0 + h, x0 : x0 + w] = tint_clefts(raw[z], clefts[z])
     return Image.fromarray(canvas)
 
 

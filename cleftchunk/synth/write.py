@@ -28,7 +28,7 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.synth.generate import VOXEL_SIZE, SynthParams, check_seed, generate_region, make_params
-from cleftchunk.labels import CREMI_BACKGROUND, kind_attrs
+from cleftchunk.labels import CREMI_BACKGROUND, CREMI_CLEFTS, CREMI_NEURONS, CREMI_RAW, kind_attrs
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, open_volume, split_spec
 
 #: Larger requests are refused as typos (10^13 voxels is ~10 TB of raw, ~170 TB with labels).
@@ -39,7 +39,7 @@ DTYPES = {"raw": np.uint8, "clefts": np.uint64, "neuron_ids": np.uint64}
 FILL = {"raw": 0, "clefts": int(CREMI_BACKGROUND), "neuron_ids": 0}
 #: What each volume holds (:mod:`cleftchunk.labels`), recorded in its attributes.
 KIND = {"raw": "image", "clefts": "ids", "neuron_ids": "neurons"}
-CREMI_PATHS = {"raw": "volumes/raw", "clefts": "volumes/labels/clefts", "neuron_ids": "volumes/labels/neuron_ids"}
+CREMI_PATHS = {"raw": CREMI_RAW, "clefts": CREMI_CLEFTS, "neuron_ids": CREMI_NEURONS}
 ATTR = "cleftchunk_synth"
 
 

@@ -29,6 +29,7 @@ from scipy import ndimage as ndi
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
+from cleftchunk.predict.tiling import reflect_index  # the same reflection as predict's padding
 # The label "code" array resampled with order 0: bit 0 = cleft, bit 1 = invalid (ignored).
 from cleftchunk.labels import CLEFT_BIT, INVALID_BIT
 
@@ -257,7 +258,7 @@ class Augmenter:
             # (most rejection-sampling tries on sparse data) needs no warping at all.
             return np.full(self.out_shape, data.flat[0], dtype=np.float32 if order > 0 else data.dtype)
         origin = have.offset
-        z_index = _mirror_index(plan.z_keep - self.extra_z // 2 + int(crop_offset[0]), volume_roi.shape[0]) - origin[0]
+        z_index = reflect_index(plan.z_keep - self.extra_z // 2 + int(crop_offset[0]), volume_roi.shape[0]) - origin[0]
         yx_origin = np.array([crop_offset[1] - origin[1], crop_offset[2] - origin[2]], dtype=np.float64)
         out_dtype = np.float32 if order > 0 else data.dtype
         out = np.empty(self.out_shape, dtype=out_dtype)
@@ -291,19 +292,10 @@ class Augmenter:
 
 
 # -- the single steps (also usable on their own) ----------------------------------------------------
-def _mirror_index(index: np.ndarray, size: int) -> np.ndarray:
-    """Reflect indices into [0, size) (edge voxels not repeated), like ``mode='mirror'``."""
-    if size == 1:
-        return np.zeros_like(index)
-    period = 2 * (size - 1)
-    index = np.abs(index) % period
-    return np.where(index >= size, period - index, index)
-
-
 def _shifted_window(section: np.ndarray, origin: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """``section[origin : origin + shape]`` with out-of-range indices mirrored (no interpolation)."""
-    rows = _mirror_index(np.arange(shape[0]) + origin[0], section.shape[0])
-    cols = _mirror_index(np.arange(shape[1]) + origin[1], section.shape[1])
+    rows = reflect_index(np.arange(shape[0]) + origin[0], section.shape[0])
+    cols = reflect_index(np.arange(shape[1]) + origin[1], section.shape[1])
     if rows[0] >= 0 and np.all(np.diff(rows) == 1) and np.all(np.diff(cols) == 1):
         return section[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     return section[np.ix_(rows, cols)]

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cleftchunk.labels import cleft_mask
+from cleftchunk.post.metrics import cremi_metrics_reference
 from cleftchunk.train.data import label_codes
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
@@ -48,31 +50,20 @@ def parse_roi(text: str | None, shape: Sequence[int]) -> tuple[slice, ...]:
     return tuple(out)
 
 
-def predict_in_memory(net: nn.Module, image: np.ndarray, window: Sequence[int], device: torch.device) -> np.ndarray:
-    """Probabilities over a small in-memory region: 50 %-overlap tiles, mean blending, reflect padding."""
-    from cleftchunk.geometry import tile_starts
+def predict_validation(net: nn.Module, image: np.ndarray, window: Sequence[int], device: torch.device) -> np.ndarray:
+    """uint8 probabilities (p·255) over the held-out region, computed exactly as ``cleftchunk
+    predict`` with its defaults computes them (:func:`cleftchunk.predict.predict_reference`:
+    50 % overlap, Gaussian blending), so that a validation score is what a user will get."""
+    from cleftchunk.predict import predict_reference
 
-    pad = [(max(0, (w - s + 1) // 2), max(0, w - s - (w - s + 1) // 2)) for s, w in zip(image.shape, window)]
-    padded = np.pad(image, pad, mode="reflect") if any(a or b for a, b in pad) else image
-    total = np.zeros(padded.shape, np.float32)
-    weight = np.zeros(padded.shape, np.float32)
-    starts = [tile_starts(s, w, max(w // 2, 1)) for s, w in zip(padded.shape, window)]
-    with torch.no_grad():
-        for z in starts[0]:
-            for y in starts[1]:
-                for x in starts[2]:
-                    sl = (slice(z, z + window[0]), slice(y, y + window[1]), slice(x, x + window[2]))
-                    tile = torch.from_numpy(np.ascontiguousarray(padded[sl]))[None, None].to(device)
-                    total[sl] += torch.sigmoid(net(tile)).float()[0, 0].cpu().numpy()
-                    weight[sl] += 1
-    prob = total / weight
-    return prob[tuple(slice(a, a + s) for (a, _), s in zip(pad, image.shape))]
+    model = nn.Sequential(net, nn.Sigmoid())  # the training net gives logits; predict reads probabilities
+    return predict_reference(model, image, window, device=str(device))
 
 
 class Validator:
     """A hook: every ``every`` iterations, predict the held-out region and report loss + CREMI metrics.
 
-    CREMI metrics come from :mod:`cleftchunk.metrics` when it is installed; otherwise only the loss.
+    The prediction is the shipped one (:func:`predict_validation`); CREMI metrics come from :mod:`cleftchunk.post.metrics`.
     Results go to TensorBoard (``val/*``) and ``<output>/validation.jsonl``.
     """
 
@@ -90,7 +81,9 @@ class Validator:
         self.roi = Roi.from_bounds([s.start for s in roi], [s.stop for s in roi])
         self.every = int(config.validate_every)
         self.window = list(config.input_size)
-        self.image = image[roi].astype(np.float32) * np.float32(image_scale(image.dtype))
+        region = image[roi]
+        # predict divides uint8 by 255 itself; other dtypes are scaled here by training's rule
+        self.image = region if region.dtype == np.uint8 else region.astype(np.float32) * np.float32(image_scale(image.dtype))
         codes = label_codes(labels[roi], resolve_label_mode(config.label_mode, labels))
         self.label = (codes & 1).astype(bool)
         self.invalid = (codes & 2).astype(bool)
@@ -124,17 +117,14 @@ class Validator:
 
     def evaluate(self, trainer: Trainer) -> dict:
         with trainer.inference_net() as net:
-            prob = predict_in_memory(net, self.image, self.window, trainer.dist.device)
+            predicted = predict_validation(net, self.image, self.window, trainer.dist.device)
+        prob = predicted.astype(np.float32) / 255
         valid = ~self.invalid
         loss = float(weighted_bce(torch.logit(torch.from_numpy(prob).clamp(1e-6, 1 - 1e-6))[None, None],
                                   torch.from_numpy(self.label.astype(np.float32))[None, None],
                                   torch.from_numpy(valid.astype(np.float32))[None, None]))
         result: dict[str, Any] = {"loss": loss}
-        try:
-            from cleftchunk.post.metrics import cremi_metrics_reference
-        except ImportError:  # evaluation not installed: loss only
-            return result
-        pred_mask = np.round(prob * 255) >= 128  # the uint8 prediction binarized as the original does
+        pred_mask = cleft_mask(predicted, "prob")  # binarized as segment and evaluate do
         metrics = cremi_metrics_reference(pred_mask, self.label, self.voxel_size, invalid_mask=self.invalid)
         for key in ("f1", "precision", "recall", "cremi_score", "adgt", "adf", "fp", "fn"):
             value = metrics.get(key)
