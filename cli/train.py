@@ -68,28 +68,10 @@ def _kv_pairs(values: tuple[str, ...], what: str) -> dict:
 @click.option("--overwrite", is_flag=True, help="Replace the checkpoints already in OUTPUT.")
 def command(config_file, augment, no_augment, rejection, no_progress, resume, overwrite, **flags) -> None:
     """Train the cleft model on image/label volumes (random augmented crops, read lazily)."""
-    from pathlib import Path
-
+    from cleftchunk.train import train
     from cleftchunk.train.augment import AugmentConfig
-    from cleftchunk.model import load_checkpoint
-    from cleftchunk.train import TrainConfig, load_yaml_config, train
 
-    values: dict = {}
-    output = flags.get("output")
-    if resume:
-        # Start from the stored run so that `cleftchunk train -o OUT --resume` needs nothing else.
-        if output is None and config_file:
-            output = load_yaml_config(config_file).get("output")
-        last = Path(output or TrainConfig.output) / "last.pth"
-        if last.is_file():
-            values.update(load_checkpoint(last).get("config") or {})
-    if config_file:
-        file_values = load_yaml_config(config_file)
-        for key in ("augment", "rejection"):
-            if key in file_values and isinstance(values.get(key), dict):
-                file_values[key] = {**values[key], **(file_values[key] or {})}
-        values.update(file_values)
-    values.update({k: v for k, v in flags.items() if v is not None})
+    values = {k: v for k, v in flags.items() if v is not None}
     if no_augment:
         values["augment"] = AugmentConfig.off().to_dict()
     if augment:
@@ -98,5 +80,5 @@ def command(config_file, augment, no_augment, rejection, no_progress, resume, ov
         values["rejection"] = {**(values.get("rejection") or {}), **_kv_pairs(rejection, "--reject")}
     if no_progress:
         values["progress"] = False
-    last = train(values, resume=resume, overwrite=overwrite)
+    last = train(values, resume=resume, overwrite=overwrite, config_file=config_file)
     click.echo(f"checkpoint: {last}")

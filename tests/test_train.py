@@ -198,6 +198,17 @@ def test_validation_hook_reports_cremi_metrics(data, tmp_path):
     assert "f1" in result and "cremi_score" in result
 
 
+def test_the_library_resumes_with_the_stored_config_like_the_command(data, tmp_path):
+    """train(values, resume=True) takes the run's stored settings, then the explicit ones on top."""
+    out = tmp_path / "lib"
+    train(config(data, out, iteration_total=2, augment={"rotation_p": 0.25}))
+    last = train({"output": str(out), "iteration_total": 3, "augment": {"flip_p": 0.0}}, resume=True)
+    stored = load_checkpoint(last)["config"]
+    assert load_checkpoint(last)["iteration"] == 3
+    assert stored["preset"] == "small" and stored["input_size"] == MI  # from the stored config
+    assert stored["augment"]["rotation_p"] == 0.25 and stored["augment"]["flip_p"] == 0.0  # merged key by key
+
+
 def test_validation_scores_are_what_predict_then_evaluate_give(data, tmp_path):
     """Validation runs the shipped predictor: the score it logs for the final weights equals the one
     a user gets from `predict` (with its defaults) and `evaluate` on the same region."""

@@ -153,3 +153,30 @@ def load_yaml_config(path: str | os.PathLike) -> dict:
     if not isinstance(values, dict):
         raise CleftchunkError(f"{path} must hold a mapping of settings (key: value), not a {type(values).__name__}")
     return values
+
+
+#: Settings that are mappings: each source changes only the keys it names.
+MAPPING_SETTINGS = ("augment", "rejection")
+
+
+def resolve_config(values: dict | None = None, config_file: str | os.PathLike | None = None, resume: bool = False) -> TrainConfig:
+    """The configuration of a run, from its sources in order of precedence:
+    defaults < (with ``resume``) the config stored in the run's ``last.pth`` < ``config_file`` (YAML)
+    < ``values`` (e.g. command-line flags). ``augment`` and ``rejection`` are merged key by key."""
+    explicit = {k.replace("-", "_"): v for k, v in dict(values or {}).items()}
+    from_file = load_yaml_config(config_file) if config_file else {}
+    layers = [from_file, explicit]
+    if resume:
+        from cleftchunk.model import load_checkpoint
+
+        output = explicit.get("output") or from_file.get("output") or TrainConfig.output
+        last = Path(output) / "last.pth"
+        if last.is_file():
+            layers.insert(0, dict(load_checkpoint(last).get("config") or {}))
+    merged: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key in MAPPING_SETTINGS and isinstance(value, dict) and isinstance(merged.get(key), dict):
+                value = {**merged[key], **value}
+            merged[key] = value
+    return TrainConfig.from_dict(merged)

@@ -16,7 +16,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.model import (
     load_checkpoint,
 )
-from cleftchunk.train.config import TrainConfig
+from cleftchunk.train.config import resolve_config, TrainConfig
 from cleftchunk.train.distributed import Dist, free_port, init_distributed, requested_processes, under_torchrun
 from cleftchunk.train.logger import Logger
 from cleftchunk.train.outputs import check_output, check_resumable, clear_output, write_config
@@ -25,16 +25,20 @@ from cleftchunk.train.validation import Validator
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def as_config(config: dict | TrainConfig) -> TrainConfig:
-    if isinstance(config, TrainConfig):
-        config.normalize()
-        return config
-    return TrainConfig.from_dict(config)
+def train(
+    config: dict | TrainConfig | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    hooks: Sequence[Hook] = (),
+    config_file: str | os.PathLike | None = None,
+) -> Path:
+    """Train as configured; returns the path of the last checkpoint (``<output>/last.pth``).
 
-
-def train(config: dict | TrainConfig, resume: bool = False, overwrite: bool = False, hooks: Sequence[Hook] = ()) -> Path:
-    """Train as configured; returns the path of the last checkpoint (``<output>/last.pth``)."""
-    config = as_config(config)
+    ``config``: the settings given explicitly (a dict, or a complete :class:`TrainConfig`), over
+    ``config_file`` (YAML) and, with ``resume``, over the run's stored config — the precedence of
+    :func:`~cleftchunk.train.config.resolve_config`, the same for this call and the command."""
+    config = config if isinstance(config, TrainConfig) else resolve_config(config, config_file, resume)
+    config.normalize()
     processes, on_gpu = requested_processes(config)
     if under_torchrun():
         processes = int(os.environ["WORLD_SIZE"])
