@@ -237,6 +237,7 @@ def test_mode_downsampling_of_labels(tmp_path, run_cli):
 
 
 # -- results independent of task size, workers and scheduler -------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("workers, scheduler, task_bytes", [(1, "threads", 1), (3, "threads", 5000), (2, "processes", 10**9)])
 def test_output_independent_of_workers_and_task_size(tmp_path, workers, scheduler, task_bytes):
     data = ramp((9, 33, 41), np.uint16)
@@ -325,6 +326,7 @@ def test_disk_full_then_resume_writes_only_missing_chunks(tmp_path, run_cli, mon
     assert not leftover.exists()
 
 
+@pytest.mark.slow
 def test_killed_conversion_resumes_and_is_exact(tmp_path):
     data = ramp((24, 64, 64))
     np.save(tmp_path / "d.npy", data)

@@ -21,6 +21,7 @@ def finished_demo(tmp_path_factory):
     return folder, result.output
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_writes_the_report(finished_demo):
     folder, output = finished_demo
     state = json.loads((folder / "demo.json").read_text())
@@ -38,12 +39,14 @@ def test_demo_runs_every_stage_and_writes_the_report(finished_demo):
     assert "report.html" in output
 
 
+@pytest.mark.slow
 def test_demo_resumes_finished_stages(finished_demo, run_cli):
     folder, _ = finished_demo
     result = run_cli("demo", folder, "--size", "quick", "--iterations", "6")
     assert result.output.count("done in an earlier run") == len(STAGES)
 
 
+@pytest.mark.slow
 def test_demo_refuses_other_settings_and_foreign_folders(finished_demo, run_cli, tmp_path):
     folder, _ = finished_demo
     result = run_cli("demo", folder, "--size", "quick", "--iterations", "7", expect=2)

@@ -51,6 +51,7 @@ def _close(a, b):
     return a == b or math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kd_fraction", [0.0, 1.0], ids=["edt", "kdtree"])
 def test_blockwise_equals_reference_on_random_volumes(tmp_path, monkeypatch, kd_fraction):
     monkeypatch.setattr(metrics, "KDTREE_MAX_FRACTION", kd_fraction)  # one nearest-target method each
@@ -69,6 +70,7 @@ def test_blockwise_equals_reference_on_random_volumes(tmp_path, monkeypatch, kd_
         assert got["inputs"]["invalid_voxels"] == int(invalid.sum())
 
 
+@pytest.mark.slow
 def test_blockwise_equals_reference_on_structured_clefts_far_apart(tmp_path):
     """Flat clefts (discs in y-x) many blocks apart, so most distances come from the far search."""
     shape = (12, 64, 64)

@@ -152,6 +152,7 @@ def test_loading_never_unpickles_arbitrary_objects(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_save_is_atomic_under_a_real_kill(tmp_path):
     """A process killed while saving in a loop leaves a checkpoint that still loads."""
     target = tmp_path / "last.pth"

@@ -118,6 +118,7 @@ def test_blockwise_equals_reference(tmp_path, raw_spec, block_shape, workers):
         dict(overlap=0.75, pad=True, batch_size=2),
     ],
 )
+@pytest.mark.slow
 def test_options_equal_reference(tmp_path, raw_spec, options):
     raw, spec = raw_spec
     model = tiny_model(1)
@@ -142,6 +143,7 @@ def test_mask_excludes_voxels_and_tiles(tmp_path, raw_spec):
     assert model.calls == result.tiles_run < result.tiles_in_grid
 
 
+@pytest.mark.slow
 def test_process_workers_and_checkpoint_give_the_same_bytes(tmp_path, run_cli):
     from cleftchunk.model import arch_spec, build_model, load_model, save_checkpoint
 
@@ -166,6 +168,7 @@ def test_process_workers_and_checkpoint_give_the_same_bytes(tmp_path, run_cli):
 
 
 # -- every tile exactly once, empty tiles never ------------------------------------------------
+@pytest.mark.slow
 def test_each_tile_runs_exactly_once_with_blocks_smaller_than_tiles(tmp_path, raw_spec):
     raw, spec = raw_spec
     model = Counting(tiny_model())
@@ -181,6 +184,7 @@ def test_each_tile_runs_exactly_once_with_blocks_smaller_than_tiles(tmp_path, ra
     assert result.tiles_ratio == 1.0
 
 
+@pytest.mark.slow
 def test_empty_blocks_are_skipped_without_changing_neighbours(tmp_path):
     raw = np.zeros((12, 64, 64), dtype=np.uint8)
     cube = Roi((4, 40, 36), (5, 20, 20))
@@ -251,6 +255,7 @@ SLOW_RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_resume_after_killing_the_process(tmp_path):
     raw = tissue((8, 48, 48), seed=3)
     spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
@@ -276,6 +281,7 @@ def test_resume_after_killing_the_process(tmp_path):
     np.testing.assert_array_equal(read(out), predict_reference(make_slow_model(0.0), raw, WINDOW))
 
 
+@pytest.mark.slow
 def test_a_killed_dask_worker_does_not_change_the_result(tmp_path):
     from cleftchunk.run.cluster import ClusterSpec, dask_client
 

@@ -32,6 +32,7 @@ def random_probabilities(shape, density, seed):
     return np.where(rng.random(shape) < density, rng.integers(128, 256, shape), rng.integers(0, 128, shape)).astype(np.uint8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("connectivity", [6, 26])
 def test_blockwise_equals_whole_array_for_any_block_shape(tmp_path, connectivity):
     # densities below the percolation threshold of each connectivity: many components
@@ -55,6 +56,7 @@ def chunk_files(array_dir):
     return {p.relative_to(array_dir): p.read_bytes() for p in array_dir.rglob("*") if p.is_file() and p.name != "zarr.json"}
 
 
+@pytest.mark.slow
 def test_synthetic_clefts_get_the_same_ids_for_any_block_shape(tmp_path):
     clefts = generate_region(Roi((0, 0, 0), (16, 96, 96)), seed=1)["clefts"]
     spec = write(tmp_path / "p.zarr/clefts", clefts, chunks=(4, 16, 16), fill_value=int(BG))

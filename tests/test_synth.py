@@ -38,6 +38,7 @@ def test_same_seed_same_bytes_other_seed_other_volume():
     assert not np.array_equal(a["neuron_ids"], b["neuron_ids"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_shape", [(7, 64, 50), (1, 40, 110), (5, 96, 9), (16, 20, 20)])
 def test_blockwise_equals_whole_region(block_shape):
     roi = Roi((-3, 17, -40), (16, 96, 110))  # negative and odd offsets on purpose
@@ -71,6 +72,7 @@ def test_defect_rates_take_effect_and_misalignment_moves_labels_with_raw():
     assert 5 < len(flat) < 25
 
 
+@pytest.mark.slow
 def test_label_conventions(sample):
     clefts, neurons = sample["clefts"], sample["neuron_ids"]
     assert clefts.dtype == np.uint64 and neurons.dtype == np.uint64 and sample["raw"].dtype == np.uint8
@@ -90,6 +92,7 @@ def test_label_conventions(sample):
         assert len(touched) == 2, (cleft_id, touched)
 
 
+@pytest.mark.slow
 def test_statistics_inside_documented_ranges(sample):
     """Documented in cleftchunk.synth: 0.05–0.8 % cleft voxels, 0.5–4 clefts per µm³."""
     is_cleft = sample["clefts"] != CREMI_BACKGROUND
@@ -104,6 +107,7 @@ def test_statistics_inside_documented_ranges(sample):
     assert 60 < raw.mean() < 200 and raw.std() > 20
 
 
+@pytest.mark.slow
 def test_a_global_intensity_threshold_cannot_find_the_clefts(sample):
     """Clefts are as dark as membranes, PSDs, mitochondria: even the best threshold scores badly."""
     is_cleft = (sample["clefts"] != CREMI_BACKGROUND).ravel()
@@ -139,6 +143,7 @@ def test_bad_parameters_are_one_line_errors():
         make_params(0.5, noise=-1)
 
 
+@pytest.mark.slow
 def test_synthesize_zarr_is_independent_of_workers_and_chunks(tmp_path):
     shape = (12, 70, 90)
     one = synthesize(tmp_path / "one.zarr", shape, seed=10, workers=1, chunks=(5, 32, 64), **DEFECTS)
@@ -190,6 +195,7 @@ def test_synthesize_cremi_layout(tmp_path):
     assert _equal(read_sample(dst), generate_region((6, 48, 40), seed=2))
 
 
+@pytest.mark.slow
 def test_cli_writes_sample_and_preview(tmp_path, run_cli):
     from PIL import Image
 

@@ -128,6 +128,7 @@ def test_a_few_optimizer_steps_lower_the_loss_on_a_fixed_batch():
 
 
 # -- resume ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_gives_bitwise_the_weights_of_an_uninterrupted_run(data, tmp_path):
     whole = train(config(data, tmp_path / "whole"))
     part = train(config(data, tmp_path / "part", iteration_total=2))
@@ -152,6 +153,7 @@ def stop_at(iteration):
     return hook
 
 
+@pytest.mark.slow
 def test_interrupted_adamw_cosine_ema_run_resumes_exactly(data, tmp_path):
     options = {"optimizer": "adamw", "scheduler": "cosine", "warmup": 1, "ema": 0.9, "dice": 0.5, "iteration_save": 2}
     whole = train(config(data, tmp_path / "whole", iteration_total=5, **options))
@@ -209,6 +211,7 @@ def test_the_library_resumes_with_the_stored_config_like_the_command(data, tmp_p
     assert stored["augment"]["rotation_p"] == 0.25 and stored["augment"]["flip_p"] == 0.0  # merged key by key
 
 
+@pytest.mark.slow
 def test_validation_scores_are_what_predict_then_evaluate_give(data, tmp_path):
     """Validation runs the shipped predictor: the score it logs for the final weights equals the one
     a user gets from `predict` (with its defaults) and `evaluate` on the same region."""
@@ -339,6 +342,7 @@ RANK_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_ddp_under_torchrun_environment_keeps_ranks_in_step(data, tmp_path):
     out = tmp_path / "ddp"
     values = config(data, out, iteration_total=2, batch_size=2)
@@ -355,6 +359,7 @@ def test_ddp_under_torchrun_environment_keeps_ranks_in_step(data, tmp_path):
     assert_same_state({k: ckpt["model"][k] for k in a}, a)
 
 
+@pytest.mark.slow
 def test_ddp_spawned_by_the_command_itself(data, tmp_path):
     last = train(config(data, tmp_path / "spawn", iteration_total=2, cpu_processes=2))
     ckpt = load_checkpoint(last)
