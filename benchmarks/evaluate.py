@@ -82,7 +82,7 @@ def reference_evaluate_code(path: Path) -> str:
     return (
         "import json, numpy as np\n"
         "from cleftchunk import open_volume\n"
-        "from cleftchunk.metrics import cremi_metrics_reference\n"
+        "from cleftchunk.post.metrics import cremi_metrics_reference\n"
         "from cleftchunk.io.volumes import CREMI_BACKGROUND, CREMI_INVALID\n"
         f"pred = open_volume('{path}/pred')[...]; gt = open_volume('{path}/gt')[...]\n"
         "r = cremi_metrics_reference(pred >= 128, gt != CREMI_BACKGROUND, (40, 4, 4), invalid_mask=gt == CREMI_INVALID)\n"
@@ -94,7 +94,7 @@ def reference_segment_code(path: Path) -> str:
     return (
         "import numpy as np\n"
         "from cleftchunk import open_volume\n"
-        "from cleftchunk.segment import connected_components_reference\n"
+        "from cleftchunk.post.segment import connected_components_reference\n"
         "from cleftchunk.io.volumes import create_volume, CREMI_BACKGROUND\n"
         f"src = open_volume('{path}/pred'); pred = src[...]\n"
         "ids = connected_components_reference(pred >= 128, 26)\n"

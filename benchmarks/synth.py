@@ -44,7 +44,7 @@ GENERATE_ONLY = dict(
 )
 
 SYNTH = dict(
-    imports="from cleftchunk.synth_write import synthesize",
+    imports="from cleftchunk.synth.write import synthesize",
     work="synthesize({dst!r}, {shape}, seed=0, workers={workers}, scheduler={scheduler!r}, format={format!r}, overwrite=True)",
 )
 

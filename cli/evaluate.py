@@ -45,7 +45,7 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
     prediction (e.g. the labelled region of a padded CREMI sample) is placed by the offsets
     of both; the prediction must contain it.
     Empty prediction or ground truth: undefined averages are n/a (null in JSON), distances to an
-    empty set are infinite ("inf" in JSON); see the cleftchunk.metrics documentation.
+    empty set are infinite ("inf" in JSON); see the cleftchunk.post.metrics documentation.
     """
     if json_path and os.path.exists(json_path) and not overwrite:
         raise CleftchunkError(f"{json_path} exists: pass --overwrite to replace it (or choose another --json file)")

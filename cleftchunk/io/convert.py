@@ -2,13 +2,13 @@
 
 A conversion is first planned as a value (:class:`ConversionPlan`: source, output layout, frame,
 mask rule), which can be printed, then executed by :func:`convert`. Data streams through in tasks
-of whole output storage units (:mod:`cleftchunk.chunkwrite`), so memory is bounded by a few tasks
+of whole output storage units (:mod:`cleftchunk.run.chunks`), so memory is bounded by a few tasks
 whatever the volume size, and the work runs on Dask's local threaded (default) or process
 scheduler.
 
 Decisions, documented here once:
 
-- **Chunks** default to :data:`cleftchunk.volumes.DEFAULT_CHUNKS` = (16, 256, 256): 1 MiB for
+- **Chunks** default to :data:`cleftchunk.io.volumes.DEFAULT_CHUNKS` = (16, 256, 256): 1 MiB for
   uint8, thin in z because EM voxels are 10× longer in z (40 nm sections, 4 nm pixels), so a chunk
   covers a roughly isotropic 640 × 1024 × 1024 nm; 256 px in-plane matches the model window and
   divides prediction blocks, so blocks read whole chunks.

@@ -8,7 +8,7 @@ centre coincides with the patch's first voxel, so those levels have no extra tra
 ``mode`` keeps the most frequent label of each patch (ties: the first in y, x order, so a tie
 gives the same as ``stride``); it is centred like ``mean``.
 
-Levels are written with :func:`cleftchunk.chunkwrite.fill`, so they resume like level 0.
+Levels are written with :func:`cleftchunk.run.chunks.fill`, so they resume like level 0.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Read-only sources that are not Zarr or HDF5: TIFF stacks, image folders, ``.npy`` and N5.
 
 Each source is a small array-like with ``shape``, ``dtype``, ``chunks``, ``attrs`` and
-``__getitem__`` (a tuple of slices / ints), which is all :class:`cleftchunk.volumes.Volume` needs.
+``__getitem__`` (a tuple of slices / ints), which is all :class:`cleftchunk.io.volumes.Volume` needs.
 Sources open their files lazily and drop open handles when pickled, so that a Dask worker in
 another process reopens them. None of them ever loads more than the requested region plus the
 storage units (pages, blocks) it overlaps.

@@ -5,7 +5,7 @@ A *volume spec* is a string naming one 3-D dataset:
 - ``out.zarr/raw`` — a Zarr v3 (or v2) array, or an OME-Zarr multiscale group (level 0 is used);
 - ``file.h5:volumes/raw`` (also ``.hdf``, ``.hdf5``) — an HDF5 dataset;
 - ``file.h5`` with ``dataset=`` given separately;
-- read-only sources (see :mod:`cleftchunk.sources`): ``stack.tif`` (multi-page TIFF), a folder of
+- read-only sources (see :mod:`cleftchunk.io.sources`): ``stack.tif`` (multi-page TIFF), a folder of
   per-section ``.tif``/``.png`` images, ``volume.npy``, and N5 datasets ``data.n5/raw``.
 
 Volumes are 3-D (z, y, x). A 4-D source is read one channel at a time: ``channel=K`` (the CLI's

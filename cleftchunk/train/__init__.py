@@ -9,7 +9,7 @@ With an EMA (``ema`` = its decay, e.g. 0.999), the checkpoint's ``model`` entry 
 weights — the ones prediction loads — and ``model_raw`` the weights being trained (for resuming).
 
 Determinism: the model is initialised from ``seed``; batch ``b`` is a pure function of (seed, b)
-(see :mod:`cleftchunk.data`), so ``--resume`` from ``last.pth`` continues exactly: on the CPU with
+(see :mod:`cleftchunk.train.data`), so ``--resume`` from ``last.pth`` continues exactly: on the CPU with
 the same settings, a resumed run ends with bitwise the same weights as an uninterrupted one.
 
 Logging: TensorBoard event files under ``log_dir`` (default ``runs/<output folder name>``, so that

@@ -1,11 +1,11 @@
 """Training samples: random, augmented crops read lazily from image + label volumes.
 
-- Volumes are any spec :func:`cleftchunk.volumes.open_volume` accepts; only the box a sample
-  needs is read (never a whole volume). :class:`~cleftchunk.volumes.Volume` is picklable and
+- Volumes are any spec :func:`cleftchunk.io.volumes.open_volume` accepts; only the box a sample
+  needs is read (never a whole volume). :class:`~cleftchunk.io.volumes.Volume` is picklable and
   reopens in each DataLoader worker process.
 - Sampling follows the original pipeline: a volume is chosen with probability proportional to its
   number of valid crop positions, the position uniformly; the oversized box around the crop feeds
-  the augmentations (:mod:`cleftchunk.augment`); rejection sampling keeps a crop whose label has more
+  the augmentations (:mod:`cleftchunk.train.augment`); rejection sampling keeps a crop whose label has more
   than ``min_voxels`` cleft voxels, and otherwise keeps it with probability ``keep_p``.
 - Reproducibility: sample ``j`` of batch ``b`` is drawn from ``np.random.default_rng([seed, b, g])``
   with ``g = rank * per_rank_batch + j`` its index in the global batch. The stream of batches is
