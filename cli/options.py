@@ -12,9 +12,11 @@ import math
 import click
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.labels import KINDS
+from cleftchunk.labels import ALIASES, KINDS
 
-KIND_CHOICE = click.Choice(("auto",) + KINDS)
+#: What a volume holds (cleftchunk.labels): auto reads its metadata; the aliases are CREMI's and
+#: PyTorch Connectomics' names (cremi = ids, zero-background = main).
+KIND_CHOICE = click.Choice(("auto",) + KINDS + tuple(ALIASES))
 
 
 def parse_zyx(text: str | None, option: str, cast: type = int, minimum: float | None = None, exclusive: bool = False) -> tuple | None:

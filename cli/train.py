@@ -50,7 +50,7 @@ def _kv_pairs(values: tuple[str, ...], what: str) -> dict:
 @click.option("--filters", help="Explicit filter widths, e.g. 8,12,16,20,24 (overrides --preset).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings (keys as in config.yaml).")
 @click.option("--seed", type=int, help="Seed of the initialisation and of the crop stream [0].")
-@click.option("--label-mode", type=click.Choice(["auto", "cremi", "nonzero"]), help="Label rule: cremi (uint64, background 0xFF..FF), nonzero (0 = background) [auto: cremi for uint64 volumes holding 0xFF..FF].")
+@click.option("--label-mode", type=click.Choice(["auto", "cremi", "nonzero", "zero-background"]), help="What the labels hold: cremi (uint64 ids, background 0xFF..FF), nonzero / zero-background (0 = background) [auto: the label rule of every stage, from the metadata, the name and a few sampled boxes].")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw"]), help="adam (amsgrad, original) or adamw [adam].")
 @click.option("--scheduler", type=click.Choice(["plateau", "cosine", "constant"]), help="Learning-rate schedule [plateau].")
 @click.option("--ema", type=float, help="EMA decay of the weights saved for inference (e.g. 0.999); 0 = off [0].")

@@ -40,7 +40,7 @@ from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.io.volumes import open_volume
 
 #: Accepted by ``label_mode`` (see :mod:`cleftchunk.labels`).
-LABEL_MODES = ("auto", "cremi", "nonzero")
+LABEL_MODES = ("auto", "cremi", "nonzero", "zero-background")
 
 
 @dataclass
