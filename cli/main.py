@@ -9,6 +9,7 @@ import click
 
 from cleftchunk import __version__
 from cleftchunk.errors import CleftchunkError
+from cleftchunk_cli.options import in_flags
 
 #: Sub-command modules of this package; each defines a click command named ``command``.
 COMMANDS = ["convert", "info", "synth", "train", "predict", "segment", "export", "evaluate", "demo"]
@@ -26,7 +27,8 @@ class ErrorReportingGroup(click.Group):
         except CleftchunkError as e:
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            command = self.commands.get(ctx.invoked_subcommand or "")
+            click.echo(f"error: {in_flags(str(e), command)}", err=True)
             ctx.exit(e.exit_code)
         except KeyboardInterrupt:
             if debug:

@@ -8,6 +8,7 @@ number: the same on every axis) mean the same thing everywhere.
 from __future__ import annotations
 
 import math
+import re
 
 import click
 
@@ -56,3 +57,33 @@ def check_threshold(threshold: float) -> float:
     if not 0 < threshold <= 255:
         raise CleftchunkError(f"--threshold {threshold:g} is outside (0, 255]: it applies to uint8 probabilities (p*255)")
     return threshold
+
+
+#: Library parameter names whose command-line option is named differently.
+LIBRARY_NAMES = {"window": "model_input", "compile": "compile_model", "input_size": "input_size", "kind": "pred_kind"}
+
+_PARAMETER = re.compile(r"(?<![\w-])([a-z][a-z0-9_]*)=(\S*?)(?=[\s,;:)]*(?:\s|$))")
+
+
+def in_flags(message: str, command: click.Command | None) -> str:
+    """A library message with its ``name=value`` parameters written as ``command``'s flags.
+
+    Only names that are options of ``command`` change; a flag (``overwrite=True``) becomes
+    ``--overwrite``, any other option ``--block-shape 32,512,512``."""
+    if command is None:
+        return message
+    options = {p.name: p for p in command.params if isinstance(p, click.Option)}
+    for library_name, option_name in LIBRARY_NAMES.items():
+        if option_name in options and library_name not in options:
+            options[library_name] = options[option_name]
+
+    def flag(match: re.Match) -> str:
+        option = options.get(match.group(1))
+        if option is None:
+            return match.group(0)
+        name = max(option.opts, key=len)
+        if option.is_flag:
+            return name if match.group(2) != "False" else (option.secondary_opts or [name])[0]
+        return f"{name} {match.group(2)}"
+
+    return _PARAMETER.sub(flag, message)
