@@ -32,7 +32,8 @@ import numpy as np
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi, voxels_from_nm
-from cleftchunk.io import sources
+from cleftchunk.io import sources, stores
+from cleftchunk.io.stores import Location
 from cleftchunk.io.ome import AXES, compressor_codecs, multiscale_level0, ome_multiscales, read_frame
 
 #: Default chunk shape of written volumes: 1 MiB for uint8, thin in z to follow EM anisotropy
@@ -47,10 +48,15 @@ ZARR_SUFFIXES = (".zarr", ".zarr2", ".zarr3")
 
 
 # -- spec parsing -------------------------------------------------------------------------
-def split_spec(spec: str | os.PathLike, dataset: str | None = None) -> tuple[Path, str | None]:
-    """Split ``file.h5:volumes/raw`` / ``out.zarr/raw`` into (container, path inside)."""
+def split_spec(spec: str | os.PathLike, dataset: str | None = None) -> tuple[Location, str | None]:
+    """Split ``file.h5:volumes/raw`` / ``out.zarr/raw`` / ``s3://b/out.zarr/raw`` into (container, path inside).
+
+    The container is a :class:`Path`, or for a URL the URL string (see :mod:`.stores`).
+    """
     text = str(spec)
-    if ":" in text and not text.startswith(("file:", "s3:", "gs:")):
+    if stores.is_url(text):
+        return _split_url(text, dataset)
+    if ":" in text and not text.startswith("file:"):
         head, _, tail = text.rpartition(":")
         if head.lower().endswith(HDF5_SUFFIXES) or head.lower().endswith(ZARR_SUFFIXES + (".n5",)):
             if dataset is not None and dataset != tail:
@@ -61,23 +67,42 @@ def split_spec(spec: str | os.PathLike, dataset: str | None = None) -> tuple[Pat
     for i, part in enumerate(parts):
         if part.lower().endswith(ZARR_SUFFIXES + (".n5",)):
             container = Path(*parts[: i + 1])
-            inner = "/".join(parts[i + 1 :]) or None
-            if dataset is not None:
-                inner = "/".join(p for p in (inner, dataset.strip("/")) if p)
-            return container, inner
+            return container, _with_dataset("/".join(parts[i + 1 :]) or None, dataset)
     return path, (dataset.strip("/") if dataset else None)
 
 
-def is_hdf5(path: Path) -> bool:
-    return path.suffix.lower() in HDF5_SUFFIXES
+def _split_url(url: str, dataset: str | None) -> tuple[str, str | None]:
+    stores.check_url(url)
+    scheme, _, rest = url.partition("://")
+    parts = [p for p in rest.split("/") if p]
+    for i, part in enumerate(parts):
+        low = part.lower()
+        if low.split(":", 1)[0].endswith(HDF5_SUFFIXES + sources.TIFF_SUFFIXES + (".npy", ".n5")):
+            raise stores.local_only(url, "HDF5, TIFF, N5 and .npy")
+        if low.endswith(ZARR_SUFFIXES):
+            container = f"{scheme}://{'/'.join(parts[: i + 1])}"
+            return container, _with_dataset("/".join(parts[i + 1 :]) or None, dataset)
+    return f"{scheme}://{'/'.join(parts)}", (dataset.strip("/") if dataset else None)
+
+
+def _with_dataset(inner: str | None, dataset: str | None) -> str | None:
+    if dataset is None:
+        return inner
+    return "/".join(p for p in (inner, dataset.strip("/")) if p)
+
+
+def is_hdf5(path: Location) -> bool:
+    return str(path).lower().endswith(HDF5_SUFFIXES)
 
 
 #: dtype kinds every stage can handle: bool, signed/unsigned integers, floats.
 SUPPORTED_DTYPE_KINDS = "biuf"
 
 
-def source_kind(container: Path) -> str:
-    """What kind of storage ``container`` is: hdf5, zarr, n5, tiff, npy or folder."""
+def source_kind(container: Location) -> str:
+    """What kind of storage ``container`` is: hdf5, zarr, n5, tiff, npy or folder (URLs: zarr)."""
+    if stores.is_url(container):
+        return "zarr"
     suffix = container.suffix.lower()
     if suffix in HDF5_SUFFIXES:
         return "hdf5"
@@ -97,7 +122,7 @@ def source_kind(container: Path) -> str:
 class Volume:
     """A 3-D dataset plus its physical frame. Picklable: reopens lazily in each process."""
 
-    container: Path
+    container: Location
     inner: str | None
     voxel_size: tuple[float, ...]
     offset_nm: tuple[float, ...]
@@ -290,7 +315,8 @@ def open_volume(
     with a :class:`CleftchunkError`.
     """
     container, inner = split_spec(spec, dataset)
-    if not container.exists():
+    stores.check_reachable(container)
+    if not stores.exists(container):
         raise CleftchunkError(f"{container} does not exist: check the path")
     volume = Volume(container, inner, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), mode=mode, channel=channel)
     if mode != "r" and volume.kind not in ("zarr", "hdf5"):
@@ -389,8 +415,11 @@ def list_hdf5_datasets(f: Any) -> list[str]:
 def _open_zarr(volume: Volume) -> Any:
     import zarr
 
+    mode = "r" if volume.mode == "r" else "r+"
     try:
-        node = zarr.open(str(volume.container), mode="r" if volume.mode == "r" else "r+", path=volume.inner or "")
+        node = zarr.open(stores.zarr_store(volume.container, mode), mode=mode, path=volume.inner or "")
+    except CleftchunkError:
+        raise
     except (FileNotFoundError, KeyError) as e:
         raise CleftchunkError(f"{volume.spec}: no Zarr array or group there; check the path ({e})") from e
     except Exception as e:  # zarr raises several types for missing/invalid metadata
@@ -401,8 +430,9 @@ def _open_zarr(volume: Volume) -> Any:
             arrays = sorted(k for k, _ in node.arrays())
             groups = sorted(k for k, _ in node.groups())
             raise CleftchunkError(
-                f"{volume.spec} is a Zarr group, not an image; name one of its members: "
-                f"{', '.join(arrays + groups) or 'it is empty'}"
+                f"{volume.spec} is a container of images, not an image (no multiscales at its root): "
+                f"name one inside it, e.g. {volume.spec}/{(arrays + groups + ['raw'])[0]} "
+                f"(it holds: {', '.join(arrays + groups) or 'nothing'})"
             )
         volume.inner = "/".join(p for p in (volume.inner, level0) if p)
         node = node[level0]
@@ -412,9 +442,9 @@ def _open_zarr(volume: Volume) -> Any:
 # -- creating -----------------------------------------------------------------------------
 def exists(spec: str | os.PathLike) -> bool:
     container, inner = split_spec(spec)
-    if inner is None:
-        return container.exists()
-    return (container / inner).exists() if not is_hdf5(container) else container.exists()
+    if inner is None or is_hdf5(container):
+        return stores.exists(container)
+    return stores.exists(stores.join(container, inner))
 
 
 def create_volume(
@@ -431,7 +461,8 @@ def create_volume(
     overwrite: bool = False,
     exist_ok: bool = False,
 ) -> Volume:
-    """Create an OME-Zarr image ``<container>.zarr/<name>`` with its data at ``s0``.
+    """Create an OME-Zarr image with its data at ``s0``: ``out.zarr`` (the image is the root) or
+    ``container.zarr/name`` (one named image of a container); local or an object-store URL.
 
     An existing volume is an error unless ``overwrite`` (replace it) or ``exist_ok`` (reopen it
     for resuming; then its shape, dtype and chunks must match, or it is an error too).
@@ -439,12 +470,7 @@ def create_volume(
     import zarr
 
     container, inner = split_spec(spec)
-    if is_hdf5(container):
-        raise CleftchunkError(f"{spec}: cleftchunk writes Zarr; give an output path ending in .zarr")
-    if not str(container).lower().endswith(ZARR_SUFFIXES):
-        raise CleftchunkError(f"{spec}: output must be inside a .zarr container, e.g. out.zarr/raw")
-    if inner is None:
-        raise CleftchunkError(f"{spec}: name the volume inside the container, e.g. {container}/raw")
+    check_output_spec(spec)
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or any(s <= 0 for s in shape):
         raise CleftchunkError(f"volume shape {shape} must be 3 positive extents (z, y, x)")
@@ -456,6 +482,7 @@ def create_volume(
         if any(s % c for s, c in zip(shards, chunks)):
             raise CleftchunkError(f"shard shape {shards} must be a multiple of the chunk shape {chunks}")
 
+    stores.check_reachable(container)
     if exists(spec):
         if exist_ok and not overwrite:
             volume = open_volume(spec, mode="r+")
@@ -467,11 +494,10 @@ def create_volume(
                 )
             return volume
         if not overwrite:
-            raise CleftchunkError(f"{spec} exists: pass --overwrite to replace it (or choose another output)")
+            raise CleftchunkError(_exists_message(spec, container, inner))
 
-    root = zarr.open_group(str(container), mode="a")
-    image = root.require_group(inner) if not overwrite else _fresh_group(root, inner)
-    image.attrs["ome"] = ome_multiscales(inner.rpartition("/")[2], voxel_size, offset_nm)
+    image = _image_group(container, inner, overwrite)
+    image.attrs["ome"] = ome_multiscales(image_name(container, inner), voxel_size, offset_nm)
     array = image.create_array(
         "s0",
         shape=shape,
@@ -488,15 +514,64 @@ def create_volume(
             **(attrs or {}),
         },
     )
-    volume = Volume(container, f"{inner}/s0", tuple(float(v) for v in voxel_size), offset_nm, mode="r+")
+    level0 = f"{inner}/s0" if inner else "s0"
+    volume = Volume(container, level0, tuple(float(v) for v in voxel_size), offset_nm, mode="r+")
     volume._array = array
     return volume
 
 
-def _fresh_group(root: Any, inner: str) -> Any:
-    if inner in root:
+def check_output_spec(spec: str | os.PathLike) -> None:
+    """Refuse an output cleftchunk cannot write: not Zarr, or a read-only URL scheme."""
+    container, _ = split_spec(spec)
+    if is_hdf5(container):
+        raise CleftchunkError(f"{spec}: cleftchunk writes Zarr; give an output path ending in .zarr (out.zarr or out.zarr/name)")
+    if stores.is_url(container):
+        stores.check_url(str(container), write=True)
+    if not str(container).lower().endswith(ZARR_SUFFIXES):
+        raise CleftchunkError(
+            f"{spec}: the output must be a Zarr image, out.zarr, or an image inside a container, out.zarr/name"
+        )
+
+
+def image_name(container: Location, inner: str | None) -> str:
+    """The multiscales ``name`` of an image: its last path part, or the container's stem for a root image."""
+    if inner:
+        return inner.rpartition("/")[2]
+    return str(container).rstrip("/").rpartition("/")[2].rsplit(".", 1)[0]
+
+
+def _image_group(container: Location, inner: str | None, overwrite: bool) -> Any:
+    import zarr
+
+    if inner is None:
+        return zarr.open_group(stores.zarr_store(container, "w"), mode="w" if overwrite else "a")
+    root = zarr.open_group(stores.zarr_store(container, "a"), mode="a")
+    if multiscale_level0(root) is not None:
+        raise CleftchunkError(
+            f"{container} is an image itself (multiscales at its root), not a container: "
+            f"write {inner!r} to another container, e.g. {str(container).rsplit('.', 1)[0]}-{inner.replace('/', '-')}.zarr"
+        )
+    if overwrite and inner in root:
         del root[inner]
     return root.require_group(inner)
+
+
+def _exists_message(spec: str | os.PathLike, container: Location, inner: str | None) -> str:
+    """Why an existing output is refused; for a container given as an image, what to write instead."""
+    if inner is None:
+        import zarr
+
+        try:
+            root = zarr.open_group(stores.zarr_store(container, "r"), mode="r")
+            members = sorted(k for k, _ in root.members())
+        except Exception:
+            root, members = None, []
+        if root is not None and multiscale_level0(root) is None and members:
+            return (
+                f"{spec} is a container holding {', '.join(members)}, not an image: name a new image inside it, "
+                f"e.g. {spec}/pred, or pass --overwrite to replace the whole container"
+            )
+    return f"{spec} exists: pass --overwrite to replace it (or choose another output)"
 
 
 def create_like(spec: str | os.PathLike, like: Volume, dtype: Any, chunks: Sequence[int] | None = None, **options: Any) -> Volume:
