@@ -55,13 +55,19 @@ def is_url(spec: Any) -> bool:
     return url_scheme(spec) is not None
 
 
-def check_url(url: str, write: bool = False) -> str:
-    """The scheme of ``url`` if cleftchunk can use it (for writing, when ``write``); else a CleftchunkError."""
+def known_scheme(url: str) -> str:
+    """The scheme of ``url`` if cleftchunk knows it, else a CleftchunkError (no package is needed yet)."""
     scheme = url_scheme(url)
     if scheme not in SCHEMES:
         raise CleftchunkError(
             f"{url}: unknown storage scheme {scheme}://; use a local path, s3://, gs:// or https:// (read only)"
         )
+    return scheme
+
+
+def check_url(url: str, write: bool = False) -> str:
+    """The scheme of ``url`` if cleftchunk can use it (for writing, when ``write``); else a CleftchunkError."""
+    scheme = known_scheme(url)
     package, writable = SCHEMES[scheme]
     if write and not writable:
         raise CleftchunkError(f"{url}: {scheme}:// is read-only; write to a local path, s3:// or gs://")
@@ -198,6 +204,7 @@ __all__ = [
     "explain",
     "filesystem",
     "is_url",
+    "known_scheme",
     "join",
     "local_only",
     "resolved",

@@ -72,7 +72,7 @@ def split_spec(spec: str | os.PathLike, dataset: str | None = None) -> tuple[Loc
 
 
 def _split_url(url: str, dataset: str | None) -> tuple[str, str | None]:
-    stores.check_url(url)
+    stores.known_scheme(url)
     scheme, _, rest = url.partition("://")
     parts = [p for p in rest.split("/") if p]
     for i, part in enumerate(parts):
