@@ -50,6 +50,7 @@ from cleftchunk.io.volumes import (
     DEFAULT_CHUNKS,
     Volume,
     check_output_spec,
+    container_refusal,
     create_volume,
     exists,
     image_name,
@@ -297,7 +298,7 @@ def prepare_output(plan: ConversionPlan, overwrite: bool) -> tuple[Volume, str]:
     if exists(plan.dst) and not overwrite:
         recorded = _recorded_plan(plan.dst)
         if recorded is None:
-            raise CleftchunkError(f"{plan.dst} exists and was not written by this conversion: pass --overwrite to replace it, or choose another output")
+            raise CleftchunkError(container_refusal(plan.dst) or f"{plan.dst} exists and was not written by this conversion: pass --overwrite to replace it, or choose another output")
         complete = recorded.pop("complete", False)
         want = plan.record()
         changed = sorted(k for k in want if k not in LEVEL_KEYS and recorded.get(k) != want[k])

@@ -2,7 +2,9 @@
 
 A *volume spec* is a string naming one 3-D dataset:
 
-- ``out.zarr/raw`` — a Zarr v3 (or v2) array, or an OME-Zarr multiscale group (level 0 is used);
+- ``out.zarr`` (the root is the image) or ``container.zarr/raw`` (a named image inside a container) —
+  a Zarr v3 (or v2) array, or an OME-Zarr multiscale group (level 0 is used); either behind
+  ``s3://``, ``gs://`` or ``https://`` too (:mod:`.specs` parses specs, :mod:`.stores` opens URLs);
 - ``file.h5:volumes/raw`` (also ``.hdf``, ``.hdf5``) — an HDF5 dataset;
 - ``file.h5`` with ``dataset=`` given separately;
 - read-only sources (see :mod:`cleftchunk.sources`): ``stack.tif`` (multi-page TIFF), a folder of
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,6 +34,15 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi, voxels_from_nm
 from cleftchunk.io import sources, stores
+from cleftchunk.io.specs import (  # noqa: F401  (re-exported: the spec rules are part of this API)
+    HDF5_SUFFIXES,
+    ZARR_SUFFIXES,
+    check_output_spec,
+    image_name,
+    is_hdf5,
+    source_kind,
+    split_spec,
+)
 from cleftchunk.io.stores import Location
 from cleftchunk.io.ome import AXES, compressor_codecs, multiscale_level0, ome_multiscales, read_frame
 
@@ -41,80 +51,12 @@ from cleftchunk.io.ome import AXES, compressor_codecs, multiscale_level0, ome_mu
 #: stay aligned to chunks. 256 px in-plane matches the model window.
 DEFAULT_CHUNKS = (16, 256, 256)
 DEFAULT_VOXEL_SIZE = (40.0, 4.0, 4.0)
-HDF5_SUFFIXES = (".h5", ".hdf", ".hdf5")
-ZARR_SUFFIXES = (".zarr", ".zarr2", ".zarr3")
 
 #: CREMI label conventions.
 
 
-# -- spec parsing -------------------------------------------------------------------------
-def split_spec(spec: str | os.PathLike, dataset: str | None = None) -> tuple[Location, str | None]:
-    """Split ``file.h5:volumes/raw`` / ``out.zarr/raw`` / ``s3://b/out.zarr/raw`` into (container, path inside).
-
-    The container is a :class:`Path`, or for a URL the URL string (see :mod:`.stores`).
-    """
-    text = str(spec)
-    if stores.is_url(text):
-        return _split_url(text, dataset)
-    if ":" in text and not text.startswith("file:"):
-        head, _, tail = text.rpartition(":")
-        if head.lower().endswith(HDF5_SUFFIXES) or head.lower().endswith(ZARR_SUFFIXES + (".n5",)):
-            if dataset is not None and dataset != tail:
-                raise CleftchunkError(f"{text!r} names dataset {tail!r} but --dataset says {dataset!r}: give one of them")
-            return Path(head), tail.strip("/") or None
-    path = Path(text)
-    parts = path.parts
-    for i, part in enumerate(parts):
-        if part.lower().endswith(ZARR_SUFFIXES + (".n5",)):
-            container = Path(*parts[: i + 1])
-            return container, _with_dataset("/".join(parts[i + 1 :]) or None, dataset)
-    return path, (dataset.strip("/") if dataset else None)
-
-
-def _split_url(url: str, dataset: str | None) -> tuple[str, str | None]:
-    stores.known_scheme(url)
-    scheme, _, rest = url.partition("://")
-    parts = [p for p in rest.split("/") if p]
-    for i, part in enumerate(parts):
-        low = part.lower()
-        if low.split(":", 1)[0].endswith(HDF5_SUFFIXES + sources.TIFF_SUFFIXES + (".npy", ".n5")):
-            raise stores.local_only(url, "HDF5, TIFF, N5 and .npy")
-        if low.endswith(ZARR_SUFFIXES):
-            container = f"{scheme}://{'/'.join(parts[: i + 1])}"
-            return container, _with_dataset("/".join(parts[i + 1 :]) or None, dataset)
-    return f"{scheme}://{'/'.join(parts)}", (dataset.strip("/") if dataset else None)
-
-
-def _with_dataset(inner: str | None, dataset: str | None) -> str | None:
-    if dataset is None:
-        return inner
-    return "/".join(p for p in (inner, dataset.strip("/")) if p)
-
-
-def is_hdf5(path: Location) -> bool:
-    return str(path).lower().endswith(HDF5_SUFFIXES)
-
-
 #: dtype kinds every stage can handle: bool, signed/unsigned integers, floats.
 SUPPORTED_DTYPE_KINDS = "biuf"
-
-
-def source_kind(container: Location) -> str:
-    """What kind of storage ``container`` is: hdf5, zarr, n5, tiff, npy or folder (URLs: zarr)."""
-    if stores.is_url(container):
-        return "zarr"
-    suffix = container.suffix.lower()
-    if suffix in HDF5_SUFFIXES:
-        return "hdf5"
-    if suffix in sources.TIFF_SUFFIXES:
-        return "tiff"
-    if suffix == ".npy":
-        return "npy"
-    if sources.is_n5(container):
-        return "n5"
-    if suffix in ZARR_SUFFIXES or not container.is_dir() or not sources.is_image_folder(container):
-        return "zarr"
-    return "folder"
 
 
 # -- the Volume type ----------------------------------------------------------------------
@@ -467,7 +409,6 @@ def create_volume(
     An existing volume is an error unless ``overwrite`` (replace it) or ``exist_ok`` (reopen it
     for resuming; then its shape, dtype and chunks must match, or it is an error too).
     """
-    import zarr
 
     container, inner = split_spec(spec)
     check_output_spec(spec)
@@ -494,7 +435,7 @@ def create_volume(
                 )
             return volume
         if not overwrite:
-            raise CleftchunkError(_exists_message(spec, container, inner))
+            raise CleftchunkError(_exists_message(spec))
 
     image = _image_group(container, inner, overwrite)
     image.attrs["ome"] = ome_multiscales(image_name(container, inner), voxel_size, offset_nm)
@@ -520,26 +461,6 @@ def create_volume(
     return volume
 
 
-def check_output_spec(spec: str | os.PathLike) -> None:
-    """Refuse an output cleftchunk cannot write: not Zarr, or a read-only URL scheme."""
-    container, _ = split_spec(spec)
-    if is_hdf5(container):
-        raise CleftchunkError(f"{spec}: cleftchunk writes Zarr; give an output path ending in .zarr (out.zarr or out.zarr/name)")
-    if stores.is_url(container):
-        stores.check_url(str(container), write=True)
-    if not str(container).lower().endswith(ZARR_SUFFIXES):
-        raise CleftchunkError(
-            f"{spec}: the output must be a Zarr image, out.zarr, or an image inside a container, out.zarr/name"
-        )
-
-
-def image_name(container: Location, inner: str | None) -> str:
-    """The multiscales ``name`` of an image: its last path part, or the container's stem for a root image."""
-    if inner:
-        return inner.rpartition("/")[2]
-    return str(container).rstrip("/").rpartition("/")[2].rsplit(".", 1)[0]
-
-
 def _image_group(container: Location, inner: str | None, overwrite: bool) -> Any:
     import zarr
 
@@ -556,22 +477,29 @@ def _image_group(container: Location, inner: str | None, overwrite: bool) -> Any
     return root.require_group(inner)
 
 
-def _exists_message(spec: str | os.PathLike, container: Location, inner: str | None) -> str:
-    """Why an existing output is refused; for a container given as an image, what to write instead."""
-    if inner is None:
-        import zarr
+def _exists_message(spec: str | os.PathLike) -> str:
+    return container_refusal(spec) or f"{spec} exists: pass --overwrite to replace it (or choose another output)"
 
-        try:
-            root = zarr.open_group(stores.zarr_store(container, "r"), mode="r")
-            members = sorted(k for k, _ in root.members())
-        except Exception:
-            root, members = None, []
-        if root is not None and multiscale_level0(root) is None and members:
-            return (
-                f"{spec} is a container holding {', '.join(members)}, not an image: name a new image inside it, "
-                f"e.g. {spec}/pred, or pass --overwrite to replace the whole container"
-            )
-    return f"{spec} exists: pass --overwrite to replace it (or choose another output)"
+
+def container_refusal(spec: str | os.PathLike) -> str | None:
+    """For an output given as ``out.zarr`` that is a container of images: why it is refused and
+    what to write instead. None for anything else."""
+    import zarr
+
+    container, inner = split_spec(spec)
+    if inner is not None or is_hdf5(container):
+        return None
+    try:
+        root = zarr.open_group(stores.zarr_store(container, "r"), mode="r")
+        members = sorted(k for k, _ in root.members())
+    except Exception:
+        return None
+    if multiscale_level0(root) is not None or not members:
+        return None
+    return (
+        f"{spec} is a container holding {', '.join(members)}, not an image: name a new image inside it, "
+        f"e.g. {spec}/pred, or pass --overwrite to replace the whole container"
+    )
 
 
 def create_like(spec: str | os.PathLike, like: Volume, dtype: Any, chunks: Sequence[int] | None = None, **options: Any) -> Volume:
