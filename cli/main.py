@@ -11,7 +11,7 @@ from cleftchunk import __version__
 from cleftchunk.errors import CleftchunkError
 
 #: Sub-command modules of this package; each defines a click command named ``command``.
-COMMANDS = ["convert", "info", "synth", "train", "predict", "segment", "export", "evaluate", "demo"]
+COMMANDS = ["convert", "info", "synth", "train", "predict", "segment", "export", "evaluate", "view", "demo"]
 
 
 class ErrorReportingGroup(click.Group):
