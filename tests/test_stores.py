@@ -247,3 +247,33 @@ def test_a_url_is_never_a_local_folder():
     assert split_spec("gs://b/out.zarr") == ("gs://b/out.zarr", None)
     with pytest.raises(CleftchunkError, match="unknown storage scheme"):
         split_spec("ftp://b/out.zarr")
+
+
+# -- the other stages read (and write) object stores too ---------------------------------------------
+def test_segment_export_and_view_from_s3_equal_local(tmp_path, run_cli, bucket):
+    import h5py
+
+    pred = np.zeros((4, 32, 32), np.uint8)
+    pred[1:3, 4:12, 4:12] = 220
+    pred[:, 20:30, 18:28] = 160
+    for where in (str(tmp_path), bucket):
+        v = create_volume(f"{where}/pred.zarr", pred.shape, pred.dtype, chunks=(2, 16, 16))
+        v.write(v.roi, pred)
+        run_cli("segment", f"{where}/pred.zarr", "-o", f"{where}/seg.zarr/clefts", "--no-progress")
+    local, remote = open_volume(tmp_path / "seg.zarr/clefts"), open_volume(f"{bucket}/seg.zarr/clefts")
+    np.testing.assert_array_equal(remote[:], local[:])
+    assert len(np.unique(remote[:])) == 3  # background and two clefts
+    assert chunk_bytes_s3(f"{bucket}/seg.zarr/clefts/s0") == chunk_bytes_local(tmp_path / "seg.zarr/clefts/s0")
+    run_cli("export", f"{bucket}/seg.zarr/clefts", tmp_path / "from_s3.hdf")
+    run_cli("export", tmp_path / "seg.zarr/clefts", tmp_path / "local.hdf")
+    with h5py.File(tmp_path / "from_s3.hdf") as a, h5py.File(tmp_path / "local.hdf") as b:
+        np.testing.assert_array_equal(a["volumes/labels/clefts"][...], b["volumes/labels/clefts"][...])
+    from cleftchunk.view import ViewLayers, build_viewer
+
+    viewer = build_viewer(ViewLayers(f"{bucket}/pred.zarr", clefts=f"{bucket}/seg.zarr/clefts"))
+    assert [layer.name for layer in viewer.state.layers] == ["image", "clefts"]
+
+
+def test_synth_to_a_url_is_refused_with_the_way_round(run_cli, bucket):
+    msg = one_line_error(run_cli("synth", f"{bucket}/sample.zarr", expect=2))
+    assert "local sample" in msg and "convert" in msg

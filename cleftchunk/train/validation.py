@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from cleftchunk.io.stores import resolved
 from cleftchunk.train.data import label_codes
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
@@ -25,7 +25,7 @@ from cleftchunk.train.trainer import TrainState, Trainer
 def same_dataset(a: Any, b: Any) -> bool:
     """Whether two opened volumes are the same stored dataset."""
     try:
-        return Path(a.container).resolve() == Path(b.container).resolve() and (a.inner or "") == (b.inner or "")
+        return resolved(a.container) == resolved(b.container) and (a.inner or "") == (b.inner or "")
     except AttributeError:
         return a is b
 
