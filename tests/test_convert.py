@@ -395,7 +395,9 @@ def test_bad_inputs(tmp_path, run_cli):
     np.save(tmp_path / "nov.npy", np.zeros((2, 2, 2), np.uint8))
     assert "--voxel-size" in one_line_error(run_cli("convert", tmp_path / "nov.npy", out, expect=2))
     assert "Z,Y,X" in one_line_error(run_cli("convert", tmp_path / "nov.npy", out, "--voxel-size", "4,4", expect=2))
-    assert "name the output volume" in one_line_error(run_cli("convert", tmp_path / "nov.npy", tmp_path / "o.zarr", *VS, expect=2))
+    # o.zarr alone is an image now (issue 15); a path that is neither form names both.
+    msg = one_line_error(run_cli("convert", tmp_path / "nov.npy", tmp_path / "o.txt", *VS, expect=2))
+    assert "out.zarr" in msg and "out.zarr/name" in msg
     assert ".zarr" in one_line_error(run_cli("convert", tmp_path / "nov.npy", tmp_path / "o.h5", *VS, expect=2))
 
 

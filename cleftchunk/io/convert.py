@@ -41,7 +41,7 @@ import numpy as np
 
 from cleftchunk.run import chunks as chunkwrite
 
-from cleftchunk.io import pyramid
+from cleftchunk.io import pyramid, stores
 from cleftchunk.io.cremi import cremi_volumes, read_cremi_annotations
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
@@ -49,8 +49,11 @@ from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID, kind_attrs, known
 from cleftchunk.io.volumes import (
     DEFAULT_CHUNKS,
     Volume,
+    check_output_spec,
+    container_refusal,
     create_volume,
     exists,
+    image_name,
     is_hdf5,
     open_volume,
     split_spec,
@@ -91,7 +94,7 @@ class ConversionPlan:
         """What is stored in the output to recognise the same conversion when resuming."""
         src = self.source
         return {
-            "source": f"{Path(src.container).resolve()}" + (f":{src.inner}" if src.inner else ""),
+            "source": stores.resolved(src.container) + (f":{src.inner}" if src.inner else ""),
             "channel": src.channel,
             "source_shape": list(src.shape),
             "source_dtype": str(src.dtype),
@@ -148,7 +151,7 @@ def plan_conversion(
         )
     if levels < 1:
         raise CleftchunkError(f"--levels {levels}: give 1 (no pyramid) or more")
-    _check_output_spec(dst)
+    check_output_spec(dst)
     not_cleft = mask_rule(source, background) if mask else None
     dtype = "uint8" if mask else source.dtype.newbyteorder("=").name  # big-endian sources are stored native
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, source.shape))
@@ -172,14 +175,6 @@ def plan_conversion(
         fill_value=_fill_value(source, mask),
         attrs=_carried_attrs(source, not_cleft),
     )
-
-
-def _check_output_spec(dst: str | os.PathLike) -> None:
-    container, inner = split_spec(dst)
-    if is_hdf5(container) or not str(container).lower().endswith((".zarr", ".zarr3")):
-        raise CleftchunkError(f"{dst}: the output must be a volume inside a .zarr container, e.g. out.zarr/raw")
-    if inner is None:
-        raise CleftchunkError(f"{dst}: name the output volume inside the container, e.g. {container}/raw")
 
 
 def mask_rule(source: Volume, background: int | str | None = None) -> tuple[int, ...]:
@@ -266,7 +261,7 @@ def convert(
     )
     group = _image_group(output)
     pyramid.build_levels(
-        group, group.basename, plan.levels, plan.level_method, plan.voxel_size, plan.offset_nm,
+        group, image_name(output.container, group.path or None), plan.levels, plan.level_method, plan.voxel_size, plan.offset_nm,
         workers=workers, scheduler=scheduler, progress=progress,
     )
     group.attrs[PLAN_ATTR] = {**plan.record(), "complete": True}
@@ -294,7 +289,7 @@ def _check_scheduler(scheduler: str) -> None:
 def _refuse_same_place(plan: ConversionPlan) -> None:
     container, inner = split_spec(plan.dst)
     src = plan.source
-    if Path(container).resolve() == Path(src.container).resolve() and (src.inner or "").startswith((inner or "") + "/"):
+    if stores.resolved(container) == stores.resolved(src.container) and (src.inner or "").startswith((inner or "") + "/"):
         raise CleftchunkError(f"{plan.dst} is where the source lives: choose another output")
 
 
@@ -303,7 +298,7 @@ def prepare_output(plan: ConversionPlan, overwrite: bool) -> tuple[Volume, str]:
     if exists(plan.dst) and not overwrite:
         recorded = _recorded_plan(plan.dst)
         if recorded is None:
-            raise CleftchunkError(f"{plan.dst} exists and was not written by this conversion: pass --overwrite to replace it, or choose another output")
+            raise CleftchunkError(container_refusal(plan.dst) or f"{plan.dst} exists and was not written by this conversion: pass --overwrite to replace it, or choose another output")
         complete = recorded.pop("complete", False)
         want = plan.record()
         changed = sorted(k for k in want if k not in LEVEL_KEYS and recorded.get(k) != want[k])
@@ -341,7 +336,7 @@ def _recorded_plan(dst: str) -> dict | None:
 
     container, inner = split_spec(dst)
     try:
-        group = zarr.open_group(str(container), mode="r", path=inner)
+        group = zarr.open_group(stores.zarr_store(container, "r"), mode="r", path=inner or "")
     except Exception:
         return None
     recorded = dict(group.attrs).get(PLAN_ATTR)
@@ -354,7 +349,7 @@ def _image_group(volume: Volume) -> Any:
     import zarr
 
     parent = (volume.inner or "").rpartition("/")[0]
-    return zarr.open_group(str(volume.container), mode="r+", path=parent)
+    return zarr.open_group(stores.zarr_store(volume.container, "r+"), mode="r+", path=parent)
 
 
 # -- verifying ----------------------------------------------------------------------------
@@ -445,7 +440,7 @@ def convert_cremi_file(
     ]
     annotations = read_cremi_annotations(src)
     if annotations is not None:
-        zarr.open_group(str(dst), mode="a").attrs["cremi_annotations"] = annotations
+        zarr.open_group(stores.zarr_store(dst, "a"), mode="a").attrs["cremi_annotations"] = annotations
     return results
 
 
@@ -453,7 +448,7 @@ def is_whole_file_request(src: str | os.PathLike, dataset: str | None, dst: str 
     """True when ``src`` is an HDF5 file given without a dataset and ``dst`` is a bare container."""
     container, inner = split_spec(src, dataset)
     _, dst_inner = split_spec(dst)
-    return is_hdf5(container) and inner is None and dst_inner is None and container.exists()
+    return is_hdf5(container) and inner is None and dst_inner is None and stores.exists(container)
 
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cleftchunk.io import sources
+from cleftchunk.io import sources, stores
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.io.volumes import Volume, list_hdf5_datasets, open_volume, source_kind, split_spec
@@ -61,7 +61,8 @@ class VolumeInfo:
 def describe(spec: str | os.PathLike, dataset: str | None = None) -> list[VolumeInfo]:
     """Info for the volume ``spec`` names, or for each volume inside the container it names."""
     container, inner = split_spec(spec, dataset)
-    if not container.exists():
+    stores.check_reachable(container)
+    if not stores.exists(container):
         raise CleftchunkError(f"{container} does not exist: check the path")
     members = container_members(container, inner)
     if members is None:
@@ -95,7 +96,7 @@ def zarr_members(container: Path, inner: str | None) -> list[str] | None:
     import zarr
 
     try:
-        node = zarr.open(str(container), mode="r", path=inner or "")
+        node = zarr.open(stores.zarr_store(container, "r"), mode="r", path=inner or "")
     except Exception:
         return None  # open_volume reports it properly
     if not isinstance(node, zarr.Group) or _is_image(node):
@@ -171,7 +172,18 @@ def stored_bytes(volume: Volume) -> int | None:
         return sum(p.stat().st_size for p in volume.array.files)
     if kind == "n5":
         return _tree_size(volume.array.path, skip="attributes.json")
+    if stores.is_url(volume.container):
+        return _object_size(volume)
     return _tree_size(volume.container / (volume.inner or ""), skip="zarr.json", also_skip=(".zarray", ".zattrs"))
+
+
+def _object_size(volume: Volume) -> int | None:
+    """Bytes under the array's prefix in an object store; None where the store cannot list (HTTP)."""
+    if stores.url_scheme(volume.container) in ("http", "https"):
+        return None
+    fs, path = stores.filesystem(str(stores.join(volume.container, volume.inner)))
+    sizes = fs.find(path, detail=True)
+    return sum(int(i.get("size") or 0) for k, i in sizes.items() if k.rpartition("/")[2] not in ("zarr.json", ".zarray", ".zattrs"))
 
 
 def _tree_size(root: Path, skip: str, also_skip: tuple[str, ...] = ()) -> int:
@@ -184,13 +196,13 @@ def _tree_size(root: Path, skip: str, also_skip: tuple[str, ...] = ()) -> int:
 
 
 def _levels(volume: Volume) -> list[str]:
-    if not volume.is_zarr or not volume.inner or "/" not in volume.inner:
+    if not volume.is_zarr or not volume.inner:
         return []
     import zarr
 
     parent = volume.inner.rpartition("/")[0]
     try:
-        attrs = dict(zarr.open_group(str(volume.container), mode="r", path=parent).attrs)
+        attrs = dict(zarr.open_group(stores.zarr_store(volume.container, "r"), mode="r", path=parent).attrs)
     except Exception:
         return []
     ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales") or []

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io.stores import zarr_store
 
 AXES = ("z", "y", "x")
 
@@ -48,7 +49,7 @@ def _ome_frame(volume: Any, off: Any) -> tuple[Any, Any]:
         return None, off
     parent_path, _, name = (volume.inner or "").rpartition("/")
     try:
-        parent = zarr.open_group(str(volume.container), mode="r", path=parent_path)
+        parent = zarr.open_group(zarr_store(volume.container, "r"), mode="r", path=parent_path)
     except Exception:
         return None, off
     attrs = dict(parent.attrs)

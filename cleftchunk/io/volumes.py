@@ -2,7 +2,9 @@
 
 A *volume spec* is a string naming one 3-D dataset:
 
-- ``out.zarr/raw`` — a Zarr v3 (or v2) array, or an OME-Zarr multiscale group (level 0 is used);
+- ``out.zarr`` (the root is the image) or ``container.zarr/raw`` (a named image inside a container) —
+  a Zarr v3 (or v2) array, or an OME-Zarr multiscale group (level 0 is used); either behind
+  ``s3://``, ``gs://`` or ``https://`` too (:mod:`.specs` parses specs, :mod:`.stores` opens URLs);
 - ``file.h5:volumes/raw`` (also ``.hdf``, ``.hdf5``) — an HDF5 dataset;
 - ``file.h5`` with ``dataset=`` given separately;
 - read-only sources (see :mod:`cleftchunk.io.sources`): ``stack.tif`` (multi-page TIFF), a folder of
@@ -25,14 +27,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi, voxels_from_nm
-from cleftchunk.io import sources
+from cleftchunk.io import sources, stores
+from cleftchunk.io.specs import (  # noqa: F401  (re-exported: the spec rules are part of this API)
+    HDF5_SUFFIXES,
+    ZARR_SUFFIXES,
+    check_output_spec,
+    image_name,
+    is_hdf5,
+    source_kind,
+    split_spec,
+)
+from cleftchunk.io.stores import Location
 from cleftchunk.io.ome import AXES, compressor_codecs, multiscale_level0, ome_multiscales, read_frame
 
 #: Default chunk shape of written volumes: 1 MiB for uint8, thin in z to follow EM anisotropy
@@ -40,56 +51,12 @@ from cleftchunk.io.ome import AXES, compressor_codecs, multiscale_level0, ome_mu
 #: stay aligned to chunks. 256 px in-plane matches the model window.
 DEFAULT_CHUNKS = (16, 256, 256)
 DEFAULT_VOXEL_SIZE = (40.0, 4.0, 4.0)
-HDF5_SUFFIXES = (".h5", ".hdf", ".hdf5")
-ZARR_SUFFIXES = (".zarr", ".zarr2", ".zarr3")
 
 #: CREMI label conventions.
 
 
-# -- spec parsing -------------------------------------------------------------------------
-def split_spec(spec: str | os.PathLike, dataset: str | None = None) -> tuple[Path, str | None]:
-    """Split ``file.h5:volumes/raw`` / ``out.zarr/raw`` into (container, path inside)."""
-    text = str(spec)
-    if ":" in text and not text.startswith(("file:", "s3:", "gs:")):
-        head, _, tail = text.rpartition(":")
-        if head.lower().endswith(HDF5_SUFFIXES) or head.lower().endswith(ZARR_SUFFIXES + (".n5",)):
-            if dataset is not None and dataset != tail:
-                raise CleftchunkError(f"{text!r} names dataset {tail!r} but --dataset says {dataset!r}: give one of them")
-            return Path(head), tail.strip("/") or None
-    path = Path(text)
-    parts = path.parts
-    for i, part in enumerate(parts):
-        if part.lower().endswith(ZARR_SUFFIXES + (".n5",)):
-            container = Path(*parts[: i + 1])
-            inner = "/".join(parts[i + 1 :]) or None
-            if dataset is not None:
-                inner = "/".join(p for p in (inner, dataset.strip("/")) if p)
-            return container, inner
-    return path, (dataset.strip("/") if dataset else None)
-
-
-def is_hdf5(path: Path) -> bool:
-    return path.suffix.lower() in HDF5_SUFFIXES
-
-
 #: dtype kinds every stage can handle: bool, signed/unsigned integers, floats.
 SUPPORTED_DTYPE_KINDS = "biuf"
-
-
-def source_kind(container: Path) -> str:
-    """What kind of storage ``container`` is: hdf5, zarr, n5, tiff, npy or folder."""
-    suffix = container.suffix.lower()
-    if suffix in HDF5_SUFFIXES:
-        return "hdf5"
-    if suffix in sources.TIFF_SUFFIXES:
-        return "tiff"
-    if suffix == ".npy":
-        return "npy"
-    if sources.is_n5(container):
-        return "n5"
-    if suffix in ZARR_SUFFIXES or not container.is_dir() or not sources.is_image_folder(container):
-        return "zarr"
-    return "folder"
 
 
 # -- the Volume type ----------------------------------------------------------------------
@@ -97,7 +64,7 @@ def source_kind(container: Path) -> str:
 class Volume:
     """A 3-D dataset plus its physical frame. Picklable: reopens lazily in each process."""
 
-    container: Path
+    container: Location
     inner: str | None
     voxel_size: tuple[float, ...]
     offset_nm: tuple[float, ...]
@@ -290,7 +257,8 @@ def open_volume(
     with a :class:`CleftchunkError`.
     """
     container, inner = split_spec(spec, dataset)
-    if not container.exists():
+    stores.check_reachable(container)
+    if not stores.exists(container):
         raise CleftchunkError(f"{container} does not exist: check the path")
     volume = Volume(container, inner, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), mode=mode, channel=channel)
     if mode != "r" and volume.kind not in ("zarr", "hdf5"):
@@ -389,8 +357,11 @@ def list_hdf5_datasets(f: Any) -> list[str]:
 def _open_zarr(volume: Volume) -> Any:
     import zarr
 
+    mode = "r" if volume.mode == "r" else "r+"
     try:
-        node = zarr.open(str(volume.container), mode="r" if volume.mode == "r" else "r+", path=volume.inner or "")
+        node = zarr.open(stores.zarr_store(volume.container, mode), mode=mode, path=volume.inner or "")
+    except CleftchunkError:
+        raise
     except (FileNotFoundError, KeyError) as e:
         raise CleftchunkError(f"{volume.spec}: no Zarr array or group there; check the path ({e})") from e
     except Exception as e:  # zarr raises several types for missing/invalid metadata
@@ -401,8 +372,9 @@ def _open_zarr(volume: Volume) -> Any:
             arrays = sorted(k for k, _ in node.arrays())
             groups = sorted(k for k, _ in node.groups())
             raise CleftchunkError(
-                f"{volume.spec} is a Zarr group, not an image; name one of its members: "
-                f"{', '.join(arrays + groups) or 'it is empty'}"
+                f"{volume.spec} is a container of images, not an image (no multiscales at its root): "
+                f"name one inside it, e.g. {volume.spec}/{(arrays + groups + ['raw'])[0]} "
+                f"(it holds: {', '.join(arrays + groups) or 'nothing'})"
             )
         volume.inner = "/".join(p for p in (volume.inner, level0) if p)
         node = node[level0]
@@ -412,9 +384,9 @@ def _open_zarr(volume: Volume) -> Any:
 # -- creating -----------------------------------------------------------------------------
 def exists(spec: str | os.PathLike) -> bool:
     container, inner = split_spec(spec)
-    if inner is None:
-        return container.exists()
-    return (container / inner).exists() if not is_hdf5(container) else container.exists()
+    if inner is None or is_hdf5(container):
+        return stores.exists(container)
+    return stores.exists(stores.join(container, inner))
 
 
 def create_volume(
@@ -431,20 +403,15 @@ def create_volume(
     overwrite: bool = False,
     exist_ok: bool = False,
 ) -> Volume:
-    """Create an OME-Zarr image ``<container>.zarr/<name>`` with its data at ``s0``.
+    """Create an OME-Zarr image with its data at ``s0``: ``out.zarr`` (the image is the root) or
+    ``container.zarr/name`` (one named image of a container); local or an object-store URL.
 
     An existing volume is an error unless ``overwrite`` (replace it) or ``exist_ok`` (reopen it
     for resuming; then its shape, dtype and chunks must match, or it is an error too).
     """
-    import zarr
 
     container, inner = split_spec(spec)
-    if is_hdf5(container):
-        raise CleftchunkError(f"{spec}: cleftchunk writes Zarr; give an output path ending in .zarr")
-    if not str(container).lower().endswith(ZARR_SUFFIXES):
-        raise CleftchunkError(f"{spec}: output must be inside a .zarr container, e.g. out.zarr/raw")
-    if inner is None:
-        raise CleftchunkError(f"{spec}: name the volume inside the container, e.g. {container}/raw")
+    check_output_spec(spec)
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or any(s <= 0 for s in shape):
         raise CleftchunkError(f"volume shape {shape} must be 3 positive extents (z, y, x)")
@@ -456,6 +423,7 @@ def create_volume(
         if any(s % c for s, c in zip(shards, chunks)):
             raise CleftchunkError(f"shard shape {shards} must be a multiple of the chunk shape {chunks}")
 
+    stores.check_reachable(container)
     if exists(spec):
         if exist_ok and not overwrite:
             volume = open_volume(spec, mode="r+")
@@ -467,11 +435,10 @@ def create_volume(
                 )
             return volume
         if not overwrite:
-            raise CleftchunkError(f"{spec} exists: pass --overwrite to replace it (or choose another output)")
+            raise CleftchunkError(_exists_message(spec))
 
-    root = zarr.open_group(str(container), mode="a")
-    image = root.require_group(inner) if not overwrite else _fresh_group(root, inner)
-    image.attrs["ome"] = ome_multiscales(inner.rpartition("/")[2], voxel_size, offset_nm)
+    image = _image_group(container, inner, overwrite)
+    image.attrs["ome"] = ome_multiscales(image_name(container, inner), voxel_size, offset_nm)
     array = image.create_array(
         "s0",
         shape=shape,
@@ -488,15 +455,51 @@ def create_volume(
             **(attrs or {}),
         },
     )
-    volume = Volume(container, f"{inner}/s0", tuple(float(v) for v in voxel_size), offset_nm, mode="r+")
+    level0 = f"{inner}/s0" if inner else "s0"
+    volume = Volume(container, level0, tuple(float(v) for v in voxel_size), offset_nm, mode="r+")
     volume._array = array
     return volume
 
 
-def _fresh_group(root: Any, inner: str) -> Any:
-    if inner in root:
+def _image_group(container: Location, inner: str | None, overwrite: bool) -> Any:
+    import zarr
+
+    if inner is None:
+        return zarr.open_group(stores.zarr_store(container, "w"), mode="w" if overwrite else "a")
+    root = zarr.open_group(stores.zarr_store(container, "a"), mode="a")
+    if multiscale_level0(root) is not None:
+        raise CleftchunkError(
+            f"{container} is an image itself (multiscales at its root), not a container: "
+            f"write {inner!r} to another container, e.g. {str(container).rsplit('.', 1)[0]}-{inner.replace('/', '-')}.zarr"
+        )
+    if overwrite and inner in root:
         del root[inner]
     return root.require_group(inner)
+
+
+def _exists_message(spec: str | os.PathLike) -> str:
+    return container_refusal(spec) or f"{spec} exists: pass --overwrite to replace it (or choose another output)"
+
+
+def container_refusal(spec: str | os.PathLike) -> str | None:
+    """For an output given as ``out.zarr`` that is a container of images: why it is refused and
+    what to write instead. None for anything else."""
+    import zarr
+
+    container, inner = split_spec(spec)
+    if inner is not None or is_hdf5(container):
+        return None
+    try:
+        root = zarr.open_group(stores.zarr_store(container, "r"), mode="r")
+        members = sorted(k for k, _ in root.members())
+    except Exception:
+        return None
+    if multiscale_level0(root) is not None or not members:
+        return None
+    return (
+        f"{spec} is a container holding {', '.join(members)}, not an image: name a new image inside it, "
+        f"e.g. {spec}/pred, or pass --overwrite to replace the whole container"
+    )
 
 
 def create_like(spec: str | os.PathLike, like: Volume, dtype: Any, chunks: Sequence[int] | None = None, **options: Any) -> Volume:

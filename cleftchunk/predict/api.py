@@ -60,6 +60,7 @@ def predict(
     progress: bool = True,
     architecture: str | None = None,
     log: Callable[[str], None] | None = None,
+    scratch: str | os.PathLike | None = None,
 ) -> PredictResult:
     """Predict cleft probabilities of ``input_volume`` into ``output_spec`` (``out.zarr/pred``).
 
@@ -67,6 +68,9 @@ def predict(
     raw/255 to probabilities (e.g. from ``cleftchunk.load_model``; then ``window`` is required).
     ``input_volume``: a :class:`Volume` or a spec ``open_volume`` reads. Work runs on ``client``,
     or the cluster at ``scheduler``, or a local cluster started here (``workers``, ``gpus``).
+    ``scratch``: the folder for per-block partial results, which must be a filesystem every
+    worker sees (default: beside a local output; for an object-store output, the current
+    directory); see :func:`_scratch_dir`.
     Raises :class:`CleftchunkError` for bad input, and after the run if some blocks failed.
     """
     from cleftchunk.run.cluster import ClusterSpec, dask_client, resolve_gpus
@@ -98,8 +102,8 @@ def predict(
 
     identity, identity_hash = _identity(source, arch_name, volume, mask_volume, chunks, params)
     run_info = {"block_shape": list(block_shape), "workers": workers, "gpus": gpus, "scheduler": scheduler, "retries": retries}
-    output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite)
-    scratch = Scratch(str(_scratch_dir(output, identity_hash)))
+    output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite, scratch)
+    scratch = Scratch(str(_scratch_dir(output, identity_hash, scratch)))
     result = PredictResult(str(output_spec), grid.count)
     plan = make_plan(grid, volume.roi, block_shape)
     result.blocks = len(plan.blocks)
@@ -260,7 +264,8 @@ def _versions() -> dict:
 
 
 def _open_output(
-    spec: str | os.PathLike, volume: Volume, chunks: Coord, identity: dict, identity_hash: str, run_info: dict, overwrite: bool
+    spec: str | os.PathLike, volume: Volume, chunks: Coord, identity: dict, identity_hash: str, run_info: dict, overwrite: bool,
+    scratch: str | os.PathLike | None = None,
 ) -> tuple[Volume, bool]:
     """Create the output, or reopen it to resume when it was started with the same identity."""
     resuming = False
@@ -276,7 +281,7 @@ def _open_output(
             )
         resuming = True
     if overwrite and volume_exists(spec):
-        _remove_scratch_dirs(spec)
+        _remove_scratch_dirs(spec, scratch)
     provenance = {
         "identity": identity,
         "identity_hash": identity_hash,
@@ -305,20 +310,36 @@ def _previous_identity(spec: str | os.PathLike) -> dict | None:
         return None
 
 
-def _scratch_dir(output: Volume, identity_hash: str) -> Path:
-    """Beside the output container (never inside it, so Zarr readers do not see it)."""
-    inner = (output.inner or "").rsplit("/s0", 1)[0].replace("/", "_")
-    container = Path(output.container).resolve()
-    return container.parent / f".{container.name}.{inner}.predict-{identity_hash[:16]}"
+def _scratch_dir(output: Volume, identity_hash: str, scratch: str | os.PathLike | None = None) -> Path:
+    """Partials live in ``<base>/.<container>.<image>.predict-<hash>``, never inside the output
+    (so Zarr readers do not see them) and always on a filesystem (object stores have no renames).
+
+    ``base`` is ``scratch`` if given, else the output's folder, else (object-store output) the
+    current directory.
+    """
+    image = (output.inner or "").rpartition("/")[0]  # the image group: inner is <image>/s0
+    return _scratch_base(output.container, scratch) / f"{_scratch_prefix(output.container, image)}{identity_hash[:16]}"
 
 
-def _remove_scratch_dirs(spec: str | os.PathLike) -> None:
+def _remove_scratch_dirs(spec: str | os.PathLike, scratch: str | os.PathLike | None = None) -> None:
     from cleftchunk.io.volumes import split_spec
 
     container, inner = split_spec(spec)
-    container = Path(container).resolve()
-    for old in container.parent.glob(f".{container.name}.{(inner or '').replace('/', '_')}.predict-*"):
+    for old in _scratch_base(container, scratch).glob(f"{_scratch_prefix(container, inner)}*"):
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _scratch_base(container: Any, scratch: str | os.PathLike | None) -> Path:
+    from cleftchunk.io.stores import is_url
+
+    if scratch is not None:
+        return Path(scratch).resolve()
+    return Path.cwd() if is_url(container) else Path(container).resolve().parent
+
+
+def _scratch_prefix(container: Any, image: str | None) -> str:
+    name = str(container).rstrip("/").rpartition("/")[2]
+    return f".{name}.{image.replace('/', '_')}.predict-" if image else f".{name}.predict-"
 
 
 def _mark_complete(output: Volume, result: PredictResult) -> None:

@@ -29,6 +29,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.synth.generate import VOXEL_SIZE, SynthParams, check_seed, generate_region, make_params
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_CLEFTS, CREMI_NEURONS, CREMI_RAW, kind_attrs
+from cleftchunk.io.stores import is_url
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, open_volume, split_spec
 
 #: Larger requests are refused as typos (10^13 voxels is ~10 TB of raw, ~170 TB with labels).
@@ -91,6 +92,11 @@ def synthesize(
     because they measured faster, leaner and with no start-up cost on 2 cores (numpy releases
     the GIL in the heavy loops; benchmarks/results/synth.md); processes avoid the GIL on many cores.
     """
+    if is_url(dst):
+        raise CleftchunkError(
+            f"{dst}: synth writes a local sample (it resumes from the files it finds); write it here, then "
+            "cleftchunk convert each volume to the object store"
+        )
     if format is None:
         format = "cremi" if Path(dst).name.lower().endswith(HDF5_SUFFIXES) else "zarr"
     if format not in FORMATS:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -15,6 +14,7 @@ from torch import nn
 
 from cleftchunk.labels import cleft_mask
 from cleftchunk.post.metrics import cremi_metrics_reference
+from cleftchunk.io.stores import resolved
 from cleftchunk.train.data import label_codes
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
@@ -27,7 +27,7 @@ from cleftchunk.train.trainer import TrainState, Trainer
 def same_dataset(a: Any, b: Any) -> bool:
     """Whether two opened volumes are the same stored dataset."""
     try:
-        return Path(a.container).resolve() == Path(b.container).resolve() and (a.inner or "") == (b.inner or "")
+        return resolved(a.container) == resolved(b.container) and (a.inner or "") == (b.inner or "")
     except AttributeError:
         return a is b
 

@@ -1,0 +1,214 @@
+"""Where a Zarr container lives: a local folder or an object-store URL, turned into a zarr store here.
+
+This is the one place that knows URL schemes. A *location* is either a :class:`~pathlib.Path`
+(local) or a URL string ``scheme://...``:
+
+- ``s3://bucket/path.zarr`` — read and write, through s3fs (``pip install s3fs``, or the
+  ``cloud`` extra). Credentials and endpoint come the usual AWS way: ``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE`` and ``~/.aws``, ``AWS_ENDPOINT_URL`` for MinIO,
+  Ceph or a test server.
+- ``gs://bucket/path.zarr`` (also ``gcs://``) — read and write, through gcsfs (``pip install gcsfs``);
+  credentials from ``GOOGLE_APPLICATION_CREDENTIALS`` or ``gcloud auth application-default login``.
+- ``https://host/path.zarr`` (and ``http://``) — read only.
+
+Any other scheme is refused (never a local folder named ``s3:``). Each object of an object store
+is written by one PUT, so a chunk either exists whole or not at all: the resume rule of
+:mod:`cleftchunk.run.chunks` (the store is the record of what is done) holds there too.
+
+Connections fail fast rather than hang: :data:`CONNECT_TIMEOUT` seconds to connect and
+:data:`ATTEMPTS` attempts per request (``CLEFTCHUNK_CONNECT_TIMEOUT`` overrides the timeout).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from cleftchunk.errors import CleftchunkError
+
+#: scheme -> (fsspec package that implements it, writable)
+SCHEMES = {
+    "s3": ("s3fs", True),
+    "gs": ("gcsfs", True),
+    "gcs": ("gcsfs", True),
+    "https": ("aiohttp", False),
+    "http": ("aiohttp", False),
+}
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 60.0
+ATTEMPTS = 3
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+Location = Path | str
+
+
+def url_scheme(spec: str | os.PathLike) -> str | None:
+    """The scheme of ``scheme://...`` (lower case), or None for a local path."""
+    match = _URL.match(str(spec))
+    return match.group(1).lower() if match else None
+
+
+def is_url(spec: Any) -> bool:
+    return url_scheme(spec) is not None
+
+
+def known_scheme(url: str) -> str:
+    """The scheme of ``url`` if cleftchunk knows it, else a CleftchunkError (no package is needed yet)."""
+    scheme = url_scheme(url)
+    if scheme not in SCHEMES:
+        raise CleftchunkError(
+            f"{url}: unknown storage scheme {scheme}://; use a local path, s3://, gs:// or https:// (read only)"
+        )
+    return scheme
+
+
+def check_url(url: str, write: bool = False) -> str:
+    """The scheme of ``url`` if cleftchunk can use it (for writing, when ``write``); else a CleftchunkError."""
+    scheme = known_scheme(url)
+    package, writable = SCHEMES[scheme]
+    if write and not writable:
+        raise CleftchunkError(f"{url}: {scheme}:// is read-only; write to a local path, s3:// or gs://")
+    if importlib.util.find_spec(package) is None:
+        raise CleftchunkError(f"{url}: {scheme}:// needs the {package} package: pip install {package} (or cleftchunk[cloud])")
+    return scheme
+
+
+def local_only(url: str, kind: str) -> CleftchunkError:
+    """The error for a format that can only be read from a local file."""
+    return CleftchunkError(f"{url}: {kind} sources are read from local files only; copy it here first, or convert it to Zarr")
+
+
+def resolved(location: Location) -> str:
+    """A stable name for a location: the absolute path of a local one, a URL as given."""
+    return str(location).rstrip("/") if is_url(location) else str(Path(location).resolve())
+
+
+def join(location: Location, inner: str | None) -> Location:
+    """``location/inner`` for paths and URLs alike."""
+    if not inner:
+        return location
+    if is_url(location):
+        return f"{str(location).rstrip('/')}/{inner.strip('/')}"
+    return Path(location) / inner
+
+
+def storage_options(scheme: str) -> dict:
+    """fsspec options: short connect timeouts and few retries, so a dead endpoint fails, not hangs."""
+    connect = float(os.environ.get("CLEFTCHUNK_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
+    if scheme == "s3":
+        return {
+            "config_kwargs": {
+                "connect_timeout": connect,
+                "read_timeout": READ_TIMEOUT,
+                "retries": {"max_attempts": ATTEMPTS, "mode": "standard"},
+            }
+        }
+    if scheme in ("http", "https"):
+        import aiohttp
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(connect=connect, sock_read=READ_TIMEOUT)}}
+    return {}
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The (synchronous) fsspec filesystem behind ``url`` and the path inside it."""
+    import fsspec
+
+    scheme = check_url(url)
+    return fsspec.core.url_to_fs(url, **storage_options(scheme))
+
+
+def zarr_store(location: Location, mode: str = "r") -> Any:
+    """What ``zarr.open*(store=...)`` takes for ``location``: the path itself, or an FsspecStore."""
+    if not is_url(location):
+        return str(location)
+    from zarr.storage import FsspecStore
+
+    scheme = check_url(str(location), write=mode != "r")
+    try:
+        return FsspecStore.from_url(str(location).rstrip("/"), storage_options=storage_options(scheme), read_only=mode == "r")
+    except CleftchunkError:
+        raise
+    except Exception as e:
+        raise explain(e, str(location)) from e
+
+
+def exists(location: Location) -> bool:
+    """Whether anything is stored at ``location`` (a folder, file, or object prefix)."""
+    if not is_url(location):
+        return Path(location).exists()
+    fs, path = filesystem(str(location))
+    try:
+        if url_scheme(location) in ("http", "https"):
+            # No listings over HTTP: a Zarr node exists when its metadata document does.
+            return any(fs.exists(f"{path.rstrip('/')}/{name}") for name in ("zarr.json", ".zgroup", ".zarray"))
+        return bool(fs.exists(path))
+    except Exception as e:
+        raise explain(e, str(location)) from e
+
+
+def check_reachable(location: Location) -> None:
+    """For an object store, fail now with a one-line error if its bucket cannot be used.
+
+    Turns the three common set-up problems (endpoint down, no credentials, bucket missing) into
+    errors that name the fix, before any work is planned on them.
+    """
+    if not is_url(location) or url_scheme(location) in ("http", "https"):
+        return
+    fs, path = filesystem(str(location))
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.info(bucket)
+    except FileNotFoundError as e:
+        raise CleftchunkError(
+            f"{location}: bucket {bucket!r} does not exist{_endpoint_note()}: create it (e.g. aws s3 mb s3://{bucket}) or check the name"
+        ) from e
+    except Exception as e:
+        raise explain(e, str(location)) from e
+
+
+def explain(error: BaseException, url: str) -> CleftchunkError:
+    """A one-line CleftchunkError for a storage exception (connection, credentials, permission)."""
+    name = type(error).__name__
+    text = str(error).splitlines()[0] if str(error) else name
+    if name in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
+        return CleftchunkError(
+            f"{url}: no credentials found ({text}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or AWS_PROFILE (~/.aws/credentials); for gs://, GOOGLE_APPLICATION_CREDENTIALS"
+        )
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerTimeoutError") or isinstance(
+        error, (ConnectionError, TimeoutError)
+    ):
+        return CleftchunkError(f"{url}: cannot reach the storage endpoint ({text}): check AWS_ENDPOINT_URL and the network")
+    if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        return CleftchunkError(f"{url}: access denied ({text}): check the credentials' permissions on this bucket")
+    if isinstance(error, FileNotFoundError):
+        return CleftchunkError(f"{url}: not found ({text}): check the bucket and path")
+    return CleftchunkError(f"{url}: storage error ({name}: {text})")
+
+
+def _endpoint_note() -> str:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return f" at {endpoint}" if endpoint else ""
+
+
+__all__ = [
+    "Location",
+    "SCHEMES",
+    "check_reachable",
+    "check_url",
+    "exists",
+    "explain",
+    "filesystem",
+    "is_url",
+    "known_scheme",
+    "join",
+    "local_only",
+    "resolved",
+    "storage_options",
+    "url_scheme",
+    "zarr_store",
+]
