@@ -13,6 +13,7 @@ import click
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.predict import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, predict
 from cleftchunk.io.volumes import split_spec
+from cleftchunk.run.cluster import tls_security
 from cleftchunk_cli.options import positive_zyx
 
 
@@ -32,7 +33,11 @@ from cleftchunk_cli.options import positive_zyx
 @click.option("--workers", type=int, help="CPU worker processes (default 1; workers × torch threads ≤ --cpus; 0: run inside this process).")
 @click.option("--gpus", "-g", type=int, help="GPUs to use, one worker each (default: all of this machine's); with --scheduler, any N > 0 runs on the workers' GPUs.")
 @click.option("--cpus", "-c", type=int, help="CPU cores to use in all (default: all).")
-@click.option("--scheduler", help="Address of a running Dask scheduler (e.g. tcp://host:8786) instead of a local cluster.")
+@click.option("--scheduler", help="Address of a running Dask scheduler (tls://host:8786 with --tls-*, or tcp://) instead of a local cluster.")
+@click.option("--listen", help="Interface the local Dask cluster listens on (default 127.0.0.1: nothing beyond this machine can connect).")
+@click.option("--tls-ca-file", type=click.Path(dir_okay=False), help="With --scheduler tls://...: CA certificate (PEM) that signed the cluster's certificates.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="With --scheduler tls://...: this client's certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="With --scheduler tls://...: this client's private key (PEM).")
 @click.option("--block-shape", help=f"Block Z,Y,X, a multiple of the output chunks (default {','.join(map(str, DEFAULT_BLOCK_SHAPE))}).")
 @click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (otherwise the same command resumes it).")
@@ -44,7 +49,7 @@ from cleftchunk_cli.options import positive_zyx
 @click.option("--load-model", "-lm", hidden=True, help="Accepted for the tutorial's command line; the checkpoint is always loaded.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (voxels/s, ETA).")
 def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pad, batch_size, tta, precision, compile_model,
-            mask, workers, gpus, cpus, scheduler, block_shape, chunks, overwrite, retries, root, inputs, output_dir,
+            mask, workers, gpus, cpus, scheduler, listen, tls_ca_file, tls_cert, tls_key, block_shape, chunks, overwrite, retries, root, inputs, output_dir,
             architecture, load_model, progress):
     """Predict cleft probabilities of INPUT into OUTPUT (e.g. out.zarr/pred) as uint8 OME-Zarr.
 
@@ -53,6 +58,8 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
     """
     if not checkpoint:
         raise CleftchunkError("no model given: pass --checkpoint CKPT (or -pm CKPT), a file written by cleftchunk train")
+    if (tls_ca_file or tls_cert or tls_key) and not (scheduler or listen):
+        raise CleftchunkError("--tls-ca-file/--tls-cert/--tls-key secure a cluster: use them with --scheduler tls://HOST:PORT or --listen")
     options = dict(
         window=positive_zyx(model_input, "--model-input"),
         overlap=overlap,
@@ -67,6 +74,8 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
         gpus=gpus,
         cores=cpus,
         scheduler=scheduler,
+        listen=listen,
+        security=tls_security(tls_ca_file, tls_cert, tls_key) if scheduler or listen else None,
         block_shape=positive_zyx(block_shape, "--block-shape"),
         chunks=positive_zyx(chunks, "--chunks"),
         overwrite=overwrite,

@@ -44,6 +44,7 @@ from cleftchunk.run import chunks as chunkwrite
 from cleftchunk.io import pyramid
 from cleftchunk.io.cremi import cremi_volumes, read_cremi_annotations
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io.guard import writes_output
 from cleftchunk.geometry import Roi
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID, kind_attrs, known_kind, not_cleft_values
 from cleftchunk.io.volumes import (
@@ -388,6 +389,7 @@ def verify(
 
 
 # -- one call for any source ---------------------------------------------------------------
+@writes_output("convert", "dst", ("src",))
 def convert_path(
     src: str | os.PathLike,
     dst: str | os.PathLike,

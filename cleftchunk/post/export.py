@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io.guard import writes_output
 from cleftchunk.geometry import Roi
 from cleftchunk.labels import resolve_label_kind
 from cleftchunk.post.segment import as_volume
@@ -48,6 +49,7 @@ def parse_crop(text: str) -> Roi:
     return Roi.from_bounds([b[0] for b in bounds], [b[1] for b in bounds])
 
 
+@writes_output("export", "out", ("clefts", "raw"))
 def export_cremi(
     clefts: Volume | str,
     out: str | os.PathLike,

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io.guard import writes_output
 from cleftchunk.geometry import Coord, as_coord
 from cleftchunk.predict.tiling import (
     check_fixed_headroom,
@@ -33,6 +34,7 @@ from cleftchunk.predict.scratch import Scratch
 
 
 # -- the Python API -----------------------------------------------------------------------
+@writes_output("predict", "output_spec", ("input_volume", "mask"))
 def predict(
     model_or_checkpoint: Any,
     input_volume: Any,
@@ -53,6 +55,8 @@ def predict(
     gpus: int | None = None,
     cores: int | None = None,
     scheduler: str | None = None,
+    listen: str | None = None,
+    security: Any = None,
     processes: bool = True,
     client: Any = None,
     overwrite: bool = False,
@@ -66,12 +70,15 @@ def predict(
     ``model_or_checkpoint``: a checkpoint path, or an ``nn.Module`` mapping float (N,1,z,y,x)
     raw/255 to probabilities (e.g. from ``cleftchunk.load_model``; then ``window`` is required).
     ``input_volume``: a :class:`Volume` or a spec ``open_volume`` reads. Work runs on ``client``,
-    or the cluster at ``scheduler``, or a local cluster started here (``workers``, ``gpus``).
+    or the cluster at ``scheduler``, or a local cluster started here (``workers``, ``gpus``) that
+    listens on 127.0.0.1 only unless ``listen`` names another interface; ``security`` is a
+    ``distributed.Security`` for a ``tls://`` scheduler (see :func:`cleftchunk.run.cluster.tls_security`).
     Raises :class:`CleftchunkError` for bad input, and after the run if some blocks failed.
     """
-    from cleftchunk.run.cluster import ClusterSpec, dask_client, resolve_gpus
+    from cleftchunk.run.cluster import ClusterSpec, check_listen, dask_client, resolve_gpus
 
     log = log or _stderr
+    listen = check_listen(listen, log)
     started = time.perf_counter()
     volume = _open_input(input_volume)
     source, window, arch_name = _model_source(model_or_checkpoint, window, architecture)
@@ -108,7 +115,8 @@ def predict(
         result.blocks_already_done = result.blocks
         return result
     scratch.ensure()
-    spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes)
+    spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes,
+                       listen=listen, security=security)
     # Worker processes we start get cores // workers torch threads each; others keep their own.
     threads = spec.torch_threads() if client is None and scheduler is None and not spec.in_process else None
     job = Job(volume, output, mask_volume, params, grid, volume.roi, scratch, threads)
