@@ -14,7 +14,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.predict import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, predict
 from cleftchunk.io.volumes import split_spec
 from cleftchunk.run.cluster import tls_security
-from cleftchunk_cli.options import positive_zyx
+from cleftchunk_cli.options import parse_fraction, positive_zyx
 
 
 @click.command("predict")
@@ -27,6 +27,7 @@ from cleftchunk_cli.options import positive_zyx
 @click.option("--pad/--no-pad", default=False, show_default=True, help="Reflect-pad the volume by half a window (as the original pipeline).")
 @click.option("--batch-size", "-b", type=int, help="Tiles per forward pass (default 1 on CPU, 4 on GPU).")
 @click.option("--tta", type=click.Choice([str(n) for n in TTA_CHOICES]), default="1", show_default=True, help="Flip test-time augmentation: mean over 1, 4, 8 or 16 variants.")
+@click.option("--scale", help="Float images: multiply by this to reach [0, 1], e.g. 1/255 for a float copy of 0..255 data.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: fp32 on CPU, bf16 autocast on GPU.")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model on each worker.")
 @click.option("--mask", help="Volume whose zero voxels are not predicted (written 0; tiles without any mask voxel are not run).")
@@ -48,7 +49,7 @@ from cleftchunk_cli.options import positive_zyx
 @click.option("--architecture", "-ac", help="Expected architecture of the checkpoint (e.g. unetv0); a mismatch is an error.")
 @click.option("--load-model", "-lm", hidden=True, help="Accepted for the tutorial's command line; the checkpoint is always loaded.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (voxels/s, ETA).")
-def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pad, batch_size, tta, precision, compile_model,
+def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pad, batch_size, tta, scale, precision, compile_model,
             mask, workers, gpus, cpus, scheduler, listen, tls_ca_file, tls_cert, tls_key, block_shape, chunks, overwrite, retries, root, inputs, output_dir,
             architecture, load_model, progress):
     """Predict cleft probabilities of INPUT into OUTPUT (e.g. out.zarr/pred) as uint8 OME-Zarr.
@@ -67,6 +68,7 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
         pad=pad,
         batch_size=batch_size,
         tta=int(tta),
+        scale=parse_fraction(scale, "--scale"),
         precision=precision,
         compile=compile_model,
         mask=mask,

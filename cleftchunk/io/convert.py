@@ -44,7 +44,7 @@ from cleftchunk.run import chunks as chunkwrite
 from cleftchunk.io import pyramid
 from cleftchunk.io.cremi import cremi_volumes, read_cremi_annotations
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.io.guard import writes_output
+from cleftchunk.io.guard import refuse_overlap, writes_output
 from cleftchunk.geometry import Roi
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID, kind_attrs, known_kind, not_cleft_values
 from cleftchunk.io.volumes import (
@@ -293,10 +293,7 @@ def _check_scheduler(scheduler: str) -> None:
 
 
 def _refuse_same_place(plan: ConversionPlan) -> None:
-    container, inner = split_spec(plan.dst)
-    src = plan.source
-    if Path(container).resolve() == Path(src.container).resolve() and (src.inner or "").startswith((inner or "") + "/"):
-        raise CleftchunkError(f"{plan.dst} is where the source lives: choose another output")
+    refuse_overlap(plan.dst, [plan.source])
 
 
 def prepare_output(plan: ConversionPlan, overwrite: bool) -> tuple[Volume, str]:

@@ -70,14 +70,14 @@ def refuse_overlap(output: Any, inputs: Iterable[Any], what: str = "output") -> 
             continue
         name = source.spec if isinstance(source, Volume) else source
         if out == place:
-            relation = "is the input"
+            relation = "is where the source lives"
         elif place in out.parents:
-            relation = "lies inside the input"
+            relation = "lies inside the source"
         elif out in place.parents:
-            relation = "contains the input"
+            relation = "contains the source"
         else:
             continue
-        raise CleftchunkError(f"{what} {output} {relation} {name}: writing it would destroy the input, choose an {what} elsewhere")
+        raise CleftchunkError(f"{what} {output} {relation} ({name}): writing it would destroy the source, choose an {what} elsewhere")
 
 
 # -- the lock ----------------------------------------------------------------------------------

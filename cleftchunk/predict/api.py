@@ -19,6 +19,7 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import writes_output
 from cleftchunk.geometry import Coord, as_coord
+from cleftchunk.intensity import check_image_dtype, check_scale, check_unit_range
 from cleftchunk.predict.tiling import (
     check_fixed_headroom,
     frame_padding,
@@ -46,6 +47,7 @@ def predict(
     pad: bool = False,
     batch_size: int | None = None,
     tta: int = 1,
+    scale: float | None = None,
     precision: str = "auto",
     compile: bool = False,
     mask: Any = None,
@@ -80,7 +82,7 @@ def predict(
     log = log or _stderr
     listen = check_listen(listen, log)
     started = time.perf_counter()
-    volume = _open_input(input_volume)
+    volume = _open_input(input_volume, scale)
     source, window, arch_name = _model_source(model_or_checkpoint, window, architecture)
     if client is None and scheduler is None:
         gpus = resolve_gpus(gpus)
@@ -95,6 +97,7 @@ def predict(
         _resolve_precision(precision, device),
         device,
         compile,
+        scale=scale,
     )
     mask_volume = _open_mask(mask, volume)
     grid = params.grid(volume.roi)
@@ -163,14 +166,14 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _open_input(input_volume: Any) -> Volume:
+def _open_input(input_volume: Any, scale: float | None = None) -> Volume:
     volume = input_volume if isinstance(input_volume, Volume) else open_volume(input_volume)
     if volume.ndim != 3:
         raise CleftchunkError(f"{volume.spec} has {volume.ndim} axes {volume.shape}: predict needs a 3-D (z, y, x) volume")
-    if volume.dtype != np.uint8 and volume.dtype.kind != "f":
-        raise CleftchunkError(
-            f"{volume.spec} is {volume.dtype}: the model reads uint8 EM intensities; convert it to uint8 first"
-        )
+    check_image_dtype(volume.dtype, volume.spec)
+    if volume.dtype.kind == "f":  # a cheap look before any work; every tile is checked again as it is read
+        first = volume[tuple(slice(0, min(c, s)) for c, s in zip(volume.chunks, volume.shape))]
+        check_unit_range(first, f"{volume.spec} (its first chunk)", check_scale(scale))
     return volume
 
 
