@@ -212,6 +212,9 @@ def writes_output(stage: str, output: str, inputs: tuple[str, ...] = ()) -> Call
             target = bound.arguments.get(output)
             if target is None:
                 return function(*args, **kwargs)
+            if is_url(target):  # zarr would write it as a local folder named "s3:" instead
+                scheme = str(target).split("://", 1)[0]
+                raise CleftchunkError(f"{target}: writing to {scheme}:// is not supported: give a local path (copy it up afterwards)")
             refuse_overlap(target, [bound.arguments.get(name) for name in inputs])
             log = bound.arguments.get("log")
             with output_lock(target, stage, log if callable(log) else None):

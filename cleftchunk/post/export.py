@@ -86,6 +86,11 @@ def export_cremi(
             f"voxel sizes differ: raw {raw_volume.spec} has {raw_volume.voxel_size} nm, clefts {source.spec} "
             f"has {source.voxel_size} nm: export a raw volume of the same resolution"
         )
+    if raw_volume is not None and tuple(raw_volume.shape) != tuple(source.shape):
+        raise CleftchunkError(
+            f"raw {raw_volume.spec} has shape {raw_volume.shape}, clefts {source.spec} {source.shape}: "
+            "export the raw volume the clefts were predicted from"
+        )
     resolution = np.asarray(source.voxel_size, dtype=np.float64)
 
     partial = out.with_name(out.name + ".partial")

@@ -92,7 +92,7 @@ def predict(
         overlap,
         blend,
         pad,
-        batch_size or (4 if device == "cuda" else 1),
+        batch_size if batch_size is not None else (4 if device == "cuda" else 1),
         tta,
         _resolve_precision(precision, device),
         device,
@@ -106,6 +106,8 @@ def predict(
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, volume.shape))
     block_shape = _check_block_shape(block_shape, chunks, volume.shape)
 
+    spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes,
+                       listen=listen, security=security)  # checks workers and cores before any output exists
     identity, identity_hash = _identity(source, arch_name, volume, mask_volume, chunks, params)
     run_info = {"block_shape": list(block_shape), "workers": workers, "gpus": gpus, "scheduler": scheduler, "retries": retries}
     output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite)
@@ -118,8 +120,6 @@ def predict(
         result.blocks_already_done = result.blocks
         return result
     scratch.ensure()
-    spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes,
-                       listen=listen, security=security)
     # Worker processes we start get cores // workers torch threads each; others keep their own.
     threads = spec.torch_threads() if client is None and scheduler is None and not spec.in_process else None
     job = Job(volume, output, mask_volume, params, grid, volume.roi, scratch, threads)
@@ -170,6 +170,8 @@ def _open_input(input_volume: Any, scale: float | None = None) -> Volume:
     volume = input_volume if isinstance(input_volume, Volume) else open_volume(input_volume)
     if volume.ndim != 3:
         raise CleftchunkError(f"{volume.spec} has {volume.ndim} axes {volume.shape}: predict needs a 3-D (z, y, x) volume")
+    if 0 in volume.shape:
+        raise CleftchunkError(f"{volume.spec} has shape {volume.shape}, with an axis of length 0: there is nothing to predict; check the dataset")
     check_image_dtype(volume.dtype, volume.spec)
     if volume.dtype.kind == "f":  # a cheap look before any work; every tile is checked again as it is read
         first = volume[tuple(slice(0, min(c, s)) for c, s in zip(volume.chunks, volume.shape))]

@@ -44,6 +44,12 @@ class ClusterSpec:
     def host(self) -> str:
         return self.listen or LOOPBACK
 
+    def __post_init__(self) -> None:
+        for name in ("workers", "cores"):
+            value = getattr(self, name)
+            if value is not None and (value < 0 or (name == "cores" and value == 0)):
+                raise CleftchunkError(f"{name} {value} must be {'at least 1' if name == 'cores' else '0 or more'} (--workers, --cpus)")
+
     def torch_threads(self) -> int:
         cores = self.cores or os.cpu_count() or 1
         return max(1, cores // max(1, self.n_workers))
