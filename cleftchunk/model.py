@@ -352,9 +352,9 @@ def _check_checkpoint_path(path: Path) -> None:
 def _load_problem(error: Exception) -> str:
     """What went wrong in torch.load, in a few words, without torch's unsafe-loading advice."""
     text = str(error)
-    if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
+    if "unsupported global" in text.lower():  # a pickled class or function: running it could do anything
         return "it holds Python objects other than tensors and plain values, which are never loaded"
-    if isinstance(error, EOFError) or "truncated" in text.lower() or "failed finding central directory" in text:
+    if isinstance(error, EOFError) or "truncated" in text.lower() or "central directory" in text:
         return "the file is truncated or damaged"
     return "the file is damaged or of another format"
 

@@ -152,6 +152,8 @@ def plan_conversion(
     _check_output_spec(dst)
     not_cleft = mask_rule(source, background) if mask else None
     dtype = "uint8" if mask else source.dtype.newbyteorder("=").name  # big-endian sources are stored native
+    if 0 in source.shape:
+        raise CleftchunkError(f"{source.spec} has shape {source.shape}, with an axis of length 0: there is nothing to convert; check the dataset")
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, source.shape))
     if len(chunks) != 3 or any(c <= 0 for c in chunks):
         raise CleftchunkError(f"chunk shape {chunks} must be 3 positive sizes Z,Y,X")
