@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
+from cleftchunk.errors import CleftchunkError
+
 Coord = tuple[int, ...]
 
 
@@ -30,13 +32,35 @@ def as_coord(values: Sequence[int] | int, ndim: int | None = None) -> Coord:
     return out
 
 
+class OffGridError(CleftchunkError, ValueError):
+    """A position in nm that is not on the voxel grid (a ValueError too, for older callers)."""
+
+
+#: Voxel sizes beyond 1 mm are a unit mistake (µm or m given as nm), not microscopy.
+MAX_VOXEL_SIZE_NM = 1e6
+
+
+def check_voxel_size(voxel_size: Sequence[float], offset_nm: Sequence[float] | None = None, where: str = "volume") -> None:
+    """Voxel sizes must be finite, positive and plausible (<= 1 mm); offsets finite."""
+    sizes = tuple(float(v) for v in voxel_size)
+    if not all(math.isfinite(v) and 0 < v <= MAX_VOXEL_SIZE_NM for v in sizes):
+        raise CleftchunkError(
+            f"{where}: voxel size {sizes} nm must be positive, finite and at most {MAX_VOXEL_SIZE_NM:g} nm (1 mm): "
+            "give it in nm, e.g. --voxel-size 40,4,4"
+        )
+    if offset_nm is not None and not all(math.isfinite(float(o)) for o in offset_nm):
+        raise CleftchunkError(f"{where}: offset {tuple(offset_nm)} nm must be finite: e.g. --offset 0,0,0")
+
+
 def voxels_from_nm(nm: Sequence[float], voxel_size: Sequence[float]) -> Coord:
     """Convert a physical position to voxels; it must lie on the voxel grid."""
     out = []
     for p, v in zip(nm, voxel_size, strict=True):
         q = p / v
         if not math.isclose(q, round(q), abs_tol=1e-6):
-            raise ValueError(f"{tuple(nm)} nm is not a multiple of the voxel size {tuple(voxel_size)} nm")
+            raise OffGridError(
+                f"offset {tuple(nm)} nm is not a multiple of the voxel size {tuple(voxel_size)} nm: give an offset on the voxel grid"
+            )
         out.append(int(round(q)))
     return tuple(out)
 

@@ -12,10 +12,12 @@ reading a checkpoint never runs pickled code. Their layout (``format: cleftchunk
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -234,7 +236,7 @@ def arch_spec(model: nn.Module, name: str = "unetv0") -> dict:
     last = [m for m in net.modules() if isinstance(m, nn.Conv3d)][-1]
     return {
         "name": name,
-        "filters": list(getattr(net, "filters")),
+        "filters": list(net.filters),
         "in_channels": int(first.in_channels),
         "out_channels": int(last.out_channels),
     }
@@ -310,23 +312,51 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint safely (``weights_only=True``); one-line errors for unusable files."""
+    """Read a checkpoint safely (``weights_only=True``); one-line errors for unusable files.
+
+    The messages never repeat torch's advice to load with ``weights_only=False``: for a file that
+    is refused, that advice means running whatever code the file holds.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise CleftchunkError(f"checkpoint {path} does not exist: check the path (training writes <out>/last.pth)")
+    _check_checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise CleftchunkError(
-            f"{path} is not a readable cleftchunk checkpoint ({type(e).__name__}: {first}): use a file written by cleftchunk train"
-        ) from e
+        raise CleftchunkError(f"{path} is not a readable cleftchunk checkpoint ({_load_problem(e)}): use a file written by cleftchunk train") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CleftchunkError(f"{path} is not a cleftchunk checkpoint (no format {CHECKPOINT_FORMAT!r}): use a file written by cleftchunk train")
     for key in ("arch", "input_size", "model"):
         if key not in ckpt:
             raise CleftchunkError(f"{path} lacks the {key!r} entry: the checkpoint is incomplete, use another one")
+    if not isinstance(ckpt["arch"], dict) or not isinstance(ckpt["model"], dict):
+        raise CleftchunkError(f"{path} has a malformed 'arch' or 'model' entry: the checkpoint is damaged, use another one")
     return ckpt
+
+
+def _check_checkpoint_path(path: Path) -> None:
+    """Say what the path is when it is not a regular file (a directory, a symlink loop, nothing)."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise CleftchunkError(f"checkpoint {path} is a symbolic link loop: point it at a .pth file written by cleftchunk train") from None
+        raise CleftchunkError(f"checkpoint {path} does not exist: check the path (training writes <out>/last.pth)") from None
+    if path.is_dir():
+        raise CleftchunkError(f"checkpoint {path} is a directory: give the .pth file inside it (training writes <out>/last.pth)")
+    if not path.is_file():
+        raise CleftchunkError(f"checkpoint {path} is not a regular file: give a .pth file written by cleftchunk train")
+    if path.stat().st_size == 0:
+        raise CleftchunkError(f"checkpoint {path} is empty (0 bytes): it was not written completely, use another one")
+
+
+def _load_problem(error: Exception) -> str:
+    """What went wrong in torch.load, in a few words, without torch's unsafe-loading advice."""
+    text = str(error)
+    if "unsupported global" in text.lower():  # a pickled class or function: running it could do anything
+        return "it holds Python objects other than tensors and plain values, which are never loaded"
+    if isinstance(error, EOFError) or "truncated" in text.lower() or "central directory" in text:
+        return "the file is truncated or damaged"
+    return "the file is damaged or of another format"
 
 
 def checkpoint_input_size(ckpt: dict) -> tuple[int, int, int]:
@@ -345,9 +375,18 @@ def model_from_checkpoint(ckpt: dict, weights: str = "model") -> nn.Module:
     try:
         net.load_state_dict(ckpt[weights])
     except RuntimeError as e:
-        first = (str(e).splitlines() or [""])[0][:200]
-        raise CleftchunkError(f"checkpoint weights do not fit its architecture {arch} ({first}): the file is damaged") from e
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = (lines[1] if len(lines) > 1 else (lines or [""])[0])[:200]
+        raise CleftchunkError(f"checkpoint weights do not fit its architecture {arch} ({first}): the file is damaged, use another one") from None
+    _check_finite_weights(net)
     return net.eval()
+
+
+def _check_finite_weights(net: nn.Module) -> None:
+    """NaN or inf weights make every prediction NaN, which uint8 output would store as zeros."""
+    for name, tensor in net.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CleftchunkError(f"checkpoint weights {name} hold NaN or inf (training diverged): use an earlier checkpoint")
 
 
 def load_model(path: str | os.PathLike, device: Any = "cpu") -> nn.Module:

@@ -8,6 +8,7 @@ import sys
 import click
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io.guard import refuse_overlap
 from cleftchunk.post.metrics import THETA_NM, evaluate, format_table, to_json
 from cleftchunk.post.segment import DEFAULT_THRESHOLD
 
@@ -47,6 +48,7 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
     Empty prediction or ground truth: undefined averages are n/a (null in JSON), distances to an
     empty set are infinite ("inf" in JSON); see the cleftchunk.post.metrics documentation.
     """
+    refuse_overlap(json_path, [pred, gt], what="--json file")
     if json_path and os.path.exists(json_path) and not overwrite:
         raise CleftchunkError(f"{json_path} exists: pass --overwrite to replace it (or choose another --json file)")
     result = evaluate(

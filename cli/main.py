@@ -22,6 +22,12 @@ class ErrorReportingGroup(click.Group):
         debug = ctx.params.get("debug", False)
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # a malformed flag value: one line, like every other mistake
+            if debug:
+                raise
+            command = e.ctx.command_path if e.ctx else "cleftchunk"
+            click.echo(f"error: {e.format_message()} (see {command} --help)", err=True)
+            ctx.exit(e.exit_code)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except CleftchunkError as e:

@@ -53,6 +53,20 @@ def positive_zyx(text: str | None, option: str, cast: type = int) -> tuple | Non
     return parse_zyx(text, option, cast, minimum=0, exclusive=True)
 
 
+def parse_fraction(text: str | None, option: str) -> float | None:
+    """``"1/255"`` or ``"0.00392"`` → a positive finite float; None stays None."""
+    if text is None:
+        return None
+    try:
+        top, _, bottom = str(text).partition("/")
+        value = float(top) / float(bottom) if bottom else float(top)
+    except (ValueError, ZeroDivisionError):
+        raise CleftchunkError(f"{option} {text!r} must be a number or a fraction, e.g. {option} 1/255") from None
+    if not (math.isfinite(value) and value > 0):
+        raise CleftchunkError(f"{option} {text!r} must be positive and finite, e.g. {option} 1/255")
+    return value
+
+
 def check_threshold(threshold: float) -> float:
     if not 0 < threshold <= 255:
         raise CleftchunkError(f"--threshold {threshold:g} is outside (0, 255]: it applies to uint8 probabilities (p*255)")

@@ -13,7 +13,8 @@ import click
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.predict import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, predict
 from cleftchunk.io.volumes import split_spec
-from cleftchunk_cli.options import positive_zyx
+from cleftchunk.run.cluster import tls_security
+from cleftchunk_cli.options import parse_fraction, positive_zyx
 
 
 @click.command("predict")
@@ -26,13 +27,18 @@ from cleftchunk_cli.options import positive_zyx
 @click.option("--pad/--no-pad", default=False, show_default=True, help="Reflect-pad the volume by half a window (as the original pipeline).")
 @click.option("--batch-size", "-b", type=int, help="Tiles per forward pass (default 1 on CPU, 4 on GPU).")
 @click.option("--tta", type=click.Choice([str(n) for n in TTA_CHOICES]), default="1", show_default=True, help="Flip test-time augmentation: mean over 1, 4, 8 or 16 variants.")
+@click.option("--scale", help="Float images: multiply by this to reach [0, 1], e.g. 1/255 for a float copy of 0..255 data.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: fp32 on CPU, bf16 autocast on GPU.")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model on each worker.")
 @click.option("--mask", help="Volume whose zero voxels are not predicted (written 0; tiles without any mask voxel are not run).")
 @click.option("--workers", type=int, help="CPU worker processes (default 1; workers × torch threads ≤ --cpus; 0: run inside this process).")
 @click.option("--gpus", "-g", type=int, help="GPUs to use, one worker each (default: all of this machine's); with --scheduler, any N > 0 runs on the workers' GPUs.")
 @click.option("--cpus", "-c", type=int, help="CPU cores to use in all (default: all).")
-@click.option("--scheduler", help="Address of a running Dask scheduler (e.g. tcp://host:8786) instead of a local cluster.")
+@click.option("--scheduler", help="Address of a running Dask scheduler (tls://host:8786 with --tls-*, or tcp://) instead of a local cluster.")
+@click.option("--listen", help="Interface the local Dask cluster listens on (default 127.0.0.1: nothing beyond this machine can connect).")
+@click.option("--tls-ca-file", type=click.Path(dir_okay=False), help="With --scheduler tls://...: CA certificate (PEM) that signed the cluster's certificates.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="With --scheduler tls://...: this client's certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="With --scheduler tls://...: this client's private key (PEM).")
 @click.option("--block-shape", help=f"Block Z,Y,X, a multiple of the output chunks (default {','.join(map(str, DEFAULT_BLOCK_SHAPE))}).")
 @click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (otherwise the same command resumes it).")
@@ -44,8 +50,8 @@ from cleftchunk_cli.options import positive_zyx
 @click.option("--load-model", "-lm", hidden=True, help="Accepted for the tutorial's command line; the checkpoint is always loaded.")
 @click.option("--scratch", type=click.Path(file_okay=False), help="Folder for per-block partial results, on a filesystem all workers see (default: beside a local OUTPUT; for an s3:// or gs:// OUTPUT, the current directory, in .<name>.predict-<hash>).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (voxels/s, ETA).")
-def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pad, batch_size, tta, precision, compile_model,
-            mask, workers, gpus, cpus, scheduler, block_shape, chunks, overwrite, retries, root, inputs, output_dir,
+def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pad, batch_size, tta, scale, precision, compile_model,
+            mask, workers, gpus, cpus, scheduler, listen, tls_ca_file, tls_cert, tls_key, block_shape, chunks, overwrite, retries, root, inputs, output_dir,
             architecture, load_model, scratch, progress):
     """Predict cleft probabilities of INPUT into OUTPUT (e.g. out.zarr/pred) as uint8 OME-Zarr.
 
@@ -54,6 +60,8 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
     """
     if not checkpoint:
         raise CleftchunkError("no model given: pass --checkpoint CKPT (or -pm CKPT), a file written by cleftchunk train")
+    if (tls_ca_file or tls_cert or tls_key) and not (scheduler or listen):
+        raise CleftchunkError("--tls-ca-file/--tls-cert/--tls-key secure a cluster: use them with --scheduler tls://HOST:PORT or --listen")
     options = dict(
         window=positive_zyx(model_input, "--model-input"),
         overlap=overlap,
@@ -61,6 +69,7 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
         pad=pad,
         batch_size=batch_size,
         tta=int(tta),
+        scale=parse_fraction(scale, "--scale"),
         precision=precision,
         compile=compile_model,
         mask=mask,
@@ -68,6 +77,8 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
         gpus=gpus,
         cores=cpus,
         scheduler=scheduler,
+        listen=listen,
+        security=tls_security(tls_ca_file, tls_cert, tls_key) if scheduler or listen else None,
         block_shape=positive_zyx(block_shape, "--block-shape"),
         chunks=positive_zyx(chunks, "--chunks"),
         overwrite=overwrite,

@@ -44,6 +44,7 @@ from cleftchunk.run import chunks as chunkwrite
 from cleftchunk.io import pyramid, stores
 from cleftchunk.io.cremi import cremi_volumes, read_cremi_annotations
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io.guard import refuse_overlap, writes_output
 from cleftchunk.geometry import Roi
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID, kind_attrs, known_kind, not_cleft_values
 from cleftchunk.io.volumes import (
@@ -154,6 +155,8 @@ def plan_conversion(
     check_output_spec(dst)
     not_cleft = mask_rule(source, background) if mask else None
     dtype = "uint8" if mask else source.dtype.newbyteorder("=").name  # big-endian sources are stored native
+    if 0 in source.shape:
+        raise CleftchunkError(f"{source.spec} has shape {source.shape}, with an axis of length 0: there is nothing to convert; check the dataset")
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, source.shape))
     if len(chunks) != 3 or any(c <= 0 for c in chunks):
         raise CleftchunkError(f"chunk shape {chunks} must be 3 positive sizes Z,Y,X")
@@ -287,10 +290,7 @@ def _check_scheduler(scheduler: str) -> None:
 
 
 def _refuse_same_place(plan: ConversionPlan) -> None:
-    container, inner = split_spec(plan.dst)
-    src = plan.source
-    if stores.resolved(container) == stores.resolved(src.container) and (src.inner or "").startswith((inner or "") + "/"):
-        raise CleftchunkError(f"{plan.dst} is where the source lives: choose another output")
+    refuse_overlap(plan.dst, [plan.source])
 
 
 def prepare_output(plan: ConversionPlan, overwrite: bool) -> tuple[Volume, str]:
@@ -383,6 +383,7 @@ def verify(
 
 
 # -- one call for any source ---------------------------------------------------------------
+@writes_output("convert", "dst", ("src",))
 def convert_path(
     src: str | os.PathLike,
     dst: str | os.PathLike,

@@ -211,6 +211,8 @@ def _levels(volume: Volume) -> list[str]:
 
 def sample_range(volume: Volume, n: int = SAMPLE_CHUNKS) -> tuple[Any, Any, int, int]:
     """(min, max, chunks sampled, chunks in total) over up to ``n`` chunks spread evenly."""
+    if 0 in volume.shape:  # an empty dataset: no values, no chunks
+        return None, None, 0, 0
     grid = ChunkGrid(Roi.from_shape(volume.shape), volume.chunks)
     indices = list(grid.indices())
     count = min(n, len(indices))

@@ -216,6 +216,17 @@ class ImageFolder:
         self.dtype = first.dtype
         self.chunks = (1,) + tuple(first.shape)
         self.attrs: dict = {}
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Compare every file's header with the first (cheap: no pixels are read), so that a
+        mismatched section is refused before any output exists, not half-way through."""
+        for path in self.files[1:]:
+            shape = _image_header_shape(path)
+            if shape is not None and shape != tuple(self.section_shape):
+                raise CleftchunkError(
+                    f"{path} is {shape} but {self.files[0]} is {tuple(self.section_shape)}: all sections of a folder must match"
+                )
 
     def _read_file(self, path: Path) -> np.ndarray:
         try:
@@ -242,6 +253,23 @@ class ImageFolder:
                 )
             out[i] = section[slices[1:]]
         return _drop_axes(out, dropped)
+
+
+def _image_header_shape(path: Path) -> tuple[int, ...] | None:
+    """(y, x[, channels]) from the file's header; None when the header cannot tell (read it then)."""
+    try:
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                return tuple(tif.series[0].shape)
+        from PIL import Image
+
+        with Image.open(path) as image:
+            bands = len(image.getbands())
+            return (image.height, image.width) + ((bands,) if bands > 1 else ())
+    except Exception:  # a damaged file is reported with its reason when it is read
+        return None
 
 
 def image_files(folder: Path) -> list[Path]:

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.geometry import Roi, voxels_from_nm
+from cleftchunk.geometry import Roi, check_voxel_size, voxels_from_nm
 from cleftchunk.io import sources, stores
 from cleftchunk.io.specs import (  # noqa: F401  (re-exported: the spec rules are part of this API)
     HDF5_SUFFIXES,
@@ -417,6 +417,7 @@ def create_volume(
         raise CleftchunkError(f"volume shape {shape} must be 3 positive extents (z, y, x)")
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, shape))
     offset_nm = tuple(float(o) for o in (offset_nm or (0.0, 0.0, 0.0)))
+    check_voxel_size(voxel_size, offset_nm, str(spec))
     voxels_from_nm(offset_nm, voxel_size)  # the offset must lie on the voxel grid
     if shards is not None:
         shards = tuple(int(s) for s in shards)

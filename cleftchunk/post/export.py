@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io.guard import writes_output
 from cleftchunk.geometry import Roi
 from cleftchunk.labels import CREMI_CLEFTS, CREMI_RAW, resolve_label_kind
 from cleftchunk.post.segment import as_volume
@@ -48,6 +49,7 @@ def parse_crop(text: str) -> Roi:
     return Roi.from_bounds([b[0] for b in bounds], [b[1] for b in bounds])
 
 
+@writes_output("export", "out", ("clefts", "raw"))
 def export_cremi(
     clefts: Volume | str,
     out: str | os.PathLike,
@@ -83,6 +85,11 @@ def export_cremi(
         raise CleftchunkError(
             f"voxel sizes differ: raw {raw_volume.spec} has {raw_volume.voxel_size} nm, clefts {source.spec} "
             f"has {source.voxel_size} nm: export a raw volume of the same resolution"
+        )
+    if raw_volume is not None and tuple(raw_volume.shape) != tuple(source.shape):
+        raise CleftchunkError(
+            f"raw {raw_volume.spec} has shape {raw_volume.shape}, clefts {source.spec} {source.shape}: "
+            "export the raw volume the clefts were predicted from"
         )
     resolution = np.asarray(source.voxel_size, dtype=np.float64)
 

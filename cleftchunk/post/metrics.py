@@ -314,8 +314,8 @@ def evaluate(
     pred, gt = as_volume(pred), as_volume(gt)
     if len(pred.shape) != 3 or len(gt.shape) != 3:
         raise CleftchunkError(f"{pred.spec} and {gt.spec} must both be 3-D (z, y, x) volumes")
-    if theta < 0:
-        raise CleftchunkError(f"θ = {theta} nm is negative: give a distance >= 0")
+    if not (math.isfinite(theta) and theta >= 0):
+        raise CleftchunkError(f"θ = {theta} nm must be a finite distance >= 0 (CREMI uses 200): fix --theta")
     vs = common_voxel_size(pred, gt, voxel_size)
     region = evaluated_region(pred, gt, vs)
     pair = Pair(pred, gt, resolve_label_kind(pred, pred_kind), resolve_label_kind(gt, gt_kind), threshold, region.offset)

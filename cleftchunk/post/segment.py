@@ -40,6 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io.guard import writes_output
 from cleftchunk.labels import DEFAULT_THRESHOLD, KIND_ATTRIBUTE, cleft_mask, resolve_label_kind
 from cleftchunk.geometry import Roi, blocks
 from cleftchunk.labels import CREMI_BACKGROUND
@@ -213,6 +214,7 @@ class SegmentResult:
     blocks: int
 
 
+@writes_output("segment", "out", ("pred",))
 def segment(
     pred: Volume | str,
     out: str,

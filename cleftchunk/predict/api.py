@@ -17,7 +17,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io.guard import writes_output
 from cleftchunk.geometry import Coord, as_coord
+from cleftchunk.intensity import check_image_dtype, check_scale, check_unit_range
 from cleftchunk.predict.tiling import (
     check_fixed_headroom,
     frame_padding,
@@ -33,6 +35,7 @@ from cleftchunk.predict.scratch import Scratch
 
 
 # -- the Python API -----------------------------------------------------------------------
+@writes_output("predict", "output_spec", ("input_volume", "mask"))
 def predict(
     model_or_checkpoint: Any,
     input_volume: Any,
@@ -44,6 +47,7 @@ def predict(
     pad: bool = False,
     batch_size: int | None = None,
     tta: int = 1,
+    scale: float | None = None,
     precision: str = "auto",
     compile: bool = False,
     mask: Any = None,
@@ -53,6 +57,8 @@ def predict(
     gpus: int | None = None,
     cores: int | None = None,
     scheduler: str | None = None,
+    listen: str | None = None,
+    security: Any = None,
     processes: bool = True,
     client: Any = None,
     overwrite: bool = False,
@@ -67,17 +73,20 @@ def predict(
     ``model_or_checkpoint``: a checkpoint path, or an ``nn.Module`` mapping float (N,1,z,y,x)
     raw/255 to probabilities (e.g. from ``cleftchunk.load_model``; then ``window`` is required).
     ``input_volume``: a :class:`Volume` or a spec ``open_volume`` reads. Work runs on ``client``,
-    or the cluster at ``scheduler``, or a local cluster started here (``workers``, ``gpus``).
+    or the cluster at ``scheduler``, or a local cluster started here (``workers``, ``gpus``) that
+    listens on 127.0.0.1 only unless ``listen`` names another interface; ``security`` is a
+    ``distributed.Security`` for a ``tls://`` scheduler (see :func:`cleftchunk.run.cluster.tls_security`).
     ``scratch``: the folder for per-block partial results, which must be a filesystem every
     worker sees (default: beside a local output; for an object-store output, the current
     directory); see :func:`_scratch_dir`.
     Raises :class:`CleftchunkError` for bad input, and after the run if some blocks failed.
     """
-    from cleftchunk.run.cluster import ClusterSpec, dask_client, resolve_gpus
+    from cleftchunk.run.cluster import ClusterSpec, check_listen, dask_client, resolve_gpus
 
     log = log or _stderr
+    listen = check_listen(listen, log)
     started = time.perf_counter()
-    volume = _open_input(input_volume)
+    volume = _open_input(input_volume, scale)
     source, window, arch_name = _model_source(model_or_checkpoint, window, architecture)
     if client is None and scheduler is None:
         gpus = resolve_gpus(gpus)
@@ -87,11 +96,12 @@ def predict(
         overlap,
         blend,
         pad,
-        batch_size or (4 if device == "cuda" else 1),
+        batch_size if batch_size is not None else (4 if device == "cuda" else 1),
         tta,
         _resolve_precision(precision, device),
         device,
         compile,
+        scale=scale,
     )
     mask_volume = _open_mask(mask, volume)
     grid = params.grid(volume.roi)
@@ -100,6 +110,8 @@ def predict(
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, volume.shape))
     block_shape = _check_block_shape(block_shape, chunks, volume.shape)
 
+    spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes,
+                       listen=listen, security=security)  # checks workers and cores before any output exists
     identity, identity_hash = _identity(source, arch_name, volume, mask_volume, chunks, params)
     run_info = {"block_shape": list(block_shape), "workers": workers, "gpus": gpus, "scheduler": scheduler, "retries": retries}
     output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite, scratch)
@@ -112,7 +124,6 @@ def predict(
         result.blocks_already_done = result.blocks
         return result
     scratch.ensure()
-    spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes)
     # Worker processes we start get cores // workers torch threads each; others keep their own.
     threads = spec.torch_threads() if client is None and scheduler is None and not spec.in_process else None
     job = Job(volume, output, mask_volume, params, grid, volume.roi, scratch, threads)
@@ -159,14 +170,16 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _open_input(input_volume: Any) -> Volume:
+def _open_input(input_volume: Any, scale: float | None = None) -> Volume:
     volume = input_volume if isinstance(input_volume, Volume) else open_volume(input_volume)
     if volume.ndim != 3:
         raise CleftchunkError(f"{volume.spec} has {volume.ndim} axes {volume.shape}: predict needs a 3-D (z, y, x) volume")
-    if volume.dtype != np.uint8 and volume.dtype.kind != "f":
-        raise CleftchunkError(
-            f"{volume.spec} is {volume.dtype}: the model reads uint8 EM intensities; convert it to uint8 first"
-        )
+    if 0 in volume.shape:
+        raise CleftchunkError(f"{volume.spec} has shape {volume.shape}, with an axis of length 0: there is nothing to predict; check the dataset")
+    check_image_dtype(volume.dtype, volume.spec)
+    if volume.dtype.kind == "f":  # a cheap look before any work; every tile is checked again as it is read
+        first = volume[tuple(slice(0, min(c, s)) for c, s in zip(volume.chunks, volume.shape))]
+        check_unit_range(first, f"{volume.spec} (its first chunk)", check_scale(scale))
     return volume
 
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Coord, Roi, as_coord
+from cleftchunk.intensity import check_scale
 from cleftchunk.predict.tiling import (
     TileGrid,
     importance_map,
@@ -39,8 +40,10 @@ class PredictParams:
     precision: str = "fp32"
     device: str = "cpu"  # the kind of device: "cpu" or "cuda"
     compile: bool = False
+    scale: float | None = None  # float images: multiply by this to reach [0, 1] (cleftchunk.intensity)
 
     def __post_init__(self) -> None:
+        check_scale(self.scale)
         object.__setattr__(self, "window", as_coord(self.window, 3))
         if any(w <= 0 for w in self.window):
             raise CleftchunkError(f"model input size {self.window} must be positive: e.g. -mi 8,256,256")
@@ -60,4 +63,6 @@ class PredictParams:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["window"] = list(self.window)
+        if d["scale"] is None:  # outputs written before the option existed keep their identity
+            del d["scale"]
         return d

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from cleftchunk.intensity import FULL_SCALE, check_unit_range
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Coord
 from cleftchunk.predict.tiling import (
@@ -88,7 +89,7 @@ class TileRunner:
         x = torch.from_numpy(stack)
         if self.cuda:
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.float().div_(255.0) if stack.dtype == np.uint8 else x.float()
+        x = self._to_unit(x, stack[: len(batch)])
         try:
             y = self._forward(x)
         except torch.cuda.OutOfMemoryError as e:
@@ -98,6 +99,14 @@ class TileRunner:
             ) from e
         self.tiles_run += len(batch)
         return y
+
+    def _to_unit(self, x, tiles: np.ndarray):
+        """The intensity rule (cleftchunk.intensity): integers over their full scale, floats checked."""
+        full = FULL_SCALE.get(tiles.dtype)
+        if full is not None:
+            return x.float().div_(float(full))
+        check_unit_range(tiles, "the input", self.params.scale)
+        return x.float().mul_(self.params.scale) if self.params.scale is not None else x.float()
 
     def _forward(self, x):
         torch = self.torch

@@ -6,18 +6,28 @@
   the process starts (so CUDA inside the worker only ever sees its own device), with a ``GPU``
   resource of 1 and two task threads (one computes while the other does I/O and blending).
 - ``scheduler``: the address of a running scheduler (e.g. one started by dask-jobqueue on SLURM);
-  its workers are used as they are.
+  its workers are used as they are. ``tls://`` addresses use ``security`` (certificates from
+  files, or Dask's ``distributed.comm.tls`` configuration).
+
+Security: a Dask scheduler runs any function a connecting client sends, so a local cluster binds
+its scheduler, nannies, workers and dashboards to 127.0.0.1 unless ``listen`` names another
+interface (which the caller is warned about); between machines, use TLS.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any
 
 from cleftchunk.errors import CleftchunkError
+
+LOOPBACK = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -27,6 +37,18 @@ class ClusterSpec:
     cores: int | None = None  # CPU cores to use in all (default: all)
     scheduler: str | None = None  # address of an existing scheduler
     processes: bool = True  # False: workers are threads of this process (tests, debugging)
+    listen: str | None = None  # interface a local cluster binds (default: 127.0.0.1 only)
+    security: Any = None  # a distributed.Security (TLS certificates) for the scheduler and workers
+
+    @property
+    def host(self) -> str:
+        return self.listen or LOOPBACK
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "cores"):
+            value = getattr(self, name)
+            if value is not None and (value < 0 or (name == "cores" and value == 0)):
+                raise CleftchunkError(f"{name} {value} must be {'at least 1' if name == 'cores' else '0 or more'} (--workers, --cpus)")
 
     def torch_threads(self) -> int:
         cores = self.cores or os.cpu_count() or 1
@@ -62,22 +84,95 @@ def resolve_gpus(requested: int | None) -> int:
     return requested
 
 
+def is_loopback(host: str) -> bool:
+    """True for 127.x.y.z, ::1 and names that resolve only to them (``localhost``)."""
+    host = host.strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def check_listen(listen: str | None, warn: Callable[[str], None]) -> str | None:
+    """Validate ``listen`` (a host name or IP, no port); warn when it is not loopback."""
+    if listen is None:
+        return None
+    host = listen.strip()
+    if not host or "://" in host or "/" in host or (host.count(":") == 1):
+        raise CleftchunkError(f"--listen {listen!r} must be a host name or IP address of this machine (no port, no scheme), e.g. 127.0.0.1")
+    if not is_loopback(host):
+        warn(
+            f"warning: --listen {host}: the Dask scheduler, workers and dashboard accept connections on {host}; "
+            "anyone who can reach it can run code as you (use --scheduler tls://... with certificates between machines)"
+        )
+    return host
+
+
+def tls_security(ca_file: str | None = None, cert: str | None = None, key: str | None = None) -> Any:
+    """A ``distributed.Security`` from certificate files; with none given, Dask's TLS configuration
+    (``distributed.comm.tls.ca-file`` / ``client.cert`` / ``client.key``). None when neither has any."""
+    from distributed import Security
+
+    given = {"ca_file": ca_file, "cert": cert, "key": key}
+    if any(given.values()):
+        missing = [name for name, value in given.items() if not value]
+        if missing:
+            raise CleftchunkError(f"TLS needs all of --tls-ca-file, --tls-cert and --tls-key ({', '.join(missing)} missing)")
+        for name, value in given.items():
+            if not os.path.isfile(value):
+                raise CleftchunkError(f"TLS {name.replace('_', ' ')} {value} does not exist: check --tls-{name.replace('_', '-')}")
+        return Security(
+            tls_ca_file=ca_file, tls_client_cert=cert, tls_client_key=key,
+            tls_scheduler_cert=cert, tls_scheduler_key=key, tls_worker_cert=cert, tls_worker_key=key,
+            require_encryption=True,
+        )
+    security = Security()
+    return security if security.tls_ca_file else None
+
+
 @contextlib.contextmanager
-def dask_client(spec: ClusterSpec) -> Iterator["object"]:
+def dask_client(spec: ClusterSpec) -> Iterator[object]:
     """A ``distributed.Client`` on the cluster ``spec`` describes; a started cluster is closed after."""
     from distributed import Client
 
     if spec.scheduler:
-        try:
-            client = Client(spec.scheduler, timeout="20s")
-        except OSError as e:
-            raise CleftchunkError(f"no Dask scheduler answers at {spec.scheduler} ({e}): check --scheduler") from e
-        with client:
+        with _remote_client(spec) as client:
             yield client
         return
     cluster = _local_cluster(spec)
-    with cluster, Client(cluster) as client:
+    with cluster, Client(cluster, security=spec.security) as client:
         yield client
+
+
+@contextlib.contextmanager
+def _remote_client(spec: ClusterSpec) -> Iterator[object]:
+    from distributed import Client
+
+    security = spec.security
+    if spec.scheduler.startswith("tls://") and security is None:
+        security = tls_security()
+        if security is None:
+            raise CleftchunkError(
+                f"--scheduler {spec.scheduler} uses TLS: give --tls-ca-file, --tls-cert and --tls-key (or set distributed.comm.tls in the Dask config)"
+            )
+    try:
+        client = Client(spec.scheduler, timeout="20s", security=security)
+    except (OSError, TimeoutError) as e:
+        hint = "check --scheduler and the TLS certificates" if spec.scheduler.startswith("tls://") else "check --scheduler"
+        raise CleftchunkError(f"no Dask scheduler answers at {spec.scheduler} ({_first_line(e)}): {hint}") from None
+    except Exception as e:  # ssl errors, a tcp:// client refused by a TLS scheduler, ...
+        raise CleftchunkError(f"cannot connect to the Dask scheduler at {spec.scheduler} ({type(e).__name__}: {_first_line(e)}): check --scheduler and the TLS options") from None
+    with client:
+        yield client
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0][:200]
 
 
 def _local_cluster(spec: ClusterSpec):
@@ -85,12 +180,19 @@ def _local_cluster(spec: ClusterSpec):
     from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
     threads = spec.torch_threads()
+    host = spec.host
+    protocol = "tls" if spec.security is not None else "tcp"
     # Port 0: several runs (and test sessions) on one machine must not fight over 8786/8787.
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "port": 0}}
+    scheduler = {
+        "cls": Scheduler,
+        "options": {"host": host, "port": 0, "dashboard_address": f"{host}:0", "protocol": protocol, "security": spec.security},
+    }
     with dask.config.set({"distributed.worker.daemon": False}):
         if spec.in_process:
+            # Threads of this process talk over inproc:// (no socket); only the dashboards listen.
             return LocalCluster(
-                n_workers=spec.n_workers, threads_per_worker=1, processes=False, dashboard_address=":0", scheduler_port=0
+                n_workers=spec.n_workers, threads_per_worker=1, processes=False, dashboard_address=f"{host}:0",
+                worker_dashboard_address=f"{host}:0", scheduler_port=0,
             )
         workers = {}
         for i in range(spec.n_workers):
@@ -105,6 +207,7 @@ def _local_cluster(spec: ClusterSpec):
                     # On a GPU, a second task thread reads, blends and writes while the first keeps the
                     # device busy; on a CPU, torch's own threads already use the cores.
                     "nthreads": 2 if spec.gpus else 1, "env": env, "resources": resources, "memory_limit": 0, "silence_logs": logging.ERROR,
+                    "host": host, "dashboard_address": f"{host}:0", "protocol": protocol, "security": spec.security,
                 },
             }
-        return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
+        return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40, security=spec.security)

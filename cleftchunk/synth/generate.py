@@ -135,6 +135,8 @@ def make_params(difficulty: float = 0.5, **overrides) -> SynthParams:
     for name, value in overrides.items():
         if value is not None and (not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value)):
             raise CleftchunkError(f"synth parameter {name}={value!r} must be a non-negative number")
+        if name.endswith("_rate") and value is not None and value > 1:
+            raise CleftchunkError(f"synth parameter {name}={value!r} is a share of sections: give a value in [0, 1]")
     return SynthParams(difficulty=float(difficulty), **overrides).resolved()
 
 

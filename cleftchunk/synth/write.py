@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io.guard import writes_output
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.synth.generate import VOXEL_SIZE, SynthParams, check_seed, generate_region, make_params
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_CLEFTS, CREMI_NEURONS, CREMI_RAW, kind_attrs
@@ -69,6 +70,7 @@ def check_chunks(chunks: Sequence[int] | None, shape: Sequence[int]) -> tuple[in
     return tuple(min(c, s) for c, s in zip(chunks, shape))
 
 
+@writes_output("synth", "dst")
 def synthesize(
     dst: str | os.PathLike,
     shape: Sequence[int],

@@ -72,6 +72,9 @@ class AugmentConfig:
         for key in ("rescale_range", "missing_parts_width"):
             if key in values:
                 values[key] = tuple(values[key])
+        for key, value in values.items():
+            if any(not _is_number(v) for v in (value if isinstance(value, (tuple, list)) else (value,))):
+                raise CleftchunkError(f"augmentation setting {key}={value!r} must be a number (or numbers), e.g. flip_p=0.5")
         config = cls(**values)
         config.validate()
         return config
@@ -91,6 +94,16 @@ class AugmentConfig:
             raise CleftchunkError(f"rescale_range {self.rescale_range} must be two positive factors, low <= high")
         if self.missing_sections_count < 0 or self.misalignment_max < 0:
             raise CleftchunkError("missing_sections_count and misalignment_max must not be negative")
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool):
+        return True
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 @dataclass

@@ -74,7 +74,10 @@ class TrainConfig:
         if unknown:
             raise CleftchunkError(f"unknown training setting(s) {', '.join(unknown)}: valid ones are {', '.join(sorted(known))}")
         config = cls(**values)
-        config.normalize()
+        try:
+            config.normalize()
+        except (TypeError, ValueError) as e:  # a word where a number belongs (YAML or flags)
+            raise CleftchunkError(f"a training setting has a value of the wrong type ({e}): give numbers where numbers are expected") from None
         return config
 
     def to_dict(self) -> dict:

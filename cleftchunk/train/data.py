@@ -15,7 +15,7 @@
 Label rule: :mod:`cleftchunk.labels` decides what a label volume holds, as for every other
 stage (``label_mode`` overrides it: ``cremi``/``ids``, ``nonzero``/``main``, ``mask``, ``prob``);
 CREMI's invalid value 0xFFFFFFFFFFFFFFFE is masked out of the loss.
-Image rule: uint8 / 255 (uint16 / 65535) to float32; float images are taken as they are.
+Image rule: :mod:`cleftchunk.intensity` (uint8 / 255, uint16 / 65535, floats as they are), shared with predict.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cleftchunk.train.augment import AugmentConfig, Augmenter
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.intensity import image_scale
 from cleftchunk.labels import label_codes, resolve_label_kind
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.io.volumes import open_volume
@@ -74,17 +75,6 @@ def resolve_label_mode(mode: str, labels: Any) -> str:
         raise CleftchunkError(f"unknown label mode {mode!r}: use {', '.join(LABEL_MODES)}")
     kind = resolve_label_kind(labels, mode, scan=False)
     return {"ids": "cremi", "main": "nonzero", "mask": "nonzero"}.get(kind, kind)
-
-
-def image_scale(dtype: np.dtype) -> float:
-    dtype = np.dtype(dtype)
-    if dtype == np.uint8:
-        return 1 / 255
-    if dtype == np.uint16:
-        return 1 / 65535
-    if dtype.kind == "f":
-        return 1.0
-    raise CleftchunkError(f"images of dtype {dtype} are not supported: convert them to uint8 (cleftchunk convert)")
 
 
 # -- the volumes a sampler draws from ----------------------------------------------------------------

@@ -53,6 +53,11 @@ def check_output(config: TrainConfig, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise CleftchunkError("--resume and --overwrite contradict each other: give one of them")
     folder = config.output_dir
+    from cleftchunk.io.guard import refuse_overlap
+    from cleftchunk.train.data import under_root
+
+    sources = [under_root(s, config.root) for s in [*config.images, *config.labels] if s]
+    refuse_overlap(folder, sources, what="output folder")  # checkpoints written into a volume would corrupt it
     if folder.exists() and not folder.is_dir():
         raise CleftchunkError(f"output {folder} is a file, not a folder: choose another -o")
     found = existing_checkpoints(folder) if folder.is_dir() else []

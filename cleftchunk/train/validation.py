@@ -68,7 +68,8 @@ class Validator:
     """
 
     def __init__(self, config: TrainConfig):
-        from cleftchunk.train.data import under_root, image_scale, resolve_label_mode
+        from cleftchunk.intensity import image_scale
+        from cleftchunk.train.data import under_root, resolve_label_mode
         from cleftchunk.io.volumes import open_volume
 
         image = open_volume(under_root(config.validate_image, config.root))
