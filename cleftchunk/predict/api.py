@@ -102,7 +102,7 @@ def predict(
     scratch = Scratch(str(_scratch_dir(output, identity_hash)))
     result = PredictResult(str(output_spec), grid.count)
     plan = make_plan(grid, volume.roi, block_shape)
-    result.blocks = len(plan.blocks)
+    result.blocks = len(plan)
     if resuming and output.array.attrs.get(ATTR, {}).get("complete"):
         log(f"{output_spec} is already complete with these parameters: nothing to do (--overwrite to redo it)")
         result.blocks_already_done = result.blocks

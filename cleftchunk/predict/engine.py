@@ -54,8 +54,8 @@ def _execute(client: Any, job: Job, plan: Plan, source: ModelSource, retries: in
     """Run the blocks not done yet; follow them: progress, partial clean-up, failures."""
     scratch = job.scratch
     done = scratch.done()
-    todo = [w for w in plan.blocks if _name(w.index) not in done]
-    result.blocks_already_done = len(plan.blocks) - len(todo)
+    todo = [w for w in plan.blocks() if _name(w.index) not in done]
+    result.blocks_already_done = len(plan) - len(todo)
     needed = Counter(_name(d) for w in todo for d, _ in w.deps)
     for stale in scratch.partials() - set(needed):
         scratch.drop_partial(stale)
