@@ -26,7 +26,8 @@ from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, create_like, open_volu
 from cleftchunk.io.volumes import exists as volume_exists
 from cleftchunk.predict.engine import Job, PredictResult, _execute
 from cleftchunk.predict.params import ATTR, DEFAULT_BLOCK_SHAPE, PRECISIONS, PREDICT_FORMAT, PredictParams
-from cleftchunk.predict.plan import make_plan
+from cleftchunk.predict.plan import describe_run, make_plan, record_identity
+from cleftchunk.run.records import BlockRecord, record_path_beside, remove_record
 from cleftchunk.predict.runner import ModelSource
 from cleftchunk.predict.scratch import Scratch
 
@@ -60,6 +61,7 @@ def predict(
     progress: bool = True,
     architecture: str | None = None,
     log: Callable[[str], None] | None = None,
+    dry_run: bool = False,
 ) -> PredictResult:
     """Predict cleft probabilities of ``input_volume`` into ``output_spec`` (``out.zarr/pred``).
 
@@ -68,6 +70,8 @@ def predict(
     ``input_volume``: a :class:`Volume` or a spec ``open_volume`` reads. Work runs on ``client``,
     or the cluster at ``scheduler``, or a local cluster started here (``workers``, ``gpus``).
     Raises :class:`CleftchunkError` for bad input, and after the run if some blocks failed.
+    ``dry_run``: log the plan (blocks, tiles, tasks, scratch, memory, output bytes) and return
+    without running it or creating the output.
     """
     from cleftchunk.run.cluster import ClusterSpec, dask_client, resolve_gpus
 
@@ -97,17 +101,24 @@ def predict(
     block_shape = _check_block_shape(block_shape, chunks, volume.shape)
 
     identity, identity_hash = _identity(source, arch_name, volume, mask_volume, chunks, params)
+    plan = make_plan(grid, volume.roi, block_shape)
+    if dry_run:
+        log(describe_run(plan, volume, mask_volume, params, ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler)))
+        return PredictResult(str(output_spec), grid.count, blocks=len(plan), seconds=time.perf_counter() - started)
     run_info = {"block_shape": list(block_shape), "workers": workers, "gpus": gpus, "scheduler": scheduler, "retries": retries}
     output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite)
     scratch = Scratch(str(_scratch_dir(output, identity_hash)))
     result = PredictResult(str(output_spec), grid.count)
-    plan = make_plan(grid, volume.roi, block_shape)
     result.blocks = len(plan)
     if resuming and output.array.attrs.get(ATTR, {}).get("complete"):
         log(f"{output_spec} is already complete with these parameters: nothing to do (--overwrite to redo it)")
         result.blocks_already_done = result.blocks
         return result
     scratch.ensure()
+    record_path = _record_path(output_spec)
+    record, trusted = BlockRecord.open(record_path, len(plan), record_identity(identity_hash, plan), fresh=overwrite or not resuming)
+    if not trusted:  # spills of another block layout (or of a replaced output) must not be used
+        scratch.clear()
     spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes)
     # Worker processes we start get cores // workers torch threads each; others keep their own.
     threads = spec.torch_threads() if client is None and scheduler is None and not spec.in_process else None
@@ -119,11 +130,12 @@ def predict(
         if result.dashboard:
             log(f"Dask dashboard: {result.dashboard}")
         log(f"plan: {plan.describe()}")
-        _execute(client, job, plan, source, retries, progress, result)
+        _execute(client, job, plan, source, record, retries, progress, result)
     result.seconds = time.perf_counter() - started
     _raise_if_failed(result)
     _mark_complete(output, result)
     scratch.remove()
+    remove_record(record_path)
     return result
 
 
@@ -319,6 +331,13 @@ def _remove_scratch_dirs(spec: str | os.PathLike) -> None:
     container = Path(container).resolve()
     for old in container.parent.glob(f".{container.name}.{(inner or '').replace('/', '_')}.predict-*"):
         shutil.rmtree(old, ignore_errors=True)
+    remove_record(_record_path(spec))
+
+
+def _record_path(spec: str | os.PathLike) -> Path:
+    from cleftchunk.io.volumes import split_spec
+
+    return record_path_beside(*split_spec(spec), "predict")
 
 
 def _mark_complete(output: Volume, result: PredictResult) -> None:

@@ -54,6 +54,7 @@ class BlockWork:
     tiles: TileSet  # tiles this block runs (it contains their clamped start), global order
     tiles_roi: Roi  # the union of those tiles (empty when it owns none)
     deps: tuple[tuple[Coord, Roi], ...]  # (block, its tiles_roi) of every block whose tiles reach write_roi
+    users: tuple[tuple[Coord, Roi], ...] = ()  # (block, its write_roi) of every block this block's tiles reach
 
 
 @dataclass(frozen=True)
@@ -130,14 +131,14 @@ class Plan:
 
     def block(self, index: Sequence[int]) -> BlockWork:
         index = tuple(int(i) for i in index)
-        write = [a.write(j) for a, j in zip(self.axes, index)]
-        deps = tuple((d, self.tiles_roi(d)) for d in itertools.product(*(a.deps[j] for a, j in zip(self.axes, index))))
+        deps = tuple(self.block_deps(index))
         return BlockWork(
             index,
-            Roi.from_bounds([w[0] for w in write], [w[1] for w in write]),
+            self.write_roi(index),
             TileSet(tuple(a.owned[j] for a, j in zip(self.axes, index))),
             self.tiles_roi(index),
             deps,
+            tuple((u, self.write_roi(u)) for u in self.users(index)),
         )
 
     def blocks(self) -> Iterator[BlockWork]:
@@ -145,11 +146,20 @@ class Plan:
         for index in itertools.product(*(range(n) for n in self.shape)):
             yield self.block(index)
 
+    def write_roi(self, index: Coord) -> Roi:
+        write = [a.write(j) for a, j in zip(self.axes, index)]
+        return Roi.from_bounds([w[0] for w in write], [w[1] for w in write])
+
     def tiles_roi(self, index: Coord) -> Roi:
         ext = [a.extent[j] for a, j in zip(self.axes, index)]
         if any(hi <= lo for lo, hi in ext):
             return Roi(self.volume_roi.offset, (0,) * len(index))
         return Roi.from_bounds([e[0] for e in ext], [e[1] for e in ext])
+
+    def block_deps(self, index: Coord) -> Iterator[tuple[Coord, Roi]]:
+        """(block, its tiles_roi) of every block whose tiles reach block ``index``."""
+        for d in itertools.product(*(a.deps[j] for a, j in zip(self.axes, index))):
+            yield d, self.tiles_roi(d)
 
     def users(self, index: Coord) -> Iterator[Coord]:
         """The blocks whose write regions the tiles of block ``index`` reach (itself included)."""
@@ -196,3 +206,46 @@ def make_plan(grid: TileGrid, volume_roi: Roi, block_shape: Sequence[int]) -> Pl
         axis_plan(grid.starts[a], grid.window[a], volume_roi.offset[a], volume_roi.shape[a], block_shape[a]) for a in range(3)
     )
     return Plan(grid, volume_roi, block_shape, axes)
+
+
+def record_identity(identity_hash: str, plan: Plan) -> str:
+    """What a completion record of this plan must match: the output's identity and the layout."""
+    from cleftchunk.run.records import identity_hash as hash_of
+
+    return hash_of("predict", identity_hash, plan.block_shape, plan.volume_roi.offset, plan.volume_roi.shape)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+def describe_run(plan: Plan, volume, mask, params, spec) -> str:
+    """The plan as a user checks it before submitting: blocks, tiles, tasks, scratch bytes,
+    memory per worker and output bytes, all from the per-axis tables (nothing is materialized)."""
+    n, voxels = len(plan), plan.volume_roi.size
+    spill = 8 * plan.spill_voxels()  # int64 sums, before compression
+    layers = max(1, plan.shape[0])
+    tiles_shape = plan.max_tiles_shape()
+    tiles_vox = math.prod(tiles_shape)
+    block_vox = math.prod(plan.block_shape)
+    in_bytes = volume.dtype.itemsize + (1 if mask is not None else 0)
+    window_vox = math.prod(params.window)
+    # the partial (int64) and the input of the largest block's tiles, one batch of tiles in float32
+    # (in and out, per TTA variant), and the blend (numerator, denominator int64, output uint8)
+    memory = tiles_vox * (8 + in_bytes) + 8 * window_vox * params.batch_size * params.tta + block_vox * 17
+    workers = spec.n_workers if not spec.scheduler else "the cluster's"
+    lines = [
+        f"plan: {plan.describe()}",
+        f"  volume {volume.shape} {volume.dtype} ({_bytes(voxels * volume.dtype.itemsize)}); output uint8 {_bytes(voxels)} before compression",
+        f"  tasks: {2 * n} ({n} tiles + {n} blend), streamed in raster order, at most 4 per worker thread in flight ({workers} workers)",
+        f"  tiles: {plan.grid.count} in the grid, {plan.owners()} blocks own some; largest block's tiles span {tiles_shape}",
+        f"  scratch: {_bytes(spill)} written in all ({spill / max(voxels, 1):.2f} bytes per output voxel, int64 before compression), "
+        f"about {_bytes(2 * spill / layers)} at once (two layers of blocks)",
+        f"  memory per worker task thread: about {_bytes(memory)} (plus the model)",
+        "  nothing was run and nothing was created (--dry-run)",
+    ]
+    return "\n".join(lines)

@@ -26,7 +26,7 @@ import numpy as np
 #: Blocks per record chunk: 1 MiB of record per million blocks, read in one piece.
 CHUNK = 2**20
 #: Seconds between flushes of finished marks (a kill loses at most this much finished work).
-FLUSH_SECONDS = 2.0
+FLUSH_SECONDS = 0.5
 
 
 def identity_hash(*parts: Any) -> str:
@@ -47,15 +47,15 @@ class BlockRecord:
     _flushed: float = field(default_factory=time.monotonic, repr=False)
 
     @classmethod
-    def open(cls, path: str | Path, n_blocks: int, identity: str) -> tuple["BlockRecord", bool]:
-        """The record at ``path`` if it has this identity (→ (record, True)), else a fresh one
-        (→ (record, False): nothing of an earlier run may be trusted)."""
+    def open(cls, path: str | Path, n_blocks: int, identity: str, fresh: bool = False) -> tuple["BlockRecord", bool]:
+        """The record at ``path`` if it has this identity (→ (record, True)), else (or with
+        ``fresh``) a new one (→ (record, False): nothing of an earlier run may be trusted)."""
         import zarr
 
         path = str(path)
         try:
-            array = zarr.open_array(path, mode="r+")
-            if array.attrs.get("identity") == identity and array.shape == (n_blocks,):
+            array = None if fresh else zarr.open_array(path, mode="r+")
+            if array is not None and array.attrs.get("identity") == identity and array.shape == (n_blocks,):
                 return cls(path, n_blocks, identity, array), True
         except (FileNotFoundError, ValueError, KeyError, TypeError) + _zarr_missing():
             pass
@@ -99,3 +99,16 @@ def _zarr_missing() -> tuple[type, ...]:
     from zarr.errors import ArrayNotFoundError, ContainsGroupError, NodeTypeValidationError
 
     return (ArrayNotFoundError, ContainsGroupError, NodeTypeValidationError)
+
+
+def record_path_beside(container: str, inner: str | None, stage: str) -> Path:
+    """Where a stage keeps the record of an output: beside its container (never inside it, so
+    readers of the container do not see it), named after the container, the array and the stage."""
+    path = Path(container).resolve()
+    return path.parent / f".{path.name}.{(inner or '').replace('/', '_')}.{stage}-done.zarr"
+
+
+def remove_record(path: str | Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
