@@ -42,10 +42,11 @@ from cleftchunk_cli.options import positive_zyx
 @click.option("--output-dir", "-o", help="With -dn: directory receiving <input stem>.zarr/pred for each input.")
 @click.option("--architecture", "-ac", help="Expected architecture of the checkpoint (e.g. unetv0); a mismatch is an error.")
 @click.option("--load-model", "-lm", hidden=True, help="Accepted for the tutorial's command line; the checkpoint is always loaded.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (voxels/s, ETA).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (blocks, voxels/s, ETA, failures).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (blocks, tiles, tasks, scratch, memory per worker, output bytes); run nothing, create nothing.")
 def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pad, batch_size, tta, precision, compile_model,
             mask, workers, gpus, cpus, scheduler, block_shape, chunks, overwrite, retries, root, inputs, output_dir,
-            architecture, load_model, progress):
+            architecture, load_model, progress, dry_run):
     """Predict cleft probabilities of INPUT into OUTPUT (e.g. out.zarr/pred) as uint8 OME-Zarr.
 
     The result does not depend on block shape, worker count or interruptions: re-running the
@@ -73,11 +74,13 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
         retries=retries,
         progress=progress,
         architecture=architecture,
-        log=lambda message: click.echo(message, err=True),
+        log=click.echo if dry_run else lambda message: click.echo(message, err=True),
+        dry_run=dry_run,
     )
     for src, dst in input_output_pairs(input_spec, output_spec, root, inputs, output_dir):
         result = predict(checkpoint, src, dst, **options)
-        click.echo(result.summary())
+        if not dry_run:
+            click.echo(result.summary())
 
 
 def input_output_pairs(input_spec, output_spec, root, inputs, output_dir) -> list[tuple[str, str]]:

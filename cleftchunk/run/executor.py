@@ -192,7 +192,9 @@ class _Run:
         self.completed.add(future)
 
     def _prepared(self, index: Coord, future: Any) -> None:
-        entry = self.prepared[index]
+        entry = self.prepared.get(index)
+        if entry is None:  # every user is over already (they failed on another block's error)
+            return
         if future.status == "finished":
             entry["state"] = "ready"
             if not entry["own"]:  # a done block's tiles, for its users: the payload is None, fetch the counts
