@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 from cleftchunk.geometry import Coord, Roi, as_coord
 from cleftchunk.predict.tiling import TileGrid
+from cleftchunk.run.layout import raster_order
 
 
 def _name(index: Coord) -> str:
@@ -167,10 +168,7 @@ class Plan:
 
     def order(self, index: Coord) -> int:
         """Position of a block in raster order."""
-        out = 0
-        for j, n in zip(index, self.shape):
-            out = out * n + j
-        return out
+        return raster_order(index, self.shape)
 
     # -- sizes, all from the per-axis tables: Σ over blocks of Π over axes = Π of Σ --------------
     def tiles_voxels(self) -> int:
