@@ -146,13 +146,25 @@ class _Run:
         self.progress.start(len(self.task.layout))
         self._fill()
         while self.futures:
-            future = next(self.completed)
-            kind, item = self.futures.pop(future)
-            if kind == "prepare":
-                self._prepared(item, future)
-            else:
-                self._processed(item, future)
+            # everything finished since the last look, with the small results fetched in one
+            # round trip (a result each would cost a round trip per block)
+            batch = [(f, *self.futures.pop(f)) for f in self.completed.next_batch(block=True) if f in self.futures]
+            wanted = [f for f, kind, item in batch if f.status == "finished" and self._wants_result(kind, item)]
+            results = dict(zip(wanted, self.client.gather(wanted))) if wanted else {}
+            for future, kind, item in batch:
+                if kind == "prepare":
+                    self._prepared(item, future, results.get(future))
+                else:
+                    self._processed(item, future, results.get(future))
             self._fill()
+
+    def _wants_result(self, kind: str, item: Any) -> bool:
+        """Results the client reads: processed blocks' counts, and prepared counts of done blocks
+        (never a payload a block's own process takes: that stays on the workers)."""
+        if kind == "process":
+            return True
+        entry = self.prepared.get(item)
+        return entry is not None and not entry["own"]
 
     def _fill(self) -> None:
         while self.open < self.limit:
@@ -191,14 +203,14 @@ class _Run:
         self.futures[future] = ("prepare", index)
         self.completed.add(future)
 
-    def _prepared(self, index: Coord, future: Any) -> None:
+    def _prepared(self, index: Coord, future: Any, result: Any) -> None:
         entry = self.prepared.get(index)
         if entry is None:  # every user is over already (they failed on another block's error)
             return
         if future.status == "finished":
             entry["state"] = "ready"
             if not entry["own"]:  # a done block's tiles, for its users: the payload is None, fetch the counts
-                counts, _ = future.result()
+                counts, _ = result
                 self.report.counts.update(counts)
                 entry["future"] = None
         else:
@@ -233,9 +245,8 @@ class _Run:
         self.futures[future] = ("process", blocks)
         self.completed.add(future)
 
-    def _processed(self, blocks: list, future: Any) -> None:
+    def _processed(self, blocks: list, future: Any, results: Any) -> None:
         if future.status == "finished":
-            results = future.result()
             for block, counts in zip(blocks, results):
                 self.report.counts.update(counts)
                 self._done(block)
