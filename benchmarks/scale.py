@@ -44,6 +44,19 @@ print("SECONDS", time.perf_counter() - t)
 """
 
 
+DRY_POST = """
+import time
+from cleftchunk.post.segment import segment
+from cleftchunk.post.metrics import evaluate
+t = time.perf_counter()
+if {stage!r} == "segment":
+    segment({spec!r}, {out!r}, kind="prob", chunks=(32, 512, 512), block_shape=(64, 1024, 1024), dry_run=True, log=print)
+else:
+    evaluate({spec!r}, {spec!r}, pred_kind="prob", gt_kind="mask", voxel_size=(40, 4, 4), block_shape=(64, 1024, 1024), dry_run=True, log=print)
+print("SECONDS", time.perf_counter() - t)
+"""
+
+
 def virtual_volume(name: str, shape) -> str:
     """A Zarr array of ``shape`` uint8 with fill value 0 and no chunk stored (nothing written)."""
     import zarr
@@ -65,6 +78,12 @@ def dry_runs() -> list[str]:
         blocks = next(line for line in m.stdout.splitlines() if line.startswith("plan:")).split(" blocks")[0][6:]
         assert not (WORK / "never.zarr").exists(), "a dry run created the output"
         rows.append(f"| predict --dry-run | {label} {shape} | {blocks} | {inner:.2f} s | {m.seconds:.1f} s | {m.peak_rss_mib:.0f} MiB |")
+        for stage in ("segment", "evaluate"):
+            m = measure([sys.executable, "-c", DRY_POST.format(stage=stage, spec=spec, out=str(WORK / "never.zarr" / "ids"))])
+            inner = float(m.stdout.split("SECONDS")[1].split()[0])
+            blocks = next(line for line in m.stdout.splitlines() if line.startswith("plan:")).split(" blocks")[0].split()[-1]
+            assert not (WORK / "never.zarr").exists(), "a dry run created the output"
+            rows.append(f"| {stage} --dry-run | {label} {shape} | {blocks} | {inner:.2f} s | {m.seconds:.1f} s | {m.peak_rss_mib:.0f} MiB |")
     return rows
 
 
@@ -142,9 +161,34 @@ def small_blocks() -> dict:
     return out
 
 
+def noop_block(block, _prepared=None) -> dict:
+    return {"voxels": block.write_roi.size}
+
+
+def tiny_blocks() -> list[str]:
+    """The executor's own cost per block: 2,000 no-op blocks of 1×10×10, 2 worker processes."""
+    from distributed import Client, LocalCluster
+
+    from cleftchunk.geometry import Roi
+    from cleftchunk.run.executor import BlockwiseTask, run_blockwise
+    from cleftchunk.run.layout import GridLayout
+    from cleftchunk.run.records import BlockRecord
+
+    layout = GridLayout(Roi.from_shape((20, 100, 100)), (1, 10, 10))
+    rows = []
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0", scheduler_port=0) as cluster, Client(cluster) as client:
+        for batch in (1, layout.auto_batch()):
+            record, _ = BlockRecord.open(WORK / "noop-record.zarr", len(layout), "noop", fresh=True)
+            started = time.perf_counter()
+            report = run_blockwise(client, BlockwiseTask("noop", layout, noop_block, record=record, batch=batch), progress=False)
+            seconds = time.perf_counter() - started
+            rows.append(f"| no-op 1×10×10, batch {batch} | {report.written} | {seconds:.2f} | {report.written / seconds:.0f} | {report.first_block_seconds:.2f} s |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="dry,small", help="dry, small (comma-separated)")
+    parser.add_argument("--only", default="dry,tiny,small", help="dry, tiny, small (comma-separated)")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     parts = set(args.only.split(","))
@@ -153,6 +197,10 @@ def main() -> None:
     if "dry" in parts:
         lines += ["| command | volume | blocks | plan (in process) | whole command | peak RSS |", "|---|---|---|---|---|---|"]
         lines += dry_runs()
+        lines.append("")
+    if "tiny" in parts:
+        lines += ["Executor overhead (record included):", "", "| blocks | done | seconds | blocks/s | first block |", "|---|---|---|---|---|"]
+        lines += tiny_blocks()
         lines.append("")
     if "small" in parts:
         r = small_blocks()

@@ -18,6 +18,7 @@ A killed worker's tasks are re-run by Dask (its results are recomputed from thei
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 import uuid
@@ -92,7 +93,12 @@ def run_blockwise(
     """Run every block of ``task`` not recorded done; return what happened (failures included)."""
     started = time.perf_counter()
     report = RunReport(task.name, len(task.layout), dashboard=getattr(client, "dashboard_link", None))
-    limit = in_flight or 4 * n_threads(client) * max(1, task.batch)
+    threads = n_threads(client)
+    # enough batches to keep every thread busy (a batch is one Dask task)
+    batch = max(1, min(task.batch, len(task.layout) // (8 * threads)))
+    if batch != task.batch:
+        task = dataclasses.replace(task, batch=batch)
+    limit = in_flight or 4 * threads * batch
     run = _Run(client, task, retries, limit, report, Progress(task.name, enabled=progress))
     try:
         run.loop()
