@@ -27,10 +27,13 @@ from cleftchunk_cli.options import KIND_CHOICE, check_threshold, parse_zyx, posi
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics to this JSON file.")
 @click.option("--block-shape", help="Block of work, Z,Y,X voxels (default 32,256,256).")
 @click.option("--halo", help="Context around each block, Z,Y,X voxels (default θ); speed only, never the result.")
-@click.option("--workers", type=int, help="Dask threads (default: one per core).")
+@click.option("--workers", type=int, help="Dask threads (default: one per core); with --processes, worker processes.")
+@click.option("--processes", is_flag=True, help="Run on a local cluster of --workers worker processes instead of threads.")
+@click.option("--scheduler", help="Address of a running Dask scheduler (e.g. tcp://host:8786) to run on.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (blocks, tasks, output bytes, memory per worker); run nothing, create nothing.")
 @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when it is a terminal).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
-def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_path, block_shape, halo, workers, progress, overwrite):
+def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_path, block_shape, halo, workers, processes, scheduler, dry_run, progress, overwrite):
     """CREMI synaptic-cleft metrics of PRED against the ground truth GT.
 
     \b
@@ -62,8 +65,14 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
         block_shape=positive_zyx(block_shape, "--block-shape"),
         halo=parse_zyx(halo, "--halo", minimum=0),
         workers=workers,
+        processes=processes,
+        scheduler=scheduler,
+        dry_run=dry_run,
+        log=click.echo,
         progress=sys.stderr.isatty() if progress is None else progress,
     )
+    if dry_run:
+        return
     click.echo(format_table(result))
     if json_path:
         with open(json_path, "w") as f:

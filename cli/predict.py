@@ -49,10 +49,11 @@ from cleftchunk_cli.options import parse_fraction, positive_zyx
 @click.option("--architecture", "-ac", help="Expected architecture of the checkpoint (e.g. unetv0); a mismatch is an error.")
 @click.option("--load-model", "-lm", hidden=True, help="Accepted for the tutorial's command line; the checkpoint is always loaded.")
 @click.option("--scratch", type=click.Path(file_okay=False), help="Folder for per-block partial results, on a filesystem all workers see (default: beside a local OUTPUT; for an s3:// or gs:// OUTPUT, the current directory, in .<name>.predict-<hash>).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (voxels/s, ETA).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (blocks, voxels/s, ETA, failures).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (blocks, tiles, tasks, scratch, memory per worker, output bytes); run nothing, create nothing.")
 def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pad, batch_size, tta, scale, precision, compile_model,
             mask, workers, gpus, cpus, scheduler, listen, tls_ca_file, tls_cert, tls_key, block_shape, chunks, overwrite, retries, root, inputs, output_dir,
-            architecture, load_model, scratch, progress):
+            architecture, load_model, scratch, progress, dry_run):
     """Predict cleft probabilities of INPUT into OUTPUT (e.g. out.zarr/pred) as uint8 OME-Zarr.
 
     The result does not depend on block shape, worker count or interruptions: re-running the
@@ -85,12 +86,14 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
         retries=retries,
         progress=progress,
         architecture=architecture,
-        log=lambda message: click.echo(message, err=True),
+        log=click.echo if dry_run else lambda message: click.echo(message, err=True),
+        dry_run=dry_run,
         scratch=scratch,
     )
     for src, dst in input_output_pairs(input_spec, output_spec, root, inputs, output_dir):
         result = predict(checkpoint, src, dst, **options)
-        click.echo(result.summary())
+        if not dry_run:
+            click.echo(result.summary())
 
 
 def input_output_pairs(input_spec, output_spec, root, inputs, output_dir) -> list[tuple[str, str]]:

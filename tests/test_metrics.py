@@ -270,3 +270,17 @@ def test_bad_inputs_are_one_line_errors(tmp_path, run_cli):
     np.save(tmp_path / "x.npy", np.zeros((2, 4, 4), np.uint8))  # no voxel size anywhere
     assert "--voxel-size" in error(tmp_path / "x.npy", tmp_path / "x.npy")
     run_cli("evaluate", tmp_path / "x.npy", tmp_path / "x.npy", "--voxel-size", "40,4,4")
+
+
+def test_an_existing_scheduler_gives_the_metrics_of_a_local_run(tmp_path, run_cli):
+    from distributed import LocalCluster
+
+    rng = np.random.default_rng(4)
+    p = write(tmp_path / "v.zarr/p", (rng.random((8, 24, 24)) < 0.02).astype(np.uint8))
+    g = write(tmp_path / "v.zarr/g", cremi_ids(rng.random((8, 24, 24)) < 0.01), fill_value=int(BG))
+    local = evaluate(p, g, block_shape=(4, 8, 8), halo=(1, 1, 1), workers=1)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0", scheduler_port=0) as cluster:
+        remote = evaluate(p, g, block_shape=(4, 8, 8), halo=(1, 1, 1), scheduler=cluster.scheduler_address)
+        dry = run_cli("evaluate", p, g, "--block-shape", "4,8,8", "--scheduler", cluster.scheduler_address, "--dry-run")
+    assert {k: local[k] for k in METRIC_KEYS} == {k: remote[k] for k in METRIC_KEYS}
+    assert "18 blocks of (4, 8, 8)" in dry.output and "CREMI score" not in dry.output

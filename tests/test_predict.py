@@ -255,6 +255,17 @@ SLOW_RUN = textwrap.dedent(
 )
 
 
+def recorded_blocks(tmp_path) -> int:
+    """Blocks the completion record says are done (0 while it does not exist yet)."""
+    import zarr
+
+    path = tmp_path / ".out.zarr.pred.predict-done.zarr"
+    try:
+        return int(np.count_nonzero(zarr.open_array(str(path), mode="r")[:]))
+    except Exception:  # not created yet, or being replaced
+        return 0
+
+
 @pytest.mark.slow
 def test_resume_after_killing_the_process(tmp_path):
     raw = tissue((8, 48, 48), seed=3)
@@ -262,17 +273,15 @@ def test_resume_after_killing_the_process(tmp_path):
     out = str(tmp_path / "out.zarr" / "pred")
     code = SLOW_RUN.format(tests=str(Path(__file__).parent), delay=0.04, spec=spec, out=out, window=WINDOW, chunks=CHUNKS)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    done_dirs = []
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
-        done_dirs = list(tmp_path.glob(".out.zarr.pred.predict-*/done"))
-        if done_dirs and len(list(done_dirs[0].iterdir())) >= 3:
+        if recorded_blocks(tmp_path) >= 3:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be interrupted: " + proc.stdout.read()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written = len(list(done_dirs[0].iterdir()))
+    written = recorded_blocks(tmp_path)
     assert 3 <= written < 18
     again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -303,8 +312,7 @@ def test_a_killed_dask_worker_does_not_change_the_result(tmp_path):
         thread.start()
         deadline = time.time() + 60
         while time.time() < deadline and thread.is_alive():
-            done = list(tmp_path.glob(".out.zarr.pred.predict-*/done"))
-            if done and len(list(done[0].iterdir())) >= 2:
+            if recorded_blocks(tmp_path) >= 2:
                 break
             time.sleep(0.05)
         assert thread.is_alive(), "the run finished before a worker could be killed"
@@ -454,3 +462,56 @@ def test_cli_one_line_errors(tmp_path, run_cli, checkpoint, small_input, case, m
     assert re.search(message, result.output), result.output
     if case == "not-prediction":
         assert not read(out).any()  # left as it was
+
+
+# -- the engine: dry run, completion record, existing scheduler -------------------------------------
+def test_cli_dry_run_prints_the_plan_and_creates_nothing(tmp_path, run_cli, checkpoint, small_input):
+    _, spec = small_input
+    out = tmp_path / "out.zarr" / "pred"
+    result = run_cli("predict", spec, out, "-pm", checkpoint, "--chunks", "2,32,32", "--block-shape", "2,32,32", "--dry-run")
+    text = result.output
+    for word in ("blocks of (2, 32, 32)", "tasks:", "tiles:", "scratch:", "memory per worker", "output uint8", "nothing was run"):
+        assert word in text, text
+    assert not (tmp_path / "out.zarr").exists() and not list(tmp_path.glob(".out.zarr*"))
+
+
+def test_a_record_of_another_block_layout_is_not_trusted(tmp_path, raw_spec):
+    raw, spec = raw_spec
+    out = str(tmp_path / "out.zarr" / "pred")
+    model = tiny_model()
+    options = dict(window=WINDOW, pad=True, chunks=CHUNKS, processes=False, **QUIET)
+    # a first run that fails half-way leaves a record and spills of blocks 4,16,16
+    flag = tmp_path / "fail"
+    flag.touch()
+    with pytest.raises(CleftchunkError):
+        predict(FailingAfter(model, 6, str(flag)), spec, out, block_shape=(4, 16, 16), retries=0, **options)
+    assert 0 < recorded_blocks(tmp_path)
+    flag.unlink()  # the same model (and hash) now never fails; another layout: everything is redone
+    result = predict(FailingAfter(model, 6, str(flag)), spec, out, block_shape=(8, 32, 16), **options)
+    assert result.blocks_already_done == 0 and result.blocks_written == result.blocks
+    np.testing.assert_array_equal(read(out), predict_reference(model, raw, WINDOW, pad=True))
+
+
+class FailingAfter(torch.nn.Module):
+    """Runs ``inner``, but fails every call after the first ``n`` while ``flag`` exists."""
+
+    def __init__(self, inner, n, flag):
+        super().__init__()
+        self.inner, self.n, self.flag, self.calls = inner, n, flag, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.n and os.path.exists(self.flag):
+            raise RuntimeError("planned failure")
+        return self.inner(x)
+
+
+def test_cli_on_an_existing_scheduler_gives_the_bytes_of_a_local_run(tmp_path, run_cli, checkpoint, small_input):
+    from distributed import LocalCluster
+
+    _, spec = small_input
+    common = ("-pm", checkpoint, "--chunks", "2,32,32", "--block-shape", "2,32,32", "--no-progress")
+    run_cli("predict", spec, tmp_path / "local.zarr" / "pred", "--workers", "0", *common)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0", scheduler_port=0) as cluster:
+        run_cli("predict", spec, tmp_path / "remote.zarr" / "pred", "--scheduler", cluster.scheduler_address, *common)
+    np.testing.assert_array_equal(read(tmp_path / "remote.zarr" / "pred"), read(tmp_path / "local.zarr" / "pred"))

@@ -163,3 +163,30 @@ def test_bad_options_are_one_line_errors(tmp_path, run_cli):
     assert "--min-size" in run_cli("segment", spec, "-o", out, "--min-size", "-1", expect=2).output
     assert "Z,Y,X" in run_cli("segment", spec, "-o", out, "--block-shape", "4,8", expect=2).output
     assert "does not exist" in run_cli("segment", str(tmp_path / "nope.zarr/p"), "-o", out, expect=2).output
+
+
+@pytest.fixture(scope="module")
+def scheduler_address():
+    """A cluster of 2 worker processes on 127.0.0.1, started by the test, as a user's would be."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0", scheduler_port=0) as cluster:
+        yield cluster.scheduler_address
+
+
+def test_an_existing_scheduler_and_worker_processes_give_the_bytes_of_a_local_run(tmp_path, run_cli, scheduler_address):
+    pred = random_probabilities((8, 24, 24), 0.07, seed=9)
+    spec = write(tmp_path / "p.zarr/pred", pred, chunks=(4, 8, 8))
+    common = ("--block-shape", "4,8,8", "--chunks", "4,8,8", "--no-progress")
+    run_cli("segment", spec, "-o", tmp_path / "local.zarr/ids", "--workers", "1", *common)
+    run_cli("segment", spec, "-o", tmp_path / "remote.zarr/ids", "--scheduler", scheduler_address, *common)
+    run_cli("segment", spec, "-o", tmp_path / "procs.zarr/ids", "--workers", "2", "--processes", *common)
+    local = chunk_files(tmp_path / "local.zarr/ids/s0")
+    assert local and chunk_files(tmp_path / "remote.zarr/ids/s0") == local == chunk_files(tmp_path / "procs.zarr/ids/s0")
+
+
+def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, run_cli):
+    spec = write(tmp_path / "p.zarr/pred", random_probabilities((8, 24, 24), 0.07, seed=9), chunks=(4, 8, 8))
+    result = run_cli("segment", spec, "-o", tmp_path / "s.zarr/ids", "--block-shape", "4,8,8", "--chunks", "4,8,8", "--dry-run")
+    assert "18 blocks of (4, 8, 8)" in result.output and "nothing was run" in result.output
+    assert not (tmp_path / "s.zarr").exists()

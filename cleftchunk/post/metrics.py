@@ -63,6 +63,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi, blocks, voxels_from_nm
 from cleftchunk.labels import DEFAULT_THRESHOLD, cleft_mask, resolve_label_kind
 from cleftchunk.post.segment import Runner, as_volume
+from cleftchunk.run.layout import GridLayout
 from cleftchunk.post.stats import STAT_KEYS, assemble, stats_from_histogram, stats_from_values  # noqa: F401  (re-exported)
 from cleftchunk.labels import CREMI_INVALID
 from cleftchunk.io.volumes import Volume
@@ -303,13 +304,18 @@ def evaluate(
     halo: Sequence[int] | None = None,
     workers: int | None = None,
     progress: bool = False,
-) -> dict:
+    scheduler: str | None = None,
+    processes: bool = False,
+    dry_run: bool = False,
+    log=print,
+) -> dict | None:
     """The CREMI cleft metrics of ``pred`` against ``gt``, block-wise on Dask, exact.
 
     ``halo`` (voxels per axis, default ceil(θ / voxel size)) only trades reading and nearest-target
     work in the grown block against the far-voxel search; the result does not depend on it, nor on ``block_shape`` or ``workers``.
+    Runs on ``workers`` threads, or the Dask cluster at ``scheduler``, or (``processes``) local
+    worker processes. ``dry_run``: log the plan and return None.
     """
-    from dask import delayed
 
     pred, gt = as_volume(pred), as_volume(gt)
     if len(pred.shape) != 3 or len(gt.shape) != 3:
@@ -322,9 +328,22 @@ def evaluate(
     total = Roi.from_shape(gt.shape)
     block_shape = tuple(min(b, s) for b, s in zip(block_shape or DEFAULT_BLOCK_SHAPE, gt.shape))
     halo = tuple(halo) if halo is not None else default_halo(theta, vs)
+    runner = Runner(workers, progress, scheduler, processes)
+    if dry_run:
+        layout = GridLayout(total, block_shape)
+        grown = math.prod(b + 2 * h for b, h in zip(block_shape, halo))
+        # both volumes over the grown block, masks, distance transform (float64 + int indices)
+        memory = grown * (pred.dtype.itemsize + gt.dtype.itemsize + 2 + 8 + 3 * 8)
+        log(runner.describe("evaluate", layout, 2 * len(layout), 0, memory))
+        return None
     plan = [b.write_roi for b in blocks(total, block_shape)]
+    with runner:
+        return _evaluate(pair, plan, halo, total, vs, region, pred, gt, theta, threshold, block_shape, runner)
 
-    runner = Runner(workers, progress)
+
+def _evaluate(pair, plan, halo, total, vs, region, pred, gt, theta, threshold, block_shape, runner) -> dict:
+    from dask import delayed
+
     censuses = runner.compute([delayed(census, pure=True)(pair, roi) for roi in plan], "evaluate: counting cleft voxels")
     boxes = {d: boxes_array([c.boxes[_other(d)] for c in censuses if c.boxes[_other(d)] is not None]) for d in DIRECTIONS}
     tasks = []

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -45,6 +45,7 @@ from cleftchunk.labels import DEFAULT_THRESHOLD, KIND_ATTRIBUTE, cleft_mask, res
 from cleftchunk.geometry import Roi, blocks
 from cleftchunk.labels import CREMI_BACKGROUND
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, create_like, exists, open_volume
+from cleftchunk.run.layout import GridLayout
 
 #: Blocks of 32 x 512 x 512 voxels: ~100 MiB of labels and output per task.
 DEFAULT_BLOCK_FACTOR = (2, 2, 2)
@@ -227,23 +228,41 @@ def segment(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
-) -> SegmentResult:
-    """Write uint64 CREMI cleft ids of ``pred``'s connected components to ``out`` (a Zarr spec)."""
+    scheduler: str | None = None,
+    processes: bool = False,
+    dry_run: bool = False,
+    log=print,
+) -> SegmentResult | None:
+    """Write uint64 CREMI cleft ids of ``pred``'s connected components to ``out`` (a Zarr spec).
+
+    Runs on ``workers`` threads, or the Dask cluster at ``scheduler``, or (``processes``) local
+    worker processes. ``dry_run``: log the plan and return None, creating nothing."""
     source = as_volume(pred)
     kind = resolve_label_kind(source, kind)
     if min_size < 0:
         raise CleftchunkError(f"--min-size {min_size} is negative: give a number of voxels >= 0")
     structure(connectivity)  # refuse a bad connectivity before any work
-    runner = Runner(workers, progress)
+    runner = Runner(workers, progress, scheduler, processes)
     total = Roi.from_shape(source.shape)
     chunks = tuple(int(c) for c in (chunks or DEFAULT_CHUNKS))
     if len(chunks) != 3 or min(chunks) <= 0:
         raise CleftchunkError(f"chunk shape {chunks} must be three positive extents (z, y, x)")
     chunks = tuple(min(c, s) for c, s in zip(chunks, source.shape))
     block_shape = aligned_block_shape(block_shape, chunks, source.shape)
+    if dry_run:
+        layout = GridLayout(total, block_shape)
+        # per block: labels (int32) and the input, plus the uint64 ids written; tasks: label,
+        # up to 3 seams and relabel per block
+        memory = math.prod(block_shape) * (source.dtype.itemsize + 4 + 8)
+        log(runner.describe("segment", layout, 5 * len(layout), 8 * total.size, memory))
+        return None
     plan = blocks(total, block_shape)
     target = _create_output(out, source, chunks, overwrite, threshold, min_size, connectivity, kind)
+    with runner:
+        return _segment(source, kind, threshold, min_size, connectivity, plan, total, target, runner)
 
+
+def _segment(source, kind, threshold, min_size, connectivity, plan, total, target, runner) -> SegmentResult:
     tables = _equivalences_and_tables(source, kind, threshold, plan, total, connectivity, runner)
     block_tables, pairs = tables
     offsets = np.cumsum([0] + [t.count for t in block_tables])
@@ -301,16 +320,40 @@ def _is_unfinished(spec: str) -> bool:
     return attrs.get(KIND_ATTRIBUTE) == "ids" and attrs.get(COMPLETE_ATTRIBUTE) is False
 
 
-@dataclass(frozen=True)
+@dataclass
 class Runner:
-    """How block tasks run: ``workers`` Dask threads (one: synchronous), with a progress bar or not."""
+    """How block tasks run: ``workers`` Dask threads of this process (one: synchronous), or the
+    Dask cluster at ``scheduler``, or (``processes``) a local cluster of ``workers`` worker
+    processes; with a progress bar or not. Use it as a context manager: a cluster is connected
+    (or started) once for all the passes of a command, and closed after."""
 
     workers: int | None = None
     progress: bool = False
+    scheduler: str | None = None
+    processes: bool = False
+    _client: object = field(default=None, repr=False)
+    _session: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
             raise CleftchunkError(f"--workers {self.workers} must be at least 1")
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.scheduler or self.processes)
+
+    def __enter__(self) -> "Runner":
+        if self.distributed:
+            from cleftchunk.run.cluster import ClusterSpec, dask_client
+
+            self._session = dask_client(ClusterSpec(workers=self.workers or 1, scheduler=self.scheduler, cores=self.workers))
+            self._client = self._session.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._session is not None:
+            self._session.__exit__(*exc)
+            self._session = self._client = None
 
     def compute(self, tasks: list, what: str = "") -> list:
         import contextlib
@@ -321,13 +364,26 @@ class Runner:
 
         if not tasks:
             return []
-        options = {"scheduler": "synchronous"} if self.workers == 1 else {"scheduler": "threads", "num_workers": self.workers}
-        bar = contextlib.nullcontext()
         if self.progress:
             print(what, file=sys.stderr, flush=True)
-            bar = ProgressBar(out=sys.stderr)
+        if self._client is not None:
+            return list(self._client.gather(self._client.compute(tasks)))
+        options = {"scheduler": "synchronous"} if self.workers == 1 else {"scheduler": "threads", "num_workers": self.workers}
+        bar = ProgressBar(out=sys.stderr) if self.progress else contextlib.nullcontext()
         with bar:
             return list(dask.compute(*tasks, **options))
+
+    def describe(self, what: str, layout, tasks: int, output_bytes: int, memory: int) -> str:
+        """The --dry-run text of a block-wise pass (nothing is run, nothing created)."""
+        where = f"the cluster at {self.scheduler}" if self.scheduler else (
+            f"{self.workers or 1} local worker processes" if self.processes else f"{self.workers or 'one per core'} threads of this process")
+        return "\n".join([
+            f"plan: {what}: {len(layout)} blocks of {layout.block_shape} over {layout.roi} on {where}",
+            f"  tasks: about {tasks}",
+            f"  output: {output_bytes / 2**20:.1f} MiB before compression",
+            f"  memory per worker thread: about {memory / 2**20:.1f} MiB",
+            "  nothing was run and nothing was created (--dry-run)",
+        ])
 
 
 def _equivalences_and_tables(source, kind, threshold, plan, total, connectivity, runner: Runner):

@@ -23,19 +23,30 @@ of workers, retries or resumes:
    associative. So the sums are the same whatever order contributions from neighbouring blocks
    are added in. Σ w is recomputed from the grid alone, where it is needed.
 
-The engine (a Dask graph over blocks aligned to the output chunks):
+The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.run.executor`):
 
-- *tiles* task of block B: runs the tiles B owns and saves their weighted sum Σ q(w·p) over the
-  region they cover as an int64 *partial* in a scratch directory (written to a temporary name and
-  renamed, so that a partial either exists completely or not at all).
-- *blend* task of block B: adds the partials of the (at most 2 per axis when blocks are at least
-  a window wide) blocks whose tiles reach B, divides by Σ q(w), writes B's output chunks (no other
-  task writes them, so no locks), and only then marks B done. A partial is deleted as soon as all
-  blocks that need it are written, so scratch space follows the front of the computation, and
-  memory is bounded by the block size times the number of workers.
-- Resume: done blocks are skipped and saved partials reused; a hash of the model and of every
-  parameter that can change a bit of the output is stored in the output's attributes, and a
-  different one refuses to resume (``overwrite`` replaces the output).
+- The plan (:mod:`.plan`) is lazy: per-axis tables of block extents, owned tile ranges and
+  dependency ranges; blocks are generated on demand in raster order, in which a block's
+  dependencies (itself and blocks before it on every axis) always come first.
+- *tiles* task of block B: runs the tiles B owns once into Σ q(w·p) over the region they cover;
+  the parts of that sum inside *other* blocks' write regions (the *spill*) go to scratch, one
+  compressed piece per user block (written to a temporary name and renamed; the spill counts as
+  saved only once its ``.json`` appears); the part inside B's own write region is returned in
+  memory to B's blend task and never touches scratch.
+- *blend* task of block B, submitted once the tiles tasks of all its dependency blocks have
+  finished: adds its own part and the pieces spilled into it (4. below), divides by Σ q(w),
+  writes B's output chunks (no other task writes them, so no locks). Only after it returned does
+  the client mark B done in the completion record (:mod:`cleftchunk.run.records`, one byte per
+  block). A spill is deleted once every block needing it is over, so scratch follows the front.
+- 4. Adding the same integers in another order gives the same sums (3.), so splitting a block's
+  sum into "own part in memory" and "pieces from scratch", with any block shape, worker count,
+  retry or resume, gives the bytes of the reference.
+- Resume: blocks recorded done are skipped; a done block whose spill a remaining block needs
+  gives it from scratch or reruns its tiles (same integers); a remaining block reruns its tiles.
+  A hash of the model and of every parameter that can change a bit of the output is stored in
+  the output's attributes, and a different one refuses to resume (``overwrite`` replaces the
+  output); the record also holds the block layout's hash, and one of another layout is discarded
+  with the spills, never trusted.
 """
 
 from cleftchunk.predict.api import PredictResult, predict

@@ -28,7 +28,8 @@ from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, create_like, open_volu
 from cleftchunk.io.volumes import exists as volume_exists
 from cleftchunk.predict.engine import Job, PredictResult, _execute
 from cleftchunk.predict.params import ATTR, DEFAULT_BLOCK_SHAPE, PRECISIONS, PREDICT_FORMAT, PredictParams
-from cleftchunk.predict.plan import make_plan
+from cleftchunk.predict.plan import describe_run, make_plan, record_identity
+from cleftchunk.run.records import BlockRecord, remove_record
 from cleftchunk.predict.runner import ModelSource
 from cleftchunk.predict.scratch import Scratch
 
@@ -67,6 +68,7 @@ def predict(
     architecture: str | None = None,
     log: Callable[[str], None] | None = None,
     scratch: str | os.PathLike | None = None,
+    dry_run: bool = False,
 ) -> PredictResult:
     """Predict cleft probabilities of ``input_volume`` into ``output_spec`` (``out.zarr/pred``).
 
@@ -80,6 +82,8 @@ def predict(
     worker sees (default: beside a local output; for an object-store output, the current
     directory); see :func:`_scratch_dir`.
     Raises :class:`CleftchunkError` for bad input, and after the run if some blocks failed.
+    ``dry_run``: log the plan (blocks, tiles, tasks, scratch, memory, output bytes) and return
+    without running it or creating the output.
     """
     from cleftchunk.run.cluster import ClusterSpec, check_listen, dask_client, resolve_gpus
 
@@ -113,17 +117,25 @@ def predict(
     spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes,
                        listen=listen, security=security)  # checks workers and cores before any output exists
     identity, identity_hash = _identity(source, arch_name, volume, mask_volume, chunks, params)
-    run_info = {"block_shape": list(block_shape), "workers": workers, "gpus": gpus, "scheduler": scheduler, "retries": retries}
-    output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite, scratch)
-    scratch = Scratch(str(_scratch_dir(output, identity_hash, scratch)))
-    result = PredictResult(str(output_spec), grid.count)
     plan = make_plan(grid, volume.roi, block_shape)
-    result.blocks = len(plan.blocks)
+    if dry_run:
+        log(describe_run(plan, volume, mask_volume, params, spec))
+        return PredictResult(str(output_spec), grid.count, blocks=len(plan), seconds=time.perf_counter() - started)
+    run_info = {"block_shape": list(block_shape), "workers": workers, "gpus": gpus, "scheduler": scheduler, "retries": retries}
+    scratch_option = scratch
+    output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite, scratch_option)
+    scratch = Scratch(str(_scratch_dir(output, identity_hash, scratch_option)))
+    result = PredictResult(str(output_spec), grid.count)
+    result.blocks = len(plan)
     if resuming and output.array.attrs.get(ATTR, {}).get("complete"):
         log(f"{output_spec} is already complete with these parameters: nothing to do (--overwrite to redo it)")
         result.blocks_already_done = result.blocks
         return result
     scratch.ensure()
+    record_path = _record_path(output_spec, scratch_option)
+    record, trusted = BlockRecord.open(record_path, len(plan), record_identity(identity_hash, plan), fresh=overwrite or not resuming)
+    if not trusted:  # spills of another block layout (or of a replaced output) must not be used
+        scratch.clear()
     # Worker processes we start get cores // workers torch threads each; others keep their own.
     threads = spec.torch_threads() if client is None and scheduler is None and not spec.in_process else None
     job = Job(volume, output, mask_volume, params, grid, volume.roi, scratch, threads)
@@ -134,11 +146,12 @@ def predict(
         if result.dashboard:
             log(f"Dask dashboard: {result.dashboard}")
         log(f"plan: {plan.describe()}")
-        _execute(client, job, plan, source, retries, progress, result)
+        _execute(client, job, plan, source, record, retries, progress, result)
     result.seconds = time.perf_counter() - started
     _raise_if_failed(result)
     _mark_complete(output, result)
     scratch.remove()
+    remove_record(record_path)
     return result
 
 
@@ -340,6 +353,16 @@ def _remove_scratch_dirs(spec: str | os.PathLike, scratch: str | os.PathLike | N
     container, inner = split_spec(spec)
     for old in _scratch_base(container, scratch).glob(f"{_scratch_prefix(container, inner)}*"):
         shutil.rmtree(old, ignore_errors=True)
+    remove_record(_record_path(spec, scratch))
+
+
+def _record_path(spec: str | os.PathLike, scratch: str | os.PathLike | None) -> Path:
+    """The completion record: beside a local output (as its scratch), else in the scratch folder
+    (a filesystem path the client writes, like the scratch partials)."""
+    from cleftchunk.io.volumes import split_spec
+
+    container, inner = split_spec(spec)
+    return _scratch_base(container, scratch) / f"{_scratch_prefix(container, inner)}done.zarr"
 
 
 def _scratch_base(container: Any, scratch: str | os.PathLike | None) -> Path:

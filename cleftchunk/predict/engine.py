@@ -1,21 +1,21 @@
-"""The driver of a prediction: submit the blocks' tasks to a Dask client, follow them, count
-tiles, drop partials that no block needs any more, and collect failures."""
+"""The driver of a prediction: declare its two tasks per block to the executor
+(:mod:`cleftchunk.run.executor`), run them, and turn the executor's report into a
+:class:`PredictResult`. Spills are dropped as soon as every block that needs them is over."""
 
 from __future__ import annotations
 
-import sys
-import uuid
-from collections import Counter
+import functools
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 
-from cleftchunk.geometry import Coord, Roi
+from cleftchunk.geometry import Roi
 from cleftchunk.predict.params import GpuOutOfMemory
-from cleftchunk.predict.plan import BlockWork, Plan, _name
+from cleftchunk.predict.plan import Plan
 from cleftchunk.predict.runner import ModelSource
-from cleftchunk.predict.scratch import Scratch
 from cleftchunk.predict.tasks import Job, blend_block, run_block_tiles
+from cleftchunk.run.executor import BlockwiseTask, run_blockwise
+from cleftchunk.run.records import BlockRecord
 
 
 
@@ -34,6 +34,8 @@ class PredictResult:
     failed: list[tuple[Roi, str]] = field(default_factory=list)
     seconds: float = 0.0
     dashboard: str | None = None
+    spill_bytes: int = 0  # bytes written to scratch (each read back once by the block needing it)
+    first_block_seconds: float | None = None
 
     @property
     def tiles_ratio(self) -> float:
@@ -50,85 +52,29 @@ class PredictResult:
         )
 
 
-def _execute(client: Any, job: Job, plan: Plan, source: ModelSource, retries: int, progress: bool, result: PredictResult) -> None:
-    """Run the blocks not done yet; follow them: progress, partial clean-up, failures."""
-    scratch = job.scratch
-    done = scratch.done()
-    todo = [w for w in plan.blocks if _name(w.index) not in done]
-    result.blocks_already_done = len(plan.blocks) - len(todo)
-    needed = Counter(_name(d) for w in todo for d, _ in w.deps)
-    for stale in scratch.partials() - set(needed):
-        scratch.drop_partial(stale)
-    tiles_futures, blend_futures = _submit(client, job, plan, todo, source, retries, result)
-    try:
-        _follow(blend_futures, needed, scratch, progress, result)
-        _count_tiles(tiles_futures.values(), result)
-    finally:
-        for f in list(blend_futures) + list(tiles_futures.values()):
-            if f.status != "finished":
-                f.cancel()
-
-
-def _submit(client: Any, job: Job, plan: Plan, todo: list[BlockWork], source: ModelSource, retries: int, result: PredictResult):
-    """Submit tiles and blend tasks in raster order with falling priority, so that blocks finish
-    in that order and the front of partials (scratch space) stays small."""
+def _execute(client: Any, job: Job, plan: Plan, source: ModelSource, record: BlockRecord, retries: int, progress: bool, result: PredictResult) -> None:
+    """Run the blocks not recorded done through the executor; fill ``result`` from its report."""
     source_arg = client.scatter(source, broadcast=True, hash=False) if source.module is not None else source
-    token = uuid.uuid4().hex[:8]
-    tiles_futures: dict[Coord, Any] = {}
-    blend_futures: dict[Any, BlockWork] = {}
-    for order, work in enumerate(todo):
-        for dep, _ in work.deps:
-            if dep not in tiles_futures:
-                result.tiles_needed += len(plan.block(dep).tiles)
-                tiles_futures[dep] = client.submit(
-                    run_block_tiles, job, plan.block(dep), source_arg,
-                    key=f"predict-tiles-{token}-{_name(dep)}", retries=retries, priority=-order, pure=False,
-                )
-        deps = [tiles_futures[d] for d, _ in work.deps]
-        future = client.submit(
-            blend_block, job, work, *deps, key=f"predict-blend-{token}-{_name(work.index)}", retries=retries, priority=-order, pure=False
-        )
-        blend_futures[future] = work
-    return tiles_futures, blend_futures
-
-
-def _follow(blend_futures: dict[Any, BlockWork], needed: Counter, scratch: Scratch, progress: bool, result: PredictResult) -> None:
-    """Collect blend tasks as they finish; drop a partial once every block needing it is written."""
-    from distributed import as_completed
-    from tqdm import tqdm
-
-    total = sum(w.write_roi.size for w in blend_futures.values())
-    with tqdm(total=total, unit="vox", unit_scale=True, disable=not progress, desc="predict", file=sys.stderr, dynamic_ncols=True) as bar:
-        for future in as_completed(list(blend_futures)):
-            work = blend_futures.pop(future)
-            if future.status != "finished":
-                error = future.exception()
-                if isinstance(error, GpuOutOfMemory):
-                    raise error
-                result.failed.append((work.write_roi, _one_line(error)))
-                continue
-            result.blocks_written += 1
-            bar.update(work.write_roi.size)
-            bar.set_postfix_str(f"blocks {result.blocks_written + result.blocks_already_done}/{result.blocks}")
-            for dep, _ in work.deps:
-                needed[_name(dep)] -= 1
-                if needed[_name(dep)] == 0:
-                    scratch.drop_partial(_name(dep))
-
-
-def _count_tiles(futures: Iterable[Any], result: PredictResult) -> None:
-    """Tile counts from the tiles tasks' own results: what really went through the model."""
-    for future in futures:
-        if future.status != "finished":
-            continue
-        stats = future.result()
-        if stats.get("reused"):
-            result.tiles_reused += stats["tiles"]
-        else:
-            result.tiles_run += stats["run"]
-            result.tiles_skipped += stats["skipped"]
-
-
-def _one_line(error: BaseException | None) -> str:
-    text = str(error).splitlines()[0] if error is not None and str(error) else ""
-    return f"{type(error).__name__}: {text}"[:300]
+    task = BlockwiseTask(
+        "predict",
+        plan,
+        functools.partial(blend_block, job),
+        record=record,
+        prepare=functools.partial(run_block_tiles, job),
+        prepare_args=(source_arg,),
+        uses=lambda index: [d for d, _ in plan.block_deps(index)],
+        users=plan.users,
+        release=job.scratch.drop_spill,
+        fatal=(GpuOutOfMemory,),
+    )
+    report = run_blockwise(client, task, retries=retries, progress=progress)
+    counts = report.counts
+    result.blocks_already_done = report.already_done
+    result.blocks_written = report.written
+    result.failed = report.failed
+    result.tiles_needed += counts["tiles"]
+    result.tiles_run += counts["run"]
+    result.tiles_skipped += counts["skipped"]
+    result.tiles_reused += counts["reused"]
+    result.spill_bytes += counts["spill_bytes"]
+    result.first_block_seconds = report.first_block_seconds

@@ -1,95 +1,249 @@
-"""The plan of a prediction as a value: blocks aligned to the output chunks, the tiles each owns
-(the block holding the tile's clamped start), and the blocks whose partials each needs."""
+"""The plan of a prediction as a lazy value: blocks aligned to the output chunks, the tiles each
+owns (the block holding the tile's clamped start), and the blocks whose tile sums each needs.
+
+Blocks and tiles are both products of per-axis grids, so everything is computed per axis and
+stored per axis: a :class:`Plan` holds a few tables of length "blocks along one axis" and
+generates each :class:`BlockWork` on demand. Nothing proportional to the number of tiles or of
+blocks is ever held, so a plan over 10^9 blocks is created and described in milliseconds.
+
+Along one axis, the owner of a tile (the block containing its start clamped into the volume) is
+a non-decreasing function of the tile index, because tile starts are sorted. Hence the tiles a
+block owns are a contiguous range of tile indices, and the owners of the tiles that reach a
+block are a contiguous range of block indices. A tile owned by block j starts at or after block
+j's begin (or before the volume, for block 0), so it reaches only blocks ≥ j: a block depends
+on itself and on blocks before it along every axis — the raster order runs dependencies first.
+"""
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import math
 from dataclasses import dataclass
-from typing import Sequence
-
+from typing import Iterator, Sequence
 
 from cleftchunk.geometry import Coord, Roi, as_coord
-from cleftchunk.predict.tiling import (
-    TileGrid,
-)
+from cleftchunk.predict.tiling import TileGrid
+from cleftchunk.run.layout import raster_order
 
 
-
-# -- the plan: blocks, the tiles each owns, and whose partials each needs -------------------
 def _name(index: Coord) -> str:
     return "_".join(map(str, index))
+
+
+@dataclass(frozen=True)
+class TileSet:
+    """The tiles a block owns: the product of one range of tile indices per axis, iterated on
+    demand in global (C) order; ``len`` and truth are cheap."""
+
+    ranges: tuple[range, ...]
+
+    def __iter__(self) -> Iterator[Coord]:
+        return itertools.product(*self.ranges)
+
+    def __len__(self) -> int:
+        return math.prod(len(r) for r in self.ranges)
+
+    def __bool__(self) -> bool:
+        return all(self.ranges)
 
 
 @dataclass(frozen=True)
 class BlockWork:
     index: Coord
     write_roi: Roi
-    tiles: tuple[Coord, ...]  # tiles this block runs (it contains their clamped start), global order
+    tiles: TileSet  # tiles this block runs (it contains their clamped start), global order
     tiles_roi: Roi  # the union of those tiles (empty when it owns none)
     deps: tuple[tuple[Coord, Roi], ...]  # (block, its tiles_roi) of every block whose tiles reach write_roi
+    users: tuple[tuple[Coord, Roi], ...] = ()  # (block, its write_roi) of every block this block's tiles reach
+
+
+@dataclass(frozen=True)
+class AxisPlan:
+    """One axis of the plan: blocks of ``block`` voxels from ``begin`` over ``size`` voxels, and
+    per block the owned tile range, its extent, the dependency range and the user range."""
+
+    begin: int
+    size: int
+    block: int
+    owned: tuple[range, ...]  # tile indices each block owns
+    extent: tuple[tuple[int, int], ...]  # [lo, hi) world voxels its tiles cover ((0, 0) when none)
+    deps: tuple[tuple[int, ...], ...]  # blocks whose tiles reach this block (ascending)
+    users: tuple[tuple[int, ...], ...]  # blocks that this block's tiles reach (ascending)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.owned)
+
+    def write(self, j: int) -> tuple[int, int]:
+        lo = self.begin + j * self.block
+        return lo, min(lo + self.block, self.begin + self.size)
+
+    def spill(self, j: int) -> int:
+        """Voxels of block j's tile extent outside its write range, along this axis."""
+        lo, hi = self.extent[j]
+        wlo, whi = self.write(j)
+        return (hi - lo) - max(0, min(hi, whi) - max(lo, wlo))
+
+
+def axis_plan(starts: Sequence[int], window: int, begin: int, size: int, block: int) -> AxisPlan:
+    """Per-axis tables in O(tiles + blocks) along this axis (see the module docstring)."""
+    n_blocks = -(-size // block)
+    owner = [(min(max(s, begin), begin + size - 1) - begin) // block for s in starts]
+    first = [bisect.bisect_left(owner, j) for j in range(n_blocks + 1)]
+    owned = tuple(range(first[j], first[j + 1]) for j in range(n_blocks))
+    extent = tuple((starts[r[0]], starts[r[-1]] + window) if r else (0, 0) for r in owned)
+    deps: list[tuple[int, ...]] = []
+    users: list[list[int]] = [[] for _ in range(n_blocks)]
+    for j in range(n_blocks):
+        lo, hi = begin + j * block, min(begin + (j + 1) * block, begin + size)
+        t0, t1 = bisect.bisect_right(starts, lo - window), bisect.bisect_left(starts, hi)
+        # owners of the tiles reaching block j: a contiguous range, less blocks that own no tile
+        ds = tuple(d for d in range(owner[t0], owner[t1 - 1] + 1) if owned[d]) if t1 > t0 else ()
+        deps.append(ds)
+        for d in ds:
+            users[d].append(j)
+    return AxisPlan(begin, size, block, owned, extent, tuple(deps), tuple(tuple(u) for u in users))
 
 
 @dataclass(frozen=True)
 class Plan:
-    """The whole computation as a value: inspect it (``describe``) before running it."""
+    """The whole computation as a lazy value: inspect it (``describe``) before running it.
+
+    Blocks are generated in raster order by :meth:`blocks`; :meth:`block` builds one by index.
+    """
 
     grid: TileGrid
     volume_roi: Roi
     block_shape: Coord
-    blocks: tuple[BlockWork, ...]  # raster order
-
-    def block(self, index: Coord) -> BlockWork:
-        return self._by_index[index]
+    axes: tuple[AxisPlan, ...]
 
     @property
-    def _by_index(self) -> dict[Coord, BlockWork]:
-        cached = self.__dict__.get("_index_cache")
-        if cached is None:
-            cached = {b.index: b for b in self.blocks}
-            object.__setattr__(self, "_index_cache", cached)
-        return cached
+    def shape(self) -> Coord:
+        """Blocks along each axis."""
+        return tuple(a.n_blocks for a in self.axes)
+
+    def __len__(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self)
+
+    def block(self, index: Sequence[int]) -> BlockWork:
+        index = tuple(int(i) for i in index)
+        deps = tuple(self.block_deps(index))
+        return BlockWork(
+            index,
+            self.write_roi(index),
+            TileSet(tuple(a.owned[j] for a, j in zip(self.axes, index))),
+            self.tiles_roi(index),
+            deps,
+            tuple((u, self.write_roi(u)) for u in self.users(index)),
+        )
+
+    def blocks(self) -> Iterator[BlockWork]:
+        """Every block, in raster order (dependencies before the blocks that need them)."""
+        for index in itertools.product(*(range(n) for n in self.shape)):
+            yield self.block(index)
+
+    def write_roi(self, index: Coord) -> Roi:
+        write = [a.write(j) for a, j in zip(self.axes, index)]
+        return Roi.from_bounds([w[0] for w in write], [w[1] for w in write])
+
+    def tiles_roi(self, index: Coord) -> Roi:
+        ext = [a.extent[j] for a, j in zip(self.axes, index)]
+        if any(hi <= lo for lo, hi in ext):
+            return Roi(self.volume_roi.offset, (0,) * len(index))
+        return Roi.from_bounds([e[0] for e in ext], [e[1] for e in ext])
+
+    def block_deps(self, index: Coord) -> Iterator[tuple[Coord, Roi]]:
+        """(block, its tiles_roi) of every block whose tiles reach block ``index``."""
+        for d in itertools.product(*(a.deps[j] for a, j in zip(self.axes, index))):
+            yield d, self.tiles_roi(d)
+
+    def users(self, index: Coord) -> Iterator[Coord]:
+        """The blocks whose write regions the tiles of block ``index`` reach (itself included)."""
+        return itertools.product(*(a.users[j] for a, j in zip(self.axes, index)))
+
+    def order(self, index: Coord) -> int:
+        """Position of a block in raster order."""
+        return raster_order(index, self.shape)
+
+    # -- sizes, all from the per-axis tables: Σ over blocks of Π over axes = Π of Σ --------------
+    def tiles_voxels(self) -> int:
+        return math.prod(sum(hi - lo for lo, hi in a.extent) for a in self.axes)
+
+    def spill_voxels(self) -> int:
+        """Voxels of tile sums outside their block's write region, summed over blocks: what goes
+        through scratch (the rest stays with its block)."""
+        inside = math.prod(sum(a.extent[j][1] - a.extent[j][0] - a.spill(j) for j in range(a.n_blocks)) for a in self.axes)
+        return self.tiles_voxels() - inside
+
+    def owners(self) -> int:
+        return math.prod(sum(1 for r in a.owned if r) for a in self.axes)
+
+    def max_deps(self) -> int:
+        return math.prod(max((len(r) for r in a.deps), default=0) for a in self.axes)
+
+    def max_tiles_shape(self) -> Coord:
+        return tuple(max((hi - lo for lo, hi in a.extent), default=0) for a in self.axes)
 
     def describe(self) -> str:
-        owners = sum(1 for b in self.blocks if b.tiles)
-        max_deps = max((len(b.deps) for b in self.blocks), default=0)
         return (
-            f"{len(self.blocks)} blocks of {self.block_shape} over {self.volume_roi}; "
+            f"{len(self)} blocks of {self.block_shape} over {self.volume_roi}; "
             f"{self.grid.count} tiles of {self.grid.window} (stride {self.grid.stride}) over frame {self.grid.frame}, "
-            f"run by {owners} blocks; each block blends the partials of at most {max_deps} blocks"
+            f"run by {self.owners()} blocks; each block blends the partials of at most {self.max_deps()} blocks"
         )
 
 
 def make_plan(grid: TileGrid, volume_roi: Roi, block_shape: Sequence[int]) -> Plan:
-    """Blocks aligned to ``block_shape``; tile ownership and dependencies are computed per axis
-    (the grids are products of per-axis grids), so planning stays cheap for millions of blocks."""
+    """Blocks aligned to ``block_shape``; tile ownership and dependencies per axis (lazy)."""
     block_shape = as_coord(block_shape, 3)
-    owned, deps = [], []
-    for a in range(3):
-        begin, size, bs = volume_roi.offset[a], volume_roi.shape[a], block_shape[a]
-        n_blocks = -(-size // bs)
-        starts, w = grid.starts[a], grid.window[a]
-        owner = [(min(max(s, begin), begin + size - 1) - begin) // bs for s in starts]
-        owned.append([[i for i, o in enumerate(owner) if o == j] for j in range(n_blocks)])
-        deps.append(
-            [
-                sorted({owner[i] for i, s in enumerate(starts) if s < begin + (j + 1) * bs and s + w > begin + j * bs})
-                for j in range(n_blocks)
-            ]
-        )
+    axes = tuple(
+        axis_plan(grid.starts[a], grid.window[a], volume_roi.offset[a], volume_roi.shape[a], block_shape[a]) for a in range(3)
+    )
+    return Plan(grid, volume_roi, block_shape, axes)
 
-    def tiles_roi(index: Coord) -> Roi:
-        lists = [owned[a][index[a]] for a in range(3)]
-        if not all(lists):
-            return Roi(volume_roi.offset, (0, 0, 0))
-        begin = tuple(grid.starts[a][lists[a][0]] for a in range(3))
-        end = tuple(grid.starts[a][lists[a][-1]] + grid.window[a] for a in range(3))
-        return Roi.from_bounds(begin, end)
 
-    from cleftchunk.geometry import ChunkGrid
+def record_identity(identity_hash: str, plan: Plan) -> str:
+    """What a completion record of this plan must match: the output's identity and the layout."""
+    from cleftchunk.run.records import identity_hash as hash_of
 
-    blocks = []
-    for index, write in ChunkGrid(volume_roi, block_shape).chunks():
-        tiles = tuple(itertools.product(*(owned[a][index[a]] for a in range(3))))
-        dep_blocks = tuple((d, tiles_roi(d)) for d in itertools.product(*(deps[a][index[a]] for a in range(3))))
-        blocks.append(BlockWork(index, write, tiles, tiles_roi(index), dep_blocks))
-    return Plan(grid, volume_roi, block_shape, tuple(blocks))
+    return hash_of("predict", identity_hash, plan.block_shape, plan.volume_roi.offset, plan.volume_roi.shape)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+def describe_run(plan: Plan, volume, mask, params, spec) -> str:
+    """The plan as a user checks it before submitting: blocks, tiles, tasks, scratch bytes,
+    memory per worker and output bytes, all from the per-axis tables (nothing is materialized)."""
+    n, voxels = len(plan), plan.volume_roi.size
+    spill = 8 * plan.spill_voxels()  # int64 sums, before compression
+    layers = max(1, plan.shape[0])
+    tiles_shape = plan.max_tiles_shape()
+    tiles_vox = math.prod(tiles_shape)
+    block_vox = math.prod(plan.block_shape)
+    in_bytes = volume.dtype.itemsize + (1 if mask is not None else 0)
+    window_vox = math.prod(params.window)
+    # the partial (int64) and the input of the largest block's tiles, one batch of tiles in float32
+    # (in and out, per TTA variant), and the blend (numerator, denominator int64, output uint8)
+    memory = tiles_vox * (8 + in_bytes) + 8 * window_vox * params.batch_size * params.tta + block_vox * 17
+    workers = spec.n_workers if not spec.scheduler else "the cluster's"
+    lines = [
+        f"plan: {plan.describe()}",
+        f"  volume {volume.shape} {volume.dtype} ({_bytes(voxels * volume.dtype.itemsize)}); output uint8 {_bytes(voxels)} before compression",
+        f"  tasks: {2 * n} ({n} tiles + {n} blend), streamed in raster order, at most 4 per worker thread in flight ({workers} workers)",
+        f"  tiles: {plan.grid.count} in the grid, {plan.owners()} blocks own some; largest block's tiles span {tiles_shape}",
+        f"  scratch: {_bytes(spill)} written in all ({spill / max(voxels, 1):.2f} bytes per output voxel, int64 before compression), "
+        f"about {_bytes(2 * spill / layers)} at once (two layers of blocks)",
+        f"  memory per worker task thread: about {_bytes(memory)} (plus the model)",
+        "  nothing was run and nothing was created (--dry-run)",
+    ]
+    return "\n".join(lines)

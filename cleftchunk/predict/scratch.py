@@ -1,4 +1,13 @@
-"""Scratch space of a prediction: partial sums and done markers, each appearing by an atomic rename."""
+"""Scratch space of a prediction: the *spill* of each block — the parts of its tile sums that fall
+in other blocks' write regions — one compressed piece per user block, each file appearing by an
+atomic rename. The part inside a block's own write region never goes to scratch: it is handed to
+the same block's blend task in memory.
+
+Layout: ``spill/<block>/<user>.blosc`` (int64, Blosc-zstd with byte shuffle: tile sums are well
+below 2^63, so their high bytes compress away), then ``spill/<block>.json`` (the tile counts),
+written last: a spill is complete exactly when its ``.json`` exists. An absent piece of a
+complete spill is zero (all its tiles were empty, or the sum there is 0).
+"""
 
 from __future__ import annotations
 
@@ -15,66 +24,64 @@ from cleftchunk.geometry import Coord
 from cleftchunk.predict.plan import _name
 
 
+def _codec():
+    from numcodecs import Blosc
 
-# -- scratch space: partial sums and done markers -----------------------------------------
+    return Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE)
+
+
 @dataclass(frozen=True)
 class Scratch:
-    """Partials (``partials/<block>.npy``, or ``.zero`` when all its tiles were empty) and done
-    markers (``done/<block>``). Each file appears by an atomic rename, complete or not at all."""
-
     root: str
 
     def _path(self, *parts: str) -> Path:
         return Path(self.root, *parts)
 
     def ensure(self) -> None:
-        for sub in ("partials", "done", "tmp"):
+        for sub in ("spill", "tmp"):
             self._path(sub).mkdir(parents=True, exist_ok=True)
 
-    def done(self) -> set[str]:
-        d = self._path("done")
-        return {p.name for p in d.iterdir()} if d.is_dir() else set()
-
-    def mark_done(self, index: Coord) -> None:
-        self._atomic_write(self._path("done", _name(index)), b"")
-
-    def partials(self) -> set[str]:
-        d = self._path("partials")
-        return {p.name.rsplit(".", 1)[0] for p in d.iterdir() if p.suffix in (".npy", ".zero")} if d.is_dir() else set()
-
-    def has_partial(self, index: Coord) -> dict | None:
-        """The stats saved with a block's partial, or None when it has none yet."""
-        meta = self._path("partials", _name(index) + ".json")
-        if self._path("partials", _name(index) + ".npy").exists() or self._path("partials", _name(index) + ".zero").exists():
-            try:
-                return json.loads(meta.read_text())
-            except (OSError, ValueError):
-                return {}
-        return None
-
-    def save_partial(self, index: Coord, partial: np.ndarray | None, stats: dict) -> None:
-        # Stats first: the partial's appearance is what marks the block's tiles as done.
-        self._atomic_write(self._path("partials", _name(index) + ".json"), json.dumps(stats).encode())
-        if partial is None:
-            self._atomic_write(self._path("partials", _name(index) + ".zero"), b"")
-            return
-        tmp = self._path("tmp", f"{_name(index)}-{uuid.uuid4().hex}.npy")
-        with open(tmp, "wb") as f:
-            np.save(f, partial)
-        os.replace(tmp, self._path("partials", _name(index) + ".npy"))
-
-    def load_partial(self, index: Coord) -> np.ndarray | None:
-        """The partial as a read-only memory map (so only the slices used are read), None if zero."""
-        path = self._path("partials", _name(index) + ".npy")
-        if path.exists():
-            return np.load(path, mmap_mode="r")
-        if self._path("partials", _name(index) + ".zero").exists():
+    def spill_stats(self, index: Coord) -> dict | None:
+        """The counts saved with a block's complete spill, or None when it has none yet."""
+        try:
+            return json.loads(self._path("spill", _name(index) + ".json").read_text())
+        except FileNotFoundError:
             return None
-        raise FileNotFoundError(f"partial of block {index} is missing from {self.root}")
 
-    def drop_partial(self, name: str) -> None:
-        for suffix in (".npy", ".zero", ".json"):
-            self._path("partials", name + suffix).unlink(missing_ok=True)
+    def save_spill(self, index: Coord, pieces: dict[Coord, np.ndarray], stats: dict) -> int:
+        """Save the pieces (user block → int64 array), then the counts; returns bytes written."""
+        folder = self._path("spill", _name(index))
+        folder.mkdir(parents=True, exist_ok=True)
+        written = 0
+        codec = _codec()
+        for user, piece in pieces.items():
+            if not piece.any():
+                continue
+            data = codec.encode(np.ascontiguousarray(piece, dtype=np.int64))
+            self._atomic_write(folder / (_name(user) + ".blosc"), bytes(data))
+            written += len(data)
+        self._atomic_write(self._path("spill", _name(index) + ".json"), json.dumps(stats).encode())
+        return written
+
+    def load_piece(self, index: Coord, user: Coord, shape: Coord) -> np.ndarray | None:
+        """Block ``index``'s spill into ``user``'s write region (None: zero)."""
+        if self.spill_stats(index) is None:
+            raise FileNotFoundError(f"spill of block {index} is missing from {self.root}")
+        path = self._path("spill", _name(index), _name(user) + ".blosc")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return np.frombuffer(_codec().decode(data), dtype=np.int64).reshape(shape)
+
+    def drop_spill(self, index: Coord) -> None:
+        self._path("spill", _name(index) + ".json").unlink(missing_ok=True)
+        shutil.rmtree(self._path("spill", _name(index)), ignore_errors=True)
+
+    def clear(self) -> None:
+        """Forget every spill (an earlier run with another block layout)."""
+        shutil.rmtree(self._path("spill"), ignore_errors=True)
+        self.ensure()
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -1,9 +1,11 @@
-"""The two kinds of tasks a prediction runs on the workers, one pair per block.
+"""The two kinds of tasks a prediction runs on the workers, one pair per block (the executor,
+:mod:`cleftchunk.run.executor`, runs them: *tiles* is a block's ``prepare``, *blend* its ``process``).
 
-- *tiles* (:func:`run_block_tiles`): run the tiles the block owns once and save their weighted
-  sum as a fixed-point partial in scratch space;
-- *blend* (:func:`blend_block`): add the partials that reach the block, divide by the summed
-  weights, write the block's output chunks, mark it done.
+- *tiles* (:func:`run_block_tiles`): run the tiles the block owns once; save the parts of their
+  weighted sum Σ q(w·p) that fall in other blocks' write regions (the *spill*) to scratch, one
+  piece per user block; return the part inside the block's own write region, in memory.
+- *blend* (:func:`blend_block`): add its own part and the pieces its dependency blocks spilled
+  into it, divide by the summed weights, write the block's output chunks.
 
 See :mod:`cleftchunk.predict` for why the result does not depend on the block shape.
 """
@@ -11,7 +13,6 @@ See :mod:`cleftchunk.predict` for why the result does not depend on the block sh
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -46,30 +47,44 @@ class Job:
     torch_threads: int | None = None
 
 
-def run_block_tiles(job: Job, work: BlockWork, source: ModelSource) -> dict:
-    """The *tiles* task: run the tiles a block owns once, save Σ q(w·p) over them as a partial."""
-    saved = job.scratch.has_partial(work.index)
-    if saved is not None:  # done by an earlier run or attempt
-        return {**saved, "reused": True}
+def run_block_tiles(job: Job, work: BlockWork, own: bool, source: ModelSource) -> tuple[dict, np.ndarray | None]:
+    """The *tiles* task: run the tiles a block owns once; spill what other blocks need to scratch
+    and return (counts, the sum over its own write region, or None when it is all zero).
+
+    ``own`` False: the block itself is written already and only its users need its spill, which an
+    earlier run may have saved (then no tile runs).
+    """
+    if not work.tiles:
+        return {"tiles": 0}, None
+    saved = job.scratch.spill_stats(work.index)
+    if saved is not None and not own:
+        return {"tiles": saved["tiles"], "reused": saved["tiles"]}, None
     roi = work.tiles_roi
     raw = reflect_read(job.input.read, job.volume_roi, roi)
     mask = None if job.mask is None else reflect_read(job.mask.read, job.volume_roi, roi)
     tiles = [job.grid.tile(t).relative_to(roi).to_slices() for t in work.tiles]
     to_run = [s for s in tiles if not is_empty_tile(raw[s], None if mask is None else mask[s])]
-    stats = {"tiles": len(tiles), "run": len(to_run), "skipped": len(tiles) - len(to_run), "reused": False}
-    if not to_run:
-        job.scratch.save_partial(work.index, None, stats)
-        return stats
-    weights = _weights(job.params.window, job.params.blend)
-    runner = _runner_for(source, job.params, job.torch_threads)
-    partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights)
-    stats["run"] = runner.tiles_run
-    job.scratch.save_partial(work.index, partial, stats)
-    return stats
+    counts = {"tiles": len(tiles), "run": 0, "skipped": len(tiles) - len(to_run)}
+    partial = None
+    if to_run:
+        runner = _runner_for(source, job.params, job.torch_threads)
+        before = runner.tiles_run
+        partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, _weights(job.params.window, job.params.blend))
+        counts["run"] = runner.tiles_run - before
+    if saved is None:
+        pieces = {} if partial is None else {
+            user: partial[roi.intersect(write).relative_to(roi).to_slices()] for user, write in work.users if user != work.index
+        }
+        counts["spill_bytes"] = job.scratch.save_spill(work.index, pieces, {"tiles": len(tiles)})
+    if not own or partial is None:
+        return counts, None
+    return counts, np.ascontiguousarray(partial[roi.intersect(work.write_roi).relative_to(roi).to_slices()])
 
 
-def blend_block(job: Job, work: BlockWork, *_tiles_done: Any) -> dict:
-    """The *blend* task: add the partials reaching a block, divide by Σ q(w), write, mark done."""
+def blend_block(job: Job, work: BlockWork, prepared: tuple[dict, np.ndarray | None]) -> dict:
+    """The *blend* task: add the block's own sum and the pieces spilled into it, divide by Σ q(w),
+    write. (The executor records the block done once this returns.)"""
+    counts, own = prepared
     write = work.write_roi
     fixed_weights = _fixed_weights(job.params.window, job.params.blend)
     denominator = np.zeros(write.shape, dtype=np.int64)
@@ -78,17 +93,15 @@ def blend_block(job: Job, work: BlockWork, *_tiles_done: Any) -> dict:
         denominator[common.relative_to(write).to_slices()] += fixed_weights[common.relative_to(tile).to_slices()]
     numerator = np.zeros(write.shape, dtype=np.int64)
     for dep, dep_roi in work.deps:
-        partial = job.scratch.load_partial(dep)
-        if partial is None:
-            continue
         common = dep_roi.intersect(write)
-        numerator[common.relative_to(write).to_slices()] += partial[common.relative_to(dep_roi).to_slices()]
+        piece = own if dep == work.index else job.scratch.load_piece(dep, work.index, common.shape)
+        if piece is not None:
+            numerator[common.relative_to(write).to_slices()] += piece
     out = blended_uint8(numerator, denominator)
     if job.mask is not None:
         out[job.mask.read(write) == 0] = 0
     job.output.write(write, out)
-    job.scratch.mark_done(work.index)
-    return {"voxels": write.size}
+    return {**counts, "voxels": write.size}
 
 
 _WEIGHTS: dict[tuple, np.ndarray] = {}
