@@ -61,3 +61,9 @@ def test_a_container_and_an_image_are_told_apart(tmp_path, run_cli):
     # --overwrite replaces the whole container by the image, as asked
     run_cli("convert", tmp_path / "x.npy", tmp_path / "c.zarr", *VS, "--overwrite", "--no-progress")
     assert open_volume(tmp_path / "c.zarr").shape == (2, 2, 2) and not (tmp_path / "c.zarr" / "a").exists()
+
+
+def test_a_path_that_is_neither_form_says_what_was_expected(tmp_path, run_cli):
+    (tmp_path / "empty.zarr").mkdir()
+    msg = one_line_error(run_cli("info", tmp_path / "empty.zarr", expect=2))
+    assert "neither an image (out.zarr" in msg and "container of images (out.zarr/name)" in msg

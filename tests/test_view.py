@@ -99,3 +99,25 @@ def test_cli_screenshot_needs_chromium_and_says_how_to_install_it(layers, run_cl
     monkeypatch.setenv("CHROMIUM", "no-such-browser")
     result = run_cli("view", specs.image, "--screenshot", tmp_path / "x.png", expect=2)
     assert "apt-get install -y chromium" in result.output and result.output.count("\n") == 1
+
+
+def test_cli_prints_a_loopback_url_serves_it_and_stops_on_ctrl_c(layers):
+    import signal
+    import subprocess
+    import sys
+
+    specs, _ = layers
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cleftchunk_cli.main", "view", specs.image, "-p", specs.prediction, "-c", specs.clefts],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert "Ctrl-C" in line, line
+        url = line.rsplit(" ", 1)[1].strip()
+        assert urlparse(url).hostname == "127.0.0.1"
+        assert b"neuroglancer" in fetch(url).lower()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "stopped" in out

@@ -100,6 +100,9 @@ def storage_options(scheme: str) -> dict:
     connect = float(os.environ.get("CLEFTCHUNK_CONNECT_TIMEOUT", CONNECT_TIMEOUT))
     if scheme == "s3":
         return {
+            # Listings are not cached: the sync filesystem (exists, info) and zarr's async one do
+            # not share a cache, and a stale "not there" would defeat resuming.
+            "use_listings_cache": False,
             "config_kwargs": {
                 "connect_timeout": connect,
                 "read_timeout": READ_TIMEOUT,

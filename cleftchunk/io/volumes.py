@@ -363,7 +363,10 @@ def _open_zarr(volume: Volume) -> Any:
     except CleftchunkError:
         raise
     except (FileNotFoundError, KeyError) as e:
-        raise CleftchunkError(f"{volume.spec}: no Zarr array or group there; check the path ({e})") from e
+        raise CleftchunkError(
+            f"{volume.spec}: no Zarr array or group there, so neither an image (out.zarr, multiscales at its root) "
+            f"nor a container of images (out.zarr/name); check the path ({type(e).__name__})"
+        ) from e
     except Exception as e:  # zarr raises several types for missing/invalid metadata
         raise CleftchunkError(f"{volume.spec} is not a readable Zarr node ({type(e).__name__}: {e})") from e
     if isinstance(node, zarr.Group):

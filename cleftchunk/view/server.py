@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -113,20 +114,34 @@ def find_chromium() -> str:
 def screenshot(viewer: Any, path: str | os.PathLike, size: tuple[int, int] = (800, 600), timeout: float = SCREENSHOT_TIMEOUT) -> Path:
     """Write a PNG of the viewer's current view, rendered by headless Chromium; returns its path."""
     browser = find_chromium()
-    with tempfile.TemporaryDirectory(prefix="cleftchunk-chromium-") as profile:
+    with tempfile.TemporaryDirectory(prefix="cleftchunk-chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [browser, *_chromium_flags(profile, size), viewer.get_viewer_url()],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: the renderer and GPU processes end with it
         )
         try:
             reply = _wait_for_screenshot(viewer, size, timeout, proc)
         finally:
-            proc.kill()
-            proc.wait()
+            _end_browser(proc)
     out = Path(path)
     out.write_bytes(reply.screenshot.image)
     return out
+
+
+def _end_browser(proc: subprocess.Popen) -> None:
+    """Stop the browser we started and every process it started (its process group), then reap it."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _chromium_flags(profile: str, size: tuple[int, int]) -> list[str]:
