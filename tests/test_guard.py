@@ -108,3 +108,21 @@ def test_an_output_reached_through_a_symlink_is_still_the_input(tmp_path):
     (tmp_path / "link.zarr").symlink_to(tmp_path / "in.zarr")
     with pytest.raises(CleftchunkError, match="is where the source lives"):
         refuse_overlap(tmp_path / "link.zarr" / "raw", [tmp_path / "in.zarr" / "raw"])
+
+
+def test_an_output_killed_between_its_group_and_its_array_is_created_again(tmp_path):
+    """What a kill right after ``require_group`` leaves (the group's zarr.json, no s0) resumes."""
+    import shutil
+
+    from cleftchunk.io.volumes import create_volume, exists
+    from cleftchunk.predict import predict
+    from test_predict import QUIET, tiny_model
+
+    raw = tissue((4, 32, 32), seed=2)
+    spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
+    out = tmp_path / "out.zarr" / "pred"
+    create_volume(out, raw.shape, np.uint8, chunks=CHUNKS)
+    shutil.rmtree(out / "s0")
+    assert not exists(out) and exists(tmp_path / "in.zarr" / "raw")
+    predict(tiny_model(), spec, str(out), window=WINDOW, chunks=CHUNKS, workers=0, **QUIET)
+    np.testing.assert_array_equal(read(out), predict_reference(tiny_model(), raw, WINDOW))

@@ -411,10 +411,23 @@ def _open_zarr(volume: Volume) -> Any:
 
 # -- creating -----------------------------------------------------------------------------
 def exists(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` holds something. An image group with nothing in it but its own metadata is
+    what a run killed between creating the group and its ``s0`` leaves: it does not count, so the
+    same command creates the array and goes on instead of asking for --overwrite."""
     container, inner = split_spec(spec)
     if inner is None:
         return container.exists()
-    return (container / inner).exists() if not is_hdf5(container) else container.exists()
+    if is_hdf5(container):
+        return container.exists()
+    place = container / inner
+    return place.exists() and not _empty_group(place)
+
+
+def _empty_group(place: Path) -> bool:
+    try:
+        return place.is_dir() and [p.name for p in place.iterdir()] == ["zarr.json"] and '"group"' in (place / "zarr.json").read_text()
+    except OSError:
+        return False
 
 
 def create_volume(
