@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import lock_path, output_lock, refuse_overlap
@@ -34,15 +35,42 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 60) -> None:
     assert path.exists(), "the first run never took its lock: " + (proc.stdout.read() if proc.poll() is not None else "")
 
 
+def make_held_model(hold: str):
+    """The tiny model of test_predict, whose every forward waits while the file ``hold`` exists:
+    the first run is still writing, whatever the machine's load, until the test lets it go."""
+    inner = make_slow_model(0.0)
+
+    class Held(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            while os.path.exists(hold):
+                time.sleep(0.02)
+            return self.inner(x)
+
+    return Held().eval()
+
+
+HELD_RUN = SLOW_RUN.replace("from test_predict import make_slow_model", "from test_guard import make_held_model").replace(
+    "make_slow_model({delay})", "make_held_model({hold!r})"
+)
+
+
 def test_a_second_predict_on_the_same_output_refuses_and_the_first_finishes_exactly(tmp_path):
     raw = tissue((8, 48, 48), seed=3)
     spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
     out = str(tmp_path / "out.zarr" / "pred")
-    code = SLOW_RUN.format(tests=str(Path(__file__).parent), delay=0.05, spec=spec, out=out, window=WINDOW, chunks=CHUNKS)
+    hold = tmp_path / "hold"
+    hold.touch()
+    code = HELD_RUN.format(tests=str(Path(__file__).parent), hold=str(hold), spec=spec, out=out, window=WINDOW, chunks=CHUNKS)
     first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lock_path(out), first)
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert first.poll() is None, "the first run ended before the second started"
+    still_running = first.poll() is None
+    hold.unlink()  # let the first run go before any assertion can fail
+    assert still_running, "the first run ended before the second started"
     assert second.returncode != 0
     message = second.stderr.strip().splitlines()[-1]
     assert "is being written by another cleftchunk process" in message and f"PID {first.pid} on {socket.gethostname()}" in message
