@@ -14,11 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_predict import (
+    CHUNKS,
+    SLOW_RUN,
+    WINDOW,
+    make_slow_model,
+    read,
+    tissue,
+    write_volume,
+)
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import lock_path, output_lock, refuse_overlap
 from cleftchunk.predict import predict_reference
-from test_predict import CHUNKS, SLOW_RUN, WINDOW, make_slow_model, read, tissue, write_volume
 
 
 def dead_pid() -> int:
@@ -142,9 +150,10 @@ def test_an_output_killed_between_its_group_and_its_array_is_created_again(tmp_p
     """What a kill right after ``require_group`` leaves (the group's zarr.json, no s0) resumes."""
     import shutil
 
+    from test_predict import QUIET, tiny_model
+
     from cleftchunk.io.volumes import create_volume, exists
     from cleftchunk.predict import predict
-    from test_predict import QUIET, tiny_model
 
     raw = tissue((4, 32, 32), seed=2)
     spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
