@@ -23,6 +23,7 @@ All positions are (z, y, x). ``Volume.roi`` is in *world voxels*: offset_nm / vo
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -424,10 +425,15 @@ def exists(spec: str | os.PathLike) -> bool:
 
 
 def _empty_group(place: Path) -> bool:
+    """An image group create_volume began (its OME metadata written) and never gave an array;
+    an empty group of another origin (no "ome" attribute) still counts as someone's data."""
     try:
-        return place.is_dir() and [p.name for p in place.iterdir()] == ["zarr.json"] and '"group"' in (place / "zarr.json").read_text()
-    except OSError:
+        if not place.is_dir() or [p.name for p in place.iterdir()] != ["zarr.json"]:
+            return False
+        meta = json.loads((place / "zarr.json").read_text())
+    except (OSError, ValueError):
         return False
+    return meta.get("node_type") == "group" and "ome" in (meta.get("attributes") or {})
 
 
 def create_volume(
