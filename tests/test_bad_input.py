@@ -322,3 +322,18 @@ def test_an_unsupported_url_scheme_creates_no_local_folder(ws, tmp_path, run_cli
 def test_info_describes_an_empty_dataset_instead_of_failing(ws, run_cli):
     result = run_cli("info", ws / "emptyds.h5:raw")
     assert "(0, 4, 4)" in result.output and "unexpected" not in result.output
+
+
+def test_the_library_refuses_what_the_command_line_refuses(ws):
+    """The rules live in the library; the command line only names the flags."""
+    from cleftchunk.errors import CleftchunkError
+    from cleftchunk.geometry import check_voxel_size
+    from cleftchunk.post.metrics import evaluate
+
+    with pytest.raises(CleftchunkError, match="halo .* must be 3 whole numbers of voxels >= 0"):
+        evaluate(str(ws / "pred.zarr/pred"), str(ws / "in.zarr/clefts"), halo=(-4, 0, 0), progress=False)
+    for bad in ((0, 4, 4), (-40, 4, 4), (float("nan"), 4, 4), (float("inf"), 4, 4), (1e300, 4, 4)):
+        with pytest.raises(CleftchunkError, match="voxel size"):
+            check_voxel_size(bad)
+    with pytest.raises(CleftchunkError, match="offset .* must be finite"):
+        check_voxel_size((40, 4, 4), (float("nan"), 0, 0))

@@ -13,11 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from test_predict import (
+    CHUNKS,
+    SLOW_RUN,
+    WINDOW,
+    make_slow_model,
+    read,
+    tissue,
+    write_volume,
+)
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import lock_path, output_lock, refuse_overlap
 from cleftchunk.predict import predict_reference
-from test_predict import CHUNKS, SLOW_RUN, WINDOW, make_slow_model, read, tissue, write_volume
 
 
 def dead_pid() -> int:
@@ -34,17 +43,43 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 60) -> None:
     assert path.exists(), "the first run never took its lock: " + (proc.stdout.read() if proc.poll() is not None else "")
 
 
-@pytest.mark.slow
+def make_held_model(hold: str):
+    """The tiny model of test_predict, whose every forward waits while the file ``hold`` exists:
+    the first run is still writing, whatever the machine's load, until the test lets it go."""
+    inner = make_slow_model(0.0)
+
+    class Held(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            while os.path.exists(hold):
+                time.sleep(0.02)
+            return self.inner(x)
+
+    return Held().eval()
+
+
+HELD_RUN = SLOW_RUN.replace("from test_predict import make_slow_model", "from test_guard import make_held_model").replace(
+    "make_slow_model({delay})", "make_held_model({hold!r})"
+)
+
+
 def test_a_second_predict_on_the_same_output_refuses_and_the_first_finishes_exactly(tmp_path):
     raw = tissue((8, 48, 48), seed=3)
     spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
     out = str(tmp_path / "out.zarr" / "pred")
-    # slow tiles (0.5 s each) keep the first run going while the second starts, even on a loaded machine
-    code = SLOW_RUN.format(tests=str(Path(__file__).parent), delay=0.5, spec=spec, out=out, window=WINDOW, chunks=CHUNKS)
+    hold = tmp_path / "hold"
+    hold.touch()
+    code = HELD_RUN.format(tests=str(Path(__file__).parent), hold=str(hold), spec=spec, out=out, window=WINDOW, chunks=CHUNKS)
     first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lock_path(out), first)
     second = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert second.returncode != 0, "the second run was not refused (did the first end before it started?)"
+    still_running = first.poll() is None
+    hold.unlink()  # let the first run go before any assertion can fail
+    assert still_running, "the first run ended before the second started"
+    assert second.returncode != 0
     message = second.stderr.strip().splitlines()[-1]
     assert "is being written by another cleftchunk process" in message and f"PID {first.pid} on {socket.gethostname()}" in message
     assert first.wait(120) == 0, first.stdout.read()
@@ -109,3 +144,22 @@ def test_an_output_reached_through_a_symlink_is_still_the_input(tmp_path):
     (tmp_path / "link.zarr").symlink_to(tmp_path / "in.zarr")
     with pytest.raises(CleftchunkError, match="is where the source lives"):
         refuse_overlap(tmp_path / "link.zarr" / "raw", [tmp_path / "in.zarr" / "raw"])
+
+
+def test_an_output_killed_between_its_group_and_its_array_is_created_again(tmp_path):
+    """What a kill right after ``require_group`` leaves (the group's zarr.json, no s0) resumes."""
+    import shutil
+
+    from test_predict import QUIET, tiny_model
+
+    from cleftchunk.io.volumes import create_volume, exists
+    from cleftchunk.predict import predict
+
+    raw = tissue((4, 32, 32), seed=2)
+    spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
+    out = tmp_path / "out.zarr" / "pred"
+    create_volume(out, raw.shape, np.uint8, chunks=CHUNKS)
+    shutil.rmtree(out / "s0")
+    assert not exists(out) and exists(tmp_path / "in.zarr" / "raw")
+    predict(tiny_model(), spec, str(out), window=WINDOW, chunks=CHUNKS, workers=0, **QUIET)
+    np.testing.assert_array_equal(read(out), predict_reference(tiny_model(), raw, WINDOW))

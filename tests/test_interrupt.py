@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_predict import CHUNKS, WINDOW, make_slow_model, read, tissue, write_volume
 
 from cleftchunk.predict import predict_reference
-from test_predict import CHUNKS, WINDOW, make_slow_model, read, tissue, write_volume
 
 RUN = textwrap.dedent(
     """

@@ -25,8 +25,10 @@ All positions are (z, y, x). ``Volume.roi`` is in *world voxels*: offset_nm / vo
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -386,10 +388,28 @@ def _open_zarr(volume: Volume) -> Any:
 
 # -- creating -----------------------------------------------------------------------------
 def exists(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` holds something. An image group with nothing in it but its own metadata is
+    what a run killed between creating the group and its ``s0`` leaves: it does not count, so the
+    same command creates the array and goes on instead of asking for --overwrite."""
     container, inner = split_spec(spec)
     if inner is None or is_hdf5(container):
         return stores.exists(container)
-    return stores.exists(stores.join(container, inner))
+    place = stores.join(container, inner)
+    if not stores.exists(place):
+        return False
+    return stores.is_url(place) or not _empty_group(Path(place))
+
+
+def _empty_group(place: Path) -> bool:
+    """An image group create_volume began (its OME metadata written) and never gave an array;
+    an empty group of another origin (no "ome" attribute) still counts as someone's data."""
+    try:
+        if not place.is_dir() or [p.name for p in place.iterdir()] != ["zarr.json"]:
+            return False
+        meta = json.loads((place / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("node_type") == "group" and "ome" in (meta.get("attributes") or {})
 
 
 def create_volume(

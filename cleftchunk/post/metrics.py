@@ -328,6 +328,8 @@ def evaluate(
     total = Roi.from_shape(gt.shape)
     block_shape = tuple(min(b, s) for b, s in zip(block_shape or DEFAULT_BLOCK_SHAPE, gt.shape))
     halo = tuple(halo) if halo is not None else default_halo(theta, vs)
+    if len(halo) != 3 or any(int(h) != h or h < 0 for h in halo):
+        raise CleftchunkError(f"halo {halo} must be 3 whole numbers of voxels >= 0 (it changes speed only, never the result)")
     runner = Runner(workers, progress, scheduler, processes)
     if dry_run:
         layout = GridLayout(total, block_shape)
