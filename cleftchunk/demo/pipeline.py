@@ -44,14 +44,18 @@ class DemoSettings:
     input_size: tuple[int, int, int] = (8, 160, 160)
     iterations: int = 1000
     batch_size: int = 2
-    # The original recipe (Adam with amsgrad, reduce-on-plateau, class-rebalanced BCE), with a
-    # higher learning rate for the short run. Neither it nor the later recipe (AdamW + cosine +
-    # Dice, lr 3e-3: held-out F1 0.25 after 800 iterations) trains far in a CPU's 10 minutes.
     lr: float = 2e-3
     optimizer: str = "adam"
     scheduler: str = "plateau"
     dice: float = 0.0
-    loader_workers: int = 1
+    # Fraction of crops centred on a cleft voxel (the rest: uniform draws with rejection sampling).
+    near_cleft: float = 0.5
+    # The last validation_sections z-sections of the training sample are held out of training;
+    # the model's threshold and minimum cleft size are chosen there (never on the test sample).
+    validation_sections: int = 8
+    # None: measured on this machine before training (cleftchunk.train.calibrate).
+    loader_workers: int | None = None
+    threads: int | None = None
     predict_workers: int = 1
     predict_batch: int = 2
     device: str = "cpu"
@@ -63,7 +67,7 @@ class DemoSettings:
         if size == "quick":
             return cls(
                 train_shape=(16, 192, 192), test_shape=(16, 192, 192), input_size=(8, 64, 64),
-                iterations=30, batch_size=2, loader_workers=0,
+                iterations=30, batch_size=2, loader_workers=0, threads=1, validation_sections=8,
             )
         if size == "gpu":
             return cls(
@@ -233,11 +237,44 @@ class Demo:
 
     def train(self, detail: dict) -> None:
         from cleftchunk.train import train
+        from cleftchunk.train.operating_point import choose_operating_point
 
         s = self.settings
-        config = {
-            "images": [str(self.sample_zarr("train") / "raw")],
-            "labels": [str(self.sample_zarr("train") / "clefts")],
+        config = self.train_config()
+        if s.device == "cpu" and (s.threads is None or s.loader_workers is None):
+            from cleftchunk.train.calibrate import measure_cpu_layout
+            from cleftchunk.train.config import TrainConfig
+
+            layout = measure_cpu_layout(TrainConfig.from_dict({**config, "output": str(self.folder / "calibration")}))
+            config.update(threads=layout["threads"], workers=layout["workers"])
+            detail["cpu_layout"] = layout
+            self.log(f"   measured: {layout['threads']} torch threads + {layout['workers']} loader workers "
+                     f"({layout['seconds_per_iteration']:.2f} s per iteration)")
+        resume = self.checkpoint.exists()
+        started = time.perf_counter()
+        checkpoint = train(config, resume=resume, overwrite=not resume)
+        detail["train_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        point = choose_operating_point(
+            checkpoint, config["validate_image"], config["validate_labels"], config["validate_roi"],
+            batch_size=s.predict_batch, device="cuda" if s.device == "cuda" else "cpu",
+        )
+        detail["operating_point_seconds"] = time.perf_counter() - started
+        self.results["operating_point"] = point
+        detail["checkpoint"] = str(checkpoint)
+        detail["iterations"] = s.iterations
+        detail["samples"] = s.iterations * s.batch_size
+        detail.update(threshold=point["threshold"], min_size=point["min_size"])
+
+    def train_config(self) -> dict:
+        s = self.settings
+        raw, clefts = str(self.sample_zarr("train") / "raw"), str(self.sample_zarr("train") / "clefts")
+        z = s.train_shape[0]
+        if not 0 < s.validation_sections < z:
+            raise CleftchunkError(f"validation_sections {s.validation_sections} must lie between 1 and {z - 1} (the training sample's sections)")
+        return {
+            "images": [raw],
+            "labels": [clefts],
             "output": str(self.model_dir),
             "log_dir": str(self.folder / "runs"),
             "arch": "unetv0",
@@ -246,21 +283,22 @@ class Demo:
             "iteration_total": s.iterations,
             "iteration_save": max(s.iterations // 4, 1),
             "batch_size": s.batch_size,
-            "workers": s.loader_workers,
+            "workers": 0 if s.loader_workers is None else s.loader_workers,
+            "threads": s.threads,
             "lr": s.lr,
             "optimizer": s.optimizer,
             "scheduler": s.scheduler,
             "dice": s.dice,
+            "rejection": {"near_cleft": s.near_cleft},
+            "validate_image": raw,
+            "validate_labels": clefts,
+            "validate_roi": f"{z - s.validation_sections}:{z},:,:",
+            "validate_every": 0,
             "seed": s.seed,
             "gpus": 1 if s.device == "cuda" else 0,
             "image_every": max(s.iterations // 4, 1),
             "log_every": max(s.iterations // 200, 1),
         }
-        resume = self.checkpoint.exists()
-        checkpoint = train(config, resume=resume, overwrite=not resume)
-        detail["checkpoint"] = str(checkpoint)
-        detail["iterations"] = s.iterations
-        detail["samples"] = s.iterations * s.batch_size
 
     def predict(self, detail: dict) -> None:
         from cleftchunk.predict import predict

@@ -35,16 +35,19 @@ def section_panel_png(
     pred: np.ndarray | None,
     sections: Sequence[int],
     max_width: int = 1600,
+    others: Sequence[np.ndarray] = (),
 ) -> Path:
-    """Several z-sections side by side: raw, then raw with GT (green) and prediction (magenta)."""
+    """Several z-sections side by side: raw, then raw with GT (green) and prediction (magenta),
+    then the same for each of ``others`` (further predictions, compared on the same sections)."""
     from PIL import Image
 
     rows = []
     for z in sections:
-        plain = overlay_section(raw[z])
-        both = overlay_section(raw[z], None if gt is None else gt[z], None if pred is None else pred[z])
+        columns = [overlay_section(raw[z])]
+        for p in (pred, *others):
+            columns.append(overlay_section(raw[z], None if gt is None else gt[z], None if p is None else p[z]))
         gap = np.full((raw.shape[1], 8, 3), 255, np.uint8)
-        rows.append(np.concatenate([plain, gap, both], axis=1))
+        rows.append(np.concatenate([c for column in columns for c in (column, gap)][:-1], axis=1))
     hgap = np.full((8, rows[0].shape[1], 3), 255, np.uint8)
     grid = np.concatenate([r for row in rows for r in (row, hgap)][:-1], axis=0)
     image = Image.fromarray(grid)
@@ -73,7 +76,8 @@ def curve_png(path: Path, series: dict[str, tuple[Sequence[float], Sequence[floa
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     for name, (x, y) in series.items():
-        ax.plot(x, y, label=name, linewidth=1.2)
+        # A series of one point (e.g. a chosen operating point) is drawn as a marker.
+        ax.plot(x, y, label=name, linewidth=1.2, marker="o" if len(x) == 1 else None, markersize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_y:

@@ -25,9 +25,9 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 
 #: uint8 thresholds (round(p*255) >= t) tried first, at min_size 0.
-THRESHOLDS = tuple(range(16, 256, 16))
+THRESHOLDS = tuple(range(24, 256, 24))
 #: Minimum cleft sizes (voxels) tried at the best threshold.
-MIN_SIZES = (0, 50, 200, 500, 1000, 2000)
+MIN_SIZES = (0, 100, 500, 2000)
 
 
 def score_key(result: dict) -> tuple[float, float]:
@@ -54,13 +54,14 @@ def sweep(prob: np.ndarray, gt: np.ndarray, invalid: np.ndarray, voxel_size: Seq
           thresholds: Sequence[int] = THRESHOLDS, min_sizes: Sequence[int] = MIN_SIZES) -> dict:
     """Score thresholds (at min_size 0), then minimum sizes at the best threshold; returns the
     chosen ``threshold``/``min_size``, its metrics, and both curves."""
+    from cleftchunk.labels import CREMI_BACKGROUND
     from cleftchunk.post.metrics import cremi_metrics_reference
     from cleftchunk.post.segment import connected_components_reference
 
     def score(t: int, m: int) -> dict:
         mask = prob >= t
         if m:
-            mask = connected_components_reference(mask, min_size=m) != 0
+            mask = connected_components_reference(mask, min_size=m) != CREMI_BACKGROUND
         r = cremi_metrics_reference(mask, gt, voxel_size, invalid_mask=invalid)
         keys = ("cremi_score", "f1", "precision", "recall", "adgt", "adf")
         return {"threshold": int(t), "min_size": int(m), **{k: _plain(r.get(k)) for k in keys}}
