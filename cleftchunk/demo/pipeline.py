@@ -66,7 +66,7 @@ class DemoSettings:
             return cls()
         if size == "quick":
             return cls(
-                train_shape=(16, 192, 192), test_shape=(16, 192, 192), input_size=(8, 64, 64),
+                train_shape=(20, 192, 192), test_shape=(16, 192, 192), input_size=(8, 64, 64),
                 iterations=30, batch_size=2, loader_workers=0, threads=1, validation_sections=8,
             )
         if size == "gpu":
@@ -401,30 +401,63 @@ def write_demo_report(demo: Demo) -> Path:
     figures = demo.folder / "figures"
     s = demo.settings
     report = Report("cleftchunk demo: synthetic CREMI-like sample, held-out evaluation")
+    point = demo.results.get("operating_point", {})
+    layout = demo.records["train"].detail.get("cpu_layout") if "train" in demo.records else None
     report.add(
         "What ran",
-        f"Training sample {_shape(s.train_shape)} (seed {s.seed}), held-out test sample {_shape(s.test_shape)} "
-        f"(seed {s.seed + 1}), difficulty {s.difficulty}; unetv0 preset '{s.preset}', input {_shape(s.input_size)}, "
+        f"Training sample {_shape(s.train_shape)} (seed {s.seed}; its last {s.validation_sections} sections held out "
+        f"for choosing the operating point), held-out test sample {_shape(s.test_shape)} (seed {s.seed + 1}), "
+        f"difficulty {s.difficulty}; unetv0 preset '{s.preset}', input {_shape(s.input_size)}, "
         f"{s.iterations} iterations of batch {s.batch_size} on {s.device} ({s.optimizer}, {s.scheduler} schedule, "
-        f"weighted BCE{' + Dice' if s.dice else ''}, lr {s.lr:g}).",
+        f"weighted BCE{' + Dice' if s.dice else ''}, lr {s.lr:g}; {s.near_cleft:.0%} of the crops centred on a cleft voxel)"
+        + (f"; {layout['threads']} torch threads + {layout['workers']} loader workers, measured fastest here" if layout else "")
+        + ".",
     )
 
     model, baseline = demo.results.get("model", {}), demo.results.get("baseline", {})
     rows = [[label, model.get(key), baseline.get(key)] for label, key in METRIC_ROWS]
+    model_name = f"trained unetv0: p ≥ {point.get('threshold')}/255, clefts ≥ {point.get('min_size')} voxels"
     report.add(
         "Held-out CREMI cleft metrics (θ = 200 nm)",
-        Table(["metric", "trained unetv0", f"baseline: raw ≤ {demo.results.get('baseline_threshold')}"], rows),
+        Table(["metric", model_name, f"baseline: raw ≤ {demo.results.get('baseline_threshold')}"], rows),
+        "Both operating points were chosen on the training sample (the model's on its held-out sections, "
+        "the baseline's threshold on the whole sample); the test sample was never used to choose anything.",
     )
 
     raw = open_volume(demo.sample_zarr("test") / "raw")[:]
     gt = open_volume(demo.sample_zarr("test") / "clefts")[:] != CREMI_BACKGROUND
     pred = open_volume(demo.results_zarr / "clefts")[:] != CREMI_BACKGROUND
-    panel = section_panel_png(figures / "sections.png", raw, gt, pred, sections_with_most(gt, 3))
+    base = open_volume(demo.results_zarr / "baseline")[:] != 0
+    panel = section_panel_png(figures / "sections.png", raw, gt, pred, sections_with_most(gt, 3), others=[base])
     report.add(
-        "Test sections",
-        "Left: raw. Right: ground-truth clefts in green, predicted clefts in magenta (white where both).",
+        "Test sections: model and baseline side by side",
+        "Left: raw. Middle: the trained model. Right: the threshold baseline. Ground-truth clefts in green, "
+        "predicted clefts in magenta (white where both).",
         panel,
     )
+
+    if point.get("thresholds"):
+        curve = [r for r in point["thresholds"] if r.get("precision") is not None and r.get("recall") is not None]
+        chosen = point["validation"]
+        pr = curve_png(
+            figures / "precision-recall.png",
+            {
+                "thresholds (min size 0)": ([r["recall"] for r in curve], [r["precision"] for r in curve]),
+                f"chosen: p ≥ {point['threshold']}/255, ≥ {point['min_size']} voxels": ([chosen["recall"]], [chosen["precision"]]),
+            },
+            "recall within θ (validation sections)",
+            "precision within θ",
+        )
+        rows = [[r["threshold"], r["min_size"], r["cremi_score"], r["precision"], r["recall"], r["f1"]]
+                for r in point["thresholds"] + point["min_sizes"]]
+        report.add(
+            "Operating point (validation sections of the training sample)",
+            f"Chosen: threshold {point['threshold']} of 255 and minimum cleft size {point['min_size']} voxels, "
+            "the lowest CREMI score on the validation sections (thresholds first, then minimum sizes at the best threshold). "
+            "It is stored in the checkpoint; predict records it and segment uses it by default.",
+            pr,
+            Table(["threshold", "min size", "CREMI score (nm)", "precision", "recall", "F1"], rows),
+        )
 
     steps, losses = training_losses(demo.folder / "runs")
     if steps:

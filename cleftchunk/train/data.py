@@ -360,9 +360,10 @@ class CropSampler:
             "the held-out validation region leaves (almost) no room for training crops: hold out a smaller --validate-roi"
         )
 
-    def draw_near_cleft(self, rng: np.random.Generator, max_draws: int = 10_000) -> tuple[int, tuple[int, int, int]] | None:
+    def draw_near_cleft(self, rng: np.random.Generator, max_draws: int = 100) -> tuple[int, tuple[int, int, int]] | None:
         """A crop offset centring the crop on a cleft voxel (uniform over all cleft voxels), clipped
-        to the valid offsets, away from held-out regions; None when the volumes have no clefts."""
+        to the valid offsets, away from held-out regions; None when the volumes have no clefts or
+        ``max_draws`` draws all touched a held-out region (the caller then draws uniformly)."""
         if self.cleft_index is None:
             self.cleft_index = CleftIndex(self.codes, [v.labels for v in self.volumes])
         if self.cleft_index.total == 0:
@@ -376,9 +377,7 @@ class CropSampler:
             held = self.holdout[index]
             if held is None or Roi(offset, self.input_size).grow(before, after).intersect(held).empty:
                 return index, offset  # type: ignore[return-value]
-        raise CleftchunkError(
-            "(almost) every cleft lies in the held-out validation region: hold out a smaller --validate-roi or lower near_cleft"
-        )
+        return None
 
     def sample(self, rng: np.random.Generator) -> dict[str, Any]:
         """One crop: image (z,y,x) float32 in [0,1], label and mask float32 0/1, tries (≥ 1)."""
