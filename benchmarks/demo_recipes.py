@@ -68,7 +68,7 @@ def main() -> None:
     train = demo.records["train"].detail
     line = (
         f"| {args.name} | `{json.dumps(json.loads(args.overrides))}` | {settings.iterations} | "
-        f"{times['train'][1]:.0f} ({times['train'][1] / settings.iterations:.2f}/it) | {cpu:.0f} | "
+        f"{times['train'][1]:.0f} ({times['train'][1] / settings.iterations:.2f}/it) | {cpu:.0f} (wall {wall:.0f}) | "
         f"t={point['threshold']} m={point['min_size']} val {point['validation']['cremi_score']:.1f}/{point['validation']['f1']:.3f} | "
         f"{_f(model.get('cremi_score'))} / {_f(model.get('f1'), 3)} | {_f(baseline.get('cremi_score'))} / {_f(baseline.get('f1'), 3)} | "
         f"{load_before[0]:.1f}→{os.getloadavg()[0]:.1f} | {train.get('cpu_layout', {}).get('threads', settings.threads)} |"
@@ -93,7 +93,7 @@ machine while other sessions ran tests (load average before→after in the row).
 and its children. Operating point: threshold t (of 255) and minimum size m chosen on the validation
 region (its CREMI score / F1 there). Held-out: CREMI score (nm) / F1 on the test sample.
 
-| name | overrides | iterations | train CPU-s | all CPU-s | operating point (validation) | model held-out | baseline held-out | load | threads |
+| name | overrides | iterations | train CPU-s (incl. operating point) | all CPU-s | operating point (validation) | model held-out | baseline held-out | load | threads |
 |---|---|---|---|---|---|---|---|---|---|
 """
 

@@ -11,7 +11,13 @@ from cleftchunk import open_volume
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.volumes import create_volume
 from cleftchunk.labels import CREMI_BACKGROUND
-from cleftchunk.model import arch_spec, build_model, checkpoint_postprocess, load_checkpoint, save_checkpoint
+from cleftchunk.model import (
+    arch_spec,
+    build_model,
+    checkpoint_postprocess,
+    load_checkpoint,
+    save_checkpoint,
+)
 from cleftchunk.train.operating_point import choose_operating_point, sweep
 
 VOXEL = (40.0, 4.0, 4.0)
@@ -57,9 +63,9 @@ def trained(tmp_path):
 
 
 def test_the_chosen_point_travels_from_checkpoint_to_predict_to_segment(tmp_path, trained):
+    from cleftchunk.post.segment import segment
     from cleftchunk.predict import predict
     from cleftchunk.predict.params import ATTR
-    from cleftchunk.post.segment import segment
 
     ckpt, raw, labels = trained
     entry = choose_operating_point(ckpt, raw, labels, "4:8,:,:", batch_size=1, thresholds=(64, 128, 192), min_sizes=(0, 7))

@@ -30,7 +30,11 @@ def available_cores() -> int:
 def measure_cpu_layout(config: TrainConfig, steps: int = 3) -> dict:
     """``{"threads", "workers", "seconds_per_iteration", "measured": {...}}`` for CPU training."""
     from cleftchunk.train.augment import AugmentConfig
-    from cleftchunk.train.data import CropSampler, RejectionConfig, open_training_volumes
+    from cleftchunk.train.data import (
+        CropSampler,
+        RejectionConfig,
+        open_training_volumes,
+    )
     from cleftchunk.train.distributed import init_distributed
     from cleftchunk.train.trainer import Trainer
 

@@ -41,7 +41,12 @@ def score_key(result: dict) -> tuple[float, float]:
 def validation_arrays(image_spec: str, labels_spec: str, roi: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
     """Raw (as stored), cleft mask, invalid mask and voxel size of the validation region."""
     from cleftchunk.io.volumes import open_volume
-    from cleftchunk.labels import CLEFT_BIT, INVALID_BIT, label_codes, resolve_label_kind
+    from cleftchunk.labels import (
+        CLEFT_BIT,
+        INVALID_BIT,
+        label_codes,
+        resolve_label_kind,
+    )
     from cleftchunk.train.validation import parse_roi
 
     image, labels = open_volume(image_spec), open_volume(labels_spec)
@@ -86,8 +91,13 @@ def choose_operating_point(
 ) -> dict:
     """Predict the validation region with the shipped predictor, sweep, and store the result as the
     checkpoint's ``postprocess`` entry (rewritten atomically); returns that entry."""
-    from cleftchunk.model import checkpoint_input_size, load_checkpoint, set_checkpoint_entry
-    from cleftchunk.model import ProbabilityModel, model_from_checkpoint
+    from cleftchunk.model import (
+        ProbabilityModel,
+        checkpoint_input_size,
+        load_checkpoint,
+        model_from_checkpoint,
+        set_checkpoint_entry,
+    )
     from cleftchunk.predict import predict_reference
 
     ckpt = load_checkpoint(checkpoint)
