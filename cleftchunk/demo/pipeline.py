@@ -327,7 +327,7 @@ class Demo:
         from cleftchunk.post.segment import segment
 
         result = segment(str(self.results_zarr / "pred"), str(self.results_zarr / "clefts"), overwrite=True)
-        detail.update(components=result.components, voxels=result.voxels)
+        detail.update(components=result.components, voxels=result.voxels, threshold=result.threshold, min_size=result.min_size)
 
     def evaluate(self, detail: dict) -> None:
         from cleftchunk.post.metrics import evaluate
@@ -341,6 +341,8 @@ class Demo:
         detail.update(cremi_score=model.get("cremi_score"), baseline_cremi_score=baseline.get("cremi_score"))
 
     def report(self, detail: dict) -> None:
+        from cleftchunk.demo.report import write_demo_report
+
         path = write_demo_report(self)
         detail["report"] = str(path)
 
@@ -378,133 +380,6 @@ def write_threshold_baseline(raw_spec: Path, out: Path, threshold: int) -> None:
     target = create_like(out, raw, np.uint8, overwrite=True)
     for _, roi in ChunkGrid(raw.roi, raw.chunks).chunks():
         target.write(roi, (raw.read(roi) <= threshold).astype(np.uint8))
-
-
-# -- the report -------------------------------------------------------------------------
-METRIC_ROWS = [
-    ("CREMI score (nm, lower is better)", "cremi_score"),
-    ("ADGT (nm)", "adgt"),
-    ("ADF (nm)", "adf"),
-    ("false positives at θ", "fp"),
-    ("false negatives at θ", "fn"),
-    ("precision within θ", "precision"),
-    ("recall within θ", "recall"),
-    ("F1 within θ", "f1"),
-]
-
-
-def write_demo_report(demo: Demo) -> Path:
-    from cleftchunk.demo.report import Report, Table, curve_png, section_panel_png, sections_with_most, smooth
-    from cleftchunk.labels import CREMI_BACKGROUND
-    from cleftchunk.io.volumes import open_volume
-
-    figures = demo.folder / "figures"
-    s = demo.settings
-    report = Report("cleftchunk demo: synthetic CREMI-like sample, held-out evaluation")
-    point = demo.results.get("operating_point", {})
-    layout = demo.records["train"].detail.get("cpu_layout") if "train" in demo.records else None
-    report.add(
-        "What ran",
-        f"Training sample {_shape(s.train_shape)} (seed {s.seed}; its last {s.validation_sections} sections held out "
-        f"for choosing the operating point), held-out test sample {_shape(s.test_shape)} (seed {s.seed + 1}), "
-        f"difficulty {s.difficulty}; unetv0 preset '{s.preset}', input {_shape(s.input_size)}, "
-        f"{s.iterations} iterations of batch {s.batch_size} on {s.device} ({s.optimizer}, {s.scheduler} schedule, "
-        f"weighted BCE{' + Dice' if s.dice else ''}, lr {s.lr:g}; {s.near_cleft:.0%} of the crops centred on a cleft voxel)"
-        + (f"; {layout['threads']} torch threads + {layout['workers']} loader workers, measured fastest here" if layout else "")
-        + ".",
-    )
-
-    model, baseline = demo.results.get("model", {}), demo.results.get("baseline", {})
-    rows = [[label, model.get(key), baseline.get(key)] for label, key in METRIC_ROWS]
-    model_name = f"trained unetv0: p ≥ {point.get('threshold')}/255, clefts ≥ {point.get('min_size')} voxels"
-    report.add(
-        "Held-out CREMI cleft metrics (θ = 200 nm)",
-        Table(["metric", model_name, f"baseline: raw ≤ {demo.results.get('baseline_threshold')}"], rows),
-        "Both operating points were chosen on the training sample (the model's on its held-out sections, "
-        "the baseline's threshold on the whole sample); the test sample was never used to choose anything.",
-    )
-
-    raw = open_volume(demo.sample_zarr("test") / "raw")[:]
-    gt = open_volume(demo.sample_zarr("test") / "clefts")[:] != CREMI_BACKGROUND
-    pred = open_volume(demo.results_zarr / "clefts")[:] != CREMI_BACKGROUND
-    base = open_volume(demo.results_zarr / "baseline")[:] != 0
-    panel = section_panel_png(figures / "sections.png", raw, gt, pred, sections_with_most(gt, 3), others=[base])
-    report.add(
-        "Test sections: model and baseline side by side",
-        "Left: raw. Middle: the trained model. Right: the threshold baseline. Ground-truth clefts in green, "
-        "predicted clefts in magenta (white where both).",
-        panel,
-    )
-
-    if point.get("thresholds"):
-        curve = [r for r in point["thresholds"] if r.get("precision") is not None and r.get("recall") is not None]
-        chosen = point["validation"]
-        pr = curve_png(
-            figures / "precision-recall.png",
-            {
-                "thresholds (min size 0)": ([r["recall"] for r in curve], [r["precision"] for r in curve]),
-                f"chosen: p ≥ {point['threshold']}/255, ≥ {point['min_size']} voxels": ([chosen["recall"]], [chosen["precision"]]),
-            },
-            "recall within θ (validation sections)",
-            "precision within θ",
-        )
-        rows = [[r["threshold"], r["min_size"], r["cremi_score"], r["precision"], r["recall"], r["f1"]]
-                for r in point["thresholds"] + point["min_sizes"]]
-        report.add(
-            "Operating point (validation sections of the training sample)",
-            f"Chosen: threshold {point['threshold']} of 255 and minimum cleft size {point['min_size']} voxels, "
-            "the lowest CREMI score on the validation sections (thresholds first, then minimum sizes at the best threshold). "
-            "It is stored in the checkpoint; predict records it and segment uses it by default.",
-            pr,
-            Table(["threshold", "min size", "CREMI score (nm)", "precision", "recall", "F1"], rows),
-        )
-
-    steps, losses = training_losses(demo.folder / "runs")
-    if steps:
-        curve = curve_png(
-            figures / "loss.png",
-            {"loss": (steps, losses), "moving mean": (steps, smooth(losses, 10))},
-            "iteration",
-            "training loss (weighted BCE)",
-        )
-        report.add("Training loss", curve)
-
-    stage_rows = [
-        [r.name, round(r.seconds, 1), round(r.peak_rss_mib), _stage_note(r)] for r in demo.records.values()
-    ]
-    report.add("Stages: time and peak memory (process tree RSS)", Table(["stage", "seconds", "peak MiB", "notes"], stage_rows))
-    md, page = report.write(demo.folder)
-    return page
-
-
-def training_losses(log_dir: Path) -> tuple[list[int], list[float]]:
-    """The ``loss/train`` scalars of the TensorBoard event files under ``log_dir``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    points: dict[int, float] = {}
-    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        if "loss/train" in accumulator.Tags().get("scalars", []):
-            for event in accumulator.Scalars("loss/train"):
-                points[event.step] = event.value
-    steps = sorted(points)
-    return steps, [points[s] for s in steps]
-
-
-def _stage_note(record: StageRecord) -> str:
-    d = record.detail
-    if record.name == "predict" and "voxels_per_s" in d:
-        return f"{d['voxels_per_s'] / 1e6:.2f} Mvoxel/s, tiles run / grid = {d.get('tiles_ratio', float('nan')):.3g}"
-    if record.name == "train" and "samples" in d:
-        return f"{d['samples'] / max(record.seconds, 1e-9):.2f} crops/s"
-    if record.name == "segment" and "components" in d:
-        return f"{d['components']} clefts"
-    return ""
-
-
-def _shape(shape: Any) -> str:
-    return "×".join(str(int(v)) for v in shape)
 
 
 def _plain(value: Any) -> Any:
