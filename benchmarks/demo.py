@@ -84,9 +84,10 @@ def fragment(result: dict) -> str:
         "",
         f"Settings: {json.dumps(settings)}",
         "",
-        f"Training CPU layout measured by the demo: {layout.get('threads', settings.get('threads'))} torch threads + "
-        f"{layout.get('workers', settings.get('loader_workers'))} loader workers "
-        f"(measured: {json.dumps(layout.get('measured', {}))}); training itself {train.get('train_seconds', float('nan')):.1f} s "
+        (f"Training CPU layout measured by the demo: {layout['threads']} torch threads + {layout['workers']} loader "
+         f"workers (measured: {json.dumps(layout['measured'])})" if layout else
+         f"Training CPU layout set by the size: {settings.get('threads')} torch threads + {settings.get('loader_workers')} loader workers")
+        + f"; training itself {train.get('train_seconds', float('nan')):.1f} s "
         f"({train.get('train_seconds', float('nan')) / max(settings['iterations'], 1):.2f} s per iteration), "
         f"operating point {train.get('operating_point_seconds', float('nan')):.1f} s.",
         "",
