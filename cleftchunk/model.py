@@ -8,6 +8,9 @@ reading a checkpoint never runs pickled code. Their layout (``format: cleftchunk
 
     {"format", "arch": {"name", "filters", "in_channels", "out_channels"}, "input_size": [z, y, x],
      "model": state_dict, "iteration", "optimizer", "scheduler", "config", "rng", ...extra}
+
+An optional ``postprocess`` entry (``{"threshold", "min_size", ...}``, chosen on validation data by
+:mod:`cleftchunk.train.operating_point`) is the binarization ``segment`` uses by default.
 """
 
 from __future__ import annotations
@@ -298,6 +301,25 @@ def save_checkpoint(
         "rng": None,
     }
     state.update(extra or {})
+    return _write_atomically(path, state)
+
+
+def set_checkpoint_entry(path: str | os.PathLike, key: str, value: Any) -> Path:
+    """Add or replace one top-level entry of a checkpoint file (atomically, as it is written)."""
+    state = load_checkpoint(path)
+    state[key] = value
+    return _write_atomically(Path(path), state)
+
+
+def checkpoint_postprocess(ckpt: dict) -> dict | None:
+    """The checkpoint's chosen binarization ``{"threshold", "min_size"}``, or None."""
+    entry = ckpt.get("postprocess")
+    if not isinstance(entry, dict) or "threshold" not in entry:
+        return None
+    return {"threshold": float(entry["threshold"]), "min_size": int(entry.get("min_size", 0))}
+
+
+def _write_atomically(path: Path, state: dict) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -12,9 +12,11 @@ from cleftchunk_cli.options import KIND_CHOICE, check_threshold, positive_zyx
 @click.command("segment")
 @click.argument("pred")
 @click.option("-o", "--output", required=True, help="Output Zarr image for uint64 cleft ids, e.g. out.zarr/clefts.")
-@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
-              help="Cleft voxels are probabilities >= this (of 255; floats in [0, 1] are compared with it / 255).")
-@click.option("--min-size", type=int, default=0, show_default=True, help="Drop components with fewer voxels than this.")
+@click.option("--threshold", type=float, default=None,
+              help="Cleft voxels are probabilities >= this (of 255; floats in [0, 1] are compared with it / 255). "
+              f"Default: the threshold chosen at training that predict recorded in PRED, else {DEFAULT_THRESHOLD}.")
+@click.option("--min-size", type=int, default=None,
+              help="Drop components with fewer voxels than this. Default: the one recorded in PRED, else 0.")
 @click.option("--connectivity", type=click.Choice(["6", "26"]), default="26", show_default=True,
               help="Neighbours that connect: 6 (faces) or 26 (faces, edges and corners).")
 @click.option("--kind", "pred_kind", type=KIND_CHOICE, default="auto", show_default=True,
@@ -36,7 +38,7 @@ def command(pred, output, threshold, min_size, connectivity, pred_kind, block_sh
     result = segment(
         pred,
         output,
-        threshold=check_threshold(threshold),
+        threshold=None if threshold is None else check_threshold(threshold),
         min_size=min_size,
         connectivity=int(connectivity),
         kind=pred_kind,
@@ -54,5 +56,5 @@ def command(pred, output, threshold, min_size, connectivity, pred_kind, block_sh
         return
     click.echo(
         f"{output}: {result.components} clefts ({result.voxels} voxels), "
-        f"{result.removed} smaller than {min_size} voxels removed, {result.blocks} blocks"
+        f"{result.removed} smaller than {result.min_size} voxels removed, {result.blocks} blocks"
     )

@@ -229,3 +229,57 @@ def test_bad_pairs_are_one_line_errors(tmp_path):
         open_training_volumes([], [])
     with pytest.raises(CleftchunkError, match="not supported"):
         TrainingVolume(np.zeros((4, 64, 64), np.int64), np.zeros((4, 64, 64), np.uint8))
+
+
+# -- near-cleft sampling -----------------------------------------------------------------------------
+def _sparse_clefts(shape=(8, 128, 128)):
+    labels = np.full(shape, BG, np.uint64)
+    labels[3:5, 100:104, 20:24] = 1  # 32 cleft voxels: a uniform crop rarely shows them
+    labels[2:4, 10:12, 110:114] = 2
+    return np.zeros(shape, np.uint8), labels
+
+
+@pytest.mark.parametrize("cache_mb", [0, 8])
+def test_near_cleft_crops_are_centred_on_cleft_voxels(cache_mb):
+    image, labels = _sparse_clefts()
+    sampler = CropSampler(
+        [TrainingVolume(image, labels)], OUT, AugmentConfig.off(), RejectionConfig(near_cleft=1.0, keep_p=0.0), cache_mb=cache_mb
+    )
+    assert sampler.draw_near_cleft(np.random.default_rng(0)) is not None and sampler.cleft_index.total == 48
+    for seed in range(20):
+        sample = sampler.sample(np.random.default_rng(seed))
+        assert sample["tries"] == 1  # kept without rejection
+        z, y, x = (o + s // 2 for o, s in zip(sample["offset"], OUT))
+        assert (labels[z, y, x] != BG) or sample["label"].sum() > 0  # centred on a cleft (or clipped next to one)
+        assert sample["label"].sum() > 0
+
+
+def test_near_cleft_fraction_and_uniform_draws_mix():
+    image, labels = _sparse_clefts()
+    sampler = CropSampler([TrainingVolume(image, labels)], OUT, AugmentConfig.off(), RejectionConfig(near_cleft=0.5, keep_p=1.0))
+    with_clefts = [sampler.sample(np.random.default_rng(s))["label"].sum() > 0 for s in range(200)]
+    # half the crops are centred on clefts; uniform crops of 32x32 in 128x128 seldom see one
+    assert 0.4 < np.mean(with_clefts) < 0.8
+
+
+def test_near_cleft_draws_avoid_the_held_out_region():
+    from cleftchunk.geometry import Roi
+
+    image, labels = _sparse_clefts((16, 128, 128))
+    labels[10:12, 50:54, 50:54] = 3  # only this cleft lies outside the held-out sections 0..7
+    sampler = CropSampler(
+        [TrainingVolume(image, labels)], OUT, AugmentConfig.off(), RejectionConfig(near_cleft=1.0),
+        holdout=[Roi((0, 0, 0), (8, 128, 128))],
+    )
+    for seed in range(10):
+        sample = sampler.sample(np.random.default_rng(seed))
+        assert sample["offset"][0] >= 8 and sample["label"].sum() > 0
+
+
+def test_near_cleft_without_clefts_falls_back_to_uniform_draws():
+    image = np.zeros((4, 64, 64), np.uint8)
+    sampler = CropSampler([TrainingVolume(image, np.full((4, 64, 64), BG, np.uint64))], OUT, AugmentConfig.off(),
+                          RejectionConfig(near_cleft=1.0, keep_p=1.0))
+    assert sampler.sample(np.random.default_rng(0))["label"].sum() == 0
+    with pytest.raises(CleftchunkError, match="near_cleft"):
+        RejectionConfig.from_dict({"near_cleft": 1.5})

@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -33,16 +33,19 @@ def section_panel_png(
     pred: np.ndarray | None,
     sections: Sequence[int],
     max_width: int = 1600,
+    others: Sequence[np.ndarray] = (),
 ) -> Path:
-    """Several z-sections side by side: raw, then raw with GT (green) and prediction (magenta)."""
+    """Several z-sections side by side: raw, then raw with GT (green) and prediction (magenta),
+    then the same for each of ``others`` (further predictions, compared on the same sections)."""
     from PIL import Image
 
     rows = []
     for z in sections:
-        plain = overlay_section(raw[z])
-        both = overlay_section(raw[z], None if gt is None else gt[z], None if pred is None else pred[z])
+        columns = [overlay_section(raw[z])]
+        for p in (pred, *others):
+            columns.append(overlay_section(raw[z], None if gt is None else gt[z], None if p is None else p[z]))
         gap = np.full((raw.shape[1], 8, 3), 255, np.uint8)
-        rows.append(np.concatenate([plain, gap, both], axis=1))
+        rows.append(np.concatenate([c for column in columns for c in (column, gap)][:-1], axis=1))
     hgap = np.full((8, rows[0].shape[1], 3), 255, np.uint8)
     grid = np.concatenate([r for row in rows for r in (row, hgap)][:-1], axis=0)
     image = Image.fromarray(grid)
@@ -71,7 +74,8 @@ def curve_png(path: Path, series: dict[str, tuple[Sequence[float], Sequence[floa
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     for name, (x, y) in series.items():
-        ax.plot(x, y, label=name, linewidth=1.2)
+        # A series of one point (e.g. a chosen operating point) is drawn as a marker.
+        ax.plot(x, y, label=name, linewidth=1.2, marker="o" if len(x) == 1 else None, markersize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_y:
@@ -166,3 +170,132 @@ class Report:
         md_path.write_text("\n".join(md))
         html_path.write_text(page)
         return md_path, html_path
+
+
+# -- the report -------------------------------------------------------------------------
+METRIC_ROWS = [
+    ("CREMI score (nm, lower is better)", "cremi_score"),
+    ("ADGT (nm)", "adgt"),
+    ("ADF (nm)", "adf"),
+    ("false positives at θ", "fp"),
+    ("false negatives at θ", "fn"),
+    ("precision within θ", "precision"),
+    ("recall within θ", "recall"),
+    ("F1 within θ", "f1"),
+]
+
+
+def write_demo_report(demo: Any) -> Path:
+    """The demo's report.md / report.html from its finished stages (a :class:`cleftchunk.demo.pipeline.Demo`)."""
+    from cleftchunk.labels import CREMI_BACKGROUND
+    from cleftchunk.io.volumes import open_volume
+
+    figures = demo.folder / "figures"
+    s = demo.settings
+    report = Report("cleftchunk demo: synthetic CREMI-like sample, held-out evaluation")
+    point = demo.results.get("operating_point", {})
+    layout = demo.records["train"].detail.get("cpu_layout") if "train" in demo.records else None
+    report.add(
+        "What ran",
+        f"Training sample {_shape(s.train_shape)} (seed {s.seed}; its last {s.validation_sections} sections held out "
+        f"for choosing the operating point), held-out test sample {_shape(s.test_shape)} (seed {s.seed + 1}), "
+        f"difficulty {s.difficulty}; unetv0 preset '{s.preset}', input {_shape(s.input_size)}, "
+        f"{s.iterations} iterations of batch {s.batch_size} on {s.device} ({s.optimizer}, {s.scheduler} schedule, "
+        f"weighted BCE{' + Dice' if s.dice else ''}, lr {s.lr:g}; {s.near_cleft:.0%} of the crops centred on a cleft voxel)"
+        + (f"; {layout['threads']} torch threads + {layout['workers']} loader workers, measured fastest here" if layout else "")
+        + ".",
+    )
+
+    model, baseline = demo.results.get("model", {}), demo.results.get("baseline", {})
+    rows = [[label, model.get(key), baseline.get(key)] for label, key in METRIC_ROWS]
+    model_name = f"trained unetv0: p ≥ {point.get('threshold')}/255, clefts ≥ {point.get('min_size')} voxels"
+    report.add(
+        "Held-out CREMI cleft metrics (θ = 200 nm)",
+        Table(["metric", model_name, f"baseline: raw ≤ {demo.results.get('baseline_threshold')}"], rows),
+        "Both operating points were chosen on the training sample (the model's on its held-out sections, "
+        "the baseline's threshold on the whole sample); the test sample was never used to choose anything.",
+    )
+
+    raw = open_volume(demo.sample_zarr("test") / "raw")[:]
+    gt = open_volume(demo.sample_zarr("test") / "clefts")[:] != CREMI_BACKGROUND
+    pred = open_volume(demo.results_zarr / "clefts")[:] != CREMI_BACKGROUND
+    base = open_volume(demo.results_zarr / "baseline")[:] != 0
+    panel = section_panel_png(figures / "sections.png", raw, gt, pred, sections_with_most(gt, 3), others=[base])
+    report.add(
+        "Test sections: model and baseline side by side",
+        "Left: raw. Middle: the trained model. Right: the threshold baseline. Ground-truth clefts in green, "
+        "predicted clefts in magenta (white where both).",
+        panel,
+    )
+
+    if point.get("thresholds"):
+        curve = [r for r in point["thresholds"] if r.get("precision") is not None and r.get("recall") is not None]
+        chosen = point["validation"]
+        pr = curve_png(
+            figures / "precision-recall.png",
+            {
+                "thresholds (min size 0)": ([r["recall"] for r in curve], [r["precision"] for r in curve]),
+                f"chosen: p ≥ {point['threshold']}/255, ≥ {point['min_size']} voxels": ([chosen["recall"]], [chosen["precision"]]),
+            },
+            "recall within θ (validation sections)",
+            "precision within θ",
+        )
+        rows = [[r["threshold"], r["min_size"], r["cremi_score"], r["precision"], r["recall"], r["f1"]]
+                for r in point["thresholds"] + point["min_sizes"]]
+        report.add(
+            "Operating point (validation sections of the training sample)",
+            f"Chosen: threshold {point['threshold']} of 255 and minimum cleft size {point['min_size']} voxels, "
+            "the lowest CREMI score on the validation sections (thresholds first, then minimum sizes at the best threshold). "
+            "It is stored in the checkpoint; predict records it and segment uses it by default.",
+            pr,
+            Table(["threshold", "min size", "CREMI score (nm)", "precision", "recall", "F1"], rows),
+        )
+
+    steps, losses = training_losses(demo.folder / "runs")
+    if steps:
+        curve = curve_png(
+            figures / "loss.png",
+            {"loss": (steps, losses), "moving mean": (steps, smooth(losses, 10))},
+            "iteration",
+            "training loss (weighted BCE)",
+        )
+        report.add("Training loss", curve)
+
+    stage_rows = [
+        [r.name, round(r.seconds, 1), round(r.peak_rss_mib), _stage_note(r)] for r in demo.records.values()
+    ]
+    report.add("Stages: time and peak memory (process tree RSS)", Table(["stage", "seconds", "peak MiB", "notes"], stage_rows))
+    md, page = report.write(demo.folder)
+    return page
+
+
+def training_losses(log_dir: Path) -> tuple[list[int], list[float]]:
+    """The ``loss/train`` scalars of the TensorBoard event files under ``log_dir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points: dict[int, float] = {}
+    for events in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        if "loss/train" in accumulator.Tags().get("scalars", []):
+            for event in accumulator.Scalars("loss/train"):
+                points[event.step] = event.value
+    steps = sorted(points)
+    return steps, [points[s] for s in steps]
+
+
+def _stage_note(record: Any) -> str:
+    d = record.detail
+    if record.name == "predict" and "voxels_per_s" in d:
+        return f"{d['voxels_per_s'] / 1e6:.2f} Mvoxel/s, tiles run / grid = {d.get('tiles_ratio', float('nan')):.3g}"
+    if record.name == "train" and "samples" in d:
+        seconds = d.get("train_seconds", record.seconds)
+        return (f"{d['samples'] / max(seconds, 1e-9):.2f} crops/s in {seconds:.0f} s of training"
+                + (f"; operating point {d['operating_point_seconds']:.0f} s" if "operating_point_seconds" in d else ""))
+    if record.name == "segment" and "components" in d:
+        return f"{d['components']} clefts" + (f" (p ≥ {d['threshold']:g}/255, ≥ {d['min_size']} voxels)" if "threshold" in d else "")
+    return ""
+
+
+def _shape(shape: Any) -> str:
+    return "×".join(str(int(v)) for v in shape)

@@ -213,14 +213,16 @@ class SegmentResult:
     removed: int  # smaller than min_size
     voxels: int  # cleft voxels kept
     blocks: int
+    threshold: float = DEFAULT_THRESHOLD  # as used (given, or recorded by predict)
+    min_size: int = 0
 
 
 @writes_output("segment", "out", ("pred",))
 def segment(
     pred: Volume | str,
     out: str,
-    threshold: float = DEFAULT_THRESHOLD,
-    min_size: int = 0,
+    threshold: float | None = None,
+    min_size: int | None = None,
     connectivity: int = 26,
     kind: str = "auto",
     block_shape: Sequence[int] | None = None,
@@ -236,9 +238,12 @@ def segment(
     """Write uint64 CREMI cleft ids of ``pred``'s connected components to ``out`` (a Zarr spec).
 
     Runs on ``workers`` threads, or the Dask cluster at ``scheduler``, or (``processes``) local
-    worker processes. ``dry_run``: log the plan and return None, creating nothing."""
+    worker processes. ``dry_run``: log the plan and return None, creating nothing.
+    ``threshold``/``min_size`` left as None: the operating point ``predict`` recorded from the
+    checkpoint (its ``postprocess`` attribute), else DEFAULT_THRESHOLD and 0."""
     source = as_volume(pred)
     kind = resolve_label_kind(source, kind)
+    threshold, min_size = default_postprocess(source, threshold, min_size)
     if min_size < 0:
         raise CleftchunkError(f"--min-size {min_size} is negative: give a number of voxels >= 0")
     structure(connectivity)  # refuse a bad connectivity before any work
@@ -279,10 +284,20 @@ def _segment(source, kind, threshold, min_size, connectivity, plan, total, targe
     _relabel_all(source, kind, threshold, plan, connectivity, offsets, lut, target, runner)
     target.array.attrs[COMPLETE_ATTRIBUTE] = True
     kept = comp_sizes >= max(min_size, 1)
-    return SegmentResult(int(kept.sum()), int((~kept).sum()), int(comp_sizes[kept].sum()), len(plan))
+    return SegmentResult(int(kept.sum()), int((~kept).sum()), int(comp_sizes[kept].sum()), len(plan), threshold, min_size)
 
 
 COMPLETE_ATTRIBUTE = "complete"
+
+
+def default_postprocess(source: Volume, threshold: float | None, min_size: int | None) -> tuple[float, int]:
+    """Given values, else the prediction's recorded ``postprocess`` (predict's attribute), else defaults."""
+    from cleftchunk.predict.params import ATTR
+
+    recorded = dict(dict(source.array.attrs).get(ATTR, {}).get("postprocess") or {}) if hasattr(source, "array") else {}
+    threshold = recorded.get("threshold", DEFAULT_THRESHOLD) if threshold is None else threshold
+    min_size = recorded.get("min_size", 0) if min_size is None else min_size
+    return float(threshold), int(min_size)
 
 
 def aligned_block_shape(block_shape: Sequence[int] | None, chunks: Sequence[int], shape: Sequence[int]) -> tuple:

@@ -123,7 +123,8 @@ def predict(
         return PredictResult(str(output_spec), grid.count, blocks=len(plan), seconds=time.perf_counter() - started)
     run_info = {"block_shape": list(block_shape), "workers": workers, "gpus": gpus, "scheduler": scheduler, "retries": retries}
     scratch_option = scratch
-    output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite, scratch_option)
+    postprocess = _postprocess_of(model_or_checkpoint)
+    output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite, scratch_option, postprocess)
     scratch = Scratch(str(_scratch_dir(output, identity_hash, scratch_option)))
     result = PredictResult(str(output_spec), grid.count)
     result.blocks = len(plan)
@@ -289,9 +290,19 @@ def _versions() -> dict:
     return out
 
 
+def _postprocess_of(model_or_checkpoint: Any) -> dict | None:
+    """The checkpoint's chosen binarization (threshold, min_size), recorded for ``segment``'s defaults."""
+    if not isinstance(model_or_checkpoint, (str, os.PathLike)):
+        return None
+    from cleftchunk.model import checkpoint_postprocess, load_checkpoint
+
+    return checkpoint_postprocess(load_checkpoint(model_or_checkpoint))
+
+
 def _open_output(
     spec: str | os.PathLike, volume: Volume, chunks: Coord, identity: dict, identity_hash: str, run_info: dict, overwrite: bool,
     scratch: str | os.PathLike | None = None,
+    postprocess: dict | None = None,
 ) -> tuple[Volume, bool]:
     """Create the output, or reopen it to resume when it was started with the same identity."""
     resuming = False
@@ -316,6 +327,8 @@ def _open_output(
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "complete": False,
     }
+    if postprocess is not None:
+        provenance["postprocess"] = postprocess
     output = create_like(
         spec,
         volume,

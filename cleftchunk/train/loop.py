@@ -90,12 +90,14 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     if ckpt is not None:
         check_resumable(ckpt, config, last)
     volumes = open_training_volumes(config.images, config.labels, config.root, config.label_mode)
-    validator = Validator(config) if config.validate_image and config.validate_every else None
+    # A validation region is held out of training even when it is not scored during training
+    # (validate_every 0): the demo chooses its operating point there after training.
+    validator = Validator(config) if config.validate_image else None
     sampler = CropSampler(
         volumes, config.input_size, AugmentConfig.from_dict(config.augment), RejectionConfig.from_dict(config.rejection),
         cache_mb=config.cache_mb, holdout=validator.holdout_for(volumes) if validator else None,
     )
-    hooks = list(hooks) + ([validator] if validator else [])
+    hooks = list(hooks) + ([validator] if validator and config.validate_every else [])
     dist.barrier()  # every process has checked before the main one changes anything
     if dist.main:
         if overwrite:
