@@ -18,10 +18,10 @@ import numpy as np
 from cleftchunk.geometry import Coord, Roi
 from cleftchunk.predict.tiling import (
     TileGrid,
+    block_denominator,
     blended_uint8,
-    importance_map,
     reflect_read,
-    to_fixed,
+    weights_for,
 )
 from cleftchunk.io.volumes import Volume
 from cleftchunk.predict.params import PredictParams
@@ -60,7 +60,7 @@ def run_block_tiles(job: Job, work: BlockWork, source: ModelSource) -> dict:
     if not to_run:
         job.scratch.save_partial(work.index, None, stats)
         return stats
-    weights = _weights(job.params.window, job.params.blend)
+    weights = weights_for(job.params.window, job.params.blend)
     runner = _runner_for(source, job.params, job.torch_threads)
     partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights)
     stats["run"] = runner.tiles_run
@@ -71,11 +71,7 @@ def run_block_tiles(job: Job, work: BlockWork, source: ModelSource) -> dict:
 def blend_block(job: Job, work: BlockWork, *_tiles_done: Any) -> dict:
     """The *blend* task: add the partials reaching a block, divide by Σ q(w), write, mark done."""
     write = work.write_roi
-    fixed_weights = _fixed_weights(job.params.window, job.params.blend)
-    denominator = np.zeros(write.shape, dtype=np.int64)
-    for _, tile in job.grid.tiles_overlapping(write):
-        common = tile.intersect(write)
-        denominator[common.relative_to(write).to_slices()] += fixed_weights[common.relative_to(tile).to_slices()]
+    denominator = block_denominator(job.grid, job.params.blend, write)
     numerator = np.zeros(write.shape, dtype=np.int64)
     for dep, dep_roi in work.deps:
         partial = job.scratch.load_partial(dep)
@@ -89,22 +85,3 @@ def blend_block(job: Job, work: BlockWork, *_tiles_done: Any) -> dict:
     job.output.write(write, out)
     job.scratch.mark_done(work.index)
     return {"voxels": write.size}
-
-
-_WEIGHTS: dict[tuple, np.ndarray] = {}
-
-
-def _weights(window: Coord, blend: str) -> np.ndarray:
-    key = ("w", window, blend)
-    if key not in _WEIGHTS:
-        _WEIGHTS[key] = importance_map(window, blend).astype(np.float64)
-    return _WEIGHTS[key]
-
-
-def _fixed_weights(window: Coord, blend: str) -> np.ndarray:
-    key = ("q", window, blend)
-    if key not in _WEIGHTS:
-        _WEIGHTS[key] = to_fixed(_weights(window, blend))
-    return _WEIGHTS[key]
-
-
