@@ -20,6 +20,8 @@ Every contender runs in a fresh subprocess (peak RSS of its whole process tree),
     python benchmarks/predict.py --mid --only efficiency  # default model on 16×512×512 (8 tiles),
                                             # when the full efficiency run does not fit a loaded machine
     python benchmarks/predict.py --only monai,memory
+    python benchmarks/predict.py --only hotpath   # null and real models beside MONAI, GPU projection
+                                                  # (writes results/predict-hotpath.md)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA_DIR, markdown_table, measure, median, python_argv, write_fragment  # noqa: E402
+from _hotpath import hotpath  # noqa: E402
 
 WORK = DATA_DIR / "predict"
 CORES = os.cpu_count() or 1
@@ -263,17 +266,21 @@ CONFIGS = {
         eff_sample=8,
         mem_shapes=[(32, 512, 512), (64, 1024, 1024)], mem_window=(8, 256, 256), mem_block=(16, 256, 256),
         monai_shape=(16, 512, 512), monai_window=(8, 256, 256),
+        null_shape=(32, 1024, 1024), null_window=(8, 256, 256),
+        model_rows=[("small", (16, 512, 512), 3), ("default", (8, 512, 512), 1)],
     ),
     "mid": dict(
         eff_shape=(16, 512, 512), eff_window=(8, 256, 256), eff_overlap=0.0, eff_preset="default", chunks=(16, 256, 256),
         eff_sample=8,
         mem_shapes=[(16, 256, 256), (32, 512, 512)], mem_window=(8, 128, 128), mem_block=(8, 128, 128),
         monai_shape=(16, 256, 256), monai_window=(8, 128, 128),
+        null_shape=(32, 1024, 1024), null_window=(8, 256, 256), model_rows=[("small", (16, 512, 512), 3)],
     ),
     "quick": dict(
         eff_shape=(16, 256, 256), eff_window=(8, 128, 128), eff_overlap=0.5, eff_preset="small", chunks=(8, 128, 128),
         mem_shapes=[(16, 256, 256), (32, 512, 512)], mem_window=(8, 128, 128), mem_block=(8, 128, 128),
         monai_shape=(16, 256, 256), monai_window=(8, 128, 128),
+        null_shape=(16, 512, 512), null_window=(8, 128, 128), model_rows=[("small", (16, 256, 256), 3)],
     ),
 }
 
@@ -299,7 +306,16 @@ def main() -> None:
         "memory": lambda: memory(cfg, args.repeats or 3),
         "monai": lambda: monai(cfg, args.repeats or 3),
     }
-    for name in filter(None, args.only.split(",")):  # --only "" just reassembles the fragment
+    sections = [n for n in args.only.split(",") if n]
+    if "hotpath" in sections:  # its own fragment (results/predict-hotpath.md)
+        sections.remove("hotpath")
+        helpers = dict(random_volume=random_volume, checkpoint=checkpoint, cli_predict=cli_predict, bare_forward=BARE_FORWARD,
+                       result_line=result_line)
+        body = hotpath(cfg, args.repeats or 3, helpers, WORK, CORES)
+        print(f"wrote {write_fragment('predict-hotpath', 'Prediction: the hot path', body)}")
+        if not sections:
+            return
+    for name in sections:  # --only "" just reassembles the fragment
         # Each section is kept, so that sections run separately still make one fragment.
         (WORK / f"section_{mode}_{name}.md").write_text(runners[name]())
     parts = []

@@ -82,21 +82,35 @@ class TileRunner:
         flushed into the int64 result before that, and converted once at the end. So one tile
         costs a multiply, a rounding and an add in place, with no temporary.
         """
+        if not self.cuda:
+            return self.torch.from_numpy(self._accumulate_numpy(tiles, where, shape, weights))
         torch = self.torch
         partial = None
         total = torch.zeros(tuple(shape), dtype=torch.float64, device=self.device)
-        scaled = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float64) * float(2**FIXED_BITS)).to(self.device)
+        scaled = torch.from_numpy(_scaled(weights)).to(self.device)
         product = torch.empty(scaled.shape, dtype=torch.float64, device=self.device)
-        since_flush = 0
-        for at, p in zip(where, self.run_tensors(tiles)):
+        for n, (at, p) in enumerate(zip(where, self.run_tensors(tiles)), 1):
             torch.mul(p, scaled, out=product)  # float32 · float64 → float64, exact
             product.round_()
             total[at].add_(product)
-            since_flush += 1
-            if since_flush == FLOAT_EXACT_TILES:
+            if n % FLOAT_EXACT_TILES == 0:
                 partial = _flush(total, partial)
-                since_flush = 0
         return _flush(total, partial)
+
+    def _accumulate_numpy(self, tiles, where, shape, weights) -> np.ndarray:
+        """:meth:`accumulate_tensor` on the CPU, in numpy: the same operations, single-threaded
+        (torch's thread pool spin-waits between such small element-wise steps; the model keeps it)."""
+        partial = None
+        total = np.zeros(tuple(shape), dtype=np.float64)
+        scaled = _scaled(weights)
+        product = np.empty(scaled.shape, dtype=np.float64)
+        for n, (at, p) in enumerate(zip(where, self.run_tensors(tiles)), 1):
+            np.multiply(p.numpy(), scaled, out=product)
+            np.rint(product, out=product)
+            total[at] += product
+            if n % FLOAT_EXACT_TILES == 0:
+                partial = _flush_numpy(total, partial)
+        return _flush_numpy(total, partial)
 
     def blend(self, numerator, denominator: np.ndarray) -> np.ndarray:
         """round(255 · Σw·p / Σw) on the runner's device; only the uint8 result comes back."""
@@ -124,20 +138,26 @@ class TileRunner:
     def _fill(self, batch: list[np.ndarray]):
         """The batch as the model's float input (N,1,z,y,x) on the device, raw/255 for uint8; a
         short batch is padded with zero tiles. Buffers are reused: no allocation per batch."""
-        torch = self.torch
         shape, dtype = tuple(batch[0].shape), batch[0].dtype
         stage, x = self._buffers(shape, dtype)
-        if self.cuda:  # alternate pinned buffers: the copy from the other one may still be in flight
-            stage, done = stage[self._turn], self._done[self._turn]
-            done.synchronize()
+        if not self.cuda:  # numpy, in place: raw/255 in float32 is the same division torch does
+            host = x.numpy()
+            for i, tile in enumerate(batch):
+                if dtype == np.uint8:
+                    np.divide(tile, np.float32(255.0), out=host[i, 0], dtype=np.float32)
+                else:
+                    host[i, 0] = tile
+            host[len(batch) :] = 0
+            return x
+        # Two pinned staging buffers in turn: the copy from the other one may still be in flight.
+        stage, done = stage[self._turn], self._done[self._turn]
+        done.synchronize()
         for i, tile in enumerate(batch):
-            stage[i, 0].copy_(torch.from_numpy(np.ascontiguousarray(tile)))
-        if len(batch) < len(stage):
-            stage[len(batch) :].zero_()
-        if self.cuda:
-            x.copy_(stage, non_blocking=True)  # uint8 (or float) over PCIe, converted on the device
-            self._done[self._turn].record()
-            self._turn ^= 1
+            stage[i, 0].copy_(self.torch.from_numpy(np.ascontiguousarray(tile)))
+        stage[len(batch) :].zero_()
+        x.copy_(stage, non_blocking=True)  # uint8 (or float) over PCIe, converted on the device
+        done.record()
+        self._turn ^= 1
         if dtype == np.uint8:
             x.div_(255.0)
         return x
@@ -156,8 +176,7 @@ class TileRunner:
                 x = torch.empty(full, dtype=torch.float32, device=self.device)
                 self._inputs[key] = (stage, x)
             else:
-                x = torch.zeros(full, dtype=torch.float32)
-                self._inputs[key] = (x, x)  # on a CPU the staging buffer is the input
+                self._inputs[key] = (None, torch.zeros(full, dtype=torch.float32))
         return self._inputs[key]
 
 
@@ -184,6 +203,19 @@ class TileRunner:
         if dtype is None:
             return contextlib.nullcontext()
         return self.torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def _scaled(weights: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(weights, dtype=np.float64) * float(2**FIXED_BITS)
+
+
+def _flush_numpy(total: np.ndarray, partial: np.ndarray | None) -> np.ndarray:
+    as_int = total.astype(np.int64)
+    total[...] = 0
+    if partial is None:
+        return as_int
+    partial += as_int
+    return partial
 
 
 def _flush(total, partial):
