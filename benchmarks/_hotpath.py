@@ -245,21 +245,29 @@ def projection(null: dict, window) -> str:
     )
 
 
-def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int) -> str:
+def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, save=lambda body: None) -> str:
+    """The section's text; ``save(text so far)`` is called after each part (a long run killed
+    half-way keeps what it measured)."""
     load_before = open("/proc/loadavg").read().split()[:3]
     parts = []
+
+    def text() -> str:
+        load_now = open("/proc/loadavg").read().split()[:3]
+        return (
+            f"### Hot path: null model and real models beside MONAI, and the GPU projection\n\n"
+            f"Load average before {' '.join(load_before)}, at the end {' '.join(load_now)} (the {os.cpu_count()}-core "
+            f"machine is shared with other jobs: wall times are inflated and noisy; CPU seconds and ratios measured in one "
+            f"run are the figures to compare). Contenders interleaved, medians of {repeats} (real-model rows: as stated). "
+            f"{threads} torch threads everywhere.\n\n" + "\n".join(parts)
+        )
+
     null_text, null = null_rows(cfg["null_shape"], cfg["null_window"], cfg["chunks"], repeats, helpers["random_volume"], work, threads)
     for r in null.values():
         r["voxels"] = int(np.prod(cfg["null_shape"]))
     parts.append(null_text)
-    for preset, shape, reps in cfg["model_rows"]:
-        parts.append(model_rows(shape, cfg["null_window"], cfg["chunks"], preset, min(repeats, reps), helpers, work, threads)[0])
     parts.append(projection(null, cfg["null_window"]))
-    load_after = open("/proc/loadavg").read().split()[:3]
-    return (
-        f"### Hot path: null model and real models beside MONAI, and the GPU projection\n\n"
-        f"Load average before {' '.join(load_before)}, after {' '.join(load_after)} (the {os.cpu_count()}-core machine "
-        f"is shared with other jobs: wall times are inflated and noisy; CPU seconds and ratios measured in one run are "
-        f"the figures to compare). Contenders interleaved, medians of {repeats} (real-model rows: as stated). "
-        f"{threads} torch threads everywhere.\n\n" + "\n".join(parts)
-    )
+    save(text())
+    for preset, shape, reps in cfg["model_rows"]:
+        parts.insert(-1, model_rows(shape, cfg["null_window"], cfg["chunks"], preset, min(repeats, reps), helpers, work, threads)[0])
+        save(text())
+    return text()

@@ -93,6 +93,9 @@ def test_accumulate_equals_sum_of_to_fixed(monkeypatch, tiny):
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, expected)
     assert runner.tiles_run == len(where)
+    # the device code path (torch ops, used on CUDA), run here on the CPU: the same integers
+    on_device = TileRunner(model, PredictParams(window, batch_size=2))._accumulate_torch((raw[s] for s in where), where, raw.shape, weights)
+    np.testing.assert_array_equal(on_device.numpy(), expected)
 
 
 def test_float_sums_are_exact_up_to_the_flush_budget():

@@ -84,6 +84,10 @@ class TileRunner:
         """
         if not self.cuda:
             return self.torch.from_numpy(self._accumulate_numpy(tiles, where, shape, weights))
+        return self._accumulate_torch(tiles, where, shape, weights)
+
+    def _accumulate_torch(self, tiles, where, shape, weights):
+        """The device version: the same three in-place steps per tile, in torch on ``self.device``."""
         torch = self.torch
         partial = None
         total = torch.zeros(tuple(shape), dtype=torch.float64, device=self.device)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cleftchunk.geometry import Coord, Roi
+from cleftchunk.geometry import Roi
 from cleftchunk.predict.tiling import (
     TileGrid,
     block_denominator,
