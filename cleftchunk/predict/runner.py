@@ -15,7 +15,7 @@ import numpy as np
 from cleftchunk.backend import configure_torch
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Coord
-from cleftchunk.predict.tiling import FIXED_BITS, FLOAT_EXACT_TILES, blended_uint8_torch
+from cleftchunk.predict.tiling import FLOAT_EXACT_TILES, blended_uint8_torch, fixed_scaled
 from cleftchunk.predict.params import GpuOutOfMemory, PredictParams
 
 
@@ -91,7 +91,7 @@ class TileRunner:
         torch = self.torch
         partial = None
         total = torch.zeros(tuple(shape), dtype=torch.float64, device=self.device)
-        scaled = torch.from_numpy(_scaled(weights)).to(self.device)
+        scaled = torch.from_numpy(fixed_scaled(weights)).to(self.device)
         product = torch.empty(scaled.shape, dtype=torch.float64, device=self.device)
         for n, (at, p) in enumerate(zip(where, self.run_tensors(tiles)), 1):
             torch.mul(p, scaled, out=product)  # float32 · float64 → float64, exact
@@ -106,7 +106,7 @@ class TileRunner:
         (torch's thread pool spin-waits between such small element-wise steps; the model keeps it)."""
         partial = None
         total = np.zeros(tuple(shape), dtype=np.float64)
-        scaled = _scaled(weights)
+        scaled = fixed_scaled(weights)
         product = np.empty(scaled.shape, dtype=np.float64)
         for n, (at, p) in enumerate(zip(where, self.run_tensors(tiles)), 1):
             np.multiply(p.numpy(), scaled, out=product)
@@ -207,10 +207,6 @@ class TileRunner:
         if dtype is None:
             return contextlib.nullcontext()
         return self.torch.autocast(device_type=self.device.type, dtype=dtype)
-
-
-def _scaled(weights: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(weights, dtype=np.float64) * float(2**FIXED_BITS)
 
 
 def _flush_numpy(total: np.ndarray, partial: np.ndarray | None) -> np.ndarray:

@@ -11,6 +11,10 @@ its in-memory reference both build on it.
 - Blending is Σ w·p / Σ w. The sums are kept in fixed point (:func:`to_fixed`): each
   contribution is rounded once to an integer, and integer addition is associative, so the sum does
   not depend on the order contributions arrive in — that is what makes block-wise results exact.
+- The hot path's helpers keep that arithmetic and remove its temporaries: cached weight maps
+  (:func:`weights_for`, :func:`fixed_weights`) and :func:`fixed_scaled`, denominators from per-axis
+  shift sums (:func:`block_denominator`), blending slab by slab in place (:func:`blended_uint8`) or on
+  the device (:func:`blended_uint8_torch`), each tested against the plain formula.
 """
 
 from __future__ import annotations
@@ -167,11 +171,10 @@ def fixed_weights(window: Coord, blend: str) -> np.ndarray:
     return _read_only(to_fixed(weights_for(window, blend)))
 
 
-@functools.lru_cache(maxsize=8)
-def scaled_weights(window: Coord, blend: str) -> np.ndarray:
+def fixed_scaled(weights: np.ndarray) -> np.ndarray:
     """w·2^FIXED_BITS in float64 (exact: a power-of-two scaling), so that rint(p · scaled) is
     to_fixed(w·p) for float32 p: the product of two float32 values is exact in float64."""
-    return _read_only(weights_for(window, blend) * float(2**FIXED_BITS))
+    return np.ascontiguousarray(weights, dtype=np.float64) * float(2**FIXED_BITS)
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
