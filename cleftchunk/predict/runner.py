@@ -99,7 +99,7 @@ class TileRunner:
             total[at].add_(product)
             if n % FLOAT_EXACT_TILES == 0:
                 partial = _flush(total, partial)
-        return _flush(total, partial)
+        return _flush(total, partial, last=True)
 
     def _accumulate_numpy(self, tiles, where, shape, weights) -> np.ndarray:
         """:meth:`accumulate_tensor` on the CPU, in numpy: the same operations, single-threaded
@@ -114,7 +114,7 @@ class TileRunner:
             total[at] += product
             if n % FLOAT_EXACT_TILES == 0:
                 partial = _flush_numpy(total, partial)
-        return _flush_numpy(total, partial)
+        return _flush_numpy(total, partial, last=True)
 
     def blend(self, numerator, denominator: np.ndarray) -> np.ndarray:
         """round(255 · Σw·p / Σw) on the runner's device; only the uint8 result comes back."""
@@ -209,21 +209,24 @@ class TileRunner:
         return self.torch.autocast(device_type=self.device.type, dtype=dtype)
 
 
-def _flush_numpy(total: np.ndarray, partial: np.ndarray | None) -> np.ndarray:
+def _flush_numpy(total: np.ndarray, partial: np.ndarray | None, last: bool = False) -> np.ndarray:
+    """Move the exact float64 sums into the int64 partial (and zero them, unless it is the last)."""
     as_int = total.astype(np.int64)
-    total[...] = 0
+    if not last:
+        total[...] = 0
     if partial is None:
         return as_int
     partial += as_int
     return partial
 
 
-def _flush(total, partial):
-    """Move the exact float64 sums into the int64 partial (and zero them)."""
+def _flush(total, partial, last: bool = False):
+    """:func:`_flush_numpy` for torch tensors (on the device)."""
     import torch
 
     as_int = total.to(torch.int64)
-    total.zero_()
+    if not last:
+        total.zero_()
     return as_int if partial is None else partial.add_(as_int)
 
 

@@ -238,7 +238,9 @@ def block_denominator(grid: TileGrid, blend: str, roi: Roi) -> np.ndarray:
     return _denominator(relative, roi.shape, grid.window, blend)
 
 
-@functools.lru_cache(maxsize=4)
+# Two entries: blocks in raster order meet the interior key again and again (one block-sized
+# int64 array each: 64 MiB for 32×512×512 blocks, so not more).
+@functools.lru_cache(maxsize=2)
 def _denominator(relative: tuple[tuple[int, ...], ...], shape: Coord, window: Coord, blend: str) -> np.ndarray:
     return _read_only(separable_denominator(fixed_weights(window, blend), relative, shape))
 
