@@ -78,7 +78,7 @@ class TileRunner:
         Same arithmetic as :func:`tiling.to_fixed`: float64(p)·(float64(w)·2^40) is exact, and
         round-half-even then gives the same integers as numpy's ``rint``. Those integers are summed
         in a float64 array, which is exact while a voxel has fewer than
-        :data:`tiling.FLOAT_EXACT_TILES` contributions (each < 2^40, sums < 2^53); the float sum is
+        :data:`tiling.FLOAT_EXACT_TILES` contributions (each ≤ 2^40 for p ∈ [0, 1]: sums < 2^53); the sum is
         flushed into the int64 result before that, and converted once at the end. So one tile
         costs a multiply, a rounding and an add in place, with no temporary.
         """

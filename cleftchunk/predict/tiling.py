@@ -155,7 +155,8 @@ def check_fixed_headroom(grid: TileGrid) -> None:
 
 
 #: Integers below 2**53 are exact in float64, so a float64 array may hold fixed-point sums exactly
-#: while every sum stays below it: FLOAT_EXACT_TILES contributions (each < 2**FIXED_BITS) at most.
+#: while every sum stays below it: FLOAT_EXACT_TILES contributions q(w·p) ≤ 2**FIXED_BITS at most
+#: (w ≤ 1 and probabilities p ∈ [0, 1]).
 FLOAT_EXACT_TILES = 2 ** (53 - FIXED_BITS) - 1
 
 
