@@ -20,6 +20,8 @@ Every contender runs in a fresh subprocess (peak RSS of its whole process tree),
     python benchmarks/predict.py --mid --only efficiency  # default model on 16×512×512 (8 tiles),
                                             # when the full efficiency run does not fit a loaded machine
     python benchmarks/predict.py --only monai,memory
+    python benchmarks/predict.py --only hotpath   # null and real models beside MONAI, GPU projection
+                                                  # (writes results/predict-hotpath.md)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DATA_DIR, markdown_table, measure, median, python_argv, write_fragment  # noqa: E402
+from _hotpath import hotpath  # noqa: E402
 
 WORK = DATA_DIR / "predict"
 CORES = os.cpu_count() or 1
@@ -263,17 +266,24 @@ CONFIGS = {
         eff_sample=8,
         mem_shapes=[(32, 512, 512), (64, 1024, 1024)], mem_window=(8, 256, 256), mem_block=(16, 256, 256),
         monai_shape=(16, 512, 512), monai_window=(8, 256, 256),
+        null_shape=(32, 1024, 1024), null_window=(8, 256, 256),
+        model_rows=[("small", (16, 512, 512), 3), ("default", (8, 512, 512), 1)],
     ),
     "mid": dict(
         eff_shape=(16, 512, 512), eff_window=(8, 256, 256), eff_overlap=0.0, eff_preset="default", chunks=(16, 256, 256),
         eff_sample=8,
         mem_shapes=[(16, 256, 256), (32, 512, 512)], mem_window=(8, 128, 128), mem_block=(8, 128, 128),
         monai_shape=(16, 256, 256), monai_window=(8, 128, 128),
+        null_shape=(32, 1024, 1024), null_window=(8, 256, 256), model_rows=[("small", (16, 512, 512), 3)],
+    ),
+    "loaded": dict(  # the hot-path goals' grid on a shared, loaded machine: no default-model row
+        chunks=(16, 256, 256), null_shape=(32, 1024, 1024), null_window=(8, 256, 256), model_rows=[("small", (16, 512, 512), 1)],
     ),
     "quick": dict(
         eff_shape=(16, 256, 256), eff_window=(8, 128, 128), eff_overlap=0.5, eff_preset="small", chunks=(8, 128, 128),
         mem_shapes=[(16, 256, 256), (32, 512, 512)], mem_window=(8, 128, 128), mem_block=(8, 128, 128),
         monai_shape=(16, 256, 256), monai_window=(8, 128, 128),
+        null_shape=(16, 512, 512), null_window=(8, 128, 128), model_rows=[("small", (16, 256, 256), 3)],
     ),
 }
 
@@ -281,13 +291,14 @@ CONFIGS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small volumes and the small preset")
+    parser.add_argument("--loaded", action="store_true", help="hotpath only: the goals' grid, small-preset row once")
     parser.add_argument("--mid", action="store_true", help="efficiency with the default model on 16×512×512 (8 tiles): for a loaded machine")
     parser.add_argument("--only", default="efficiency,memory,monai", help="comma-separated sections to run")
     parser.add_argument("--repeats", type=int, help="runs per contender (default: 1 full efficiency, 3 otherwise)")
     parser.add_argument("--eff-overlap", type=float, help="overlap of the efficiency run (full default 0: 64 tiles)")
     parser.add_argument("--eff-sample", type=int, help="time the bare forward on this many tiles and scale (full default 8)")
     args = parser.parse_args()
-    cfg = dict(CONFIGS["quick" if args.quick else "mid" if args.mid else "full"])
+    cfg = dict(CONFIGS["quick" if args.quick else "mid" if args.mid else "loaded" if args.loaded else "full"])
     if args.eff_overlap is not None:
         cfg["eff_overlap"] = args.eff_overlap
     if args.eff_sample is not None:
@@ -299,7 +310,18 @@ def main() -> None:
         "memory": lambda: memory(cfg, args.repeats or 3),
         "monai": lambda: monai(cfg, args.repeats or 3),
     }
-    for name in filter(None, args.only.split(",")):  # --only "" just reassembles the fragment
+    sections = [n for n in args.only.split(",") if n]
+    if "hotpath" in sections:  # its own fragment (results/predict-hotpath.md)
+        sections.remove("hotpath")
+        helpers = dict(random_volume=random_volume, checkpoint=checkpoint, cli_predict=cli_predict, bare_forward=BARE_FORWARD,
+                       result_line=result_line)
+        def save(body: str) -> None:
+            print(f"wrote {write_fragment('predict-hotpath', 'Prediction: the hot path', body)}", flush=True)
+
+        save(hotpath(cfg, args.repeats or 3, helpers, WORK, CORES, save))
+        if not sections:
+            return
+    for name in sections:  # --only "" just reassembles the fragment
         # Each section is kept, so that sections run separately still make one fragment.
         (WORK / f"section_{mode}_{name}.md").write_text(runners[name]())
     parts = []

@@ -21,7 +21,10 @@ of workers, retries or resumes:
 3. The sums Σ w·p and Σ w are accumulated in fixed point (int64, 40 fractional bits): each
    contribution is rounded once, by a rule that depends only on (w, p), and integer addition is
    associative. So the sums are the same whatever order contributions from neighbouring blocks
-   are added in. Σ w is recomputed from the grid alone, where it is needed.
+   are added in. (A worker may keep a running sum of those integers in float64, which holds
+   integers below 2^53 exactly: at most 8191 contributions < 2^40 go in before the sum moves to
+   int64, so it is the same integer sum.) Σ w is recomputed from the grid alone, where it is
+   needed, one axis at a time (a sum over a product grid of shifts), cached per block position.
 
 The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.run.executor`):
 

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from cleftchunk.intensity import FULL_SCALE, check_unit_range
+from cleftchunk.backend import configure_torch
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Coord
-from cleftchunk.predict.tiling import (
-    FIXED_BITS,
-)
+from cleftchunk.predict.tiling import FLOAT_EXACT_TILES, blended_uint8_torch, fixed_scaled
 from cleftchunk.predict.params import GpuOutOfMemory, PredictParams
 
 
@@ -34,10 +33,11 @@ class TileRunner:
     """Runs a model (float (N,1,z,y,x) raw/255 → probabilities) over tiles, in batches of a fixed
     size, with flip TTA and autocast.
 
-    The next batch is copied in (pinned memory, non-blocking) and launched before the previous
-    batch's result is used, so on a GPU the host prepares and copies while the device computes;
-    :meth:`accumulate` keeps the fixed-point partial sum on the device, so nothing comes back
-    until the block is done.
+    The next batch is copied in (from one of two pinned host buffers, non-blocking) and launched
+    before the previous batch's result is used, so on a GPU the host prepares and copies while the
+    device computes; :meth:`accumulate_tensor` keeps the fixed-point partial sum on the device, so
+    nothing comes back until the block is done (and :meth:`blend` brings back only uint8).
+    Input buffers are allocated once per runner and reused for every batch.
     """
 
     def __init__(self, model: Any, params: PredictParams, device: Any = "cpu"):
@@ -50,6 +50,8 @@ class TileRunner:
         self.cuda = self.device.type == "cuda"
         self.variants = tta_variants(params.tta)
         self.tiles_run = 0  # real tiles sent to the model (batch padding not counted)
+        self._inputs: dict[tuple, Any] = {}  # (shape, dtype) → reusable input buffers
+        self._turn = 0  # which of the two host staging buffers the next batch fills
 
     def run(self, tiles: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """float32 probabilities per tile, in order, as numpy arrays."""
@@ -68,28 +70,64 @@ class TileRunner:
             yield from _split(*pending)
 
     def accumulate(self, tiles: Iterable[np.ndarray], where: Sequence[tuple[slice, ...]], shape: Coord, weights: np.ndarray) -> np.ndarray:
-        """Σ to_fixed(w·p) over the tiles, each added at ``where``, into an int64 array of ``shape``.
+        """Σ to_fixed(w·p) over the tiles, each added at ``where``, into an int64 array of ``shape``."""
+        return self.accumulate_tensor(tiles, where, shape, weights).cpu().numpy()
 
-        Same arithmetic as :func:`tiling.to_fixed`: (float64(w)·2^40)·float64(p) is exact, and
-        round-half-even then gives the same integers as numpy's ``rint``.
+    def accumulate_tensor(self, tiles: Iterable[np.ndarray], where: Sequence[tuple[slice, ...]], shape: Coord, weights: np.ndarray):
+        """:meth:`accumulate`, leaving the int64 sum on the device.
+
+        Same arithmetic as :func:`tiling.to_fixed`: float64(p)·(float64(w)·2^40) is exact, and
+        round-half-even then gives the same integers as numpy's ``rint``. Those integers are summed
+        in a float64 array, which is exact while a voxel has fewer than
+        :data:`tiling.FLOAT_EXACT_TILES` contributions (each ≤ 2^40 for p ∈ [0, 1]: sums < 2^53); the sum is
+        flushed into the int64 result before that, and converted once at the end. So one tile
+        costs a multiply, a rounding and an add in place, with no temporary.
         """
+        if not self.cuda:
+            return self.torch.from_numpy(self._accumulate_numpy(tiles, where, shape, weights))
+        return self._accumulate_torch(tiles, where, shape, weights)
+
+    def _accumulate_torch(self, tiles, where, shape, weights):
+        """The device version: the same three in-place steps per tile, in torch on ``self.device``."""
         torch = self.torch
-        partial = torch.zeros(tuple(shape), dtype=torch.int64, device=self.device)
-        scaled = torch.from_numpy(weights * float(2**FIXED_BITS)).to(self.device)
-        for at, p in zip(where, self.run_tensors(tiles)):
-            partial[at] += torch.round(p.double() * scaled).long()
-        return partial.cpu().numpy()
+        partial = None
+        total = torch.zeros(tuple(shape), dtype=torch.float64, device=self.device)
+        scaled = torch.from_numpy(fixed_scaled(weights)).to(self.device)
+        product = torch.empty(scaled.shape, dtype=torch.float64, device=self.device)
+        for n, (at, p) in enumerate(zip(where, self.run_tensors(tiles)), 1):
+            torch.mul(p, scaled, out=product)  # float32 · float64 → float64, exact
+            product.round_()
+            total[at].add_(product)
+            if n % FLOAT_EXACT_TILES == 0:
+                partial = _flush(total, partial)
+        return _flush(total, partial, last=True)
+
+    def _accumulate_numpy(self, tiles, where, shape, weights) -> np.ndarray:
+        """:meth:`accumulate_tensor` on the CPU, in numpy: the same operations, single-threaded
+        (torch's thread pool spin-waits between such small element-wise steps; the model keeps it)."""
+        partial = None
+        total = np.zeros(tuple(shape), dtype=np.float64)
+        scaled = fixed_scaled(weights)
+        product = np.empty(scaled.shape, dtype=np.float64)
+        for n, (at, p) in enumerate(zip(where, self.run_tensors(tiles)), 1):
+            np.multiply(p.numpy(), scaled, out=product)
+            np.rint(product, out=product)
+            total[at] += product
+            if n % FLOAT_EXACT_TILES == 0:
+                partial = _flush_numpy(total, partial)
+        return _flush_numpy(total, partial, last=True)
+
+    def blend(self, numerator, denominator: np.ndarray) -> np.ndarray:
+        """round(255 · Σw·p / Σw) on the runner's device; only the uint8 result comes back."""
+        torch = self.torch
+        num = numerator if isinstance(numerator, torch.Tensor) else torch.from_numpy(np.asarray(numerator))
+        den = torch.from_numpy(np.asarray(denominator)).to(self.device)
+        return blended_uint8_torch(num.to(self.device), den).cpu().numpy()
 
     def _launch(self, batch: list[np.ndarray]):
         torch = self.torch
         b = self.params.batch_size
-        stack = np.zeros((b, 1) + tuple(batch[0].shape), dtype=batch[0].dtype)
-        for i, tile in enumerate(batch):
-            stack[i, 0] = tile
-        x = torch.from_numpy(stack)
-        if self.cuda:
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        x = self._to_unit(x, stack[: len(batch)])
+        x = self._fill(batch)
         try:
             y = self._forward(x)
         except torch.cuda.OutOfMemoryError as e:
@@ -97,16 +135,63 @@ class TileRunner:
                 f"out of GPU memory at batch size {b} with window {self.params.window}: try -b {max(1, b // 2)}"
                 + (" or --precision bf16" if self.params.precision == "fp32" else "")
             ) from e
+        if _shares_memory(y, x):  # e.g. an identity model: the next batch overwrites x
+            y = y.clone()
         self.tiles_run += len(batch)
         return y
 
-    def _to_unit(self, x, tiles: np.ndarray):
-        """The intensity rule (cleftchunk.intensity): integers over their full scale, floats checked."""
-        full = FULL_SCALE.get(tiles.dtype)
-        if full is not None:
-            return x.float().div_(float(full))
-        check_unit_range(tiles, "the input", self.params.scale)
-        return x.float().mul_(self.params.scale) if self.params.scale is not None else x.float()
+    def _fill(self, batch: list[np.ndarray]):
+        """The batch as the model's float input (N,1,z,y,x) on the device by the intensity rule
+        (cleftchunk.intensity: integers over their full scale, floats checked to lie in [0, 1]
+        after ``scale``); a short batch is padded with zero tiles. Buffers are reused."""
+        shape, dtype = tuple(batch[0].shape), np.dtype(batch[0].dtype)
+        full, scale = FULL_SCALE.get(dtype), self.params.scale
+        if full is None:
+            for tile in batch:
+                check_unit_range(tile, "the input", scale)
+        if dtype != np.uint8:  # float32 on the host: uint16 over its full scale, floats scaled
+            batch = [_as_unit_float32(tile, full, scale) for tile in batch]
+            dtype = np.dtype(np.float32)
+        stage, x = self._buffers(shape, dtype)
+        if not self.cuda:  # numpy, in place: raw/255 in float32 is the same division torch does
+            host = x.numpy()
+            for i, tile in enumerate(batch):
+                if dtype == np.uint8:
+                    np.divide(tile, np.float32(255.0), out=host[i, 0], dtype=np.float32)
+                else:
+                    host[i, 0] = tile
+            host[len(batch) :] = 0
+            return x
+        # Two pinned staging buffers in turn: the copy from the other one may still be in flight.
+        stage, done = stage[self._turn], self._done[self._turn]
+        done.synchronize()
+        for i, tile in enumerate(batch):
+            stage[i, 0].copy_(self.torch.from_numpy(np.ascontiguousarray(tile)))
+        stage[len(batch) :].zero_()
+        x.copy_(stage, non_blocking=True)  # uint8 (or float) over PCIe, converted on the device
+        done.record()
+        self._turn ^= 1
+        if dtype == np.uint8:
+            x.div_(255.0)
+        return x
+
+    def _buffers(self, shape: Coord, dtype: np.dtype):
+        torch = self.torch
+        key = (shape, np.dtype(dtype).str)
+        if key not in self._inputs:
+            full = (self.params.batch_size, 1) + shape
+            if self.cuda:
+                host_dtype = torch.uint8 if dtype == np.uint8 else torch.float32
+                stage = [torch.zeros(full, dtype=host_dtype).pin_memory() for _ in range(2)]
+                self._done = [torch.cuda.Event() for _ in range(2)]
+                for event in self._done:
+                    event.record()
+                x = torch.empty(full, dtype=torch.float32, device=self.device)
+                self._inputs[key] = (stage, x)
+            else:
+                self._inputs[key] = (None, torch.zeros(full, dtype=torch.float32))
+        return self._inputs[key]
+
 
     def _forward(self, x):
         torch = self.torch
@@ -131,6 +216,31 @@ class TileRunner:
         if dtype is None:
             return contextlib.nullcontext()
         return self.torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+def _flush_numpy(total: np.ndarray, partial: np.ndarray | None, last: bool = False) -> np.ndarray:
+    """Move the exact float64 sums into the int64 partial (and zero them, unless it is the last)."""
+    as_int = total.astype(np.int64)
+    if not last:
+        total[...] = 0
+    if partial is None:
+        return as_int
+    partial += as_int
+    return partial
+
+
+def _flush(total, partial, last: bool = False):
+    """:func:`_flush_numpy` for torch tensors (on the device)."""
+    import torch
+
+    as_int = total.to(torch.int64)
+    if not last:
+        total.zero_()
+    return as_int if partial is None else partial.add_(as_int)
+
+
+def _shares_memory(y, x) -> bool:
+    return y.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
 
 
 def _split(y: Any, n: int) -> Iterator[Any]:
@@ -173,32 +283,57 @@ class ModelSource:
         return module.eval()
 
 
-_RUNNERS: dict[tuple, Any] = {}
-_RUNNERS_LOCK = threading.Lock()
+#: Models kept per worker process: a few, least recently used dropped first (each may hold GPU memory).
+MODEL_CACHE_SIZE = 2
+
+
+class ModelCache:
+    """The models a worker has loaded, keyed by (model sha256, device, precision, compile), at
+    most ``size`` of them: the least recently used is dropped first."""
+
+    def __init__(self, size: int = MODEL_CACHE_SIZE):
+        self.size = size
+        self._models: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, source: "ModelSource", device: Any, params: PredictParams) -> Any:
+        # A shipped module is one object per worker (scattered once): run that very object (its
+        # hooks, its counters), not an equal one loaded before; hence its id beside the sha256.
+        model_key = source.sha256 if source.module is None else (source.sha256, id(source.module))
+        key = (model_key, str(device), params.precision, params.compile)
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            model = source.load(device)
+            if params.compile:
+                import torch
+
+                model = torch.compile(model)
+            self._models[key] = model
+            while len(self._models) > self.size:
+                self._models.popitem(last=False)
+            return model
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+
+
+MODELS = ModelCache()
 
 
 def _runner_for(source: ModelSource, params: PredictParams, torch_threads: int | None) -> TileRunner:
-    """The worker's model, loaded once per (model, device, precision, compile) and kept."""
-    import torch
+    """A runner of the worker's model (loaded once per key and kept in :data:`MODELS`).
 
+    ``torch_threads``: torch threads for this worker process (None: leave torch's setting).
+    """
     device = _worker_device(params.device)
-    # A shipped module is one object per worker (scattered once), so its identity is its id.
-    model_key = source.sha256 if source.module is None else (source.sha256, id(source.module))
-    key = (model_key, str(device), params.precision, params.compile)
-    with _RUNNERS_LOCK:
-        model = _RUNNERS.get(key)
-        if model is None:
-            threads = torch_threads or int(os.environ.get("CLEFTCHUNK_TORCH_THREADS", "0") or 0)
-            if threads:
-                torch.set_num_threads(threads)
-            if device.type == "cuda":
-                torch.backends.cudnn.benchmark = False  # kernel choice must not vary between runs
-                torch.backends.cudnn.deterministic = True
-            model = source.load(device)
-            if params.compile:
-                model = torch.compile(model)
-            _RUNNERS[key] = model
-    return TileRunner(model, params, device)
+    configure_torch(torch_threads, cudnn_deterministic=True if device.type == "cuda" else None)
+    return TileRunner(MODELS.get(source, device, params), params, device)
 
 
 def _worker_device(kind: str):
@@ -215,3 +350,13 @@ def _worker_device(kind: str):
         name = get_worker().name
         index = (int(str(name).rsplit("-", 1)[-1]) if str(name).rsplit("-", 1)[-1].isdigit() else 0) % torch.cuda.device_count()
     return torch.device("cuda", index)
+
+
+def _as_unit_float32(tile: np.ndarray, full: int | None, scale: float | None) -> np.ndarray:
+    """A non-uint8 tile as float32 in [0, 1]: integers divided by their full scale, floats times ``scale``."""
+    out = tile.astype(np.float32)
+    if full is not None:
+        out /= np.float32(full)
+    elif scale is not None:
+        out *= np.float32(scale)
+    return out

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cleftchunk.geometry import Coord, Roi
+from cleftchunk.geometry import Roi
 from cleftchunk.predict.tiling import (
     TileGrid,
+    block_denominator,
     blended_uint8,
-    importance_map,
     reflect_read,
-    to_fixed,
+    weights_for,
 )
 from cleftchunk.io.volumes import Volume
 from cleftchunk.predict.params import PredictParams
@@ -69,7 +69,7 @@ def run_block_tiles(job: Job, work: BlockWork, own: bool, source: ModelSource) -
     if to_run:
         runner = _runner_for(source, job.params, job.torch_threads)
         before = runner.tiles_run
-        partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, _weights(job.params.window, job.params.blend))
+        partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights_for(job.params.window, job.params.blend))
         counts["run"] = runner.tiles_run - before
     if saved is None:
         pieces = {} if partial is None else {
@@ -86,11 +86,7 @@ def blend_block(job: Job, work: BlockWork, prepared: tuple[dict, np.ndarray | No
     write. (The executor records the block done once this returns.)"""
     counts, own = prepared
     write = work.write_roi
-    fixed_weights = _fixed_weights(job.params.window, job.params.blend)
-    denominator = np.zeros(write.shape, dtype=np.int64)
-    for _, tile in job.grid.tiles_overlapping(write):
-        common = tile.intersect(write)
-        denominator[common.relative_to(write).to_slices()] += fixed_weights[common.relative_to(tile).to_slices()]
+    denominator = block_denominator(job.grid, job.params.blend, write)
     numerator = np.zeros(write.shape, dtype=np.int64)
     for dep, dep_roi in work.deps:
         common = dep_roi.intersect(write)
@@ -102,22 +98,3 @@ def blend_block(job: Job, work: BlockWork, prepared: tuple[dict, np.ndarray | No
         out[job.mask.read(write) == 0] = 0
     job.output.write(write, out)
     return {**counts, "voxels": write.size}
-
-
-_WEIGHTS: dict[tuple, np.ndarray] = {}
-
-
-def _weights(window: Coord, blend: str) -> np.ndarray:
-    key = ("w", window, blend)
-    if key not in _WEIGHTS:
-        _WEIGHTS[key] = importance_map(window, blend).astype(np.float64)
-    return _WEIGHTS[key]
-
-
-def _fixed_weights(window: Coord, blend: str) -> np.ndarray:
-    key = ("q", window, blend)
-    if key not in _WEIGHTS:
-        _WEIGHTS[key] = to_fixed(_weights(window, blend))
-    return _WEIGHTS[key]
-
-

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cleftchunk.backend import configure_torch
 from cleftchunk.train.augment import AugmentConfig, Augmenter
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.intensity import image_scale
@@ -432,7 +433,7 @@ class CropStream(IterableDataset):
         sampler, worker, workers = self.sampler, 0, 1
         if info is not None:
             sampler, worker, workers = self.sampler.reopen(), info.id, info.num_workers
-            torch.set_num_threads(1)
+            configure_torch(1)  # loader processes: one thread each, the cores are the trainer's
         first = self.rank * self.batch_size
         for b in count(self.start + worker, workers):
             yield sampler.batch(self.seed, b, self.batch_size, first)

@@ -12,6 +12,7 @@ import torch
 
 from cleftchunk.train.augment import AugmentConfig
 from cleftchunk.train.data import CropSampler, CropStream, RejectionConfig, make_loader, open_training_volumes
+from cleftchunk.backend import configure_torch
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.model import (
     load_checkpoint,
@@ -111,14 +112,14 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     if trainer.iteration >= config.iteration_total:
         return last
     if dist.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        configure_torch(cudnn_benchmark=True)
     per_process = config.batch_size // dist.world_size
     stream = CropStream(sampler, per_process, config.seed, start=trainer.iteration, rank=dist.rank, world_size=dist.world_size)
     logger = Logger(config, dist, trainer.iteration)
     batches = iter(make_loader(stream, config.workers))
     threads = torch.get_num_threads()
     if dist.device.type == "cpu":
-        torch.set_num_threads(cpu_threads(config, dist.world_size))
+        configure_torch(cpu_threads(config, dist.world_size))
     try:
         while trainer.iteration < config.iteration_total:
             batch = next(batches)
@@ -139,7 +140,7 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     finally:
         del batches  # stops the loader's worker processes
         logger.close()
-        torch.set_num_threads(threads)
+        configure_torch(threads)
     dist.barrier()
     return last
 

@@ -1,0 +1,273 @@
+"""Predict's hot path, side by side with MONAI in one run (the ``hotpath`` section of predict.py).
+
+Rows, each contender in a fresh subprocess, medians of ``repeats``, wall and CPU seconds (user +
+system of the whole process tree), peak RSS, scratch bytes written per output voxel:
+
+- null model (sigmoid of the input, no convolution): MONAI ``sliding_window_inference`` on the
+  whole volume in memory; ``cleftchunk.predict.predict`` with one worker process (the CLI's
+  default path) and in-process (``workers=0``). Same grid (window, overlap 0.5) and Gaussian σ = W/8.
+- real models (unetv0 presets, random weights): MONAI; ``cleftchunk predict`` (the CLI, default
+  path); ``--workers 0``; and the bare forward over every tile of the grid (the model's own cost:
+  efficiency = model time ÷ total).
+- the GPU projection (PROJECTED, not measured): the engine's measured CPU cost per output voxel and
+  the model's FLOPs per voxel (counted from its layers) → TB of uint8 input per GPU-hour.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import markdown_table, measure, median, python_argv
+
+NULL_MODEL = """
+import torch
+class Null(torch.nn.Module):
+    def forward(self, x):
+        return torch.sigmoid(x)
+"""
+
+NULL_OURS = NULL_MODEL + """
+import sys
+from cleftchunk.predict import predict
+if __name__ == "__main__":
+    torch.set_num_threads({threads})
+    predict(Null(), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, workers={workers}, overwrite=True,
+            progress=False, log=lambda m: None)
+"""
+
+MONAI_ANY = """
+import numpy as np, torch
+torch.set_num_threads({threads})
+from monai.inferers import sliding_window_inference
+from cleftchunk.io.volumes import create_volume, open_volume
+{model_code}
+raw = open_volume({spec!r})[:]
+x = torch.from_numpy(raw[None, None]).float().div_(255.0)
+with torch.inference_mode():
+    p = sliding_window_inference(x, roi_size={window!r}, sw_batch_size=1, predictor=model, overlap=0.5,
+                                 mode="gaussian", sigma_scale=0.125, padding_mode="reflect")
+out = np.clip(np.floor(p[0, 0].numpy().astype(np.float64) * 255 + 0.5), 0, 255).astype(np.uint8)
+create_volume({out!r}, out.shape, out.dtype, chunks={chunks!r}, overwrite=True).write_nm((0, 0, 0), out)
+"""
+
+#: Fraction of the bf16 peak a 3-D U-Net forward is assumed to reach (cuDNN conv3d, large batch).
+PEAK_FRACTION = 0.4
+H100_BF16_PEAK = 790e12  # FLOP/s, dense bf16, H100/H200 SXM
+HOST_CORES_PER_GPU = 8  # host cores assumed given to the engine of one GPU
+
+
+class ScratchWatch:
+    """Polls the prediction's scratch directories beside ``out``'s container while a run goes:
+    bytes of every partial ever seen (each file at its largest size), i.e. scratch bytes written."""
+
+    def __init__(self, out: str, poll_s: float = 0.05):
+        container = Path(out).parent
+        self.pattern = f".{container.name}.*predict-*"
+        self.parent = container.parent
+        self.sizes: dict[str, int] = {}
+        self.poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.is_set():
+            for path in self.parent.glob(self.pattern + "/partials/*"):
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    continue
+                self.sizes[str(path)] = max(size, self.sizes.get(str(path), 0))
+            time.sleep(self.poll_s)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.sizes.values())
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_contenders(contenders: dict[str, tuple[list[str], str | None]], repeats: int, voxels: int) -> list[dict]:
+    """Each contender ``repeats`` times, interleaved (so that load changes hit all alike)."""
+    runs: dict[str, list] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, (argv, out) in contenders.items():
+            before = _children_cpu()
+            if out is None:
+                m, scratch = measure(argv), 0
+            else:
+                with ScratchWatch(out) as watch:
+                    m = measure(argv)
+                scratch = watch.bytes
+            runs[name].append((m.seconds, _children_cpu() - before, m.peak_rss_mib, scratch, m.stdout))
+            print(f"  {name}: {m.seconds:.1f} s, {runs[name][-1][1]:.1f} CPU s, {m.peak_rss_mib:.0f} MiB", flush=True)
+    rows = []
+    for name, r in runs.items():
+        rows.append(dict(
+            name=name, seconds=median([x[0] for x in r]), cpu=median([x[1] for x in r]), rss=median([x[2] for x in r]),
+            scratch=median([x[3] for x in r]) / voxels, stdout=r[-1][4], all_seconds=[x[0] for x in r], all_cpu=[x[1] for x in r],
+        ))
+    return rows
+
+
+def table(rows: list[dict], voxels: int, base: str) -> str:
+    ref = next(r for r in rows if r["name"] == base)
+    body = []
+    for r in rows:
+        body.append([
+            r["name"], f"{r['seconds']:.1f}", f"{r['cpu']:.1f}", f"{voxels / r['seconds'] / 1e6:.2f}",
+            f"{voxels / r['cpu'] / 1e6:.2f}", f"{r['rss']:.0f}", f"{r['rss'] / ref['rss'] * 100:.0f} %",
+            f"{ref['seconds'] / r['seconds']:.2f}×", f"{ref['cpu'] / r['cpu']:.2f}×", f"{r['scratch']:.2f}",
+        ])
+    return markdown_table(
+        ["contender", "median s", "median CPU s", "M vox/s (wall)", "M vox/CPU-s", "peak RSS MiB", "RSS vs MONAI",
+         "speed vs MONAI (wall)", "vs MONAI (CPU s)", "scratch B/vox"], body,
+    )
+
+
+def null_rows(shape, window, chunks, repeats, random_volume, work: Path, threads: int) -> tuple[str, dict]:
+    spec = random_volume(shape, chunks)
+    voxels = int(np.prod(shape))
+    fmt = dict(spec=spec, window=window, chunks=chunks, threads=threads)
+    ours1, ours0, theirs = (str(work / f"null_{n}.zarr" / "pred") for n in ("w1", "w0", "monai"))
+    contenders = {
+        "MONAI sliding_window_inference (in memory)": (
+            python_argv(MONAI_ANY.format(model_code=NULL_MODEL + "model = Null()", out=theirs, **fmt)), None),
+        "cleftchunk predict, 1 worker process (CLI default path)": (
+            python_argv(NULL_OURS.format(out=ours1, workers=1, **fmt)), ours1),
+        "cleftchunk predict, in-process (workers=0)": (python_argv(NULL_OURS.format(out=ours0, workers=0, **fmt)), ours0),
+    }
+    rows = run_contenders(contenders, repeats, voxels)
+    text = (
+        f"#### Null model, {'×'.join(map(str, shape))} uint8 ({voxels / 1e6:.0f} M voxels), window {'×'.join(map(str, window))}, "
+        f"overlap 0.5, Gaussian\n\n{table(rows, voxels, 'MONAI sliding_window_inference (in memory)')}\n"
+    )
+    return text, {r["name"]: r for r in rows}
+
+
+def model_rows(shape, window, chunks, preset, repeats, h: dict, work: Path, threads: int) -> tuple[str, dict]:
+    spec = h["random_volume"](shape, chunks)
+    ckpt = h["checkpoint"](preset, window)
+    voxels = int(np.prod(shape))
+    ours1, ours0, theirs = (str(work / f"{preset}_{n}.zarr" / "pred") for n in ("w1", "w0", "monai"))
+    model_code = f"from cleftchunk.model import load_model\nmodel = load_model({ckpt!r})"
+    contenders = {
+        "MONAI sliding_window_inference (in memory)": (
+            python_argv(MONAI_ANY.format(model_code=model_code, spec=spec, window=window, chunks=chunks, threads=threads, out=theirs)), None),
+        "cleftchunk predict (CLI, default: 1 worker process)": (h["cli_predict"](spec, ours1, ckpt, chunks), ours1),
+        "cleftchunk predict --workers 0 (in-process)": (h["cli_predict"](spec, ours0, ckpt, chunks, ["--workers", "0"]), ours0),
+        "bare forward over the grid's tiles (model only)": (python_argv(h["bare_forward"].format(
+            threads=threads, spec=spec, window=window, overlap=0.5, ckpt=ckpt, sample=10**9)), None),
+    }
+    rows = run_contenders(contenders, repeats, voxels)
+    by = {r["name"]: r for r in rows}
+    bare = [h["result_line"](r["stdout"]) for r in rows if r["name"].startswith("bare")][0]
+    model_cpu = bare["cpu"]
+    lines = []
+    for name in ("cleftchunk predict (CLI, default: 1 worker process)", "cleftchunk predict --workers 0 (in-process)"):
+        lines.append(f"- efficiency of {name}: model CPU s ÷ total CPU s = {model_cpu:.1f} / {by[name]['cpu']:.1f} = "
+                     f"**{model_cpu / by[name]['cpu']:.2f}**; model wall s ÷ total wall s = {bare['seconds']:.1f} / "
+                     f"{by[name]['seconds']:.1f} = **{bare['seconds'] / by[name]['seconds']:.2f}**")
+    text = (
+        f"#### unetv0 `{preset}` preset, {'×'.join(map(str, shape))} uint8, window {'×'.join(map(str, window))}, overlap 0.5 "
+        f"({bare['tiles']} tiles)\n\n{table(rows, voxels, 'MONAI sliding_window_inference (in memory)')}\n\n"
+        f"The bare-forward row is the model alone (inputs in memory, timer around the loop; its wall and CPU columns are "
+        f"the whole interpreter, its model time is {bare['seconds']:.1f} s, {bare['cpu']:.1f} CPU s).\n\n" + "\n".join(lines) + "\n"
+    )
+    return text, by
+
+
+def flops_per_voxel(preset: str, window) -> float:
+    """FLOPs of one forward per input voxel, counted from the convolutions' shapes (2 per MAC)."""
+    import torch
+
+    from cleftchunk.model import build_model
+
+    net = build_model("unetv0", preset=preset).eval()
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        k = int(np.prod(module.kernel_size))
+        total += 2 * module.in_channels * module.out_channels // module.groups * k * int(np.prod(output.shape[2:]))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    with torch.inference_mode():
+        net(torch.zeros((1, 1) + tuple(window)))
+    for handle in handles:
+        handle.remove()
+    return total / int(np.prod(window))
+
+
+def projection(null: dict, window) -> str:
+    """PROJECTED GPU throughput: min(model bound, engine bound) at overlap 0.5."""
+    engine = null["cleftchunk predict, 1 worker process (CLI default path)"]
+    voxels_per_cpu_s = engine["voxels"] / engine["cpu"]
+    engine_bound = voxels_per_cpu_s * HOST_CORES_PER_GPU
+    cover = 2**3  # tile voxels per output voxel at overlap 0.5 (stride W/2 on each axis), large volumes
+    rows = []
+    for preset in ("default", "small"):
+        f = flops_per_voxel(preset, window)
+        model_bound = H100_BF16_PEAK * PEAK_FRACTION / (f * cover)
+        bound = min(model_bound, engine_bound)
+        rows.append([
+            f"unetv0 {preset}", f"{f / 1e3:.1f} k", f"{model_bound / 1e6:.0f}", f"{engine_bound / 1e6:.0f}",
+            f"{bound * 3600 / 1e12:.2f}", "model" if model_bound < engine_bound else "engine",
+        ])
+    return (
+        "#### GPU projection (PROJECTED from CPU measurements, not measured on a GPU)\n\n"
+        f"Model bound = {H100_BF16_PEAK / 1e12:.0f} TFLOP/s (H100/H200 dense bf16 peak) × {PEAK_FRACTION:.0%} assumed "
+        f"utilisation ÷ (FLOPs per tile voxel × {cover} tile voxels per output voxel at overlap 0.5). Engine bound = the "
+        f"null-model CLI-path throughput measured above, {voxels_per_cpu_s / 1e6:.1f} M output voxels per CPU-second "
+        f"(which still includes the null model and the host-side fixed-point sums that a GPU run does on the device), "
+        f"× {HOST_CORES_PER_GPU} host cores per GPU. TB/h = uint8 input bytes per GPU-hour. `benchmarks/gpu_check.py` "
+        f"measures both on a real GPU.\n\n"
+        + markdown_table(["model", "FLOP per tile voxel", "model bound M vox/s", "engine bound M vox/s",
+                          "PROJECTED TB per GPU-hour", "bound by"], rows)
+        + "\n"
+    )
+
+
+def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, save=lambda body: None) -> str:
+    """The section's text; ``save(text so far)`` is called after each part (a long run killed
+    half-way keeps what it measured)."""
+    load_before = open("/proc/loadavg").read().split()[:3]
+    parts = []
+
+    def text() -> str:
+        load_now = open("/proc/loadavg").read().split()[:3]
+        return (
+            f"### Hot path: null model and real models beside MONAI, and the GPU projection\n\n"
+            f"Load average before {' '.join(load_before)}, at the end {' '.join(load_now)} (the {os.cpu_count()}-core "
+            f"machine is shared with other jobs: wall times are inflated and noisy; CPU seconds and ratios measured in one "
+            f"run are the figures to compare). Contenders interleaved, medians of {repeats} (real-model rows: as stated). "
+            f"{threads} torch threads everywhere.\n\n" + "\n".join(parts)
+        )
+
+    null_text, null = null_rows(cfg["null_shape"], cfg["null_window"], cfg["chunks"], repeats, helpers["random_volume"], work, threads)
+    for r in null.values():
+        r["voxels"] = int(np.prod(cfg["null_shape"]))
+    parts.append(null_text)
+    parts.append(projection(null, cfg["null_window"]))
+    save(text())
+    for preset, shape, reps in cfg["model_rows"]:
+        parts.insert(-1, model_rows(shape, cfg["null_window"], cfg["chunks"], preset, min(repeats, reps), helpers, work, threads)[0])
+        save(text())
+    return text()

@@ -1,0 +1,170 @@
+"""The arithmetic of predict's hot path, each against the plain formula it replaces: separable
+denominators, in-place fixed-point accumulation, slab-wise and device blending, the model cache,
+the one place that sets torch's backend flags."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cleftchunk.backend import configure_torch
+from cleftchunk.geometry import Roi
+from cleftchunk.predict import PredictParams, TileRunner
+from cleftchunk.predict.runner import ModelCache, ModelSource
+from cleftchunk.predict.tiling import (
+    FLOAT_EXACT_TILES,
+    TileGrid,
+    block_denominator,
+    blended_uint8,
+    blended_uint8_torch,
+    fixed_weights,
+    separable_denominator,
+    to_fixed,
+    weights_for,
+)
+
+
+def brute_force_denominator(grid: TileGrid, blend: str, roi: Roi) -> np.ndarray:
+    """Σ q(w) tile by tile: what the blend task computed before."""
+    q = to_fixed(weights_for(grid.window, blend))
+    out = np.zeros(roi.shape, dtype=np.int64)
+    for _, tile in grid.tiles_overlapping(roi):
+        common = tile.intersect(roi)
+        out[common.relative_to(roi).to_slices()] += q[common.relative_to(tile).to_slices()]
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_separable_denominator_equals_tile_by_tile_sums(seed):
+    rng = np.random.default_rng(seed)
+    window = tuple(int(w) for w in rng.integers(2, 12, 3))
+    shape = tuple(int(s) for s in rng.integers(1, 40, 3))
+    overlap = float(rng.choice([0.0, 0.25, 0.5, 0.75, 0.9]))
+    blend = str(rng.choice(["gaussian", "constant"]))
+    grid = TileGrid.over(Roi((3, -2, 5), shape), window, overlap, pad=bool(rng.integers(2)))
+    for _ in range(6):  # random regions, inside and across the frame's edges
+        begin = tuple(int(rng.integers(f - 3, f + s)) for f, s in zip(grid.frame.begin, grid.frame.shape))
+        roi = Roi(begin, tuple(int(n) for n in rng.integers(1, 30, 3)))
+        got = block_denominator(grid, blend, roi)
+        np.testing.assert_array_equal(got, brute_force_denominator(grid, blend, roi))
+        assert got.dtype == np.int64 and not got.flags.writeable
+
+
+def test_denominators_of_interior_blocks_are_shared():
+    grid = TileGrid.over(Roi((0, 0, 0), (64, 256, 256)), (8, 32, 32), 0.5, pad=True)
+    a = block_denominator(grid, "gaussian", Roi((16, 64, 64), (16, 64, 64)))
+    b = block_denominator(grid, "gaussian", Roi((32, 128, 64), (16, 64, 64)))  # same phase: same offsets
+    assert a is b
+    np.testing.assert_array_equal(a, brute_force_denominator(grid, "gaussian", Roi((32, 128, 64), (16, 64, 64))))
+
+
+def test_separable_denominator_with_no_tiles_is_zero():
+    q = fixed_weights((2, 3, 4), "gaussian")
+    assert not separable_denominator(q, ((), (0,), (0,)), (5, 5, 5)).any()
+
+
+def test_fixed_weights_are_to_fixed_of_the_importance_map_and_read_only():
+    np.testing.assert_array_equal(fixed_weights((4, 8, 8), "gaussian"), to_fixed(weights_for((4, 8, 8), "gaussian")))
+    with pytest.raises(ValueError):
+        fixed_weights((4, 8, 8), "gaussian")[0, 0, 0] = 1
+
+
+@pytest.mark.parametrize("tiny", [False, True])
+def test_accumulate_equals_sum_of_to_fixed(monkeypatch, tiny):
+    """The runner's in-place float64 sums (flushed to int64) equal Σ to_fixed(w·p) exactly, also
+    when the exact-float budget is tiny so that flushes happen in the middle."""
+    import cleftchunk.predict.runner as runner_module
+
+    if tiny:
+        monkeypatch.setattr(runner_module, "FLOAT_EXACT_TILES", 2)
+    window = (2, 6, 6)
+    model = torch.nn.Sigmoid()
+    rng = np.random.default_rng(1)
+    raw = rng.integers(0, 256, (5, 14, 14), dtype=np.uint8)
+    where = [tuple(slice(o, o + w) for o, w in zip(off, window)) for off in [(0, 0, 0), (1, 3, 2), (3, 8, 8), (0, 2, 5), (2, 4, 4)]]
+    weights = weights_for(window, "gaussian")
+    runner = TileRunner(model, PredictParams(window, batch_size=2))
+    got = runner.accumulate((raw[s] for s in where), where, raw.shape, weights)
+    expected = np.zeros(raw.shape, dtype=np.int64)
+    probabilities = list(TileRunner(model, PredictParams(window, batch_size=2)).run(raw[s] for s in where))
+    for s, p in zip(where, probabilities):
+        expected[s] += to_fixed(weights * p)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, expected)
+    assert runner.tiles_run == len(where)
+    # the device code path (torch ops, used on CUDA), run here on the CPU: the same integers
+    on_device = TileRunner(model, PredictParams(window, batch_size=2))._accumulate_torch((raw[s] for s in where), where, raw.shape, weights)
+    np.testing.assert_array_equal(on_device.numpy(), expected)
+
+
+def test_float_sums_are_exact_up_to_the_flush_budget():
+    top = float(2**40)
+    assert FLOAT_EXACT_TILES * top < 2**53  # every partial float sum is an exactly held integer
+    assert (FLOAT_EXACT_TILES + 1) * 2 ** 40 <= 2**53 + 2**40
+
+
+def test_input_buffers_are_reused_and_short_batches_zero_padded():
+    seen = []
+
+    class Record(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.clone())
+            return x  # aliases the input buffer: the runner must copy it before reusing the buffer
+
+    rng = np.random.default_rng(2)
+    tiles = [rng.integers(0, 256, (2, 4, 4), dtype=np.uint8) for _ in range(3)]
+    runner = TileRunner(Record(), PredictParams((2, 4, 4), batch_size=2))
+    out = [p.clone() for p in runner.run_tensors(tiles)]
+    for tile, p in zip(tiles, out):
+        np.testing.assert_array_equal(p.numpy(), torch.from_numpy(tile).float().div_(255.0).numpy())
+    assert not seen[1][1].any()  # the padding sample of the short last batch is zeros
+    assert len(runner._inputs) == 1
+
+
+def test_blended_uint8_slabs_and_torch_equal_the_plain_formula():
+    rng = np.random.default_rng(3)
+    den = rng.integers(0, 2**44, (9, 70, 80), dtype=np.int64)
+    den[0, 0, :5] = 0
+    num = (den * rng.random(den.shape)).astype(np.int64)
+    num[1, 1, :3] = [0, den[1, 1, 1], den[1, 1, 2] // 2]
+    plain = np.clip(np.floor(num.astype(np.float64) / np.where(den > 0, den, 1).astype(np.float64) * 255.0 + 0.5), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(blended_uint8(num, den), plain)
+    np.testing.assert_array_equal(blended_uint8_torch(torch.from_numpy(num), torch.from_numpy(den)).numpy(), plain)
+    runner = TileRunner(torch.nn.Sigmoid(), PredictParams((2, 2, 2)))
+    np.testing.assert_array_equal(runner.blend(num, den), plain)
+
+
+def test_model_cache_is_bounded_and_keyed_by_model_and_settings():
+    loads = []
+
+    class Source(ModelSource):
+        def load(self, device):
+            loads.append(self.sha256)
+            return torch.nn.Identity()
+
+    cache = ModelCache(size=2)
+    params = PredictParams((2, 2, 2))
+    a, b, c = Source("a"), Source("b"), Source("c")
+    first = cache.get(a, "cpu", params)
+    assert cache.get(a, "cpu", params) is first and loads == ["a"]
+    cache.get(a, "cpu", PredictParams((2, 2, 2), precision="bf16"))  # another precision: another entry
+    cache.get(b, "cpu", params)
+    cache.get(c, "cpu", params)
+    assert len(cache) == 2
+    cache.get(a, "cpu", params)  # dropped (least recently used): loaded again
+    assert loads == ["a", "a", "b", "c", "a"]
+
+
+def test_configure_torch_sets_threads_and_cudnn_flags():
+    threads = torch.get_num_threads()
+    flags = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        configure_torch(1, cudnn_deterministic=True)
+        assert torch.get_num_threads() == 1
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        configure_torch(cudnn_benchmark=True)
+        assert torch.backends.cudnn.benchmark
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
