@@ -213,7 +213,7 @@ CASES = [
     ("convert-onto-itself", ["convert", "{ws}/in.zarr/raw", "{ws}/in.zarr/raw", "--overwrite"], r"where the source lives"),
     ("convert-into-its-container", ["convert", "{ws}/in.zarr/raw", "{ws}/in.zarr", "--overwrite"], r"contains the source"),
     ("convert-4d-without-channel", ["convert", "{ws}/four.zarr", "{tmp}/o.zarr/raw"], r"--channel"),
-    ("convert-url-scheme", ["convert", "{ws}/in.zarr/raw", "s3://bucket/o.zarr/raw"], r"s3://"),
+    ("convert-url-scheme", ["convert", "{ws}/in.zarr/raw", "ftp://host/o.zarr/raw"], r"ftp://"),
     # info
     ("info-missing", ["info", "{ws}/nope.zarr"], r"nope.zarr"),
     ("convert-empty-hdf5-dataset", ["convert", "{ws}/emptyds.h5:raw", "{tmp}/o.zarr/raw", "--voxel-size", "40,4,4"], r"axis of length 0: there is nothing to convert"),

@@ -261,6 +261,13 @@ def write_demo_report(demo: Any) -> Path:
         )
         report.add("Training loss", curve)
 
+    test_raw, results = demo.sample_zarr("test") / "raw", demo.results_zarr
+    report.add(
+        "Look at the volumes",
+        "In a local neuroglancer viewer (on 127.0.0.1; `pip install \"cleftchunk[view]\"`): "
+        f"`cleftchunk view {test_raw} --prediction {results / 'pred'} --clefts {results / 'clefts'}` "
+        "(add `--screenshot view.png` for a picture). napari reads the same OME-Zarr images.",
+    )
     stage_rows = [
         [r.name, round(r.seconds, 1), round(r.peak_rss_mib), _stage_note(r)] for r in demo.records.values()
     ]

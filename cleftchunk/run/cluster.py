@@ -196,7 +196,7 @@ def _local_cluster(spec: ClusterSpec):
             )
         workers = {}
         for i in range(spec.n_workers):
-            env = {"OMP_NUM_THREADS": str(threads), "CLEFTCHUNK_TORCH_THREADS": str(threads)}
+            env = {"OMP_NUM_THREADS": str(threads)}  # torch threads are set per job (Job.torch_threads)
             resources = {}
             if spec.gpus:
                 env["CUDA_VISIBLE_DEVICES"] = str(i)

@@ -99,6 +99,10 @@ def serve(layers: ViewLayers, port: int = 0, log: Callable[[str], None] = print)
             time.sleep(3600)
     except KeyboardInterrupt:
         log("stopped")
+    finally:
+        import neuroglancer
+
+        neuroglancer.stop()  # end its server thread, which could otherwise keep the process alive
 
 
 def find_chromium() -> str:
