@@ -92,7 +92,11 @@ def _layer(ng: Any, name: str, volume: Volume, space: Any) -> Any:
 
 def serve(layers: ViewLayers, port: int = 0, log: Callable[[str], None] = print) -> None:
     """Serve until interrupted (Ctrl-C), after printing the viewer's URL."""
+    import signal
+
     viewer = build_viewer(layers, port)
+    # Ctrl-C must stop it even when started with SIGINT ignored (inherited from a parent process)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     log(f"neuroglancer viewer (Ctrl-C to stop): {viewer.get_viewer_url()}")
     try:
         while True:
