@@ -28,6 +28,9 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import lock_path, output_lock, refuse_overlap
 from cleftchunk.predict import predict_reference
 
+# servers, clusters and subprocesses: part of the full suite, not of the quick loop
+pytestmark = pytest.mark.slow
+
 
 def dead_pid() -> int:
     """The PID of a process that has exited."""

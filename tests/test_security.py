@@ -26,6 +26,9 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.predict import predict, predict_reference
 from cleftchunk.run.cluster import check_listen, is_loopback
 
+# servers, clusters and subprocesses: part of the full suite, not of the quick loop
+pytestmark = pytest.mark.slow
+
 
 # -- helpers --------------------------------------------------------------------------------------
 def listening_sockets() -> set[tuple[str, int]]:

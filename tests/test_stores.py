@@ -22,6 +22,9 @@ from cleftchunk.io.volumes import create_volume, open_volume
 from s3_server import environment, free_port, s3_server
 from test_predict import CHUNKS, SLOW_RUN, WINDOW, make_slow_model, tissue, write_volume
 
+# servers, clusters and subprocesses: part of the full suite, not of the quick loop
+pytestmark = pytest.mark.slow
+
 VS = ("--voxel-size", "40,4,4")
 _names = itertools.count()
 METADATA = ("zarr.json", ".zarray", ".zattrs", ".zgroup")

@@ -17,6 +17,9 @@ from cleftchunk.io.volumes import create_volume
 from cleftchunk.view import ViewLayers, build_viewer, find_chromium, screenshot
 from cleftchunk.view.server import image_statistics
 
+# servers, clusters and subprocesses: part of the full suite, not of the quick loop
+pytestmark = pytest.mark.slow
+
 SHAPE = (4, 64, 64)
 
 
