@@ -256,10 +256,14 @@ SLOW_RUN = textwrap.dedent(
 
 
 def recorded_blocks(tmp_path) -> int:
-    """Blocks the completion record says are done (0 while it does not exist yet)."""
+    """Blocks the completion record of ``tmp_path/out.zarr/pred`` says are done."""
+    return recorded(tmp_path / ".out.zarr.pred.predict-done.zarr")
+
+
+def recorded(path) -> int:
+    """Blocks the completion record at ``path`` says are done (0 while it does not exist yet)."""
     import zarr
 
-    path = tmp_path / ".out.zarr.pred.predict-done.zarr"
     try:
         return int(np.count_nonzero(zarr.open_array(str(path), mode="r")[:]))
     except Exception:  # not created yet, or being replaced

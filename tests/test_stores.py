@@ -20,7 +20,7 @@ import pytest
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.volumes import create_volume, open_volume
 from s3_server import environment, free_port, s3_server
-from test_predict import CHUNKS, SLOW_RUN, WINDOW, make_slow_model, tissue, write_volume
+from test_predict import CHUNKS, SLOW_RUN, WINDOW, make_slow_model, recorded, tissue, write_volume
 
 # servers, clusters and subprocesses: part of the full suite, not of the quick loop
 pytestmark = pytest.mark.slow
@@ -99,16 +99,6 @@ def test_info_on_s3_lists_a_container_and_describes_an_image(tmp_path, run_cli, 
 
 
 # -- predict, killed and resumed -------------------------------------------------------------------
-def recorded(path: Path) -> int:
-    """Blocks the completion record at ``path`` says are done (0 until it exists)."""
-    import zarr
-
-    try:
-        return int(np.count_nonzero(zarr.open_array(str(path), mode="r")[:]))
-    except Exception:  # not created yet, or being replaced
-        return 0
-
-
 @pytest.mark.slow
 def test_predict_from_and_to_s3_resumes_after_a_kill_with_the_bytes_of_a_local_run(tmp_path, bucket):
     raw = tissue((8, 48, 48), seed=3)

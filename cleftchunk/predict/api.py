@@ -91,7 +91,7 @@ def predict(
     listen = check_listen(listen, log)
     started = time.perf_counter()
     volume = _open_input(input_volume, scale)
-    source, window, arch_name = _model_source(model_or_checkpoint, window, architecture)
+    source, window, arch_name, postprocess = _model_source(model_or_checkpoint, window, architecture)
     if client is None and scheduler is None:
         gpus = resolve_gpus(gpus)
     device = "cuda" if gpus else "cpu"
@@ -123,7 +123,6 @@ def predict(
         return PredictResult(str(output_spec), grid.count, blocks=len(plan), seconds=time.perf_counter() - started)
     run_info = {"block_shape": list(block_shape), "workers": workers, "gpus": gpus, "scheduler": scheduler, "retries": retries}
     scratch_option = scratch
-    postprocess = _postprocess_of(model_or_checkpoint)
     output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite, scratch_option, postprocess)
     scratch = Scratch(str(_scratch_dir(output, identity_hash, scratch_option)))
     result = PredictResult(str(output_spec), grid.count)
@@ -211,9 +210,11 @@ def _open_mask(mask: Any, volume: Volume) -> Volume | None:
     return mask_volume
 
 
-def _model_source(model_or_checkpoint: Any, window: Sequence[int] | None, architecture: str | None) -> tuple[ModelSource, Coord, str]:
+def _model_source(model_or_checkpoint: Any, window: Sequence[int] | None, architecture: str | None) -> tuple[ModelSource, Coord, str, dict | None]:
+    """The model to ship, its window, its architecture's name, and the checkpoint's operating point
+    (threshold, min_size; recorded for ``segment``'s defaults), reading a checkpoint once."""
     if isinstance(model_or_checkpoint, (str, os.PathLike)):
-        from cleftchunk.model import check_input_shape, checkpoint_input_size, load_checkpoint, model_from_checkpoint
+        from cleftchunk.model import check_input_shape, checkpoint_input_size, checkpoint_postprocess, load_checkpoint, model_from_checkpoint
 
         path = Path(model_or_checkpoint)
         ckpt = load_checkpoint(path)
@@ -224,10 +225,12 @@ def _model_source(model_or_checkpoint: Any, window: Sequence[int] | None, archit
         window = tuple(window or checkpoint_input_size(ckpt))
         if arch == "unetv0":
             check_input_shape(window)
-        return ModelSource(_file_sha256(path), checkpoint=str(path.resolve())), as_coord(window, 3), arch
+        source = ModelSource(_file_sha256(path), checkpoint=str(path.resolve()))
+        return source, as_coord(window, 3), arch, checkpoint_postprocess(ckpt)
     if window is None:
         raise CleftchunkError("predict with an in-memory model needs window= (the model input size z,y,x)")
-    return ModelSource(_module_sha256(model_or_checkpoint), module=model_or_checkpoint), as_coord(tuple(window), 3), type(model_or_checkpoint).__name__
+    source = ModelSource(_module_sha256(model_or_checkpoint), module=model_or_checkpoint)
+    return source, as_coord(tuple(window), 3), type(model_or_checkpoint).__name__, None
 
 
 def _file_sha256(path: Path) -> str:
@@ -288,15 +291,6 @@ def _versions() -> dict:
         with contextlib.suppress(md.PackageNotFoundError):
             out[name] = md.version(name)
     return out
-
-
-def _postprocess_of(model_or_checkpoint: Any) -> dict | None:
-    """The checkpoint's chosen binarization (threshold, min_size), recorded for ``segment``'s defaults."""
-    if not isinstance(model_or_checkpoint, (str, os.PathLike)):
-        return None
-    from cleftchunk.model import checkpoint_postprocess, load_checkpoint
-
-    return checkpoint_postprocess(load_checkpoint(model_or_checkpoint))
 
 
 def _open_output(
