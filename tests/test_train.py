@@ -99,6 +99,16 @@ def test_masked_voxels_do_not_count():
     assert not torch.allclose(weighted_bce(logits, target), weighted_bce(changed, target))
 
 
+def test_max_weight_caps_the_positive_weight():
+    torch.manual_seed(2)
+    logits = torch.randn(2, 1, 2, 8, 8)
+    target = (torch.rand(2, 1, 2, 8, 8) > 0.95).float()
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    assert abs(float(weighted_bce(logits, target, max_weight=1.0)) - float(plain)) < 1e-6
+    assert float(weighted_bce(logits, target)) > float(weighted_bce(logits, target, max_weight=3.0)) > float(plain)
+    assert float(weighted_bce(logits, target, max_weight=1e9)) == float(weighted_bce(logits, target))
+
+
 def test_dice_term():
     target = torch.zeros(1, 1, 2, 8, 8)
     target[..., 2:6, 2:6] = 1

@@ -52,6 +52,7 @@ class DemoSettings:
     optimizer: str = "adam"
     scheduler: str = "plateau"
     dice: float = 0.0
+    max_weight: float | None = None
     # Fraction of crops centred on a cleft voxel (the rest: uniform draws with rejection sampling).
     near_cleft: float = 0.5
     # The last validation_sections z-sections of the training sample are held out of training;
@@ -293,6 +294,7 @@ class Demo:
             "optimizer": s.optimizer,
             "scheduler": s.scheduler,
             "dice": s.dice,
+            "max_weight": s.max_weight,
             "rejection": {"near_cleft": s.near_cleft},
             "validate_image": raw,
             "validate_labels": clefts,

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cleftchunk.figures import overlay
+from cleftchunk.train.loss import loss_name
 
 GT_COLOUR = np.array([0, 220, 0], dtype=np.float32)  # ground truth: green
 PRED_COLOUR = np.array([230, 0, 230], dtype=np.float32)  # prediction: magenta (overlap reads white)
@@ -201,7 +202,7 @@ def write_demo_report(demo: Any) -> Path:
         f"for choosing the operating point), held-out test sample {_shape(s.test_shape)} (seed {s.seed + 1}), "
         f"difficulty {s.difficulty}; unetv0 preset '{s.preset}', input {_shape(s.input_size)}, "
         f"{s.iterations} iterations of batch {s.batch_size} on {s.device} ({s.optimizer}, {s.scheduler} schedule, "
-        f"weighted BCE{' + Dice' if s.dice else ''}, lr {s.lr:g}; {s.near_cleft:.0%} of the crops centred on a cleft voxel)"
+        f"{loss_name(s.dice, s.max_weight)}, lr {s.lr:g}; {s.near_cleft:.0%} of the crops centred on a cleft voxel)"
         + (f"; {layout['threads']} torch threads + {layout['workers']} loader workers, measured fastest here" if layout else "")
         + ".",
     )
@@ -257,7 +258,7 @@ def write_demo_report(demo: Any) -> Path:
             figures / "loss.png",
             {"loss": (steps, losses), "moving mean": (steps, smooth(losses, 10))},
             "iteration",
-            "training loss (weighted BCE)",
+            f"training loss ({loss_name(demo.settings.dice, demo.settings.max_weight)})",
         )
         report.add("Training loss", curve)
 

@@ -76,7 +76,7 @@ class Trainer:
         self.model.train()
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.model(image)
-        loss = training_loss(logits, label, mask, self.config.dice)
+        loss = training_loss(logits, label, mask, self.config.dice, self.config.max_weight)
         value = float(self.dist.mean(loss.detach()).item())
         if not math.isfinite(value):
             raise NonFiniteLoss(value)
