@@ -299,7 +299,7 @@ def describe_conversion(plan: ConversionPlan, workers: int = DEFAULT_WORKERS, sc
     memory = math.prod(layout.block_shape) * (plan.source.dtype.itemsize + 2 * out_itemsize)
     output = sum(math.prod(s) for s in shapes) * out_itemsize
     return describe_plan(f"convert {plan.source} -> {plan.dst}", layout, where(workers, scheduler), len(layout) + level_tasks,
-                         output, memory, extra=(f"  output: {plan.describe()}",))
+                         output, memory, extra=(f"  conversion: {plan.describe()}",))
 
 
 def source_chunking(source: Volume) -> tuple[int, ...] | None:
