@@ -144,3 +144,28 @@ def test_synth_dry_run_of_a_terabyte_returns_at_once_and_writes_nothing(tmp_path
     assert f"{blocks} blocks of (16, 256, 256)" in result.output and "nothing was run" in result.output
     assert "15.4 TiB before compression" in result.output  # 17 bytes a voxel: raw, clefts, neuron ids
     assert files_under(tmp_path) == set()
+
+
+@pytest.mark.slow
+def test_export_writes_the_same_file_in_one_slab_in_many_and_from_an_existing_scheduler(tmp_path, scheduler_address, monkeypatch):
+    import cleftchunk.post.export as ex
+    from cleftchunk.labels import CREMI_BACKGROUND
+
+    clefts = generate_region((8, 32, 32), seed=2)["clefts"]
+    volume = create_volume(tmp_path / "c.zarr/ids", clefts.shape, clefts.dtype, chunks=(2, 16, 16), voxel_size=(40, 4, 4),
+                           fill_value=int(CREMI_BACKGROUND), attrs={"cleft_kind": "ids"})
+    volume.array[...] = clefts
+    spec = str(tmp_path / "c.zarr/ids")
+    ex.export_cremi(spec, tmp_path / "one.hdf", raw=spec)
+    monkeypatch.setattr(ex, "SLAB_BYTES", 2 * 32 * 32 * 8)  # two sections a slab: four slabs
+    assert ex.slab_depth(open_volume(spec), open_volume(spec).roi) == 2
+    ex.export_cremi(spec, tmp_path / "slabs.hdf", raw=spec)
+    ex.export_cremi(spec, tmp_path / "remote.hdf", raw=spec, scheduler=scheduler_address)
+    with h5py.File(tmp_path / "one.hdf", "r") as f:
+        np.testing.assert_array_equal(f["volumes/labels/clefts"][...], clefts)
+        reference = {name: (f[name][...], dict(f[name].attrs)) for name in ("volumes/labels/clefts", "volumes/raw")}
+    for name in ("slabs", "remote"):
+        with h5py.File(tmp_path / f"{name}.hdf", "r") as f:
+            for dataset, (data, attrs) in reference.items():
+                np.testing.assert_array_equal(f[dataset][...], data)
+                assert {k: list(v) for k, v in f[dataset].attrs.items()} == {k: list(v) for k, v in attrs.items()}

@@ -259,7 +259,7 @@ def convert(
     output, status = prepare_output(plan, overwrite)
     if status == "complete":
         return ConversionResult(plan, status, 0, 0, 0)
-    with _client(client, workers, scheduler) as c:
+    with _client(client, workers, scheduler, progress) as c:
         report = chunkwrite.fill(
             output.array,
             SourceReader(plan.source, plan.not_cleft),
@@ -279,9 +279,9 @@ def convert(
     return ConversionResult(plan, status, report.units, report.written, report.bytes_read)
 
 
-def _client(client: Any, workers: int, scheduler: str):
+def _client(client: Any, workers: int, scheduler: str, progress: bool = False):
     """The given client, or one started for this command (closed after)."""
-    return contextlib.nullcontext(client) if client is not None else block_client(workers, scheduler)
+    return contextlib.nullcontext(client) if client is not None else block_client(workers, scheduler, announce=progress)
 
 
 def describe_conversion(plan: ConversionPlan, workers: int = DEFAULT_WORKERS, scheduler: str = "threads",
@@ -477,7 +477,7 @@ def convert_cremi_file(
 
     _check_scheduler(scheduler)
     plans = _cremi_plans(src, dst, mask, **plan_options)
-    with _client(None, workers, scheduler) as client:  # one cluster for every volume
+    with _client(None, workers, scheduler, progress) as client:  # one cluster for every volume
         results = [
             convert(plan, overwrite=overwrite, task_bytes=task_bytes, progress=progress, client=client)
             for plan in plans

@@ -342,7 +342,7 @@ def evaluate(
         memory = grown * (pred.dtype.itemsize + gt.dtype.itemsize + 2 + 8 + 3 * 8)
         log(describe_plan("evaluate", layout, where(workers, place), 2 * len(layout), 0, memory))
         return None
-    with block_client(workers, place) as client:
+    with block_client(workers, place, announce=progress) as client:
         return _evaluate(client, pair, layout, halo, vs, region, pred, gt, theta, threshold, progress)
 
 
@@ -369,7 +369,7 @@ def _evaluate(client, pair, layout: GridLayout, halo, vs, region, pred, gt, thet
     results = []
     task = BlockwiseTask(
         "evaluate-distances", SubsetLayout(layout, queried), functools.partial(_distances_task, pair, halo, layout.roi, vs),
-        collect=lambda block, r: results.append(r), process_args=(client.scatter(boxes, broadcast=True, hash=False),),
+        collect=lambda block, r: results.append(r), process_args=(client.scatter([boxes], broadcast=True, hash=False)[0],),
     )
     raise_if_failed(run_blockwise(client, task, progress=progress), task.name)
 

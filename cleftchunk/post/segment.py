@@ -275,7 +275,7 @@ def segment(
     identity = identity_hash("segment", 1, source.spec, list(source.shape), str(source.dtype), list(chunks),
                              list(layout.block_shape), params)
     target, record = _open_output(out, source, chunks, overwrite, params, layout, identity)
-    with block_client(workers, place) as client:
+    with block_client(workers, place, announce=progress) as client:
         result = _segment(client, Labelling(source, kind, threshold, connectivity), min_size, layout, target, record, progress)
     target.array.attrs[COMPLETE_ATTRIBUTE] = True
     remove_record(record.path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from concurrent.futures import Future as _Future
 from typing import Any, Callable, Iterator
@@ -155,10 +156,11 @@ def is_address(scheduler: str | None) -> bool:
 
 
 @contextlib.contextmanager
-def block_client(workers: int | None = None, scheduler: str | None = "threads") -> Iterator[Any]:
+def block_client(workers: int | None = None, scheduler: str | None = "threads", announce: bool = False) -> Iterator[Any]:
     """A client for :func:`cleftchunk.run.executor.run_blockwise`: ``scheduler`` is ``"threads"``
     (``workers`` threads of this process, default one per core), ``"processes"`` (a local
-    cluster of ``workers`` worker processes on 127.0.0.1) or the address of a running scheduler."""
+    cluster of ``workers`` worker processes on 127.0.0.1) or the address of a running scheduler.
+    ``announce``: print the Dask dashboard's address on stderr (with the progress display)."""
     from cleftchunk.run.cluster import ClusterSpec, dask_client
 
     workers = check_workers(workers)
@@ -168,6 +170,8 @@ def block_client(workers: int | None = None, scheduler: str | None = "threads") 
         return
     spec = ClusterSpec(workers=workers or 1, cores=workers, scheduler=scheduler if is_address(scheduler) else None)
     with dask_client(spec) as client:
+        if announce and getattr(client, "dashboard_link", None):
+            print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
         yield client
 
 

@@ -284,7 +284,7 @@ def _cremi_task(grid: ChunkGrid, seed: int, params: SynthParams, block, _prepare
 def _run(task: BlockwiseTask, workers: int, scheduler: str, progress: bool):
     """Run ``task`` on the executor; the first error stops the run and is raised here. A block
     whose results are handed to the client (``collect``: the HDF5 writer) is over only then."""
-    with block_client(workers, scheduler) as client:
+    with block_client(workers, scheduler, announce=progress) as client:
         return run_blockwise(client, task, progress=progress)
 
 
