@@ -30,8 +30,10 @@ position on those axes is at most one beyond A's end. Every voxel of a seam lies
 
 Final ids are 1..K ordered by each component's first voxel in C order (the smallest linear index
 over the component), computed from the per-block tables: the result does not depend on the block
-shape or the worker count, byte for byte. Memory: one block per task, tables the size of the number
-of components, and the labelled face voxels of the blocks whose seams are still pending.
+shape or the worker count, byte for byte. Memory: one block per task on the workers; on the
+client, tables the size of the number of components, and the labelled voxels of every block's
+faces from pass 1 until pass 2 is over (clefts are sparse, so this is a small fraction of the face
+voxels; a cleft-dense terabyte would need the faces spilled to a scratch folder instead).
 """
 
 from __future__ import annotations
