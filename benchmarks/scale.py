@@ -1,6 +1,6 @@
 """Scale of the block-wise engine: plans of terabyte volumes, and many small blocks per second.
 
-1. ``--dry-run`` of predict (and segment, evaluate where they have one) on *virtual* 1 TB and
+1. ``--dry-run`` of predict, segment, evaluate, convert and synth on *virtual* 1 TB and
    10 TB volumes: Zarr arrays with a fill value and no stored chunk, so nothing is read. Wall time
    and peak RSS of the whole command (a fresh subprocess each).
 2. A real run of many small blocks: a 32×2048×2048 uint8 volume in 8×128×128 blocks (1,024
@@ -48,11 +48,17 @@ DRY_POST = """
 import time
 from cleftchunk.post.segment import segment
 from cleftchunk.post.metrics import evaluate
+from cleftchunk.io.convert import convert_path
+from cleftchunk.synth.write import synthesize
 t = time.perf_counter()
 if {stage!r} == "segment":
     segment({spec!r}, {out!r}, kind="prob", chunks=(32, 512, 512), block_shape=(64, 1024, 1024), dry_run=True, log=print)
-else:
+elif {stage!r} == "evaluate":
     evaluate({spec!r}, {spec!r}, pred_kind="prob", gt_kind="mask", voxel_size=(40, 4, 4), block_shape=(64, 1024, 1024), dry_run=True, log=print)
+elif {stage!r} == "convert":
+    convert_path({spec!r}, {out!r}, voxel_size=(40, 4, 4), levels=3, dry_run=True, log=print)
+else:
+    synthesize({out_dir!r}, {shape!r}, chunks=(32, 512, 512), dry_run=True, log=print)
 print("SECONDS", time.perf_counter() - t)
 """
 
@@ -78,8 +84,9 @@ def dry_runs() -> list[str]:
         blocks = next(line for line in m.stdout.splitlines() if line.startswith("plan:")).split(" blocks")[0][6:]
         assert not (WORK / "never.zarr").exists(), "a dry run created the output"
         rows.append(f"| predict --dry-run | {label} {shape} | {blocks} | {inner:.2f} s | {m.seconds:.1f} s | {m.peak_rss_mib:.0f} MiB |")
-        for stage in ("segment", "evaluate"):
-            m = measure([sys.executable, "-c", DRY_POST.format(stage=stage, spec=spec, out=str(WORK / "never.zarr" / "ids"))])
+        for stage in ("segment", "evaluate", "convert", "synth"):
+            code = DRY_POST.format(stage=stage, spec=spec, out=str(WORK / "never.zarr" / "ids"), out_dir=str(WORK / "never.zarr"), shape=shape)
+            m = measure([sys.executable, "-c", code])
             inner = float(m.stdout.split("SECONDS")[1].split()[0])
             blocks = next(line for line in m.stdout.splitlines() if line.startswith("plan:")).split(" blocks")[0].split()[-1]
             assert not (WORK / "never.zarr").exists(), "a dry run created the output"

@@ -27,13 +27,15 @@ from cleftchunk_cli.options import parse_zyx, positive_zyx
 @click.option("--downsample", type=click.Choice(["auto", "mean", "stride", "mode"]), default="auto", show_default=True,
               help="How levels are made: mean for images, stride for labels and masks (auto); mode for labels.")
 @click.option("--workers", default=conv.DEFAULT_WORKERS, show_default=True, help="Parallel Dask workers.")
-@click.option("--scheduler", type=click.Choice(conv.SCHEDULERS), default="threads", show_default=True, help="Dask local scheduler.")
+@click.option("--scheduler", default="threads", show_default=True,
+              help="threads (of this process), processes (--workers local worker processes), or the address of a running Dask scheduler (tcp://HOST:8786).")
 @click.option("--task-mb", default=DEFAULT_TASK_BYTES // 2**20, show_default=True, help="Source MiB per task (memory ≈ workers × 3 × this).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists (otherwise a matching DST resumes).")
 @click.option("--verify", "do_verify", is_flag=True, help="Afterwards compare every chunk with SRC and report mismatches.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (MB/s, ETA).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show the progress display (blocks, voxels/s, ETA).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (tasks, output bytes, memory per worker); run nothing, create nothing.")
 def command(src, dst, dataset, channel, chunks, compressor, shards, voxel_size, offset, mask, background, levels,
-            downsample, workers, scheduler, task_mb, overwrite, do_verify, progress):
+            downsample, workers, scheduler, task_mb, overwrite, do_verify, progress, dry_run):
     """Convert SRC (HDF5, CREMI file, TIFF stack, image folder, Zarr, N5, .npy) to OME-Zarr DST.
 
     DST is a volume like out.zarr/raw; for a whole CREMI file (SRC.hdf with volumes/raw, ... and
@@ -53,7 +55,7 @@ def command(src, dst, dataset, channel, chunks, compressor, shards, voxel_size, 
     )
     results = conv.convert_path(
         src, dst, dataset=dataset, mask=mask, overwrite=overwrite, workers=workers, scheduler=scheduler,
-        task_bytes=task_mb * 2**20, progress=progress, **plan_options,
+        task_bytes=task_mb * 2**20, progress=progress, dry_run=dry_run, log=click.echo, **plan_options,
     )
     for result in results:
         click.echo(_summary(result))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from cleftchunk.post.export import export_cremi, parse_crop
@@ -19,7 +21,9 @@ from cleftchunk_cli.options import KIND_CHOICE, parse_zyx
 @click.option("--kind", type=KIND_CHOICE, default="auto", show_default=True,
               help="What CLEFTS holds: ids (CREMI) or main (0 = background, converted).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
-def command(clefts, out, raw, crop, offset, kind, overwrite):
+@click.option("--scheduler", help="Address of a running Dask scheduler (tcp://HOST:8786) whose workers read the slabs.")
+@click.option("--progress/--no-progress", default=None, help="Progress display on stderr (default: when it is a terminal).")
+def command(clefts, out, raw, crop, offset, kind, overwrite, scheduler, progress):
     """Write cleft ids as volumes/labels/clefts of a CREMI HDF5 file (file_format 0.2).
 
     \b
@@ -37,5 +41,7 @@ def command(clefts, out, raw, crop, offset, kind, overwrite):
         crop=parse_crop(crop) if crop else None,
         kind=kind,
         overwrite=overwrite,
+        scheduler=scheduler,
+        progress=sys.stderr.isatty() if progress is None else progress,
     )
     click.echo(f"{info['path']}: clefts {tuple(info['shape'])} at voxel offset {tuple(info['offset_voxels'])}")

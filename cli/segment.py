@@ -57,4 +57,5 @@ def command(pred, output, threshold, min_size, connectivity, pred_kind, block_sh
     click.echo(
         f"{output}: {result.components} clefts ({result.voxels} voxels), "
         f"{result.removed} smaller than {result.min_size} voxels removed, {result.blocks} blocks"
+        + (f" ({result.already_done} written already by an interrupted run, kept)" if result.already_done else "")
     )

@@ -249,18 +249,34 @@ def test_output_independent_of_workers_and_task_size(tmp_path, workers, schedule
     assert conv.verify(plan, workers=workers, scheduler=scheduler) == []
 
 
-def test_tasks_cover_every_unit_once():
+def tasks_of(grid, itemsize, budget, align=None):
+    return list(chunkwrite.task_layout(grid, itemsize, budget, align).blocks())
+
+
+def units_of(grid, tasks):
+    return [u for t in tasks for u in chunkwrite.units_in(grid, t.write_roi)]
+
+
+def test_tasks_cover_every_unit_once(tmp_path):
     grid = ChunkGrid(Roi.from_shape((10, 50, 70)), (4, 16, 16))
     for budget in (1, 4 * 16 * 16 * 3, 4 * 16 * 16 * 5 * 2, 10**9):
-        tasks = chunkwrite.plan_tasks(grid, 1, budget)
-        units = [u for t in tasks for u in t.units]
+        tasks = tasks_of(grid, 1, budget)
+        units = units_of(grid, tasks)
         assert sorted(units) == sorted(grid.indices())
         for t in tasks:
-            assert t.roi == grid.chunk_roi(t.units[0]).union(grid.chunk_roi(t.units[-1]))
-            assert t.roi.size <= max(budget, 4 * 16 * 16)
+            mine = list(chunkwrite.units_in(grid, t.write_roi))
+            assert t.write_roi == grid.chunk_roi(mine[0]).union(grid.chunk_roi(mine[-1]))
+            assert t.write_roi.size <= max(budget, 4 * 16 * 16)
+    # units already stored are not written again
+    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(10, 50, 70), chunks=(4, 16, 16), dtype="uint8")
     done = {(0, 0, 0), (0, 0, 1)}
-    tasks = chunkwrite.plan_tasks(grid, 1, 1, done)
-    assert not any(u in done for t in tasks for u in t.todo)
+    for index in done:
+        array[grid.chunk_roi(index).to_slices()] = 7
+    report = chunkwrite.fill(array, lambda roi: np.ones(roi.shape, np.uint8), workers=1, task_bytes=1)
+    assert (report.already_stored, report.written) == (2, grid.num_chunks - 2)
+    assert chunkwrite.stored_units(array) == set(grid.indices())
+    for index in done:
+        assert (array[grid.chunk_roi(index).to_slices()] == 7).all()
 
 
 # -- existing outputs, resume, verify -------------------------------------------------------------
@@ -451,17 +467,17 @@ def test_resume_when_killed_right_after_creating_the_output(tmp_path, run_cli):
 def test_tasks_align_to_source_chunks():
     grid = ChunkGrid(Roi.from_shape((128, 512, 512)), (16, 256, 256))
     # HDF5 chunks of 64³: each task covers whole source chunks in z (4 output chunks thick)
-    tasks = chunkwrite.plan_tasks(grid, 1, 8 * 2**20, align=(64, 64, 64))
-    assert all(t.roi.shape[0] == 64 and t.roi.offset[0] % 64 == 0 for t in tasks)
-    assert sorted(u for t in tasks for u in t.units) == sorted(grid.indices())
+    tasks = tasks_of(grid, 1, 8 * 2**20, align=(64, 64, 64))
+    assert all(t.write_roi.shape[0] == 64 and t.write_roi.offset[0] % 64 == 0 for t in tasks)
+    assert sorted(units_of(grid, tasks)) == sorted(grid.indices())
     # a source chunk as deep as the volume is still not cut (it would be decompressed per task)
-    deep = chunkwrite.plan_tasks(grid, 1, 8 * 2**20, align=(128, 64, 64))
-    assert all(t.roi.shape[0] == 128 for t in deep)
-    plain = chunkwrite.plan_tasks(grid, 1, 8 * 2**20)
-    assert all(t.roi.shape[0] == 16 for t in plain)
+    deep = tasks_of(grid, 1, 8 * 2**20, align=(128, 64, 64))
+    assert all(t.write_roi.shape[0] == 128 for t in deep)
+    plain = tasks_of(grid, 1, 8 * 2**20)
+    assert all(t.write_roi.shape[0] == 16 for t in plain)
     # alignment that would need a box far over the budget is given up
-    huge = chunkwrite.plan_tasks(grid, 1, 2**19, align=(64, 1, 1))  # 4 MiB needed, 2 MiB allowed
-    assert all(t.roi.shape[0] == 16 for t in huge)
+    huge = tasks_of(grid, 1, 2**19, align=(64, 1, 1))  # 4 MiB needed, 2 MiB allowed
+    assert all(t.write_roi.shape[0] == 16 for t in huge)
 
 
 def test_only_chunked_sources_are_aligned_to(tmp_path):

@@ -164,3 +164,68 @@ def test_tiny_blocks_go_through_fast_in_batches(tmp_path):
             rate = report.written / (time.perf_counter() - started)
     assert report.written == 2000 and record.count_done() == 2000
     assert rate > 150, f"{rate:.0f} blocks/s"
+
+
+# -- threads of this process (run/local.py) ----------------------------------------------------------
+@pytest.mark.parametrize("threads,batch", [(1, 1), (3, 1), (2, 5)])
+def test_a_thread_client_runs_every_block_once_with_records_and_failures(tmp_path, threads, batch):
+    from cleftchunk.run.local import ThreadClient
+
+    shape = (4, 16, 16)
+    path, task = _task(tmp_path, shape, (1, 4, 16), batch=batch, fail_at=2)
+    with ThreadClient(threads) as client:
+        report = run_blockwise(client, task, retries=1, progress=False)
+    assert report.written == 12 and len(report.failed) == 4
+    assert all("planned failure" in error for _, error in report.failed)
+    got = zarr.open_array(path)[:]
+    np.testing.assert_array_equal(got[:, :8], expected_of(shape)[:, :8])
+    assert not got[:, 8:12].any()
+    done = zarr.open_array(str(tmp_path / "record.zarr"))[:].reshape(4, 4)
+    assert (done[:, 2] == 0).all() and done[:, [0, 1, 3]].all()
+
+
+def test_one_thread_runs_tasks_in_order_when_results_are_awaited_so_an_interrupt_keeps_what_came_before(tmp_path):
+    """A Ctrl-C in the fourth block: the three before it were handed to ``collect`` already."""
+    from cleftchunk.run.local import ThreadClient
+
+    layout = GridLayout(Roi.from_shape((1, 1, 8)), (1, 1, 1))
+    ran, collected = [], []
+
+    def process(block, _prepared=None):
+        if len(ran) == 3:
+            raise KeyboardInterrupt
+        ran.append(block.index)
+        return block.index
+
+    task = BlockwiseTask("order", layout, process, collect=lambda block, result: collected.append(result))
+    with pytest.raises(KeyboardInterrupt), ThreadClient(1) as client:
+        run_blockwise(client, task, progress=False)
+    assert ran == collected == [(0, 0, 0), (0, 0, 1), (0, 0, 2)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_thread_client_hands_prepared_results_and_shared_arguments_to_process(threads):
+    """The predict-like path (prepare, uses, users, release) and process_args, on threads."""
+    from cleftchunk.run.local import ThreadClient
+
+    layout = GridLayout(Roi.from_shape((1, 1, 6)), (1, 1, 1))
+    released = []
+
+    def prepare(block, own):
+        return {"prepared": 1}, block.index[2] * 10
+
+    def process(block, prepared, offset):
+        counts, payload = prepared
+        assert payload == block.index[2] * 10
+        return {**counts, "sum": payload + offset}
+
+    task = BlockwiseTask(
+        "prepared", layout, process, prepare=prepare, process_args=(7,),
+        uses=lambda i: [(0, 0, i[2] - 1)] if i[2] else [], users=lambda i: [(0, 0, i[2] + 1)] if i[2] < 5 else [],
+        release=released.append,
+    )
+    with ThreadClient(threads) as client:
+        report = run_blockwise(client, task, progress=False)
+    assert report.written == 6 and not report.failed
+    assert report.counts["prepared"] == 6 and report.counts["sum"] == sum(10 * i + 7 for i in range(6))
+    assert sorted(released) == [(0, 0, i) for i in range(6)]

@@ -190,3 +190,65 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, run_cli):
     result = run_cli("segment", spec, "-o", tmp_path / "s.zarr/ids", "--block-shape", "4,8,8", "--chunks", "4,8,8", "--dry-run")
     assert "18 blocks of (4, 8, 8)" in result.output and "nothing was run" in result.output
     assert not (tmp_path / "s.zarr").exists()
+
+
+# -- resume from the completion record after a real kill ---------------------------------------------
+KILLED_SEGMENT = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import cleftchunk.post.segment as s
+real = s.relabel_block
+def slow(*args):
+    time.sleep({delay})
+    return real(*args)
+s.relabel_block = slow
+r = s.segment({spec!r}, {out!r}, block_shape=(2, 8, 8), chunks=(2, 8, 8), workers=1, min_size=2)
+print("SUMMARY", r.already_done, r.blocks)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_segment_resumes_from_its_record_without_rewriting_blocks_and_gives_the_same_bytes(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import cleftchunk.post.segment as seg
+    from test_predict import recorded
+
+    pred = random_probabilities((8, 32, 32), 0.07, seed=5)
+    spec = write(tmp_path / "p.zarr/pred", pred, chunks=(2, 8, 8))
+    out = str(tmp_path / "s.zarr/ids")
+    record = tmp_path / ".s.zarr.ids.segment-done.zarr"
+    code = KILLED_SEGMENT.format(tests=str(Path(__file__).parent), delay=0.1, spec=spec, out=out)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None and recorded(record) < 8:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = zarr_array(record)
+    assert 8 <= done.sum() < 64
+    expected = connected_components_reference(pred >= 128, 26, min_size=2)
+    got = ids(out)
+    for number, (z, y, x) in enumerate(np.ndindex(4, 4, 4)):  # every block the record says is done is final
+        if done[number]:
+            s = np.s_[2 * z : 2 * z + 2, 8 * y : 8 * y + 8, 8 * x : 8 * x + 8]
+            np.testing.assert_array_equal(got[s], expected[s])
+    rewritten, real_relabel = [], seg.relabel_block
+    monkeypatch.setattr(seg, "relabel_block", lambda *args: (rewritten.append(args[1]), real_relabel(*args))[1])
+    result = segment(spec, out, block_shape=(2, 8, 8), chunks=(2, 8, 8), workers=1, min_size=2)
+    assert result.already_done == int(done.sum()) and len(rewritten) == 64 - result.already_done
+    np.testing.assert_array_equal(ids(out), expected)
+    assert open_volume(out).array.attrs["complete"] is True and not record.exists()
+    segment(spec, str(tmp_path / "fresh.zarr/ids"), block_shape=(2, 8, 8), chunks=(2, 8, 8), workers=2, min_size=2)
+    assert chunk_files(tmp_path / "s.zarr/ids/s0") == chunk_files(tmp_path / "fresh.zarr/ids/s0")
+
+
+def zarr_array(path):
+    import zarr
+
+    return zarr.open_array(str(path), mode="r")[:]

@@ -1,10 +1,11 @@
 """Convert any supported volume (HDF5, CREMI files, TIFF, image folders, Zarr, N5, .npy) to OME-Zarr.
 
 A conversion is first planned as a value (:class:`ConversionPlan`: source, output layout, frame,
-mask rule), which can be printed, then executed by :func:`convert`. Data streams through in tasks
-of whole output storage units (:mod:`cleftchunk.run.chunks`), so memory is bounded by a few tasks
-whatever the volume size, and the work runs on Dask's local threaded (default) or process
-scheduler.
+mask rule), which can be printed (``--dry-run``: :func:`describe_conversion`), then executed by
+:func:`convert`. Data streams through in tasks of whole output storage units
+(:mod:`cleftchunk.run.chunks`) run by the one block-wise executor, so memory is bounded by a few
+tasks whatever the volume size; the work runs on threads of this process (default), local worker
+processes, or an existing Dask scheduler (``scheduler="tcp://HOST:PORT"``).
 
 Decisions, documented here once:
 
@@ -32,6 +33,8 @@ Decisions, documented here once:
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +48,8 @@ from cleftchunk.io import pyramid, stores
 from cleftchunk.io.cremi import cremi_volumes, read_cremi_annotations
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import refuse_overlap, writes_output
-from cleftchunk.geometry import Roi
+from cleftchunk.geometry import ChunkGrid, Roi
+from cleftchunk.run.local import block_client, describe_plan, where
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID, kind_attrs, known_kind, not_cleft_values
 from cleftchunk.io.volumes import (
     DEFAULT_CHUNKS,
@@ -245,30 +249,57 @@ def convert(
     scheduler: str = "threads",
     task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES,
     progress: bool = False,
+    client: Any = None,
 ) -> ConversionResult:
-    """Execute ``plan``: create (or resume) the output and write what is missing."""
+    """Execute ``plan``: create (or resume) the output and write what is missing, on ``client``
+    or on :func:`~cleftchunk.run.local.block_client` (``workers``; ``scheduler``: threads,
+    processes or the address of a running Dask scheduler; the bytes are the same on each)."""
     _check_scheduler(scheduler)
     _refuse_same_place(plan)
     output, status = prepare_output(plan, overwrite)
     if status == "complete":
         return ConversionResult(plan, status, 0, 0, 0)
-    report = chunkwrite.fill(
-        output.array,
-        SourceReader(plan.source, plan.not_cleft),
-        workers=workers,
-        scheduler=scheduler,
-        task_bytes=task_bytes,
-        progress=_label(plan.dst) if progress else False,
-        source_itemsize=plan.source.dtype.itemsize,
-        align=source_chunking(plan.source),
-    )
-    group = _image_group(output)
-    pyramid.build_levels(
-        group, image_name(output.container, group.path or None), plan.levels, plan.level_method, plan.voxel_size, plan.offset_nm,
-        workers=workers, scheduler=scheduler, progress=progress,
-    )
+    with _client(client, workers, scheduler, progress) as c:
+        report = chunkwrite.fill(
+            output.array,
+            SourceReader(plan.source, plan.not_cleft),
+            task_bytes=task_bytes,
+            progress=_label(plan.dst) if progress else False,
+            source_itemsize=plan.source.dtype.itemsize,
+            align=source_chunking(plan.source),
+            client=c,
+            resume=status != "converted",  # nothing is stored in an array just created
+        )
+        group = _image_group(output)
+        pyramid.build_levels(
+            group, image_name(output.container, group.path or None), plan.levels, plan.level_method, plan.voxel_size, plan.offset_nm,
+            client=c, progress=progress,
+        )
     group.attrs[PLAN_ATTR] = {**plan.record(), "complete": True}
     return ConversionResult(plan, status, report.units, report.written, report.bytes_read)
+
+
+def _client(client: Any, workers: int, scheduler: str, progress: bool = False):
+    """The given client, or one started for this command (closed after)."""
+    return contextlib.nullcontext(client) if client is not None else block_client(workers, scheduler, announce=progress)
+
+
+def describe_conversion(plan: ConversionPlan, workers: int = DEFAULT_WORKERS, scheduler: str = "threads",
+                        task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES) -> str:
+    """The ``--dry-run`` text of a conversion: its tasks, output bytes and memory per worker."""
+    out_itemsize = np.dtype(plan.dtype).itemsize
+    grid = ChunkGrid(Roi.from_shape(plan.shape), plan.shards or plan.chunks)
+    layout = chunkwrite.task_layout(grid, plan.source.dtype.itemsize, task_bytes, source_chunking(plan.source))
+    shapes = [plan.shape]
+    for _ in range(1, plan.levels):
+        shapes.append(pyramid.level_shape(shapes[-1]))
+    level_tasks = sum(len(chunkwrite.task_layout(ChunkGrid(Roi.from_shape(s), tuple(min(c, n) for c, n in zip(plan.chunks, s))),
+                                                 out_itemsize, task_bytes)) for s in shapes[1:])
+    # a task holds its source box, the converted box and the compressed chunks being written
+    memory = math.prod(layout.block_shape) * (plan.source.dtype.itemsize + 2 * out_itemsize)
+    output = sum(math.prod(s) for s in shapes) * out_itemsize
+    return describe_plan(f"convert {plan.source} -> {plan.dst}", layout, where(workers, scheduler), len(layout) + level_tasks,
+                         output, memory, extra=(f"  conversion: {plan.describe()}",))
 
 
 def source_chunking(source: Volume) -> tuple[int, ...] | None:
@@ -285,8 +316,8 @@ def _label(dst: str) -> str:
 
 
 def _check_scheduler(scheduler: str) -> None:
-    if scheduler not in SCHEDULERS:
-        raise CleftchunkError(f"unknown scheduler {scheduler!r}: use {' or '.join(SCHEDULERS)}")
+    if scheduler not in SCHEDULERS and "://" not in str(scheduler):
+        raise CleftchunkError(f"unknown scheduler {scheduler!r}: use {', '.join(SCHEDULERS)} or the address of a Dask scheduler (tcp://HOST:PORT)")
 
 
 def _refuse_same_place(plan: ConversionPlan) -> None:
@@ -364,7 +395,7 @@ class Mismatch:
 
 
 def verify(
-    plan: ConversionPlan, *, workers: int = DEFAULT_WORKERS, scheduler: str = "threads", progress: bool = False
+    plan: ConversionPlan, *, workers: int = DEFAULT_WORKERS, scheduler: str = "threads", progress: bool = False, client: Any = None
 ) -> list[Mismatch]:
     """Compare every chunk of the output's level 0 with the source; the chunks that differ."""
     _check_scheduler(scheduler)
@@ -378,6 +409,7 @@ def verify(
         scheduler=scheduler,
         progress=f"verify {_label(plan.dst)}" if progress else False,
         align=source_chunking(plan.source),
+        client=client,
     )
     return [Mismatch(index, roi, n) for index, roi, n in found]
 
@@ -395,17 +427,32 @@ def convert_path(
     scheduler: str = "threads",
     task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES,
     progress: bool = False,
+    dry_run: bool = False,
+    log: Any = print,
     **plan_options: Any,
 ) -> list[ConversionResult]:
     """What ``cleftchunk convert SRC DST`` does: a whole CREMI file into a container, else one volume.
 
     ``plan_options`` are those of :func:`plan_conversion` (chunks, compressor, voxel_size, ...).
+    ``dry_run``: log the plan of each volume and return [] without creating anything.
     """
     run = dict(overwrite=overwrite, workers=workers, scheduler=scheduler, task_bytes=task_bytes, progress=progress)
+    if dry_run:
+        _check_scheduler(scheduler)
+        for plan in plan_all(src, dst, dataset, mask, **plan_options):
+            log(describe_conversion(plan, workers, scheduler, task_bytes))
+        return []
     if is_whole_file_request(src, dataset, dst) and cremi_volumes(src) is not None:
         return convert_cremi_file(src, dst, mask=mask, **run, **plan_options)
     plan = plan_conversion(src, dst, dataset=dataset, mask=mask, **plan_options)
     return [convert(plan, **run)]
+
+
+def plan_all(src: str | os.PathLike, dst: str | os.PathLike, dataset: str | None = None, mask: bool = False, **plan_options: Any) -> list[ConversionPlan]:
+    """The plans of ``convert_path``: one per volume of a whole CREMI file, else one."""
+    if is_whole_file_request(src, dataset, dst) and cremi_volumes(src) is not None:
+        return _cremi_plans(src, dst, mask, **plan_options)
+    return [plan_conversion(src, dst, dataset=dataset, mask=mask, **plan_options)]
 
 
 # -- whole CREMI files --------------------------------------------------------------------
@@ -428,21 +475,27 @@ def convert_cremi_file(
     """
     import zarr
 
-    volumes = cremi_volumes(src)
-    if volumes is None:
-        raise CleftchunkError(f"{src} is not a CREMI file (no volumes/ group): name the dataset with --dataset or FILE:DATASET")
-    plans = [
-        plan_conversion(str(src), f"{dst}/{name}", dataset=ds, mask=mask and name == "clefts", **plan_options)
-        for name, ds in volumes.items()
-    ]
-    results = [
-        convert(plan, overwrite=overwrite, workers=workers, scheduler=scheduler, task_bytes=task_bytes, progress=progress)
-        for plan in plans
-    ]
+    _check_scheduler(scheduler)
+    plans = _cremi_plans(src, dst, mask, **plan_options)
+    with _client(None, workers, scheduler, progress) as client:  # one cluster for every volume
+        results = [
+            convert(plan, overwrite=overwrite, task_bytes=task_bytes, progress=progress, client=client)
+            for plan in plans
+        ]
     annotations = read_cremi_annotations(src)
     if annotations is not None:
         zarr.open_group(stores.zarr_store(dst, "a"), mode="a").attrs["cremi_annotations"] = annotations
     return results
+
+
+def _cremi_plans(src: str | os.PathLike, dst: str | os.PathLike, mask: bool, **plan_options: Any) -> list[ConversionPlan]:
+    volumes = cremi_volumes(src)
+    if volumes is None:
+        raise CleftchunkError(f"{src} is not a CREMI file (no volumes/ group): name the dataset with --dataset or FILE:DATASET")
+    return [
+        plan_conversion(str(src), f"{dst}/{name}", dataset=ds, mask=mask and name == "clefts", **plan_options)
+        for name, ds in volumes.items()
+    ]
 
 
 def is_whole_file_request(src: str | os.PathLike, dataset: str | None, dst: str | os.PathLike) -> bool:

@@ -8,7 +8,8 @@ centre coincides with the patch's first voxel, so those levels have no extra tra
 ``mode`` keeps the most frequent label of each patch (ties: the first in y, x order, so a tie
 gives the same as ``stride``); it is centred like ``mean``.
 
-Levels are written with :func:`cleftchunk.run.chunks.fill`, so they resume like level 0.
+Levels are written with :func:`cleftchunk.run.chunks.fill` (tasks of whole chunks run by the one
+block-wise executor), so they resume like level 0.
 """
 
 from __future__ import annotations
@@ -99,8 +100,10 @@ def build_levels(
     workers: int = 2,
     scheduler: str = "threads",
     progress: bool = False,
+    client: Any = None,
 ) -> None:
-    """Add levels ``s1 .. s{levels-1}`` to the OME-Zarr image ``group`` (whose ``s0`` exists)."""
+    """Add levels ``s1 .. s{levels-1}`` to the OME-Zarr image ``group`` (whose ``s0`` exists), on
+    ``client`` or on a client of ``workers`` and ``scheduler`` (see :func:`cleftchunk.run.chunks.fill`)."""
     finer = group["s0"]
     for level in range(1, levels):
         path = f"s{level}"
@@ -125,6 +128,7 @@ def build_levels(
             workers=workers,
             scheduler=scheduler,
             progress=f"{name}/{path}" if progress else False,
+            client=client,
         )
         finer = coarser
     centered = method != "stride"

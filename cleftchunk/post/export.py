@@ -8,13 +8,14 @@ Placing a prediction into a sample's frame: the padded CREMI samples are 200 x 3
 labelled 125 x 1250 x 1250 region at voxel offset (37, 911, 911). A prediction of the whole padded
 sample is cut to the labelled region with ``crop`` (its ``offset`` then defaults to the crop's
 begin, so the file says where it lies); a prediction of the labelled region alone is placed with
-``offset`` = (37, 911, 911). Data are copied in slabs of whole input chunks along z (memory: one
-slab); the file is written under a temporary name and renamed when complete, so an interrupted
-export leaves no half file behind.
+``offset`` = (37, 911, 911). Data are copied in slabs of whole input chunks along z, read by the
+block-wise executor and written by this process (memory: two slabs); the file is written under a
+temporary name and renamed when complete, so an interrupted export leaves no half file behind.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +29,9 @@ from cleftchunk.labels import CREMI_CLEFTS, CREMI_RAW, resolve_label_kind
 from cleftchunk.post.segment import as_volume
 from cleftchunk.labels import CREMI_BACKGROUND
 from cleftchunk.io.volumes import HDF5_SUFFIXES, Volume
+from cleftchunk.run.executor import BlockwiseTask, run_blockwise
+from cleftchunk.run.layout import GridLayout
+from cleftchunk.run.local import block_client
 
 CLEFTS_DATASET = CREMI_CLEFTS
 RAW_DATASET = CREMI_RAW
@@ -58,8 +62,14 @@ def export_cremi(
     crop: Roi | None = None,
     kind: str = "auto",
     overwrite: bool = False,
+    scheduler: str | None = None,
+    progress: bool = False,
 ) -> dict:
-    """Write ``clefts`` (CREMI ids, or labels with 0 = background) as a CREMI HDF5 file."""
+    """Write ``clefts`` (CREMI ids, or labels with 0 = background) as a CREMI HDF5 file.
+
+    Slabs are read (and converted) by the block-wise executor, on threads of this process or the
+    workers of the Dask scheduler at ``scheduler``, and written by this process (HDF5 has one
+    writer) as they arrive; at most two slabs are in flight."""
     import h5py
 
     source = as_volume(clefts)
@@ -94,13 +104,14 @@ def export_cremi(
     resolution = np.asarray(source.voxel_size, dtype=np.float64)
 
     partial = out.with_name(out.name + ".partial")
-    with h5py.File(partial, "w") as f:
+    with block_client(2, scheduler or "threads", announce=progress) as client, h5py.File(partial, "w") as f:
+        copy = functools.partial(_copy, f, client=client, progress=progress)
         f.attrs["file_format"] = FILE_FORMAT
-        dataset = _copy(f, CLEFTS_DATASET, source, region, np.uint64, _to_cremi_ids(kind), int(CREMI_BACKGROUND))
+        dataset = copy(CLEFTS_DATASET, source, region, np.uint64, _pytc_to_cremi if kind == "main" else None, int(CREMI_BACKGROUND))
         dataset.attrs["resolution"] = resolution
         dataset.attrs["offset"] = np.asarray(offset, dtype=np.float64) * resolution
         if raw_volume is not None:
-            raw_set = _copy(f, RAW_DATASET, raw_volume, Roi.from_shape(raw_volume.shape), raw_volume.dtype, None, 0)
+            raw_set = copy(RAW_DATASET, raw_volume, Roi.from_shape(raw_volume.shape), raw_volume.dtype, None, 0)
             raw_set.attrs["resolution"] = resolution
             if any(raw_volume.offset):
                 raw_set.attrs["offset"] = np.asarray(raw_volume.offset, dtype=np.float64) * resolution
@@ -108,16 +119,11 @@ def export_cremi(
     return {"path": str(out), "shape": list(region.shape), "offset_voxels": list(offset), "resolution": list(resolution)}
 
 
-def _to_cremi_ids(kind: str):
-    if kind == "ids":
-        return None
-
-    def convert(labels: np.ndarray) -> np.ndarray:  # PyTorch Connectomics: 0 is background
-        ids = labels.astype(np.uint64)
-        ids[labels == 0] = CREMI_BACKGROUND
-        return ids
-
-    return convert
+def _pytc_to_cremi(labels: np.ndarray) -> np.ndarray:
+    """PyTorch Connectomics labels (0 is background) as CREMI ids."""
+    ids = labels.astype(np.uint64)
+    ids[labels == 0] = CREMI_BACKGROUND
+    return ids
 
 
 def slab_depth(source: Volume, region: Roi) -> int:
@@ -128,13 +134,21 @@ def slab_depth(source: Volume, region: Roi) -> int:
     return chunk * max(1, fits // chunk) if chunk <= fits else fits
 
 
-def _copy(f, name: str, source: Volume, region: Roi, dtype, convert, fill) -> "object":
-    """Copy ``region`` of ``source`` into a new dataset, one z-slab of whole chunks at a time."""
+def _copy(f, name: str, source: Volume, region: Roi, dtype, convert, fill, client, progress: bool = False) -> "object":
+    """Copy ``region`` of ``source`` into a new dataset, one z-slab of whole chunks at a time
+    (read on a worker, written here)."""
     chunks = (1, min(H5_CHUNK_YX, region.shape[1]), min(H5_CHUNK_YX, region.shape[2]))
     dataset = f.create_dataset(name, shape=region.shape, dtype=dtype, chunks=chunks, compression="gzip", fillvalue=fill)
-    step = slab_depth(source, region)
-    for z in range(region.begin[0], region.end[0], step):
-        slab = Roi((z, region.begin[1], region.begin[2]), (min(step, region.end[0] - z),) + region.shape[1:])
-        data = source[slab.to_slices()]
-        dataset[slab.relative_to(region).to_slices()] = convert(data) if convert else data
+    layout = GridLayout(region, (slab_depth(source, region),) + region.shape[1:])
+
+    def write(block, data):
+        dataset[block.write_roi.relative_to(region).to_slices()] = data
+
+    task = BlockwiseTask(f"export {name}", layout, functools.partial(_read_slab, source, convert), collect=write, fatal=(Exception,))
+    run_blockwise(client, task, progress=progress, in_flight=2)  # memory: two slabs
     return dataset
+
+
+def _read_slab(source: Volume, convert, block, _prepared=None) -> np.ndarray:
+    data = source[block.write_roi.to_slices()]
+    return convert(data) if convert else data

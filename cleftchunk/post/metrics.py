@@ -52,6 +52,7 @@ which count, mean, std, max, median and the θ counts are all exact (up to summa
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -60,10 +61,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.geometry import Roi, blocks, voxels_from_nm
+from cleftchunk.geometry import Roi, voxels_from_nm
 from cleftchunk.labels import DEFAULT_THRESHOLD, cleft_mask, resolve_label_kind
-from cleftchunk.post.segment import Runner, as_volume
-from cleftchunk.run.layout import GridLayout
+from cleftchunk.post.segment import as_volume, raise_if_failed
+from cleftchunk.run.executor import BlockwiseTask, run_blockwise
+from cleftchunk.run.layout import GridLayout, SubsetLayout
+from cleftchunk.run.local import block_client, check_workers, describe_plan, where
 from cleftchunk.post.stats import STAT_KEYS, assemble, stats_from_histogram, stats_from_values  # noqa: F401  (re-exported)
 from cleftchunk.labels import CREMI_INVALID
 from cleftchunk.io.volumes import Volume
@@ -330,31 +333,45 @@ def evaluate(
     halo = tuple(halo) if halo is not None else default_halo(theta, vs)
     if len(halo) != 3 or any(int(h) != h or h < 0 for h in halo):
         raise CleftchunkError(f"halo {halo} must be 3 whole numbers of voxels >= 0 (it changes speed only, never the result)")
-    runner = Runner(workers, progress, scheduler, processes)
+    check_workers(workers)
+    place = scheduler or ("processes" if processes else "threads")
+    layout = GridLayout(total, block_shape)
     if dry_run:
-        layout = GridLayout(total, block_shape)
         grown = math.prod(b + 2 * h for b, h in zip(block_shape, halo))
         # both volumes over the grown block, masks, distance transform (float64 + int indices)
         memory = grown * (pred.dtype.itemsize + gt.dtype.itemsize + 2 + 8 + 3 * 8)
-        log(runner.describe("evaluate", layout, 2 * len(layout), 0, memory))
+        log(describe_plan("evaluate", layout, where(workers, place), 2 * len(layout), 0, memory))
         return None
-    plan = [b.write_roi for b in blocks(total, block_shape)]
-    with runner:
-        return _evaluate(pair, plan, halo, total, vs, region, pred, gt, theta, threshold, block_shape, runner)
+    with block_client(workers, place, announce=progress) as client:
+        return _evaluate(client, pair, layout, halo, vs, region, pred, gt, theta, threshold, progress)
 
 
-def _evaluate(pair, plan, halo, total, vs, region, pred, gt, theta, threshold, block_shape, runner) -> dict:
-    from dask import delayed
+def _census_task(pair: Pair, block, _prepared=None) -> Census:
+    return census(pair, block.write_roi)
 
-    censuses = runner.compute([delayed(census, pure=True)(pair, roi) for roi in plan], "evaluate: counting cleft voxels")
+
+def _distances_task(pair: Pair, halo, total: Roi, voxel_size, block, _prepared, boxes: dict) -> dict:
+    # a direction without any target anywhere has only infinite distances: counted by the client
+    wanted = {d: b for d, b in boxes.items() if len(b)}
+    return block_distances(pair, block.write_roi, halo, total, voxel_size, wanted)
+
+
+def _evaluate(client, pair, layout: GridLayout, halo, vs, region, pred, gt, theta, threshold, progress) -> dict:
+    """Pass 1 (census of every block), then pass 2 (distances of the blocks holding query
+    voxels), each one run of the executor; the client merges the blocks' small results."""
+    censuses: dict = {}
+    task = BlockwiseTask("evaluate-census", layout, functools.partial(_census_task, pair),
+                         collect=lambda block, c: censuses.__setitem__(layout.order(block.index), c))
+    raise_if_failed(run_blockwise(client, task, progress=progress), task.name)
+    censuses = [censuses[i] for i in range(len(layout))]
     boxes = {d: boxes_array([c.boxes[_other(d)] for c in censuses if c.boxes[_other(d)] is not None]) for d in DIRECTIONS}
-    tasks = []
-    for c in censuses:
-        # a direction without any target anywhere has only infinite distances: counted below
-        wanted = {d: boxes[d] for d in DIRECTIONS if c.counts[d] and len(boxes[d])}
-        if wanted:
-            tasks.append(delayed(block_distances, pure=True)(pair, c.roi, halo, total, vs, wanted))
-    results = runner.compute(tasks, "evaluate: distances")
+    queried = [b.index for b, c in zip(layout.blocks(), censuses) if any(c.counts[d] and len(boxes[d]) for d in DIRECTIONS)]
+    results = []
+    task = BlockwiseTask(
+        "evaluate-distances", SubsetLayout(layout, queried), functools.partial(_distances_task, pair, halo, layout.roi, vs),
+        collect=lambda block, r: results.append(r), process_args=(client.scatter([boxes], broadcast=True, hash=False)[0],),
+    )
+    raise_if_failed(run_blockwise(client, task, progress=progress), task.name)
 
     stats, beyond, far = {}, {}, 0
     for direction in DIRECTIONS:
@@ -378,8 +395,8 @@ def _evaluate(pair, plan, halo, total, vs, region, pred, gt, theta, threshold, b
         "pred_kind": pair.pred_kind,
         "gt_kind": pair.gt_kind,
         "threshold": threshold if "prob" in (pair.pred_kind, pair.gt_kind) else None,
-        "blocks": len(plan),
-        "block_shape": list(block_shape),
+        "blocks": len(layout),
+        "block_shape": list(layout.block_shape),
         "halo": list(halo),
         "far_voxels": far,
     }

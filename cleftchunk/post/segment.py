@@ -14,7 +14,11 @@ Block-wise connected components (:func:`segment`), in three passes over blocks t
 2. for every block boundary, compare the two label planes that touch across it and collect the
    pairs of local labels that are neighbours; connected components of this (small) equivalence
    graph are the global components;
-3. relabel each block through a lookup table and write it.
+3. relabel each block through a lookup table and write it; each block written is recorded in a
+   completion record, so an interrupted run resumes without rewriting them.
+
+Each pass is a :class:`~cleftchunk.run.executor.BlockwiseTask` run by the one executor
+(threads of this process, local worker processes, or an existing Dask scheduler).
 
 Why pass 2 sees every connection: two neighbouring voxels in different blocks differ by at most one
 voxel per axis, and along some axis ``a`` their blocks differ, so they lie on the two planes either
@@ -26,15 +30,18 @@ position on those axes is at most one beyond A's end. Every voxel of a seam lies
 
 Final ids are 1..K ordered by each component's first voxel in C order (the smallest linear index
 over the component), computed from the per-block tables: the result does not depend on the block
-shape or the worker count, byte for byte. Memory: one block per task, tables the size of the number
-of components, and the labelled face voxels of the blocks whose seams are still pending.
+shape or the worker count, byte for byte. Memory: one block per task on the workers; on the
+client, tables the size of the number of components, and the labelled voxels of every block's
+faces from pass 1 until pass 2 is over (clefts are sparse, so this is a small fraction of the face
+voxels; a cleft-dense terabyte would need the faces spilled to a scratch folder instead).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -42,10 +49,13 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import writes_output
 from cleftchunk.labels import DEFAULT_THRESHOLD, KIND_ATTRIBUTE, cleft_mask, resolve_label_kind
-from cleftchunk.geometry import Roi, blocks
+from cleftchunk.geometry import Roi
 from cleftchunk.labels import CREMI_BACKGROUND
-from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, create_like, exists, open_volume
+from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, create_like, exists, open_volume, split_spec
+from cleftchunk.run.executor import BlockwiseTask, run_blockwise
 from cleftchunk.run.layout import GridLayout
+from cleftchunk.run.local import block_client, check_workers, describe_plan, where
+from cleftchunk.run.records import BlockRecord, identity_hash, record_path_beside, remove_record
 
 #: Blocks of 32 x 512 x 512 voxels: ~100 MiB of labels and output per task.
 DEFAULT_BLOCK_FACTOR = (2, 2, 2)
@@ -115,9 +125,8 @@ def _label_block(source: Volume, kind: str, threshold: float, roi: Roi, connecti
     return labels, n
 
 
-def label_block_tables(source: Volume, kind: str, threshold: float, number: int, roi: Roi, shape: tuple, connectivity: int):
-    """Pass 1 for one block: its tables and its six face planes of local labels."""
-    labels, n = _label_block(source, kind, threshold, roi, connectivity)
+def tables_and_faces(labels: np.ndarray, n: int, number: int, roi: Roi, shape: tuple):
+    """The tables of a labelled block (local labels 1..n) and its six face planes."""
     flat = labels.ravel()
     nonzero = np.flatnonzero(flat)
     sizes = np.bincount(flat[nonzero], minlength=n + 1)[1:].astype(np.int64)
@@ -215,6 +224,7 @@ class SegmentResult:
     blocks: int
     threshold: float = DEFAULT_THRESHOLD  # as used (given, or recorded by predict)
     min_size: int = 0
+    already_done: int = 0  # blocks an interrupted run had written (resumed, not redone)
 
 
 @writes_output("segment", "out", ("pred",))
@@ -238,53 +248,69 @@ def segment(
     """Write uint64 CREMI cleft ids of ``pred``'s connected components to ``out`` (a Zarr spec).
 
     Runs on ``workers`` threads, or the Dask cluster at ``scheduler``, or (``processes``) local
-    worker processes. ``dry_run``: log the plan and return None, creating nothing.
-    ``threshold``/``min_size`` left as None: the operating point ``predict`` recorded from the
-    checkpoint (its ``postprocess`` attribute), else DEFAULT_THRESHOLD and 0."""
+    worker processes, through the block-wise executor. ``dry_run``: log the plan and return None,
+    creating nothing. An interrupted run resumes: its completion record (checked against a hash
+    of the blocks and parameters) says which blocks are written; passes 1 and 2, which write
+    nothing, run again. ``threshold``/``min_size`` left as None: the operating point ``predict``
+    recorded from the checkpoint (its ``postprocess`` attribute), else DEFAULT_THRESHOLD and 0."""
     source = as_volume(pred)
     kind = resolve_label_kind(source, kind)
     threshold, min_size = default_postprocess(source, threshold, min_size)
     if min_size < 0:
         raise CleftchunkError(f"--min-size {min_size} is negative: give a number of voxels >= 0")
     structure(connectivity)  # refuse a bad connectivity before any work
-    runner = Runner(workers, progress, scheduler, processes)
+    check_workers(workers)
+    place = scheduler or ("processes" if processes else "threads")
     total = Roi.from_shape(source.shape)
     chunks = tuple(int(c) for c in (chunks or DEFAULT_CHUNKS))
     if len(chunks) != 3 or min(chunks) <= 0:
         raise CleftchunkError(f"chunk shape {chunks} must be three positive extents (z, y, x)")
     chunks = tuple(min(c, s) for c, s in zip(chunks, source.shape))
-    block_shape = aligned_block_shape(block_shape, chunks, source.shape)
+    layout = GridLayout(total, aligned_block_shape(block_shape, chunks, source.shape))
     if dry_run:
-        layout = GridLayout(total, block_shape)
         # per block: labels (int32) and the input, plus the uint64 ids written; tasks: label,
-        # up to 3 seams and relabel per block
-        memory = math.prod(block_shape) * (source.dtype.itemsize + 4 + 8)
-        log(runner.describe("segment", layout, 5 * len(layout), 8 * total.size, memory))
+        # seams and relabel per block
+        memory = math.prod(layout.block_shape) * (source.dtype.itemsize + 4 + 8)
+        log(describe_plan("segment", layout, where(workers, place), 3 * len(layout), 8 * total.size, memory))
         return None
-    plan = blocks(total, block_shape)
-    target = _create_output(out, source, chunks, overwrite, threshold, min_size, connectivity, kind)
-    with runner:
-        return _segment(source, kind, threshold, min_size, connectivity, plan, total, target, runner)
+    params = {"threshold": threshold, "min_size": min_size, "connectivity": connectivity, "input_kind": kind}
+    identity = identity_hash("segment", 1, source.spec, list(source.shape), str(source.dtype), list(chunks),
+                             list(layout.block_shape), params)
+    target, record = _open_output(out, source, chunks, overwrite, params, layout, identity)
+    with block_client(workers, place, announce=progress) as client:
+        result = _segment(client, Labelling(source, kind, threshold, connectivity), min_size, layout, target, record, progress)
+    target.array.attrs[COMPLETE_ATTRIBUTE] = True
+    remove_record(record.path)
+    return result
 
 
-def _segment(source, kind, threshold, min_size, connectivity, plan, total, target, runner) -> SegmentResult:
-    tables = _equivalences_and_tables(source, kind, threshold, plan, total, connectivity, runner)
-    block_tables, pairs = tables
-    offsets = np.cumsum([0] + [t.count for t in block_tables])
-    sizes = np.concatenate([t.sizes for t in block_tables] + [np.zeros(0, np.int64)])
-    first = np.concatenate([t.first for t in block_tables] + [np.zeros(0, np.int64)])
+@dataclass(frozen=True)
+class Labelling:
+    """How every pass labels a block (picklable, shipped with the tasks)."""
+
+    source: Volume
+    kind: str
+    threshold: float
+    connectivity: int
+
+    def label(self, roi: Roi):
+        return _label_block(self.source, self.kind, self.threshold, roi, self.connectivity)
+
+
+def _segment(client, labelling: Labelling, min_size, layout: GridLayout, target, record, progress) -> SegmentResult:
+    tables, pairs = _label_and_seams(client, labelling, layout, progress)
+    offsets = np.cumsum([0] + [t.count for t in tables])
+    sizes = np.concatenate([t.sizes for t in tables] + [np.zeros(0, np.int64)])
+    first = np.concatenate([t.first for t in tables] + [np.zeros(0, np.int64)])
     component = _components(pairs, offsets)
     n_comp = int(component.max()) + 1 if component.size else 0
     comp_sizes = np.bincount(component, weights=sizes, minlength=n_comp).astype(np.int64)
     comp_first = np.full(n_comp, np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(comp_first, component, first)
-    comp_ids = canonical_ids(comp_sizes, comp_first, min_size)
-    lut = comp_ids[component]
-
-    _relabel_all(source, kind, threshold, plan, connectivity, offsets, lut, target, runner)
-    target.array.attrs[COMPLETE_ATTRIBUTE] = True
+    lut = canonical_ids(comp_sizes, comp_first, min_size)[component]
+    done = _relabel_all(client, labelling, layout, offsets, lut, target, record, progress)
     kept = comp_sizes >= max(min_size, 1)
-    return SegmentResult(int(kept.sum()), int((~kept).sum()), int(comp_sizes[kept].sum()), len(plan), threshold, min_size)
+    return SegmentResult(int(kept.sum()), int((~kept).sum()), int(comp_sizes[kept].sum()), len(layout), labelling.threshold, min_size, done)
 
 
 COMPLETE_ATTRIBUTE = "complete"
@@ -311,12 +337,16 @@ def aligned_block_shape(block_shape: Sequence[int] | None, chunks: Sequence[int]
     return tuple(min(r, c * math.ceil(s / c)) for r, c, s in zip(rounded, chunks, shape))
 
 
-def _create_output(out, source, chunks, overwrite, threshold, min_size, connectivity, kind) -> Volume:
-    """Create the output; an unfinished output of an earlier run is redone without --overwrite."""
+def _open_output(out, source, chunks, overwrite, params, layout, identity) -> tuple[Volume, BlockRecord]:
+    """The output and its completion record. An unfinished output of an earlier run resumes when
+    its record has this run's identity, else is redone (without --overwrite: it is ours)."""
+    path = record_path_beside(*split_spec(out), "segment")
     if not overwrite and exists(out) and _is_unfinished(out):
+        record, trusted = BlockRecord.open(path, len(layout), identity)
+        if trusted:
+            return open_volume(out, mode="r+"), record
         overwrite = True
-    params = {"threshold": threshold, "min_size": min_size, "connectivity": connectivity, "input_kind": kind}
-    return create_like(
+    target = create_like(
         out,
         source,
         np.uint64,
@@ -325,6 +355,7 @@ def _create_output(out, source, chunks, overwrite, threshold, min_size, connecti
         attrs={KIND_ATTRIBUTE: "ids", COMPLETE_ATTRIBUTE: False, "segment": params, "source": source.spec},
         overwrite=overwrite,
     )
+    return target, BlockRecord.open(path, len(layout), identity, fresh=True)[0]
 
 
 def _is_unfinished(spec: str) -> bool:
@@ -335,99 +366,95 @@ def _is_unfinished(spec: str) -> bool:
     return attrs.get(KIND_ATTRIBUTE) == "ids" and attrs.get(COMPLETE_ATTRIBUTE) is False
 
 
+# -- passes 1 and 2 on the executor ----------------------------------------------------------------
+def _label_task(labelling: Labelling, shape: tuple, number_of, block, _prepared=None):
+    labels, n = labelling.label(block.write_roi)
+    return tables_and_faces(labels, n, number_of(block.index), block.write_roi, shape)
+
+
+@dataclass(frozen=True)
+class SeamBlock:
+    """Pass 2's unit of work: a block's (up to three) seams with the faces of the blocks they meet."""
+
+    index: tuple
+    write_roi: Roi
+    seams: tuple  # (axis, seam ROI, [(block number, block ROI, face), ...])
+
+
 @dataclass
-class Runner:
-    """How block tasks run: ``workers`` Dask threads of this process (one: synchronous), or the
-    Dask cluster at ``scheduler``, or (``processes``) a local cluster of ``workers`` worker
-    processes; with a progress bar or not. Use it as a context manager: a cluster is connected
-    (or started) once for all the passes of a command, and closed after."""
+class _SeamLayout:
+    """The blocks whose seams may join labels (a block or a neighbour has a labelled face)."""
 
-    workers: int | None = None
-    progress: bool = False
-    scheduler: str | None = None
-    processes: bool = False
-    _client: object = field(default=None, repr=False)
-    _session: object = field(default=None, repr=False)
+    base: GridLayout
+    indices: list
+    faces: dict
 
-    def __post_init__(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise CleftchunkError(f"--workers {self.workers} must be at least 1")
+    def __len__(self) -> int:
+        return len(self.indices)
 
-    @property
-    def distributed(self) -> bool:
-        return bool(self.scheduler or self.processes)
+    def order(self, index) -> int:
+        return self.base.order(index)
 
-    def __enter__(self) -> "Runner":
-        if self.distributed:
-            from cleftchunk.run.cluster import ClusterSpec, dask_client
+    def blocks(self):
+        return (self.block(index) for index in self.indices)
 
-            self._session = dask_client(ClusterSpec(workers=self.workers or 1, scheduler=self.scheduler, cores=self.workers))
-            self._client = self._session.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._session is not None:
-            self._session.__exit__(*exc)
-            self._session = self._client = None
-
-    def compute(self, tasks: list, what: str = "") -> list:
-        import contextlib
-        import sys
-
-        import dask
-        from dask.diagnostics import ProgressBar
-
-        if not tasks:
-            return []
-        if self.progress:
-            print(what, file=sys.stderr, flush=True)
-        if self._client is not None:
-            return list(self._client.gather(self._client.compute(tasks)))
-        options = {"scheduler": "synchronous"} if self.workers == 1 else {"scheduler": "threads", "num_workers": self.workers}
-        bar = ProgressBar(out=sys.stderr) if self.progress else contextlib.nullcontext()
-        with bar:
-            return list(dask.compute(*tasks, **options))
-
-    def describe(self, what: str, layout, tasks: int, output_bytes: int, memory: int) -> str:
-        """The --dry-run text of a block-wise pass (nothing is run, nothing created)."""
-        where = f"the cluster at {self.scheduler}" if self.scheduler else (
-            f"{self.workers or 1} local worker processes" if self.processes else f"{self.workers or 'one per core'} threads of this process")
-        return "\n".join([
-            f"plan: {what}: {len(layout)} blocks of {layout.block_shape} over {layout.roi} on {where}",
-            f"  tasks: about {tasks}",
-            f"  output: {output_bytes / 2**20:.1f} MiB before compression",
-            f"  memory per worker thread: about {memory / 2**20:.1f} MiB",
-            "  nothing was run and nothing was created (--dry-run)",
-        ])
-
-
-def _equivalences_and_tables(source, kind, threshold, plan, total, connectivity, runner: Runner):
-    from dask import delayed
-
-    shape = total.shape
-    labelled = [
-        delayed(label_block_tables, nout=2, pure=True)(source, kind, threshold, i, b.write_roi, shape, connectivity)
-        for i, b in enumerate(plan)
-    ]
-    by_index = {b.index: i for i, b in enumerate(plan)}
-    seams = []
-    for i, b in enumerate(plan):
+    def block(self, index) -> SeamBlock:
+        roi = self.base.block(index).write_roi
+        seams = []
         for axis in range(3):
-            seam = seam_roi(b.write_roi, axis, total)
+            seam = seam_roi(roi, axis, self.base.roi)
             if seam is None:
                 continue
             pieces = []
             for delta in itertools.product((0, 1), repeat=3):
-                j = by_index.get(tuple(k + d for k, d in zip(b.index, delta)))
-                if j is None:
-                    continue
-                side = "low" if delta[axis] else "high"
-                pieces.append([j, plan[j].write_roi, labelled[j][1][(axis, side)]])
-            seams.append(delayed(seam_pairs, pure=True)(axis, seam, pieces, connectivity))
-    results = runner.compute([t[0] for t in labelled] + seams, "segment: labelling blocks and their seams")
-    block_tables = results[: len(plan)]
-    pairs = [p for p in results[len(plan) :] if p.size]
-    return block_tables, (np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64))
+                other = tuple(k + d for k, d in zip(index, delta))
+                if other in self.faces:
+                    side = "low" if delta[axis] else "high"
+                    pieces.append((self.base.order(other), self.base.block(other).write_roi, self.faces[other][(axis, side)]))
+            seams.append((axis, seam, pieces))
+        return SeamBlock(index, roi, tuple(seams))
+
+
+def _seam_task(connectivity: int, block: SeamBlock, _prepared=None) -> np.ndarray:
+    found = [seam_pairs(axis, seam, pieces, connectivity) for axis, seam, pieces in block.seams]
+    found = [p for p in found if p.size]
+    return np.concatenate(found) if found else np.zeros((0, 2), np.uint64)
+
+
+def _label_and_seams(client, labelling: Labelling, layout: GridLayout, progress: bool):
+    """Pass 1 (tables and faces of every block, kept by the client: faces hold only labelled
+    voxels) and pass 2 (pairs across seams), each one run of the executor."""
+    tables, faces = [None] * len(layout), {}
+
+    def keep(block, result):
+        table, block_faces = result
+        tables[table.number] = table
+        if any(face.where.size for face in block_faces.values()):
+            faces[block.index] = block_faces
+
+    label = functools.partial(_label_task, labelling, layout.roi.shape, layout.order)
+    _run(client, BlockwiseTask("segment-label", layout, label, collect=keep), progress)
+    neighbours = {tuple(k - d for k, d in zip(index, delta)) for index in faces for delta in itertools.product((0, 1), repeat=3)}
+    seams = _SeamLayout(layout, sorted(i for i in neighbours if min(i) >= 0), faces)
+    pairs = []
+    _run(client, BlockwiseTask("segment-seams", seams, functools.partial(_seam_task, labelling.connectivity),
+                               collect=lambda block, found: pairs.append(found) if found.size else None), progress)
+    return tables, (np.concatenate(pairs) if pairs else np.zeros((0, 2), np.uint64))
+
+
+def _run(client, task: BlockwiseTask, progress: bool):
+    return raise_if_failed(run_blockwise(client, task, progress=progress), task.name)
+
+
+def raise_if_failed(report, name: str):
+    """A pass with failed blocks stops the command (the next pass needs every block's result)."""
+    if report.failed:
+        roi, error = report.failed[0]
+        raise CleftchunkError(
+            f"{len(report.failed)} of {report.blocks} blocks of {name} failed (first: {roi}: {error}): "
+            "fix the cause and re-run the same command (written blocks are kept)"
+        )
+    return report
 
 
 def _components(pairs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -447,8 +474,12 @@ def _components(pairs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 # -- pass 3: relabel and write ---------------------------------------------------------------------
-def relabel_block(source, kind, threshold, roi: Roi, connectivity, lut_part: np.ndarray, target: Volume) -> int:
-    labels, n = _label_block(source, kind, threshold, roi, connectivity)
+def relabel_block(labelling: Labelling, roi: Roi, lut_part: np.ndarray, target: Volume) -> int:
+    """Write the final ids of one block. A block without labels writes nothing: its output chunks
+    are the fill value (background) already, and Zarr does not store chunks of the fill value."""
+    if lut_part.size == 0:
+        return 0
+    labels, n = labelling.label(roi)
     if n != lut_part.size:
         raise RuntimeError(f"block {roi} labelled differently in two passes ({n} vs {lut_part.size} labels)")
     table = np.concatenate([np.array([CREMI_BACKGROUND], dtype=np.uint64), lut_part])
@@ -456,13 +487,17 @@ def relabel_block(source, kind, threshold, roi: Roi, connectivity, lut_part: np.
     return n
 
 
-def _relabel_all(source, kind, threshold, plan, connectivity, offsets, lut, target, runner: Runner) -> None:
-    from dask import delayed
+def _relabel_task(labelling: Labelling, target: Volume, number_of, block, _prepared, lut: np.ndarray, offsets: np.ndarray) -> dict:
+    number = number_of(block.index)
+    return {"labels": relabel_block(labelling, block.write_roi, lut[offsets[number] : offsets[number + 1]], target)}
 
-    tasks = [
-        delayed(relabel_block, pure=True)(
-            source, kind, threshold, b.write_roi, connectivity, lut[offsets[i] : offsets[i + 1]], target
-        )
-        for i, b in enumerate(plan)
-    ]
-    runner.compute(tasks, "segment: writing cleft ids")
+
+def _relabel_all(client, labelling: Labelling, layout: GridLayout, offsets, lut, target, record: BlockRecord, progress: bool) -> int:
+    """Pass 3: the executor records each block done once its ids are written; returns how many
+    blocks an earlier, interrupted run had written already."""
+    shared = tuple(client.scatter(a, broadcast=True, hash=False) for a in (lut, offsets))
+    task = BlockwiseTask(
+        "segment-write", layout, functools.partial(_relabel_task, labelling, target, layout.order),
+        record=record, process_args=shared,
+    )
+    return _run(client, task, progress).already_done

@@ -1,2 +1,4 @@
-"""Running block-wise work: chunk-aligned tasks and their runner (:mod:`.chunks`), Dask clusters
-(:mod:`.cluster`)."""
+"""Running block-wise work: the one executor (:mod:`.executor`) and its layouts (:mod:`.layout`),
+completion records (:mod:`.records`), progress (:mod:`.progress`), where it runs (:mod:`.local`:
+threads of this process, :mod:`.cluster`: Dask clusters), and chunk-aligned tasks that fill Zarr
+arrays (:mod:`.chunks`, used by convert and pyramid levels)."""

@@ -1,16 +1,21 @@
-"""Fill a Zarr array storage unit by storage unit, in parallel on Dask, resumably.
+"""Fill a Zarr array storage unit by storage unit, in parallel on the executor, resumably.
 
 The *storage unit* of an array is its shard when it is sharded, else its chunk: the object the
 store holds under one key. Zarr's local store writes every object to a temporary file and
 renames it into place, so a unit is either wholly present or absent, never half-written, even
 when the process is killed or the disk fills up. That makes the store itself the record of what
-is done: :func:`stored_units` lists the keys present, and :func:`fill` writes only the others.
+is done: each task of :func:`fill` checks which of its units are present (:func:`unit_stored`)
+and writes only the others; :func:`stored_units` lists them all (for tests and tools).
 No separate "done" marker exists that could disagree with the data. A kill in the middle of a
 write leaves a temporary ``*.partial`` file, never a key; :func:`fill` deletes those first.
 
-Work is grouped into *tasks*: boxes of whole units, a full section plane when it fits in
-``task_bytes``, so that sources stored plane-wise or in HDF5 slabs are read in large, aligned
-pieces. Peak memory is about ``workers × 3 × task_bytes`` whatever the volume size.
+Work is grouped into *tasks* (:func:`task_layout`, the executor's blocks): boxes of whole units,
+a full section plane when it fits in ``task_bytes``, as thin in z as allowed, so that sources
+stored plane-wise or in HDF5 slabs are read in large, aligned pieces. ``align`` (the source's
+chunk shape) makes task boxes whole multiples of it where that costs at most
+:data:`ALIGN_SLACK` × ``task_bytes``, so that every source chunk is decompressed once rather than
+once per task that cuts it. Peak memory is about ``workers × 3 × task_bytes`` whatever the
+volume size, and the client holds nothing per unit.
 
 A unit whose data is entirely the fill value is not stored by Zarr, so a resumed run reads it
 again (and writes nothing): correct, merely a little redundant.
@@ -18,6 +23,8 @@ again (and writes nothing): correct, merely a little redundant.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -26,42 +33,14 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from cleftchunk.geometry import ChunkGrid, Coord, Roi
+from cleftchunk.run.executor import BlockwiseTask, run_blockwise
+from cleftchunk.run.layout import GridLayout
 
 #: Bytes of source data one task reads: large enough for efficient I/O, small enough that a
 #: few workers stay within a few hundred MiB.
 DEFAULT_TASK_BYTES = 32 * 2**20
 
 Producer = Callable[[Roi], np.ndarray]
-
-
-@dataclass(frozen=True)
-class Task:
-    """A box of whole storage units (``box``, in unit indices), and those still to be written.
-
-    ``missing`` is None when every unit of the box is missing (the common case, kept cheap so
-    that plans over millions of units stay small).
-    """
-
-    roi: Roi
-    box: Roi
-    missing: tuple[Coord, ...] | None = None
-
-    @property
-    def units(self) -> list[Coord]:
-        return list(_box_indices(self.box))
-
-    @property
-    def todo(self) -> list[Coord]:
-        return self.units if self.missing is None else list(self.missing)
-
-    @property
-    def todo_count(self) -> int:
-        return self.box.size if self.missing is None else len(self.missing)
-
-    @property
-    def complete_write(self) -> bool:
-        """Every unit of the box is written (so the whole box is written at once)."""
-        return self.missing is None
 
 
 def unit_shape(array: Any) -> tuple[int, ...]:
@@ -109,34 +88,6 @@ def remove_partial_writes(array: Any) -> int:
     return len(partial)
 
 
-def plan_tasks(
-    grid: ChunkGrid,
-    itemsize: int,
-    task_bytes: int = DEFAULT_TASK_BYTES,
-    done: Iterable[Coord] = (),
-    align: Sequence[int] | None = None,
-) -> list[Task]:
-    """Tasks covering ``grid``: as thin in z as allowed, spreading over x then y within ``task_bytes``.
-
-    ``align`` (the source's chunk shape) makes task boxes whole multiples of it where that costs
-    at most :data:`ALIGN_SLACK` × ``task_bytes``, so that every source chunk is decompressed once
-    rather than once per task that cuts it. Tasks whose units are all in ``done`` are left out.
-    """
-    done = set(done)
-    per_task = _units_per_task(grid, itemsize, task_bytes, _aligned_minimum(grid, itemsize, task_bytes, align))
-    task_grid = ChunkGrid(Roi.from_shape(grid.grid_shape), per_task)
-    tasks = []
-    for _, box in task_grid.chunks():
-        roi = grid.chunk_roi(box.begin).union(grid.chunk_roi(tuple(e - 1 for e in box.end)))
-        if not done:
-            tasks.append(Task(roi, box))
-            continue
-        missing = tuple(u for u in _box_indices(box) if u not in done)
-        if missing:
-            tasks.append(Task(roi, box, missing if len(missing) < box.size else None))
-    return tasks
-
-
 #: How far past ``task_bytes`` a task may grow to cover whole source chunks.
 ALIGN_SLACK = 4
 
@@ -173,7 +124,30 @@ def _box_indices(box: Roi) -> Iterable[Coord]:
     return itertools.product(*(range(b, e) for b, e in zip(box.begin, box.end)))
 
 
-# -- running tasks ------------------------------------------------------------------------
+# -- running tasks on the executor ---------------------------------------------------------
+def task_layout(grid: ChunkGrid, itemsize: int, task_bytes: int = DEFAULT_TASK_BYTES, align: Sequence[int] | None = None) -> GridLayout:
+    """Tasks covering ``grid`` as the executor's blocks: boxes of whole units, ``minimum`` (the
+    alignment) in z, then as many units of x, then of y, as fit in ``task_bytes``."""
+    per_task = _units_per_task(grid, itemsize, task_bytes, _aligned_minimum(grid, itemsize, task_bytes, align))
+    return GridLayout(grid.roi, tuple(p * u for p, u in zip(per_task, grid.chunk_shape)))
+
+
+def units_in(grid: ChunkGrid, roi: Roi) -> Iterable[Coord]:
+    """The indices of the units of ``grid`` inside ``roi`` (a box of whole units), in C order."""
+    first = [(b - o) // c for b, o, c in zip(roi.begin, grid.roi.begin, grid.chunk_shape)]
+    last = [-(-(e - o) // c) for e, o, c in zip(roi.end, grid.roi.begin, grid.chunk_shape)]
+    return _box_indices(Roi.from_bounds(first, last))
+
+
+def unit_stored(array: Any, index: Coord) -> bool:
+    """Whether the storage unit ``index`` is in the array's store (one existence check)."""
+    from zarr.core.sync import sync
+
+    store, path = array.store_path.store, array.store_path.path
+    key = array.metadata.encode_chunk_key(tuple(index))
+    return sync(store.exists(f"{path}/{key}" if path else key))
+
+
 def fill(
     array: Any,
     produce: Producer,
@@ -184,21 +158,27 @@ def fill(
     progress: bool | str = False,
     source_itemsize: int | None = None,
     align: Sequence[int] | None = None,
+    client: Any = None,
+    resume: bool = True,
 ) -> "FillReport":
     """Write every storage unit of the zarr ``array`` not yet stored, with data ``produce(roi)``.
 
-    ``produce`` receives ROIs in array-local voxels and must be picklable for the ``processes``
-    scheduler. ``progress`` (True or a description) shows a tqdm bar in bytes of source data.
+    Runs on the executor (:mod:`cleftchunk.run.executor`): on ``client``, else on
+    :func:`~cleftchunk.run.local.block_client` (``workers``, ``scheduler``: threads, processes or
+    a scheduler's address). ``produce`` receives ROIs in array-local voxels and must be picklable
+    for worker processes. Each task checks which of its units are stored (``resume``; False for
+    an array just created, where none is) and reads and writes only if some are missing: the
+    client holds nothing per unit. ``progress`` (True or a description) shows the progress display.
     """
     grid = unit_grid(array)
     remove_partial_writes(array)
-    done = stored_units(array)
     itemsize = source_itemsize or np.dtype(array.dtype).itemsize
-    tasks = plan_tasks(grid, itemsize, task_bytes, done, align)
-    total = sum(t.roi.size for t in tasks) * itemsize
-    run_tasks([(_fill_task, array, produce, task, grid, itemsize) for task in tasks], total, workers, scheduler, progress)
-    written = sum(t.todo_count for t in tasks)
-    return FillReport(units=grid.num_chunks, already_stored=len(done), written=written, bytes_read=total)
+    layout = task_layout(grid, itemsize, task_bytes, align)
+    process = functools.partial(_fill_block, array, produce, grid, itemsize, resume)
+    task = BlockwiseTask(_name(progress, "fill"), layout, process, batch=layout.auto_batch(), fatal=(Exception,))
+    report = _run(client, workers, scheduler, task, progress)
+    counts = report.counts
+    return FillReport(units=grid.num_chunks, already_stored=counts["stored"], written=counts["written"], bytes_read=counts["bytes"])
 
 
 @dataclass(frozen=True)
@@ -209,15 +189,19 @@ class FillReport:
     bytes_read: int
 
 
-def _fill_task(array: Any, produce: Producer, task: Task, grid: ChunkGrid, itemsize: int) -> int:
-    data = produce(task.roi)
-    if task.complete_write:
-        write_box(array, task.roi, data)
+def _fill_block(array: Any, produce: Producer, grid: ChunkGrid, itemsize: int, resume: bool, block: Any, _prepared: Any = None) -> dict:
+    units = list(units_in(grid, block.write_roi))
+    missing = [u for u in units if not unit_stored(array, u)] if resume else units
+    if not missing:
+        return {"stored": len(units)}
+    data = produce(block.write_roi)
+    if len(missing) == len(units):
+        write_box(array, block.write_roi, data)
     else:
-        for index in task.todo:
+        for index in missing:
             roi = grid.chunk_roi(index)
-            write_box(array, roi, data[roi.to_slices(task.roi.offset)])
-    return task.roi.size * itemsize
+            write_box(array, roi, data[roi.to_slices(block.write_roi.offset)])
+    return {"stored": len(units) - len(missing), "written": len(missing), "bytes": block.write_roi.size * itemsize}
 
 
 def write_box(array: Any, roi: Roi, data: np.ndarray) -> None:
@@ -225,50 +209,16 @@ def write_box(array: Any, roi: Roi, data: np.ndarray) -> None:
     array[roi.to_slices()] = data
 
 
-def run_tasks(calls: Sequence[tuple], total_bytes: int, workers: int, scheduler: str, progress: bool | str) -> list:
-    """Run ``(function, *args)`` calls on a local Dask scheduler; each returns bytes done."""
-    import dask
-
-    if not calls:
-        return []
-    if workers <= 1:
-        scheduler = "sync"
-    delayed = [dask.delayed(call[0], pure=False)(*call[1:]) for call in calls]
-    with _ProgressBar(total_bytes, progress):
-        return list(dask.compute(*delayed, scheduler=scheduler, num_workers=max(1, workers)))
+def _name(progress: bool | str, default: str) -> str:
+    return progress if isinstance(progress, str) else default
 
 
-class _ProgressBar:
-    """A tqdm bar in bytes (so it shows MB/s and ETA), advanced as Dask tasks finish."""
+def _run(client: Any, workers: int, scheduler: str, task: BlockwiseTask, progress: bool | str):
+    """Run ``task`` on ``client``, or on a client started for it; the first error is raised."""
+    from cleftchunk.run.local import block_client
 
-    def __init__(self, total: int, progress: bool | str):
-        self.total = total
-        self.desc = progress if isinstance(progress, str) else None
-        self.enabled = bool(progress)
-
-    def __enter__(self):
-        if not self.enabled:
-            return self
-        from dask.callbacks import Callback
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=self.total, desc=self.desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
-        bar = self.bar
-
-        def posttask(key, result, dsk, state, worker_id):
-            done = result[0] if isinstance(result, tuple) else result
-            if isinstance(done, (int, np.integer)):
-                bar.update(int(done))
-
-        self.callback = Callback(posttask=posttask)
-        self.callback.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.callback.__exit__(*exc)
-            self.bar.close()
-        return False
+    with contextlib.nullcontext(client) if client is not None else block_client(workers, scheduler) as c:
+        return run_blockwise(c, task, progress=bool(progress))
 
 
 # -- comparing ----------------------------------------------------------------------------
@@ -281,28 +231,29 @@ def compare(
     task_bytes: int = DEFAULT_TASK_BYTES,
     progress: bool | str = False,
     align: Sequence[int] | None = None,
+    client: Any = None,
 ) -> list[tuple[Coord, Roi, int]]:
     """Chunks of ``array`` whose content differs from ``produce``: (chunk index, ROI, voxels differing)."""
     grid = ChunkGrid(Roi.from_shape(array.shape), tuple(int(c) for c in array.chunks))
-    itemsize = np.dtype(array.dtype).itemsize
-    tasks = plan_tasks(grid, itemsize, task_bytes, align=align)
-    total = sum(t.roi.size for t in tasks) * itemsize
-    results = run_tasks([(_compare_task, array, produce, task, grid) for task in tasks], total, workers, scheduler, progress)
-    mismatches = [m for found in results for m in found[1]]
-    return sorted(mismatches)
+    layout = task_layout(grid, np.dtype(array.dtype).itemsize, task_bytes, align)
+    found: list = []
+    task = BlockwiseTask(_name(progress, "compare"), layout, functools.partial(_compare_block, array, produce, grid),
+                         batch=layout.auto_batch(), fatal=(Exception,), collect=lambda block, m: found.extend(m))
+    _run(client, workers, scheduler, task, progress)
+    return sorted(found)
 
 
-def _compare_task(array: Any, produce: Producer, task: Task, grid: ChunkGrid) -> tuple[int, list]:
-    expected = produce(task.roi)
-    stored = np.asarray(array[task.roi.to_slices()])
+def _compare_block(array: Any, produce: Producer, grid: ChunkGrid, block: Any, _prepared: Any = None) -> list:
+    expected = produce(block.write_roi)
+    stored = np.asarray(array[block.write_roi.to_slices()])
     found = []
-    for index in task.units:
+    for index in units_in(grid, block.write_roi):
         roi = grid.chunk_roi(index)
-        local = roi.to_slices(task.roi.offset)
+        local = roi.to_slices(block.write_roi.offset)
         differing = count_differences(stored[local], expected[local])
         if differing:
             found.append((index, roi, differing))
-    return task.roi.size * stored.itemsize, found
+    return found
 
 
 def count_differences(a: np.ndarray, b: np.ndarray) -> int:

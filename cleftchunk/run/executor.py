@@ -50,6 +50,11 @@ class BlockwiseTask:
     when the block itself is done and only its users need it (the payload is then ignored).
     ``release(index)`` runs on the client once every user of a block's prepared result is over.
     ``batch`` blocks go in one Dask task (tiny blocks; only without ``prepare``).
+    ``collect(block, result)``, when given, runs on the client with what ``process`` returned for
+    each finished block, instead of summing it into the report (per-block results a later pass
+    needs: segment's tables, evaluate's census, synth's HDF5 data). ``process_args`` are extra
+    arguments of ``process`` (after ``prepared``), e.g. Dask futures of data every block shares
+    (resolved on the worker, shipped once rather than with every task).
     """
 
     name: str
@@ -63,6 +68,8 @@ class BlockwiseTask:
     prepare_args: tuple = ()  # extra arguments of prepare, e.g. Dask futures (resolved on the worker)
     batch: int = 1
     fatal: tuple[type[BaseException], ...] = ()  # errors that stop the run (e.g. out of GPU memory)
+    collect: Callable[[Any, Any], None] | None = None
+    process_args: tuple = ()
 
 
 @dataclass
@@ -122,9 +129,7 @@ class _Run:
         self.futures: dict[Any, tuple[str, Any]] = {}  # future -> (kind, block or batch)
         self.prepared: dict[Coord, dict] = {}  # index -> {"future", "state", "pending"}
         self.waiting: dict[Coord, Any] = {}  # blocks whose prepared inputs are not all ready
-        from distributed import as_completed
-
-        self.completed = as_completed()
+        self.completed = _as_completed(client)
 
     # -- what is left ----------------------------------------------------------------------
     def _todo(self) -> Iterator[Any]:
@@ -244,7 +249,7 @@ class _Run:
     def _submit_process(self, blocks: list, prepared: Any = None) -> None:
         first = blocks[0].index
         future = self.client.submit(
-            _process_batch, self.task.process, blocks, prepared,
+            _process_batch, self.task.process, blocks, prepared, *self.task.process_args,
             key=f"{self.task.name}-{self.token}-{'_'.join(map(str, first))}", retries=self.retries, pure=False,
             priority=-self.task.layout.order(first),
         )
@@ -254,7 +259,10 @@ class _Run:
     def _processed(self, blocks: list, future: Any, results: Any) -> None:
         if future.status == "finished":
             for block, counts in zip(blocks, results):
-                self.report.counts.update(counts)
+                if self.task.collect is not None:
+                    self.task.collect(block, counts)
+                else:
+                    self.report.counts.update(counts)
                 self._done(block)
         else:
             self._fatal(future)
@@ -299,9 +307,20 @@ class _Run:
         self.progress.close()
 
 
-def _process_batch(process: Callable[..., dict], blocks: Sequence[Any], prepared: Any) -> list[dict]:
+def _process_batch(process: Callable[..., dict], blocks: Sequence[Any], prepared: Any, *args: Any) -> list[dict]:
     """One Dask task: process its blocks in order (a batch of tiny blocks, or one block)."""
-    return [process(block, prepared) for block in blocks]
+    return [process(block, prepared, *args) for block in blocks]
+
+
+def _as_completed(client: Any) -> Any:
+    """The queue of finished tasks: the client's own (:class:`cleftchunk.run.local.ThreadClient`),
+    else Dask's."""
+    own = getattr(client, "as_completed", None)
+    if callable(own):
+        return own()
+    from distributed import as_completed
+
+    return as_completed()
 
 
 def _one_line(error: BaseException | None) -> str:

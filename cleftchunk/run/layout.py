@@ -60,3 +60,32 @@ class GridLayout:
     def auto_batch(self) -> int:
         """Blocks per Dask task for blocks of this shape (see BATCH_VOXELS)."""
         return max(1, min(MAX_BATCH, BATCH_VOXELS // max(1, math.prod(self.block_shape))))
+
+
+@dataclass(frozen=True)
+class SubsetLayout:
+    """Some blocks of ``base`` (``indices``, in raster order): a later pass over the blocks an
+    earlier pass found work in (e.g. evaluate's distances, only where there are cleft voxels)."""
+
+    base: GridLayout
+    indices: Sequence[Coord]
+
+    @property
+    def roi(self) -> Roi:
+        return self.base.roi
+
+    @property
+    def block_shape(self) -> Coord:
+        return self.base.block_shape
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def block(self, index: Sequence[int]) -> Block:
+        return self.base.block(index)
+
+    def blocks(self) -> Iterator[Block]:
+        return (self.base.block(index) for index in self.indices)
+
+    def order(self, index: Coord) -> int:
+        return self.base.order(index)

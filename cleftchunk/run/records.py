@@ -104,8 +104,13 @@ def _zarr_missing() -> tuple[type, ...]:
 def record_path_beside(container: str, inner: str | None, stage: str) -> Path:
     """Where a stage keeps the record of an output: beside its container (never inside it, so
     readers of the container do not see it), named after the container, the array and the stage."""
-    path = Path(container).resolve()
-    return path.parent / f".{path.name}.{(inner or '').replace('/', '_')}.{stage}-done.zarr"
+    text = str(container)
+    if "://" in text:  # an object store: the client's current directory (the client writes the record)
+        parent, name = Path.cwd(), text.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        path = Path(container).resolve()
+        parent, name = path.parent, path.name
+    return parent / f".{name}.{(inner or '').replace('/', '_')}.{stage}-done.zarr"
 
 
 def remove_record(path: str | Path) -> None:
