@@ -55,6 +55,7 @@ def _kv_pairs(values: tuple[str, ...], what: str) -> dict:
 @click.option("--scheduler", type=click.Choice(["plateau", "cosine", "constant"]), help="Learning-rate schedule [plateau].")
 @click.option("--ema", type=float, help="EMA decay of the weights saved for inference (e.g. 0.999); 0 = off [0].")
 @click.option("--dice", type=float, help="Weight of a Dice term added to the weighted BCE [0].")
+@click.option("--output-prior", type=float, help="Initial output probability of a fresh model, e.g. 0.01 with --max-weight 1 [0.5, the original's].")
 @click.option("--max-weight", type=float, help="Cap of the BCE's positive-class weight; 1 = plain BCE [none: the original's rebalancing].")
 @click.option("--augment", "augment", multiple=True, metavar="NAME=VALUE", help="Augmentation setting, repeatable (e.g. rotation_p=0).")
 @click.option("--no-augment", is_flag=True, default=None, help="Switch every augmentation off.")

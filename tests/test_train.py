@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cleftchunk import CleftchunkError
-from cleftchunk.model import build_model, load_checkpoint, load_model
+from cleftchunk.model import build_model, load_checkpoint, load_model, set_output_prior
 from cleftchunk.train import (
     TrainConfig,
     dice_loss,
@@ -135,6 +135,28 @@ def test_a_few_optimizer_steps_lower_the_loss_on_a_fixed_batch():
         optimizer.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("prior", [0.01, 0.3])
+def test_output_prior_sets_the_starting_probability_everywhere(prior):
+    torch.manual_seed(0)
+    net = build_model(preset="small")
+    set_output_prior(net, prior)
+    net.eval()
+    p = torch.sigmoid(net(torch.rand(1, 1, *MI)))
+    # The eval-mode BatchNorm of a fresh net is the identity on its running stats (0, 1), so the
+    # probability is prior's up to the conv's small output: within a factor of a few.
+    assert prior / 3 < float(p.median()) < min(3 * prior, 0.9)
+    with pytest.raises(CleftchunkError, match="between 0 and 1"):
+        set_output_prior(net, 1.0)
+
+
+def test_a_training_run_starts_from_the_configured_prior(data, tmp_path):
+    from cleftchunk.train.trainer import Trainer
+    from cleftchunk.train.distributed import Dist
+
+    trainer = Trainer(TrainConfig.from_dict({**config(data, tmp_path / "p"), "output_prior": 0.02}), Dist())
+    assert abs(float(trainer.net.head[-1].bias) - np.log(0.02 / 0.98)) < 1e-6
 
 
 # -- resume ----------------------------------------------------------------------------------------

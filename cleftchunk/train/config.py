@@ -51,6 +51,7 @@ class TrainConfig:
     plateau_patience: int = 1000  # scheduler steps of 10 iterations each
     ema: float = 0.0  # EMA decay of the weights; 0: off
     dice: float = 0.0  # weight of the Dice term added to the BCE
+    output_prior: float | None = None  # initial output probability (None: 0.5, the original's); e.g. 0.01 with a plain BCE
     max_weight: float | None = None  # cap of the BCE's positive-class weight (None: the original's (1 − wf)/wf)
     bf16: bool = True  # autocast on GPUs
     log_dir: str | None = None  # default runs/<output folder name>

@@ -15,6 +15,7 @@ from torch import nn
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.model import (
     build_model,
+    set_output_prior,
     save_checkpoint,
 )
 from cleftchunk.train.config import TrainConfig
@@ -49,6 +50,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         arch = config.arch_dict
         net = build_model(arch["name"], filters=arch["filters"], in_channels=1, out_channels=1).to(dist.device)
+        if config.output_prior is not None:
+            set_output_prior(net, config.output_prior)  # a resumed run's checkpoint replaces it
         if dist.active and dist.device.type == "cuda":
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         self.net = net
