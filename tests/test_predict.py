@@ -519,3 +519,41 @@ def test_cli_on_an_existing_scheduler_gives_the_bytes_of_a_local_run(tmp_path, r
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0", scheduler_port=0) as cluster:
         run_cli("predict", spec, tmp_path / "remote.zarr" / "pred", "--scheduler", cluster.scheduler_address, *common)
     np.testing.assert_array_equal(read(tmp_path / "remote.zarr" / "pred"), read(tmp_path / "local.zarr" / "pred"))
+
+
+# -- the default path of a local CPU job: task threads in this process -------------------------------
+class Where(torch.nn.Module):
+    """Records the process and thread of every call, and torch's thread count there."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, set()
+
+    def forward(self, x):
+        self.seen.add((os.getpid(), threading.get_ident(), torch.get_num_threads()))
+        return self.inner(x)
+
+
+def test_a_local_cpu_job_runs_in_task_threads_of_this_process(tmp_path, raw_spec):
+    raw, spec = raw_spec
+    model = Where(tiny_model())
+    out = str(tmp_path / "out.zarr" / "pred")
+    before = torch.get_num_threads()
+    result = predict(model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=(4, 16, 16), gpus=0, cores=2, **QUIET)
+    np.testing.assert_array_equal(read(out), predict_reference(tiny_model(), raw, WINDOW, pad=True))
+    assert result.tiles_ratio == 1 and result.failed == []
+    assert {pid for pid, _, _ in model.seen} == {os.getpid()}  # no worker process
+    assert threading.get_ident() not in {t for _, t, _ in model.seen}  # task threads, not the caller's
+    assert {n for _, _, n in model.seen} == {1}  # one torch thread per task thread (2 cores, 2 threads)
+    assert torch.get_num_threads() == before  # the caller's setting is given back
+
+
+def test_int64_sums_when_float64_could_not_hold_them_give_the_same_bytes(tmp_path, raw_spec, monkeypatch):
+    import cleftchunk.predict.tasks as tasks
+
+    raw, spec = raw_spec
+    model = tiny_model()
+    monkeypatch.setattr(tasks, "sums_fit_float", lambda grid: False)  # as with a very high overlap
+    out = str(tmp_path / "out.zarr" / "pred")
+    predict(model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=(4, 16, 16), workers=2, processes=False, **QUIET)
+    np.testing.assert_array_equal(read(out), predict_reference(model, raw, WINDOW, pad=True))
