@@ -21,10 +21,16 @@ of workers, retries or resumes:
 3. The sums Σ w·p and Σ w are accumulated in fixed point (int64, 40 fractional bits): each
    contribution is rounded once, by a rule that depends only on (w, p), and integer addition is
    associative. So the sums are the same whatever order contributions from neighbouring blocks
-   are added in. (A worker may keep a running sum of those integers in float64, which holds
-   integers below 2^53 exactly: at most 8191 contributions < 2^40 go in before the sum moves to
-   int64, so it is the same integer sum.) Σ w is recomputed from the grid alone, where it is
-   needed, one axis at a time (a sum over a product grid of shifts), cached per block position.
+   are added in. Σ w is recomputed from the grid alone, where it is needed, one axis at a time
+   (a sum over a product grid of shifts), cached per block position.
+3b. Those integers may be held in float64, which represents every integer below 2^53 exactly, so
+   that adding them there is integer addition: each contribution is at most 2^40 (w ≤ 1 and
+   p ∈ [0, 1]), and no voxel gets more than ``grid.max_cover()`` of them. When that bound is at
+   most 8191 (``FLOAT_EXACT_TILES``; 27 at overlap 0.5, 1331 at 0.9), every partial sum of every
+   voxel is below 8191 · 2^40 < 2^53: the engine then sums, exchanges-and-adds and divides float64
+   values with no int64 conversion, and the result is the int64 result (the division converts to
+   float64 anyway). Beyond that bound a tiles task moves its float64 sums into int64 every 8191
+   tiles and the blend adds in int64. Spills go to scratch as int64 either way.
 
 The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.run.executor`):
 
