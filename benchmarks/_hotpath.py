@@ -7,7 +7,8 @@ system of the whole process tree), peak RSS, scratch bytes written per output vo
   whole volume in memory; ``cleftchunk.predict.predict`` on the CLI's default path (a local CPU
   job: one task thread per core in the calling process) and with one worker process
   (``workers=1``). Same grid (window, overlap 0.5) and Gaussian σ = W/8. Scratch bytes are the
-  run's own count of spill bytes written (each is read back once: traffic is twice that).
+  run's own count of spill bytes written to disk (each is read back once: traffic is twice that),
+  and of the spills an in-process run handed over in memory instead (uncompressed float64).
 - real models (unetv0 presets, random weights; ``--hotpath-models``): MONAI; ``cleftchunk
   predict`` (the CLI, default path); ``--workers 1``; and the bare forward over every tile of the
   grid (the model's own cost: efficiency = model time ÷ total).
@@ -41,7 +42,7 @@ if __name__ == "__main__":
     torch.set_num_threads({threads})
     r = predict(Null(), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, workers={workers}, overwrite=True,
                 progress=False, log=lambda m: None)
-    print("RESULT", json.dumps({{"spill_bytes": r.spill_bytes}}))
+    print("RESULT", json.dumps({{"spill_bytes": r.spill_bytes, "spill_memory_bytes": r.spill_memory_bytes}}))
 """
 
 MONAI_ANY = """
@@ -124,15 +125,17 @@ def run_contenders(contenders: dict[str, tuple[list[str], str | None]], repeats:
                 with ScratchWatch(out) as watch:
                     m = measure(argv)
                 scratch = watch.bytes
+            in_memory = 0
             if "RESULT" in m.stdout and "spill_bytes" in m.stdout:  # the run's own count beats polling
-                scratch = json.loads(m.stdout.split("RESULT", 1)[1].strip().splitlines()[0])["spill_bytes"]
-            runs[name].append((m.seconds, _children_cpu() - before, m.peak_rss_mib, scratch, m.stdout))
+                counts = json.loads(m.stdout.split("RESULT", 1)[1].strip().splitlines()[0])
+                scratch, in_memory = counts["spill_bytes"], counts["spill_memory_bytes"]
+            runs[name].append((m.seconds, _children_cpu() - before, m.peak_rss_mib, scratch, m.stdout, in_memory))
             print(f"  {name}: {m.seconds:.1f} s, {runs[name][-1][1]:.1f} CPU s, {m.peak_rss_mib:.0f} MiB", flush=True)
     rows = []
     for name, r in runs.items():
         rows.append(dict(
             name=name, seconds=median([x[0] for x in r]), cpu=median([x[1] for x in r]), rss=median([x[2] for x in r]),
-            scratch=median([x[3] for x in r]) / voxels, stdout=r[-1][4], all_seconds=[x[0] for x in r], all_cpu=[x[1] for x in r],
+            scratch=median([x[3] for x in r]) / voxels, in_memory=median([x[5] for x in r]) / voxels, stdout=r[-1][4], all_seconds=[x[0] for x in r], all_cpu=[x[1] for x in r],
         ))
     return rows
 
@@ -144,11 +147,11 @@ def table(rows: list[dict], voxels: int, base: str) -> str:
         body.append([
             r["name"], f"{r['seconds']:.1f}", f"{r['cpu']:.1f}", f"{voxels / r['seconds'] / 1e6:.2f}",
             f"{voxels / r['cpu'] / 1e6:.2f}", f"{r['rss']:.0f}", f"{r['rss'] / ref['rss'] * 100:.0f} %",
-            f"{ref['seconds'] / r['seconds']:.2f}×", f"{ref['cpu'] / r['cpu']:.2f}×", f"{r['scratch']:.2f}",
+            f"{ref['seconds'] / r['seconds']:.2f}×", f"{ref['cpu'] / r['cpu']:.2f}×", f"{r['scratch']:.2f}", f"{r['in_memory']:.2f}",
         ])
     return markdown_table(
         ["contender", "median s", "median CPU s", "M vox/s (wall)", "M vox/CPU-s", "peak RSS MiB", "RSS vs MONAI",
-         "speed vs MONAI (wall)", "vs MONAI (CPU s)", "scratch written B/vox"], body,
+         "speed vs MONAI (wall)", "vs MONAI (CPU s)", "scratch written B/vox", "spills in memory B/vox"], body,
     )
 
 

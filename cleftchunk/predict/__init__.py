@@ -41,7 +41,9 @@ The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.ru
   the parts of that sum inside *other* blocks' write regions (the *spill*) go to scratch, one
   compressed piece per user block (written to a temporary name and renamed; the spill counts as
   saved only once its ``.json`` appears); the part inside B's own write region is returned in
-  memory to B's blend task and never touches scratch.
+  memory to B's blend task and never touches scratch. A run whose tasks are all threads of one
+  process (the default on a CPU-only machine) keeps spills in memory instead, up to a budget
+  (:meth:`.scratch.Scratch.in_memory`): the same integers, handed over without a file.
 - *blend* task of block B, submitted once the tiles tasks of all its dependency blocks have
   finished: adds its own part and the pieces spilled into it (4. below), divides by Σ q(w),
   writes B's output chunks (no other task writes them, so no locks). Only after it returned does
@@ -51,7 +53,8 @@ The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.ru
   sum into "own part in memory" and "pieces from scratch", with any block shape, worker count,
   retry or resume, gives the bytes of the reference.
 - Resume: blocks recorded done are skipped; a done block whose spill a remaining block needs
-  gives it from scratch or reruns its tiles (same integers); a remaining block reruns its tiles.
+  gives it from scratch or reruns its tiles (same integers; spills kept in memory are always
+  rerun, they end with their run); a remaining block reruns its tiles.
   A hash of the model and of every parameter that can change a bit of the output is stored in
   the output's attributes, and a different one refuses to resume (``overwrite`` replaces the
   output); the record also holds the block layout's hash, and one of another layout is discarded

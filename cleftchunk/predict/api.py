@@ -150,6 +150,7 @@ def predict(
     with contextlib.ExitStack() as stack:
         if threaded:
             stack.enter_context(_torch_threads_restored())
+            stack.enter_context(scratch.in_memory(_memory_spill_budget()))
         if client is None:
             client = stack.enter_context(dask_client(spec))
         result.dashboard = getattr(client, "dashboard_link", None)
@@ -176,6 +177,14 @@ def _in_process_threads(cores: int | None) -> int:
     leaves them idle, and spin-waits less on a loaded machine.
     """
     return max(1, cores or os.cpu_count() or 1)
+
+
+def _memory_spill_budget() -> int:
+    """Bytes of spills a local CPU job hands over in memory (its tasks are threads of this
+    process) before the rest goes to scratch files: a quarter of the memory available, at most 4 GiB."""
+    import psutil
+
+    return int(min(4 * 2**30, psutil.virtual_memory().available // 4))
 
 
 @contextlib.contextmanager

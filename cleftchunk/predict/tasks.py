@@ -80,7 +80,7 @@ def run_block_tiles(job: Job, work: BlockWork, own: bool, source: ModelSource) -
         pieces = {} if partial is None else {
             user: partial[roi.intersect(write).relative_to(roi).to_slices()] for user, write in work.users if user != work.index
         }
-        counts["spill_bytes"] = job.scratch.save_spill(work.index, pieces, {"tiles": len(tiles)})
+        counts.update(job.scratch.save_spill(work.index, pieces, {"tiles": len(tiles)}))
     if not own or partial is None:
         return counts, None
     # a copy, always: ``partial`` may be this thread's workspace, which its next task overwrites
