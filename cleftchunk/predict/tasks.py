@@ -74,7 +74,7 @@ def run_block_tiles(job: Job, work: BlockWork, own: bool, source: ModelSource) -
         weights = weights_for(job.params.window, job.params.blend)
         exact_float = sums_fit_float(job.grid)
         partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights, exact_float=exact_float,
-                                    out=_workspace("sums", roi.shape, np.float64) if exact_float else None)
+                                    out=_workspace("sums", roi.shape, np.float64) if exact_float and not runner.cuda else None)
         counts["run"] = runner.tiles_run - before
     if saved is None:
         pieces = {} if partial is None else {
