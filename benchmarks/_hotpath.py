@@ -258,6 +258,19 @@ def projection(null: dict, window) -> str:
     )
 
 
+#: Below this line, the fragment's text is written by hand (profile, decisions) and kept by reruns.
+NOTES_MARK = "<!-- hand-written notes: kept when the benchmark rewrites the measured part above -->"
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written part of an existing fragment (from :data:`NOTES_MARK` on), or ''."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return ""
+    return "\n\n" + text[text.index(NOTES_MARK):] if NOTES_MARK in text else ""
+
+
 def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, save=lambda body: None, models: bool = False) -> str:
     """The section's text; ``save(text so far)`` is called after each part (a long run killed
     half-way keeps what it measured). ``models``: also the real-model rows (tens of minutes)."""

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA_DIR, markdown_table, measure, median, python_argv, write_fragment  # noqa: E402
-from _hotpath import hotpath  # noqa: E402
+from _common import DATA_DIR, RESULTS_DIR, markdown_table, measure, median, python_argv, write_fragment  # noqa: E402
+from _hotpath import hotpath, kept_notes  # noqa: E402
 
 WORK = DATA_DIR / "predict"
 CORES = os.cpu_count() or 1
@@ -318,7 +318,8 @@ def main() -> None:
         helpers = dict(random_volume=random_volume, checkpoint=checkpoint, cli_predict=cli_predict, bare_forward=BARE_FORWARD,
                        result_line=result_line)
         def save(body: str) -> None:
-            print(f"wrote {write_fragment('predict-hotpath', 'Prediction: the hot path', body)}", flush=True)
+            notes = kept_notes(RESULTS_DIR / "predict-hotpath.md")
+            print(f"wrote {write_fragment('predict-hotpath', 'Prediction: the hot path', body + notes)}", flush=True)
 
         save(hotpath(cfg, args.repeats or 3, helpers, WORK, CORES, save, models=args.hotpath_models))
         if not sections:

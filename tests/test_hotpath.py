@@ -216,3 +216,22 @@ def test_blended_uint8_in_place_equals_the_copying_version():
     untouched = num.astype(np.float64)
     np.testing.assert_array_equal(blended_uint8(untouched, den), expected)
     np.testing.assert_array_equal(untouched, num.astype(np.float64))  # not in place unless asked
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64])
+def test_blending_the_parts_slab_by_slab_equals_blending_their_sum(dtype, monkeypatch):
+    import cleftchunk.predict.tiling as tiling
+
+    monkeypatch.setattr(tiling, "_BLEND_SLAB", 3 * 40 * 50)  # several slabs, parts crossing them
+    rng = np.random.default_rng(6)
+    den = rng.integers(1, 2**44, (10, 40, 50), dtype=np.int64)
+    parts, total = [], np.zeros(den.shape, dtype=np.int64)
+    for _ in range(6):
+        lo = rng.integers(0, den.shape, 3)
+        hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, den.shape)]
+        where = tuple(slice(int(a), b) for a, b in zip(lo, hi))
+        part = rng.integers(0, 2**40, tuple(b - int(a) for a, b in zip(lo, hi)), dtype=np.int64)
+        total[where] += part
+        parts.append((where, part.astype(np.float64) if dtype == np.float64 and rng.integers(2) else part))
+    got = tiling.blended_uint8_of_parts(parts, den, dtype)
+    np.testing.assert_array_equal(got, blended_uint8(total, den))

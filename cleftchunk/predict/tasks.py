@@ -22,7 +22,7 @@ from cleftchunk.predict.tiling import (
     FLOAT_EXACT_TILES,
     TileGrid,
     block_denominator,
-    blended_uint8,
+    blended_uint8_of_parts,
     reflect_read,
     weights_for,
 )
@@ -93,26 +93,19 @@ def blend_block(job: Job, work: BlockWork, prepared: tuple[dict, np.ndarray | No
 
     The sums are integers; they are added in float64 when every voxel's sum is below 2^53
     (:func:`sums_fit_float`: exactly the same integers, and no conversion before the division,
-    which works in float64 anyway), else in int64. ``own`` is never modified: a retried task gets it again.
+    which works in float64 anyway), else in int64, a cache-sized slab at a time
+    (:func:`tiling.blended_uint8_of_parts`). ``own`` is never modified: a retried task gets it again.
     """
     counts, own = prepared
     write = work.write_roi
     denominator = block_denominator(job.grid, job.params.blend, write)
-    dtype = np.float64 if sums_fit_float(job.grid) else np.int64
-    whole = own is not None and own.shape == write.shape  # the usual case: start from a copy of it
-    numerator = _workspace("numerator", write.shape, dtype)
-    if whole:
-        np.copyto(numerator, own)
-    else:
-        numerator.fill(0)
+    parts = []  # (where in the write region, the sums there) of every block whose tiles reach it
     for dep, dep_roi in work.deps:
-        if dep == work.index and whole:
-            continue
         common = dep_roi.intersect(write)
         piece = own if dep == work.index else job.scratch.load_piece(dep, work.index, common.shape)
         if piece is not None:
-            numerator[common.relative_to(write).to_slices()] += piece
-    out = blended_uint8(numerator, denominator, in_place=True)
+            parts.append((common.relative_to(write).to_slices(), piece))
+    out = blended_uint8_of_parts(parts, denominator, np.float64 if sums_fit_float(job.grid) else np.int64)
     if job.mask is not None:
         out[job.mask.read(write) == 0] = 0
     job.output.write(write, out)

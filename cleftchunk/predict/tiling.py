@@ -206,6 +206,28 @@ def blended_uint8(numerator: np.ndarray, denominator: np.ndarray, in_place: bool
     return out
 
 
+def blended_uint8_of_parts(parts: Sequence[tuple[tuple[slice, ...], np.ndarray]], denominator: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """:func:`blended_uint8` of the sum of ``parts`` — (where, array of integers) pairs added into
+    zeros of the denominator's shape — with that sum assembled one slab (along the first axis) at
+    a time in a cache-sized buffer of ``dtype``, never as a whole block. ``dtype`` float64 only
+    when the sums are below 2^53 (then its additions are the integer additions)."""
+    denominator = np.asarray(denominator)
+    shape = denominator.shape
+    out = np.empty(shape, dtype=np.uint8)
+    step = max(1, _BLEND_SLAB // max(1, math.prod(shape[1:])))
+    buffer = np.empty((min(step, shape[0]),) + shape[1:], dtype=dtype)
+    for z0 in range(0, shape[0], step):
+        z1 = min(z0 + step, shape[0])
+        numerator = buffer[: z1 - z0]
+        numerator.fill(0)
+        for where, part in parts:
+            lo, hi = max(where[0].start, z0), min(where[0].stop, z1)
+            if lo < hi:
+                numerator[(slice(lo - z0, hi - z0),) + tuple(where[1:])] += part[lo - where[0].start : hi - where[0].start]
+        out[z0:z1] = _blend_slab(numerator, denominator[z0:z1], in_place=dtype == np.float64)
+    return out
+
+
 def _blend_slab(numerator: np.ndarray, denominator: np.ndarray, in_place: bool = False) -> np.ndarray:
     # Σ q(w) are integers ≥ 0: max(·, 1) is where(> 0); converted to float64 as it is taken
     den = np.maximum(denominator, 1, dtype=np.float64)
