@@ -4,17 +4,21 @@ Rows, each contender in a fresh subprocess, medians of ``repeats``, wall and CPU
 system of the whole process tree), peak RSS, scratch bytes written per output voxel:
 
 - null model (sigmoid of the input, no convolution): MONAI ``sliding_window_inference`` on the
-  whole volume in memory; ``cleftchunk.predict.predict`` with one worker process (the CLI's
-  default path) and in-process (``workers=0``). Same grid (window, overlap 0.5) and Gaussian σ = W/8.
-- real models (unetv0 presets, random weights): MONAI; ``cleftchunk predict`` (the CLI, default
-  path); ``--workers 0``; and the bare forward over every tile of the grid (the model's own cost:
-  efficiency = model time ÷ total).
+  whole volume in memory; ``cleftchunk.predict.predict`` on the CLI's default path (a local CPU
+  job: one task thread per core in the calling process) and with one worker process
+  (``workers=1``). Same grid (window, overlap 0.5) and Gaussian σ = W/8. Scratch bytes are the
+  run's own count of spill bytes written to disk (each is read back once: traffic is twice that),
+  and of the spills an in-process run handed over in memory instead (uncompressed float64).
+- real models (unetv0 presets, random weights; ``--hotpath-models``): MONAI; ``cleftchunk
+  predict`` (the CLI, default path); ``--workers 1``; and the bare forward over every tile of the
+  grid (the model's own cost: efficiency = model time ÷ total).
 - the GPU projection (PROJECTED, not measured): the engine's measured CPU cost per output voxel and
   the model's FLOPs per voxel (counted from its layers) → TB of uint8 input per GPU-hour.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -32,12 +36,13 @@ class Null(torch.nn.Module):
 """
 
 NULL_OURS = NULL_MODEL + """
-import sys
+import json
 from cleftchunk.predict import predict
 if __name__ == "__main__":
     torch.set_num_threads({threads})
-    predict(Null(), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, workers={workers}, overwrite=True,
-            progress=False, log=lambda m: None)
+    r = predict(Null(), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, workers={workers}, overwrite=True,
+                progress=False, log=lambda m: None)
+    print("RESULT", json.dumps({{"spill_bytes": r.spill_bytes, "spill_memory_bytes": r.spill_memory_bytes}}))
 """
 
 MONAI_ANY = """
@@ -54,6 +59,10 @@ with torch.inference_mode():
 out = np.clip(np.floor(p[0, 0].numpy().astype(np.float64) * 255 + 0.5), 0, 255).astype(np.uint8)
 create_volume({out!r}, out.shape, out.dtype, chunks={chunks!r}, overwrite=True).write_nm((0, 0, 0), out)
 """
+
+DEFAULT_PATH = "cleftchunk predict, CLI default path (task threads in this process)"
+CLI_DEFAULT = "cleftchunk predict (CLI default: task threads in this process)"
+CLI_ONE_WORKER = "cleftchunk predict --workers 1 (one worker process)"
 
 #: Fraction of the bf16 peak a 3-D U-Net forward is assumed to reach (cuDNN conv3d, large batch).
 PEAK_FRACTION = 0.4
@@ -84,7 +93,7 @@ class ScratchWatch:
 
     def _run(self):
         while not self._stop.is_set():
-            for path in self.parent.glob(self.pattern + "/partials/*"):
+            for path in self.parent.glob(self.pattern + "/spill/*/*"):
                 try:
                     size = path.stat().st_size
                 except OSError:
@@ -116,13 +125,17 @@ def run_contenders(contenders: dict[str, tuple[list[str], str | None]], repeats:
                 with ScratchWatch(out) as watch:
                     m = measure(argv)
                 scratch = watch.bytes
-            runs[name].append((m.seconds, _children_cpu() - before, m.peak_rss_mib, scratch, m.stdout))
+            in_memory = 0
+            if "RESULT" in m.stdout and "spill_bytes" in m.stdout:  # the run's own count beats polling
+                counts = json.loads(m.stdout.split("RESULT", 1)[1].strip().splitlines()[0])
+                scratch, in_memory = counts["spill_bytes"], counts["spill_memory_bytes"]
+            runs[name].append((m.seconds, _children_cpu() - before, m.peak_rss_mib, scratch, m.stdout, in_memory))
             print(f"  {name}: {m.seconds:.1f} s, {runs[name][-1][1]:.1f} CPU s, {m.peak_rss_mib:.0f} MiB", flush=True)
     rows = []
     for name, r in runs.items():
         rows.append(dict(
             name=name, seconds=median([x[0] for x in r]), cpu=median([x[1] for x in r]), rss=median([x[2] for x in r]),
-            scratch=median([x[3] for x in r]) / voxels, stdout=r[-1][4], all_seconds=[x[0] for x in r], all_cpu=[x[1] for x in r],
+            scratch=median([x[3] for x in r]) / voxels, in_memory=median([x[5] for x in r]) / voxels, stdout=r[-1][4], all_seconds=[x[0] for x in r], all_cpu=[x[1] for x in r],
         ))
     return rows
 
@@ -134,11 +147,11 @@ def table(rows: list[dict], voxels: int, base: str) -> str:
         body.append([
             r["name"], f"{r['seconds']:.1f}", f"{r['cpu']:.1f}", f"{voxels / r['seconds'] / 1e6:.2f}",
             f"{voxels / r['cpu'] / 1e6:.2f}", f"{r['rss']:.0f}", f"{r['rss'] / ref['rss'] * 100:.0f} %",
-            f"{ref['seconds'] / r['seconds']:.2f}×", f"{ref['cpu'] / r['cpu']:.2f}×", f"{r['scratch']:.2f}",
+            f"{ref['seconds'] / r['seconds']:.2f}×", f"{ref['cpu'] / r['cpu']:.2f}×", f"{r['scratch']:.2f}", f"{r['in_memory']:.2f}",
         ])
     return markdown_table(
         ["contender", "median s", "median CPU s", "M vox/s (wall)", "M vox/CPU-s", "peak RSS MiB", "RSS vs MONAI",
-         "speed vs MONAI (wall)", "vs MONAI (CPU s)", "scratch B/vox"], body,
+         "speed vs MONAI (wall)", "vs MONAI (CPU s)", "scratch written B/vox", "spills in memory B/vox"], body,
     )
 
 
@@ -150,9 +163,8 @@ def null_rows(shape, window, chunks, repeats, random_volume, work: Path, threads
     contenders = {
         "MONAI sliding_window_inference (in memory)": (
             python_argv(MONAI_ANY.format(model_code=NULL_MODEL + "model = Null()", out=theirs, **fmt)), None),
-        "cleftchunk predict, 1 worker process (CLI default path)": (
-            python_argv(NULL_OURS.format(out=ours1, workers=1, **fmt)), ours1),
-        "cleftchunk predict, in-process (workers=0)": (python_argv(NULL_OURS.format(out=ours0, workers=0, **fmt)), ours0),
+        DEFAULT_PATH: (python_argv(NULL_OURS.format(out=ours0, workers=None, **fmt)), ours0),
+        "cleftchunk predict, 1 worker process (workers=1)": (python_argv(NULL_OURS.format(out=ours1, workers=1, **fmt)), ours1),
     }
     rows = run_contenders(contenders, repeats, voxels)
     text = (
@@ -171,8 +183,8 @@ def model_rows(shape, window, chunks, preset, repeats, h: dict, work: Path, thre
     contenders = {
         "MONAI sliding_window_inference (in memory)": (
             python_argv(MONAI_ANY.format(model_code=model_code, spec=spec, window=window, chunks=chunks, threads=threads, out=theirs)), None),
-        "cleftchunk predict (CLI, default: 1 worker process)": (h["cli_predict"](spec, ours1, ckpt, chunks), ours1),
-        "cleftchunk predict --workers 0 (in-process)": (h["cli_predict"](spec, ours0, ckpt, chunks, ["--workers", "0"]), ours0),
+        CLI_DEFAULT: (h["cli_predict"](spec, ours0, ckpt, chunks), ours0),
+        CLI_ONE_WORKER: (h["cli_predict"](spec, ours1, ckpt, chunks, ["--workers", "1"]), ours1),
         "bare forward over the grid's tiles (model only)": (python_argv(h["bare_forward"].format(
             threads=threads, spec=spec, window=window, overlap=0.5, ckpt=ckpt, sample=10**9)), None),
     }
@@ -181,7 +193,7 @@ def model_rows(shape, window, chunks, preset, repeats, h: dict, work: Path, thre
     bare = [h["result_line"](r["stdout"]) for r in rows if r["name"].startswith("bare")][0]
     model_cpu = bare["cpu"]
     lines = []
-    for name in ("cleftchunk predict (CLI, default: 1 worker process)", "cleftchunk predict --workers 0 (in-process)"):
+    for name in (CLI_DEFAULT, CLI_ONE_WORKER):
         lines.append(f"- efficiency of {name}: model CPU s ÷ total CPU s = {model_cpu:.1f} / {by[name]['cpu']:.1f} = "
                      f"**{model_cpu / by[name]['cpu']:.2f}**; model wall s ÷ total wall s = {bare['seconds']:.1f} / "
                      f"{by[name]['seconds']:.1f} = **{bare['seconds'] / by[name]['seconds']:.2f}**")
@@ -218,7 +230,7 @@ def flops_per_voxel(preset: str, window) -> float:
 
 def projection(null: dict, window) -> str:
     """PROJECTED GPU throughput: min(model bound, engine bound) at overlap 0.5."""
-    engine = null["cleftchunk predict, 1 worker process (CLI default path)"]
+    engine = null[DEFAULT_PATH]
     voxels_per_cpu_s = engine["voxels"] / engine["cpu"]
     engine_bound = voxels_per_cpu_s * HOST_CORES_PER_GPU
     cover = 2**3  # tile voxels per output voxel at overlap 0.5 (stride W/2 on each axis), large volumes
@@ -235,8 +247,9 @@ def projection(null: dict, window) -> str:
         "#### GPU projection (PROJECTED from CPU measurements, not measured on a GPU)\n\n"
         f"Model bound = {H100_BF16_PEAK / 1e12:.0f} TFLOP/s (H100/H200 dense bf16 peak) × {PEAK_FRACTION:.0%} assumed "
         f"utilisation ÷ (FLOPs per tile voxel × {cover} tile voxels per output voxel at overlap 0.5). Engine bound = the "
-        f"null-model CLI-path throughput measured above, {voxels_per_cpu_s / 1e6:.1f} M output voxels per CPU-second "
-        f"(which still includes the null model and the host-side fixed-point sums that a GPU run does on the device), "
+        f"null-model CLI-path throughput measured above, {voxels_per_cpu_s / 1e6:.1f} M output voxels per CPU-second of "
+        f"the whole process (start-up included; it also includes the null model and the host-side fixed-point sums "
+        f"that a GPU run does on the device), "
         f"× {HOST_CORES_PER_GPU} host cores per GPU. TB/h = uint8 input bytes per GPU-hour. `benchmarks/gpu_check.py` "
         f"measures both on a real GPU.\n\n"
         + markdown_table(["model", "FLOP per tile voxel", "model bound M vox/s", "engine bound M vox/s",
@@ -245,9 +258,22 @@ def projection(null: dict, window) -> str:
     )
 
 
-def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, save=lambda body: None) -> str:
+#: Below this line, the fragment's text is written by hand (profile, decisions) and kept by reruns.
+NOTES_MARK = "<!-- hand-written notes: kept when the benchmark rewrites the measured part above -->"
+
+
+def kept_notes(path: Path) -> str:
+    """The hand-written part of an existing fragment (from :data:`NOTES_MARK` on), or ''."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return ""
+    return "\n\n" + text[text.index(NOTES_MARK):] if NOTES_MARK in text else ""
+
+
+def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, save=lambda body: None, models: bool = False) -> str:
     """The section's text; ``save(text so far)`` is called after each part (a long run killed
-    half-way keeps what it measured)."""
+    half-way keeps what it measured). ``models``: also the real-model rows (tens of minutes)."""
     load_before = open("/proc/loadavg").read().split()[:3]
     parts = []
 
@@ -258,7 +284,8 @@ def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, sa
             f"Load average before {' '.join(load_before)}, at the end {' '.join(load_now)} (the {os.cpu_count()}-core "
             f"machine is shared with other jobs: wall times are inflated and noisy; CPU seconds and ratios measured in one "
             f"run are the figures to compare). Contenders interleaved, medians of {repeats} (real-model rows: as stated). "
-            f"{threads} torch threads everywhere.\n\n" + "\n".join(parts)
+            f"{threads} torch threads in MONAI and in worker processes; the default path's task threads, one per core, "
+            f"run torch on one thread each.\n\n" + "\n".join(parts)
         )
 
     null_text, null = null_rows(cfg["null_shape"], cfg["null_window"], cfg["chunks"], repeats, helpers["random_volume"], work, threads)
@@ -267,7 +294,7 @@ def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, sa
     parts.append(null_text)
     parts.append(projection(null, cfg["null_window"]))
     save(text())
-    for preset, shape, reps in cfg["model_rows"]:
+    for preset, shape, reps in cfg["model_rows"] if models else ():
         parts.insert(-1, model_rows(shape, cfg["null_window"], cfg["chunks"], preset, min(repeats, reps), helpers, work, threads)[0])
         save(text())
     return text()

@@ -20,8 +20,9 @@ Every contender runs in a fresh subprocess (peak RSS of its whole process tree),
     python benchmarks/predict.py --mid --only efficiency  # default model on 16×512×512 (8 tiles),
                                             # when the full efficiency run does not fit a loaded machine
     python benchmarks/predict.py --only monai,memory
-    python benchmarks/predict.py --only hotpath   # null and real models beside MONAI, GPU projection
-                                                  # (writes results/predict-hotpath.md)
+    python benchmarks/predict.py --only hotpath   # null model beside MONAI, GPU projection (~2 min idle;
+                                                  # writes results/predict-hotpath.md)
+    python benchmarks/predict.py --only hotpath --hotpath-models   # and the real-model rows (long)
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA_DIR, markdown_table, measure, median, python_argv, write_fragment  # noqa: E402
-from _hotpath import hotpath  # noqa: E402
+from _common import DATA_DIR, RESULTS_DIR, markdown_table, measure, median, python_argv, write_fragment  # noqa: E402
+from _hotpath import hotpath, kept_notes  # noqa: E402
 
 WORK = DATA_DIR / "predict"
 CORES = os.cpu_count() or 1
@@ -296,6 +297,7 @@ def main() -> None:
     parser.add_argument("--only", default="efficiency,memory,monai", help="comma-separated sections to run")
     parser.add_argument("--repeats", type=int, help="runs per contender (default: 1 full efficiency, 3 otherwise)")
     parser.add_argument("--eff-overlap", type=float, help="overlap of the efficiency run (full default 0: 64 tiles)")
+    parser.add_argument("--hotpath-models", action="store_true", help="hotpath: also the real-model rows (tens of minutes)")
     parser.add_argument("--eff-sample", type=int, help="time the bare forward on this many tiles and scale (full default 8)")
     args = parser.parse_args()
     cfg = dict(CONFIGS["quick" if args.quick else "mid" if args.mid else "loaded" if args.loaded else "full"])
@@ -316,9 +318,10 @@ def main() -> None:
         helpers = dict(random_volume=random_volume, checkpoint=checkpoint, cli_predict=cli_predict, bare_forward=BARE_FORWARD,
                        result_line=result_line)
         def save(body: str) -> None:
-            print(f"wrote {write_fragment('predict-hotpath', 'Prediction: the hot path', body)}", flush=True)
+            notes = kept_notes(RESULTS_DIR / "predict-hotpath.md")
+            print(f"wrote {write_fragment('predict-hotpath', 'Prediction: the hot path', body + notes)}", flush=True)
 
-        save(hotpath(cfg, args.repeats or 3, helpers, WORK, CORES, save))
+        save(hotpath(cfg, args.repeats or 3, helpers, WORK, CORES, save, models=args.hotpath_models))
         if not sections:
             return
     for name in sections:  # --only "" just reassembles the fragment

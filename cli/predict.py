@@ -31,7 +31,7 @@ from cleftchunk_cli.options import parse_fraction, positive_zyx
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: fp32 on CPU, bf16 autocast on GPU.")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model on each worker.")
 @click.option("--mask", help="Volume whose zero voxels are not predicted (written 0; tiles without any mask voxel are not run).")
-@click.option("--workers", type=int, help="CPU worker processes (default 1; workers × torch threads ≤ --cpus; 0: run inside this process).")
+@click.option("--workers", type=int, help="CPU worker processes, each with --cpus / N torch threads (default without GPUs: 0, one task thread per core inside this process).")
 @click.option("--gpus", "-g", type=int, help="GPUs to use, one worker each (default: all of this machine's); with --scheduler, any N > 0 runs on the workers' GPUs.")
 @click.option("--cpus", "-c", type=int, help="CPU cores to use in all (default: all).")
 @click.option("--scheduler", help="Address of a running Dask scheduler (tls://host:8786 with --tls-*, or tcp://) instead of a local cluster.")

@@ -168,3 +168,70 @@ def test_configure_torch_sets_threads_and_cudnn_flags():
     finally:
         torch.set_num_threads(threads)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = flags
+
+
+# -- the hot path of this issue: cache-sized slabs, exact float64 sums, reused workspaces, threads --
+@pytest.mark.parametrize("shape", [(8, 256, 256), (2, 6, 6), (1, 1, 70000), (3, 300, 200), (5,)])
+def test_cache_slabs_cover_every_voxel_once(shape):
+    from cleftchunk.predict.runner import cache_slabs
+
+    seen = np.zeros(shape, dtype=np.int64)
+    slabs = cache_slabs(shape, voxels=1000)
+    for slab in slabs:
+        seen[slab] += 1
+        assert seen[slab].size <= max(1000, shape[-1])
+    assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_float_sums_equal_the_int64_sums_and_a_reused_workspace_is_cleared(reuse):
+    window = (2, 6, 6)
+    model = torch.nn.Sigmoid()
+    raw = np.random.default_rng(4).integers(0, 256, (5, 14, 14), dtype=np.uint8)
+    where = [tuple(slice(o, o + w) for o, w in zip(off, window)) for off in [(0, 0, 0), (1, 3, 2), (3, 8, 8), (2, 4, 4)]]
+    weights = weights_for(window, "gaussian")
+    exact = TileRunner(model, PredictParams(window)).accumulate((raw[s] for s in where), where, raw.shape, weights)
+    out = np.full(raw.shape, 12345.5) if reuse else None  # garbage left by an earlier task
+    sums = TileRunner(model, PredictParams(window)).accumulate((raw[s] for s in where), where, raw.shape, weights, exact_float=True, out=out)
+    assert sums.dtype == np.float64 and (out is None or sums is out)
+    np.testing.assert_array_equal(sums.astype(np.int64), exact)
+    assert (sums == np.rint(sums)).all()
+
+
+def test_sums_fit_float_follows_the_grids_cover():
+    from cleftchunk.predict.tasks import sums_fit_float
+
+    assert sums_fit_float(TileGrid.over(Roi((0, 0, 0), (64, 512, 512)), (8, 256, 256), 0.5, pad=False))
+    # stride 1 on a 20-voxel window: 21³ = 9261 tiles may cover a voxel, beyond FLOAT_EXACT_TILES
+    assert not sums_fit_float(TileGrid.over(Roi((0, 0, 0), (30, 30, 30)), (20, 20, 20), 0.96, pad=False))
+
+
+def test_blended_uint8_in_place_equals_the_copying_version():
+    rng = np.random.default_rng(5)
+    den = rng.integers(0, 2**44, (6, 40, 50), dtype=np.int64)
+    num = (den * rng.random(den.shape)).astype(np.int64)
+    expected = blended_uint8(num, den)
+    scratch = num.astype(np.float64)
+    np.testing.assert_array_equal(blended_uint8(scratch, den, in_place=True), expected)
+    untouched = num.astype(np.float64)
+    np.testing.assert_array_equal(blended_uint8(untouched, den), expected)
+    np.testing.assert_array_equal(untouched, num.astype(np.float64))  # not in place unless asked
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64])
+def test_blending_the_parts_slab_by_slab_equals_blending_their_sum(dtype, monkeypatch):
+    import cleftchunk.predict.tiling as tiling
+
+    monkeypatch.setattr(tiling, "_BLEND_SLAB", 3 * 40 * 50)  # several slabs, parts crossing them
+    rng = np.random.default_rng(6)
+    den = rng.integers(1, 2**44, (10, 40, 50), dtype=np.int64)
+    parts, total = [], np.zeros(den.shape, dtype=np.int64)
+    for _ in range(6):
+        lo = rng.integers(0, den.shape, 3)
+        hi = [int(rng.integers(a + 1, n + 1)) for a, n in zip(lo, den.shape)]
+        where = tuple(slice(int(a), b) for a, b in zip(lo, hi))
+        part = rng.integers(0, 2**40, tuple(b - int(a) for a, b in zip(lo, hi)), dtype=np.int64)
+        total[where] += part
+        parts.append((where, part.astype(np.float64) if dtype == np.float64 and rng.integers(2) else part))
+    got = tiling.blended_uint8_of_parts(parts, den, dtype)
+    np.testing.assert_array_equal(got, blended_uint8(total, den))

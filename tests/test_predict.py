@@ -519,3 +519,83 @@ def test_cli_on_an_existing_scheduler_gives_the_bytes_of_a_local_run(tmp_path, r
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0", scheduler_port=0) as cluster:
         run_cli("predict", spec, tmp_path / "remote.zarr" / "pred", "--scheduler", cluster.scheduler_address, *common)
     np.testing.assert_array_equal(read(tmp_path / "remote.zarr" / "pred"), read(tmp_path / "local.zarr" / "pred"))
+
+
+# -- the default path of a local CPU job: task threads in this process -------------------------------
+class Where(torch.nn.Module):
+    """Records the process and thread of every call, and torch's thread count there."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.seen = inner, set()
+
+    def forward(self, x):
+        self.seen.add((os.getpid(), threading.get_ident(), torch.get_num_threads()))
+        return self.inner(x)
+
+
+def test_a_local_cpu_job_runs_in_task_threads_of_this_process(tmp_path, raw_spec):
+    raw, spec = raw_spec
+    model = Where(tiny_model())
+    out = str(tmp_path / "out.zarr" / "pred")
+    before = torch.get_num_threads()
+    result = predict(model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=(4, 16, 16), gpus=0, cores=2, **QUIET)
+    np.testing.assert_array_equal(read(out), predict_reference(tiny_model(), raw, WINDOW, pad=True))
+    assert result.tiles_ratio == 1 and result.failed == []
+    assert {pid for pid, _, _ in model.seen} == {os.getpid()}  # no worker process
+    assert threading.get_ident() not in {t for _, t, _ in model.seen}  # task threads, not the caller's
+    assert {n for _, _, n in model.seen} == {1}  # one torch thread per task thread (2 cores, 2 threads)
+    assert torch.get_num_threads() == before  # the caller's setting is given back
+
+
+def test_int64_sums_when_float64_could_not_hold_them_give_the_same_bytes(tmp_path, raw_spec, monkeypatch):
+    import cleftchunk.predict.tasks as tasks
+
+    raw, spec = raw_spec
+    model = tiny_model()
+    monkeypatch.setattr(tasks, "sums_fit_float", lambda grid: False)  # as with a very high overlap
+    out = str(tmp_path / "out.zarr" / "pred")
+    predict(model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=(4, 16, 16), workers=2, processes=False, **QUIET)
+    np.testing.assert_array_equal(read(out), predict_reference(model, raw, WINDOW, pad=True))
+
+
+def test_a_local_cpu_job_hands_spills_over_in_memory_and_resumes_without_them(tmp_path, raw_spec):
+    raw, spec = raw_spec
+    model = tiny_model()
+    out = str(tmp_path / "out.zarr" / "pred")
+    options = dict(window=WINDOW, pad=True, chunks=CHUNKS, block_shape=(4, 16, 16), gpus=0, **QUIET)
+    expected = predict_reference(model, raw, WINDOW, pad=True)
+    result = predict(model, spec, out, **options)
+    np.testing.assert_array_equal(read(out), expected)
+    assert result.spill_bytes == 0 and result.spill_memory_bytes > 0
+    # a run that fails half-way: its spills were in memory only, so the resumed run reruns the
+    # tiles of done blocks that remaining blocks need, and gives the same bytes
+    flag = tmp_path / "fail"
+    flag.touch()
+    with pytest.raises(CleftchunkError):
+        predict(FailingAfter(model, 6, str(flag)), spec, out, overwrite=True, retries=0, **options)
+    assert 0 < recorded_blocks(tmp_path)
+    flag.unlink()
+    resumed = predict(FailingAfter(model, 6, str(flag)), spec, out, **options)
+    assert resumed.blocks_already_done > 0 and resumed.failed == []
+    np.testing.assert_array_equal(read(out), expected)
+
+
+def test_spills_over_the_memory_budget_go_to_disk(tmp_path):
+    from cleftchunk.predict.scratch import Scratch
+
+    scratch = Scratch(str(tmp_path / "scratch"))
+    scratch.ensure()
+    piece = np.arange(1, 25, dtype=np.int64).reshape(2, 3, 4)
+    with scratch.in_memory(budget=piece.nbytes):
+        assert scratch.save_spill((0, 0, 0), {(0, 0, 1): piece}, {"tiles": 3}) == {"spill_bytes": 0, "spill_memory_bytes": piece.nbytes}
+        spilled = scratch.save_spill((0, 0, 1), {(0, 0, 2): piece}, {"tiles": 2})  # over the budget: a file
+        assert spilled["spill_bytes"] > 0 and spilled["spill_memory_bytes"] == 0
+        assert not list((tmp_path / "scratch" / "spill").glob("0_0_0*"))
+        for index, user in (((0, 0, 0), (0, 0, 1)), ((0, 0, 1), (0, 0, 2))):
+            np.testing.assert_array_equal(scratch.load_piece(index, user, piece.shape), piece)
+        assert scratch.spill_stats((0, 0, 0)) == {"tiles": 3}
+        scratch.drop_spill((0, 0, 0))
+        assert scratch.spill_stats((0, 0, 0)) is None
+        assert scratch.save_spill((0, 0, 2), {(0, 0, 3): piece}, {"tiles": 1})["spill_memory_bytes"] == piece.nbytes  # room again
+    assert scratch.spill_stats((0, 0, 2)) is None  # forgotten with the run

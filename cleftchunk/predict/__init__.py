@@ -21,10 +21,16 @@ of workers, retries or resumes:
 3. The sums Σ w·p and Σ w are accumulated in fixed point (int64, 40 fractional bits): each
    contribution is rounded once, by a rule that depends only on (w, p), and integer addition is
    associative. So the sums are the same whatever order contributions from neighbouring blocks
-   are added in. (A worker may keep a running sum of those integers in float64, which holds
-   integers below 2^53 exactly: at most 8191 contributions < 2^40 go in before the sum moves to
-   int64, so it is the same integer sum.) Σ w is recomputed from the grid alone, where it is
-   needed, one axis at a time (a sum over a product grid of shifts), cached per block position.
+   are added in. Σ w is recomputed from the grid alone, where it is needed, one axis at a time
+   (a sum over a product grid of shifts), cached per block position.
+3b. Those integers may be held in float64, which represents every integer below 2^53 exactly, so
+   that adding them there is integer addition: each contribution is at most 2^40 (w ≤ 1 and
+   p ∈ [0, 1]), and no voxel gets more than ``grid.max_cover()`` of them. When that bound is at
+   most 8191 (``FLOAT_EXACT_TILES``; 27 at overlap 0.5, 1331 at 0.9), every partial sum of every
+   voxel is below 8191 · 2^40 < 2^53: the engine then sums, exchanges-and-adds and divides float64
+   values with no int64 conversion, and the result is the int64 result (the division converts to
+   float64 anyway). Beyond that bound a tiles task moves its float64 sums into int64 every 8191
+   tiles and the blend adds in int64. Spills go to scratch as int64 either way.
 
 The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.run.executor`):
 
@@ -35,7 +41,9 @@ The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.ru
   the parts of that sum inside *other* blocks' write regions (the *spill*) go to scratch, one
   compressed piece per user block (written to a temporary name and renamed; the spill counts as
   saved only once its ``.json`` appears); the part inside B's own write region is returned in
-  memory to B's blend task and never touches scratch.
+  memory to B's blend task and never touches scratch. A run whose tasks are all threads of one
+  process (the default on a CPU-only machine) keeps spills in memory instead, up to a budget
+  (:meth:`.scratch.Scratch.in_memory`): the same integers, handed over without a file.
 - *blend* task of block B, submitted once the tiles tasks of all its dependency blocks have
   finished: adds its own part and the pieces spilled into it (4. below), divides by Σ q(w),
   writes B's output chunks (no other task writes them, so no locks). Only after it returned does
@@ -45,7 +53,8 @@ The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.ru
   sum into "own part in memory" and "pieces from scratch", with any block shape, worker count,
   retry or resume, gives the bytes of the reference.
 - Resume: blocks recorded done are skipped; a done block whose spill a remaining block needs
-  gives it from scratch or reruns its tiles (same integers); a remaining block reruns its tiles.
+  gives it from scratch or reruns its tiles (same integers; spills kept in memory are always
+  rerun, they end with their run); a remaining block reruns its tiles.
   A hash of the model and of every parameter that can change a bit of the output is stored in
   the output's attributes, and a different one refuses to resume (``overwrite`` replaces the
   output); the record also holds the block layout's hash, and one of another layout is discarded

@@ -75,8 +75,10 @@ def predict(
     ``model_or_checkpoint``: a checkpoint path, or an ``nn.Module`` mapping float (N,1,z,y,x)
     raw/255 to probabilities (e.g. from ``cleftchunk.load_model``; then ``window`` is required).
     ``input_volume``: a :class:`Volume` or a spec ``open_volume`` reads. Work runs on ``client``,
-    or the cluster at ``scheduler``, or a local cluster started here (``workers``, ``gpus``) that
-    listens on 127.0.0.1 only unless ``listen`` names another interface; ``security`` is a
+    or the cluster at ``scheduler``, or a local cluster started here that listens on 127.0.0.1 only
+    unless ``listen`` names another interface: one worker process per GPU (``gpus``), else
+    ``workers`` CPU worker processes, or (``workers`` None or 0, the default without GPUs) one task
+    thread per core (``cores``) in this process; ``security`` is a
     ``distributed.Security`` for a ``tls://`` scheduler (see :func:`cleftchunk.run.cluster.tls_security`).
     ``scratch``: the folder for per-block partial results, which must be a filesystem every
     worker sees (default: beside a local output; for an object-store output, the current
@@ -114,8 +116,13 @@ def predict(
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, volume.shape))
     block_shape = _check_block_shape(block_shape, chunks, volume.shape)
 
-    spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes,
-                       listen=listen, security=security)  # checks workers and cores before any output exists
+    ClusterSpec(workers=workers, cores=cores)  # checks workers and cores before any output exists
+    threaded = client is None and scheduler is None and not gpus and not workers
+    if threaded:  # a local CPU job: threads of this process, one per core (see _in_process_threads)
+        spec = ClusterSpec(workers=_in_process_threads(cores), cores=cores, processes=False, listen=listen, security=security)
+    else:
+        spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes,
+                           listen=listen, security=security)
     identity, identity_hash = _identity(source, arch_name, volume, mask_volume, chunks, params)
     plan = make_plan(grid, volume.roi, block_shape)
     if dry_run:
@@ -136,10 +143,14 @@ def predict(
     record, trusted = BlockRecord.open(record_path, len(plan), record_identity(identity_hash, plan), fresh=overwrite or not resuming)
     if not trusted:  # spills of another block layout (or of a replaced output) must not be used
         scratch.clear()
-    # Worker processes we start get cores // workers torch threads each; others keep their own.
-    threads = spec.torch_threads() if client is None and scheduler is None and not spec.in_process else None
+    # Worker processes we start, and the task threads of a local CPU job, get cores // workers torch
+    # threads each; workers of a given client or scheduler (and explicit in-process workers) keep their own.
+    threads = spec.torch_threads() if threaded or (client is None and scheduler is None and not spec.in_process) else None
     job = Job(volume, output, mask_volume, params, grid, volume.roi, scratch, threads)
     with contextlib.ExitStack() as stack:
+        if threaded:
+            stack.enter_context(_torch_threads_restored())
+            stack.enter_context(scratch.in_memory(_memory_spill_budget()))
         if client is None:
             client = stack.enter_context(dask_client(spec))
         result.dashboard = getattr(client, "dashboard_link", None)
@@ -153,6 +164,39 @@ def predict(
     scratch.remove()
     remove_record(record_path)
     return result
+
+
+def _in_process_threads(cores: int | None) -> int:
+    """Task threads of a local CPU job: one per core, each running torch on one thread.
+
+    Measured (benchmarks/results/predict-hotpath.md, docs/engine.md): on one machine without GPUs
+    a worker process buys nothing — torch and numpy release the GIL — and costs a second
+    interpreter that imports torch, zarr and distributed, and a copy of every task's result; and
+    one task per core with one torch thread each keeps the cores busy through the engine's
+    single-threaded steps (reads, sums, blending, writes) where one task with a torch thread pool
+    leaves them idle, and spin-waits less on a loaded machine.
+    """
+    return max(1, cores or os.cpu_count() or 1)
+
+
+def _memory_spill_budget() -> int:
+    """Bytes of spills a local CPU job hands over in memory (its tasks are threads of this
+    process) before the rest goes to scratch files: a quarter of the memory available, at most 4 GiB."""
+    import psutil
+
+    return int(min(4 * 2**30, psutil.virtual_memory().available // 4))
+
+
+@contextlib.contextmanager
+def _torch_threads_restored():
+    """The caller's torch thread count, back after a run whose tasks set it in this process."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _identity(source: ModelSource, arch_name: str, volume: Volume, mask: Volume | None, chunks: Coord, params: PredictParams) -> tuple[dict, str]:

@@ -35,6 +35,7 @@ class PredictResult:
     seconds: float = 0.0
     dashboard: str | None = None
     spill_bytes: int = 0  # bytes written to scratch (each read back once by the block needing it)
+    spill_memory_bytes: int = 0  # bytes of spills an in-process run handed over in memory instead
     first_block_seconds: float | None = None
 
     @property
@@ -77,4 +78,5 @@ def _execute(client: Any, job: Job, plan: Plan, source: ModelSource, record: Blo
     result.tiles_skipped += counts["skipped"]
     result.tiles_reused += counts["reused"]
     result.spill_bytes += counts["spill_bytes"]
+    result.spill_memory_bytes += counts["spill_memory_bytes"]
     result.first_block_seconds = report.first_block_seconds

@@ -242,7 +242,8 @@ def describe_run(plan: Plan, volume, mask, params, spec) -> str:
         f"  tasks: {2 * n} ({n} tiles + {n} blend), streamed in raster order, at most 4 per worker thread in flight ({workers} workers)",
         f"  tiles: {plan.grid.count} in the grid, {plan.owners()} blocks own some; largest block's tiles span {tiles_shape}",
         f"  scratch: {_bytes(spill)} written in all ({spill / max(voxels, 1):.2f} bytes per output voxel, int64 before compression), "
-        f"about {_bytes(2 * spill / layers)} at once (two layers of blocks)",
+        f"about {_bytes(2 * spill / layers)} at once (two layers of blocks)"
+        + ("; here in memory instead (task threads of one process), up to a quarter of the available memory (at most 4 GiB)" if spec.in_process and not spec.scheduler else ""),
         f"  memory per worker task thread: about {_bytes(memory)} (plus the model)",
         "  nothing was run and nothing was created (--dry-run)",
     ]

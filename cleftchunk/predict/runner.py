@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -69,8 +70,20 @@ class TileRunner:
         if pending is not None:
             yield from _split(*pending)
 
-    def accumulate(self, tiles: Iterable[np.ndarray], where: Sequence[tuple[slice, ...]], shape: Coord, weights: np.ndarray) -> np.ndarray:
-        """Σ to_fixed(w·p) over the tiles, each added at ``where``, into an int64 array of ``shape``."""
+    def accumulate(
+        self, tiles: Iterable[np.ndarray], where: Sequence[tuple[slice, ...]], shape: Coord, weights: np.ndarray, *,
+        exact_float: bool = False, out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Σ to_fixed(w·p) over the tiles, each added at ``where``, into an int64 array of ``shape``.
+
+        ``exact_float``: return the same integers held in float64 instead (no conversion), which
+        the caller may ask for only when no voxel gets more than :data:`tiling.FLOAT_EXACT_TILES`
+        contributions (``grid.max_cover()`` at most that): then every sum is below 2^53.
+        ``out``: a float64 array of ``shape`` to sum in (zeroed here; reused, it spares the page
+        faults of a fresh block-sized array); with ``exact_float`` it is the result.
+        """
+        if not self.cuda:
+            return self._accumulate_numpy(tiles, where, shape, weights, exact_float, out)
         return self.accumulate_tensor(tiles, where, shape, weights).cpu().numpy()
 
     def accumulate_tensor(self, tiles: Iterable[np.ndarray], where: Sequence[tuple[slice, ...]], shape: Coord, weights: np.ndarray):
@@ -102,20 +115,24 @@ class TileRunner:
                 partial = _flush(total, partial)
         return _flush(total, partial, last=True)
 
-    def _accumulate_numpy(self, tiles, where, shape, weights) -> np.ndarray:
+    def _accumulate_numpy(self, tiles, where, shape, weights, exact_float: bool = False, out: np.ndarray | None = None) -> np.ndarray:
         """:meth:`accumulate_tensor` on the CPU, in numpy: the same operations, single-threaded
-        (torch's thread pool spin-waits between such small element-wise steps; the model keeps it)."""
+        (torch's thread pool spin-waits between such small element-wise steps; the model keeps it),
+        a slab of each tile at a time (:func:`add_fixed`). ``exact_float``, ``out``: see :meth:`accumulate`."""
         partial = None
-        total = np.zeros(tuple(shape), dtype=np.float64)
+        if out is None:
+            total = np.zeros(tuple(shape), dtype=np.float64)
+        else:
+            total = out
+            total.fill(0.0)
         scaled = fixed_scaled(weights)
-        product = np.empty(scaled.shape, dtype=np.float64)
+        slabs = cache_slabs(scaled.shape)
+        buffer = np.empty(max(scaled[slab].size for slab in slabs), dtype=np.float64)
         for n, (at, p) in enumerate(zip(where, self.run_tensors(tiles)), 1):
-            np.multiply(p.numpy(), scaled, out=product)
-            np.rint(product, out=product)
-            total[at] += product
-            if n % FLOAT_EXACT_TILES == 0:
+            add_fixed(total[at], p.numpy(), scaled, slabs, buffer)
+            if n % FLOAT_EXACT_TILES == 0 and not exact_float:
                 partial = _flush_numpy(total, partial)
-        return _flush_numpy(total, partial, last=True)
+        return total if exact_float else _flush_numpy(total, partial, last=True)
 
     def blend(self, numerator, denominator: np.ndarray) -> np.ndarray:
         """round(255 · Σw·p / Σw) on the runner's device; only the uint8 result comes back."""
@@ -216,6 +233,39 @@ class TileRunner:
         if dtype is None:
             return contextlib.nullcontext()
         return self.torch.autocast(device_type=self.device.type, dtype=dtype)
+
+
+#: Voxels of a tile handled at a time by :func:`add_fixed`: its float64 product (256 KiB) stays in
+#: a core's L2 cache between the multiply, the rounding and the add (measured 1.7× faster than
+#: whole-tile steps, whose 4 MiB temporaries go out to memory and back three times).
+CACHE_SLAB = 1 << 15
+
+
+def cache_slabs(shape: Coord, voxels: int = CACHE_SLAB) -> list[tuple[slice, ...]]:
+    """A C-order partition of an array of ``shape`` into boxes of about ``voxels`` voxels (whole
+    trailing axes, a run of indices of one axis, single indices before it)."""
+    shape = tuple(shape)
+    for axis in range(len(shape)):
+        inner = math.prod(shape[axis + 1 :])
+        if inner <= voxels or axis == len(shape) - 1:
+            step = max(1, voxels // max(inner, 1))
+            heads = itertools.product(*(range(n) for n in shape[:axis]))
+            return [
+                tuple(slice(i, i + 1) for i in head) + (slice(j, min(j + step, shape[axis])),)
+                for head in heads for j in range(0, shape[axis], step)
+            ]
+    return [()]
+
+
+def add_fixed(target: np.ndarray, p: np.ndarray, scaled: np.ndarray, slabs: Sequence[tuple[slice, ...]], buffer: np.ndarray) -> None:
+    """target += rint(p · scaled), exactly (see :meth:`TileRunner.accumulate_tensor`), slab by slab
+    through ``buffer`` (float64, at least one slab long)."""
+    for slab in slabs:
+        scaled_part = scaled[slab]
+        product = buffer[: scaled_part.size].reshape(scaled_part.shape)
+        np.multiply(p[slab], scaled_part, out=product)
+        np.rint(product, out=product)
+        target[slab] += product
 
 
 def _flush_numpy(total: np.ndarray, partial: np.ndarray | None, last: bool = False) -> np.ndarray:

@@ -7,15 +7,24 @@ Layout: ``spill/<block>/<user>.blosc`` (int64, Blosc-zstd with byte shuffle: til
 below 2^63, so their high bytes compress away), then ``spill/<block>.json`` (the tile counts),
 written last: a spill is complete exactly when its ``.json`` exists. An absent piece of a
 complete spill is zero (all its tiles were empty, or the sum there is 0).
+
+Within :meth:`Scratch.in_memory` (runs whose tasks are all threads of one process: predict's
+default on a CPU-only machine), spills are kept in that process's memory instead, as the very
+arrays the tiles task summed (no conversion, no compression, no file), up to a byte budget; a
+spill that does not fit goes to disk as above. They are forgotten when the run ends: a resumed
+run reruns the tiles of a done block whose spill it needs (the same integers, see
+:mod:`cleftchunk.predict`). Other processes never see them, so only in-process runs may use this.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import threading
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +39,52 @@ def _codec():
     return Blosc(cname="zstd", clevel=1, shuffle=Blosc.SHUFFLE)
 
 
+@dataclass
+class _MemorySpills:
+    """The spills one in-process run keeps in memory: block → (counts, {user: array})."""
+
+    budget: int
+    held: int = 0
+    spills: dict = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def keep(self, index: Coord, pieces: dict[Coord, np.ndarray], stats: dict) -> int | None:
+        """Keep copies of the non-zero pieces if they fit in the budget: their bytes, or None."""
+        kept = {user: np.array(piece, copy=True) for user, piece in pieces.items() if piece.any()}
+        size = sum(piece.nbytes for piece in kept.values())
+        with self.lock:
+            if self.held + size > self.budget:
+                return None
+            self.held += size
+            self.spills[index] = (stats, kept)
+        return size
+
+    def drop(self, index: Coord) -> None:
+        with self.lock:
+            _, kept = self.spills.pop(index, (None, {}))
+            self.held -= sum(piece.nbytes for piece in kept.values())
+
+
+#: Spills kept in memory, by scratch root, while an in-process run of that root goes on.
+_MEMORY: dict[str, _MemorySpills] = {}
+
+
 @dataclass(frozen=True)
 class Scratch:
     root: str
+
+    @contextlib.contextmanager
+    def in_memory(self, budget: int):
+        """Keep this process's spills in memory, up to ``budget`` bytes, until the block ends
+        (see the module docstring: for runs whose tasks are all threads of this process)."""
+        _MEMORY[self.root] = _MemorySpills(budget)
+        try:
+            yield
+        finally:
+            _MEMORY.pop(self.root, None)
+
+    def _memory(self) -> _MemorySpills | None:
+        return _MEMORY.get(self.root)
 
     def _path(self, *parts: str) -> Path:
         return Path(self.root, *parts)
@@ -43,13 +95,25 @@ class Scratch:
 
     def spill_stats(self, index: Coord) -> dict | None:
         """The counts saved with a block's complete spill, or None when it has none yet."""
+        memory = self._memory()
+        if memory is not None and index in memory.spills:
+            return memory.spills[index][0]
         try:
             return json.loads(self._path("spill", _name(index) + ".json").read_text())
         except FileNotFoundError:
             return None
 
-    def save_spill(self, index: Coord, pieces: dict[Coord, np.ndarray], stats: dict) -> int:
-        """Save the pieces (user block → int64 array), then the counts; returns bytes written."""
+    def save_spill(self, index: Coord, pieces: dict[Coord, np.ndarray], stats: dict) -> dict:
+        """Save the pieces (user block → array of integers), then the counts; returns the bytes
+        written to disk and kept in memory (``spill_bytes``, ``spill_memory_bytes``)."""
+        memory = self._memory()
+        kept = None if memory is None else memory.keep(index, pieces, stats)
+        if kept is not None:
+            return {"spill_bytes": 0, "spill_memory_bytes": kept}
+        return {"spill_bytes": self._write_spill(index, pieces, stats), "spill_memory_bytes": 0}
+
+    def _write_spill(self, index: Coord, pieces: dict[Coord, np.ndarray], stats: dict) -> int:
+        """The pieces as int64, Blosc-compressed, one file each, then the counts; bytes written."""
         folder = self._path("spill", _name(index))
         folder.mkdir(parents=True, exist_ok=True)
         written = 0
@@ -65,6 +129,9 @@ class Scratch:
 
     def load_piece(self, index: Coord, user: Coord, shape: Coord) -> np.ndarray | None:
         """Block ``index``'s spill into ``user``'s write region (None: zero)."""
+        memory = self._memory()
+        if memory is not None and index in memory.spills:
+            return memory.spills[index][1].get(user)
         if self.spill_stats(index) is None:
             raise FileNotFoundError(f"spill of block {index} is missing from {self.root}")
         path = self._path("spill", _name(index), _name(user) + ".blosc")
@@ -75,11 +142,19 @@ class Scratch:
         return np.frombuffer(_codec().decode(data), dtype=np.int64).reshape(shape)
 
     def drop_spill(self, index: Coord) -> None:
+        memory = self._memory()
+        if memory is not None:
+            memory.drop(index)
         self._path("spill", _name(index) + ".json").unlink(missing_ok=True)
         shutil.rmtree(self._path("spill", _name(index)), ignore_errors=True)
 
     def clear(self) -> None:
         """Forget every spill (an earlier run with another block layout)."""
+        memory = self._memory()
+        if memory is not None:
+            with memory.lock:
+                memory.spills.clear()
+                memory.held = 0
         shutil.rmtree(self._path("spill"), ignore_errors=True)
         self.ensure()
 

@@ -12,15 +12,17 @@ See :mod:`cleftchunk.predict` for why the result does not depend on the block sh
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from cleftchunk.geometry import Roi
 from cleftchunk.predict.tiling import (
+    FLOAT_EXACT_TILES,
     TileGrid,
     block_denominator,
-    blended_uint8,
+    blended_uint8_of_parts,
     reflect_read,
     weights_for,
 )
@@ -69,32 +71,65 @@ def run_block_tiles(job: Job, work: BlockWork, own: bool, source: ModelSource) -
     if to_run:
         runner = _runner_for(source, job.params, job.torch_threads)
         before = runner.tiles_run
-        partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights_for(job.params.window, job.params.blend))
+        weights = weights_for(job.params.window, job.params.blend)
+        exact_float = sums_fit_float(job.grid)
+        partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights, exact_float=exact_float,
+                                    out=_workspace("sums", roi.shape, np.float64) if exact_float and not runner.cuda else None)
         counts["run"] = runner.tiles_run - before
     if saved is None:
         pieces = {} if partial is None else {
             user: partial[roi.intersect(write).relative_to(roi).to_slices()] for user, write in work.users if user != work.index
         }
-        counts["spill_bytes"] = job.scratch.save_spill(work.index, pieces, {"tiles": len(tiles)})
+        counts.update(job.scratch.save_spill(work.index, pieces, {"tiles": len(tiles)}))
     if not own or partial is None:
         return counts, None
-    return counts, np.ascontiguousarray(partial[roi.intersect(work.write_roi).relative_to(roi).to_slices()])
+    # a copy, always: ``partial`` may be this thread's workspace, which its next task overwrites
+    return counts, np.array(partial[roi.intersect(work.write_roi).relative_to(roi).to_slices()], copy=True)
 
 
 def blend_block(job: Job, work: BlockWork, prepared: tuple[dict, np.ndarray | None]) -> dict:
     """The *blend* task: add the block's own sum and the pieces spilled into it, divide by Σ q(w),
-    write. (The executor records the block done once this returns.)"""
+    write. (The executor records the block done once this returns.)
+
+    The sums are integers; they are added in float64 when every voxel's sum is below 2^53
+    (:func:`sums_fit_float`: exactly the same integers, and no conversion before the division,
+    which works in float64 anyway), else in int64, a cache-sized slab at a time
+    (:func:`tiling.blended_uint8_of_parts`). ``own`` is never modified: a retried task gets it again.
+    """
     counts, own = prepared
     write = work.write_roi
     denominator = block_denominator(job.grid, job.params.blend, write)
-    numerator = np.zeros(write.shape, dtype=np.int64)
+    parts = []  # (where in the write region, the sums there) of every block whose tiles reach it
     for dep, dep_roi in work.deps:
         common = dep_roi.intersect(write)
         piece = own if dep == work.index else job.scratch.load_piece(dep, work.index, common.shape)
         if piece is not None:
-            numerator[common.relative_to(write).to_slices()] += piece
-    out = blended_uint8(numerator, denominator)
+            parts.append((common.relative_to(write).to_slices(), piece))
+    out = blended_uint8_of_parts(parts, denominator, np.float64 if sums_fit_float(job.grid) else np.int64)
     if job.mask is not None:
         out[job.mask.read(write) == 0] = 0
     job.output.write(write, out)
     return {**counts, "voxels": write.size}
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A block-sized scratch array of this task thread, reused by its next task of that shape
+    (a fresh one costs a page fault per page: measured as a third of the engine's CPU time, in
+    the kernel). Its contents are garbage; nothing may keep it beyond the task."""
+    cache = getattr(_WORKSPACE, "arrays", None)
+    if cache is None:
+        cache = _WORKSPACE.arrays = {}
+    array = cache.get(name)
+    if array is None or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+        array = cache[name] = np.empty(tuple(shape), dtype=dtype)
+    return array
+
+
+def sums_fit_float(grid: TileGrid) -> bool:
+    """Whether float64 holds every voxel's fixed-point sum exactly: at most ``grid.max_cover()``
+    contributions of at most 2^FIXED_BITS each, so below 2^53 when that is at most
+    :data:`tiling.FLOAT_EXACT_TILES` (27 at overlap 0.5, 1331 at 0.9)."""
+    return grid.max_cover() <= FLOAT_EXACT_TILES

@@ -187,26 +187,51 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 _BLEND_SLAB = 1 << 18
 
 
-def blended_uint8(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+def blended_uint8(numerator: np.ndarray, denominator: np.ndarray, in_place: bool = False) -> np.ndarray:
     """round(255 · Σw·p / Σw) as uint8 (0 where nothing covers a voxel).
 
     Exactly floor(float64(num) / float64(max(den, 1)) · 255 + 0.5), clipped to [0, 255]: computed
-    in place, slab by slab along the first axis, with no float64 copy of the whole block.
+    slab by slab along the first axis, with no float64 copy of the whole block; ``in_place``: a
+    float64 ``numerator`` (integers held exactly) is used as the scratch space itself.
     """
     numerator, denominator = np.asarray(numerator), np.asarray(denominator)
     out = np.empty(numerator.shape, dtype=np.uint8)
+    in_place = in_place and numerator.dtype == np.float64 and numerator.flags.writeable
     if numerator.ndim == 0 or numerator.size == 0:
-        out[...] = _blend_slab(numerator, denominator)
+        out[...] = _blend_slab(numerator, denominator, in_place)
         return out
     step = max(1, _BLEND_SLAB // max(1, numerator[0].size))
     for z in range(0, numerator.shape[0], step):
-        out[z : z + step] = _blend_slab(numerator[z : z + step], denominator[z : z + step])
+        out[z : z + step] = _blend_slab(numerator[z : z + step], denominator[z : z + step], in_place)
     return out
 
 
-def _blend_slab(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-    den = np.maximum(denominator, 1).astype(np.float64)  # Σ q(w) are integers ≥ 0: max(·, 1) is where(> 0)
-    p = numerator.astype(np.float64)
+def blended_uint8_of_parts(parts: Sequence[tuple[tuple[slice, ...], np.ndarray]], denominator: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """:func:`blended_uint8` of the sum of ``parts`` — (where, array of integers) pairs added into
+    zeros of the denominator's shape — with that sum assembled one slab (along the first axis) at
+    a time in a cache-sized buffer of ``dtype``, never as a whole block. ``dtype`` float64 only
+    when the sums are below 2^53 (then its additions are the integer additions)."""
+    denominator = np.asarray(denominator)
+    shape = denominator.shape
+    out = np.empty(shape, dtype=np.uint8)
+    step = max(1, _BLEND_SLAB // max(1, math.prod(shape[1:])))
+    buffer = np.empty((min(step, shape[0]),) + shape[1:], dtype=dtype)
+    for z0 in range(0, shape[0], step):
+        z1 = min(z0 + step, shape[0])
+        numerator = buffer[: z1 - z0]
+        numerator.fill(0)
+        for where, part in parts:
+            lo, hi = max(where[0].start, z0), min(where[0].stop, z1)
+            if lo < hi:
+                numerator[(slice(lo - z0, hi - z0),) + tuple(where[1:])] += part[lo - where[0].start : hi - where[0].start]
+        out[z0:z1] = _blend_slab(numerator, denominator[z0:z1], in_place=dtype == np.float64)
+    return out
+
+
+def _blend_slab(numerator: np.ndarray, denominator: np.ndarray, in_place: bool = False) -> np.ndarray:
+    # Σ q(w) are integers ≥ 0: max(·, 1) is where(> 0); converted to float64 as it is taken
+    den = np.maximum(denominator, 1, dtype=np.float64)
+    p = numerator if in_place else numerator.astype(np.float64)
     np.divide(p, den, out=p)
     p *= 255.0
     p += 0.5
