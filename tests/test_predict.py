@@ -548,6 +548,16 @@ def test_a_local_cpu_job_runs_in_task_threads_of_this_process(tmp_path, raw_spec
     assert torch.get_num_threads() == before  # the caller's setting is given back
 
 
+def test_a_one_block_cpu_job_gives_its_task_thread_every_core(tmp_path, raw_spec):
+    raw, spec = raw_spec
+    model = Where(tiny_model())
+    out = str(tmp_path / "out.zarr" / "pred")
+    result = predict(model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=raw.shape, gpus=0, cores=2, **QUIET)
+    assert result.blocks == 1
+    np.testing.assert_array_equal(read(out), predict_reference(tiny_model(), raw, WINDOW, pad=True))
+    assert {n for _, _, n in model.seen} == {2}  # one block: its one task thread runs torch on both cores
+
+
 def test_int64_sums_when_float64_could_not_hold_them_give_the_same_bytes(tmp_path, raw_spec, monkeypatch):
     import cleftchunk.predict.tasks as tasks
 

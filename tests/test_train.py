@@ -143,7 +143,8 @@ def test_output_prior_sets_the_starting_probability_everywhere(prior):
     net = build_model(preset="small")
     set_output_prior(net, prior)
     net.eval()
-    p = torch.sigmoid(net(torch.rand(1, 1, *MI)))
+    with torch.no_grad():
+        p = torch.sigmoid(net(torch.rand(1, 1, *MI)))
     # The eval-mode BatchNorm of a fresh net is the identity on its running stats (0, 1), so the
     # probability is prior's up to the conv's small output: within a factor of a few.
     assert prior / 3 < float(p.median()) < min(3 * prior, 0.9)

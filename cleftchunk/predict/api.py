@@ -117,14 +117,14 @@ def predict(
     block_shape = _check_block_shape(block_shape, chunks, volume.shape)
 
     ClusterSpec(workers=workers, cores=cores)  # checks workers and cores before any output exists
+    plan = make_plan(grid, volume.roi, block_shape)
     threaded = client is None and scheduler is None and not gpus and not workers
     if threaded:  # a local CPU job: threads of this process, one per core (see _in_process_threads)
-        spec = ClusterSpec(workers=_in_process_threads(cores), cores=cores, processes=False, listen=listen, security=security)
+        spec = ClusterSpec(workers=_in_process_threads(cores, len(plan)), cores=cores, processes=False, listen=listen, security=security)
     else:
         spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes,
                            listen=listen, security=security)
     identity, identity_hash = _identity(source, arch_name, volume, mask_volume, chunks, params)
-    plan = make_plan(grid, volume.roi, block_shape)
     if dry_run:
         log(describe_run(plan, volume, mask_volume, params, spec))
         return PredictResult(str(output_spec), grid.count, blocks=len(plan), seconds=time.perf_counter() - started)
@@ -166,8 +166,11 @@ def predict(
     return result
 
 
-def _in_process_threads(cores: int | None) -> int:
-    """Task threads of a local CPU job: one per core, each running torch on one thread.
+def _in_process_threads(cores: int | None, blocks: int) -> int:
+    """Task threads of a local CPU job: one per core, each running torch on one thread — or, with
+    fewer blocks than cores, one per block, each running torch on cores // blocks threads (a
+    one-block volume on 2 cores otherwise ran its model on one core: 0.65× MONAI's wall time with
+    the small preset on 16×512×512, idle).
 
     Measured (benchmarks/results/predict-hotpath.md, docs/engine.md): on one machine without GPUs
     a worker process buys nothing — torch and numpy release the GIL — and costs a second
@@ -176,7 +179,7 @@ def _in_process_threads(cores: int | None) -> int:
     single-threaded steps (reads, sums, blending, writes) where one task with a torch thread pool
     leaves them idle, and spin-waits less on a loaded machine.
     """
-    return max(1, cores or os.cpu_count() or 1)
+    return max(1, min(cores or os.cpu_count() or 1, blocks))
 
 
 def _memory_spill_budget() -> int:
