@@ -284,8 +284,8 @@ def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, sa
             f"Load average before {' '.join(load_before)}, at the end {' '.join(load_now)} (the {os.cpu_count()}-core "
             f"machine is shared with other jobs: wall times are inflated and noisy; CPU seconds and ratios measured in one "
             f"run are the figures to compare). Contenders interleaved, medians of {repeats} (real-model rows: as stated). "
-            f"{threads} torch threads in MONAI and in worker processes; the default path's task threads, one per core, "
-            f"run torch on one thread each.\n\n" + "\n".join(parts)
+            f"{threads} torch threads in MONAI and in worker processes; the default path's task threads, one per core "
+            f"(one per block when there are fewer blocks), run torch on cores ÷ task threads each.\n\n" + "\n".join(parts)
         )
 
     null_text, null = null_rows(cfg["null_shape"], cfg["null_window"], cfg["chunks"], repeats, helpers["random_volume"], work, threads)
