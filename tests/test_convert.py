@@ -327,6 +327,8 @@ def test_disk_full_then_resume_writes_only_missing_chunks(tmp_path, run_cli, mon
     assert "free disk space, then re-run to resume" in result.output
     array = zarr.open_array(str(tmp_path / "o.zarr/d/s0"), mode="r")
     assert len(chunkwrite.stored_units(array)) == 5
+    record = tmp_path / ".o.zarr.d.convert-done.zarr"  # the tasks' completion record, beside the output
+    assert 0 < zarr.open_array(str(record), mode="r")[:].sum() <= 5
     # what a write killed mid-way leaves: a temporary file, which must not count as the chunk
     leftover = tmp_path / "o.zarr/d/s0/c/3/1/1.0123abcd.partial"
     leftover.parent.mkdir(parents=True, exist_ok=True)
@@ -340,6 +342,7 @@ def test_disk_full_then_resume_writes_only_missing_chunks(tmp_path, run_cli, mon
     assert len(written) == 16 - 5  # only the missing chunks
     np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "d"), data)
     assert not leftover.exists()
+    assert not record.exists()  # removed once every unit is written
 
 
 @pytest.mark.slow

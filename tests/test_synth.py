@@ -281,3 +281,37 @@ def test_an_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, fmt
 def test_summary_is_json_serialisable(tmp_path):
     summary = synthesize(tmp_path / "j.zarr", (4, 16, 16), workers=1)
     json.dumps(summary, default=list)
+
+
+def test_an_interrupted_synth_resumes_from_its_completion_record_and_gives_the_same_bytes(tmp_path, monkeypatch):
+    import zarr
+
+    import cleftchunk.synth.write as w
+
+    shape, chunks = (8, 64, 64), (2, 16, 16)  # 64 blocks, 8 per task on one thread
+    out, record = tmp_path / "s.zarr", tmp_path / ".s.zarr..synth-done.zarr"
+    real, calls = w._zarr_block, []
+
+    def crashing(index, **kw):
+        if len(calls) == 20:
+            raise RuntimeError("simulated crash")
+        calls.append(index)
+        return real(index, **kw)
+
+    monkeypatch.setattr(w, "_zarr_block", crashing)
+    with pytest.raises(Exception, match="simulated crash"):
+        synthesize(out, shape, seed=3, chunks=chunks, workers=1, log=lambda _: None)
+    marks = zarr.open_array(str(record), mode="r")[:]
+    written = {tuple(i) for i in calls}
+    order = list(np.ndindex(4, 4, 4))
+    assert 0 < marks.sum() < len(written) <= 20  # the failed task's finished blocks are not marked
+    assert all(order[i] in written for i in np.flatnonzero(marks))  # a mark only where data was written
+
+    calls.clear()
+    monkeypatch.setattr(w, "_zarr_block", lambda index, **kw: (calls.append(tuple(index)), real(index, **kw))[1])
+    synthesize(out, shape, seed=3, chunks=chunks, workers=1, log=lambda _: None)
+    assert set(calls) == set(order) - written  # marked blocks skipped by the record, the rest by their raw chunk
+    assert not record.exists()
+    synthesize(tmp_path / "fresh.zarr", shape, seed=3, chunks=chunks, workers=2, log=lambda _: None)
+    for name in ("raw", "clefts", "neuron_ids"):
+        np.testing.assert_array_equal(open_volume(str(out / name))[:], open_volume(str(tmp_path / "fresh.zarr" / name))[:])

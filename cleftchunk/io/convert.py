@@ -50,6 +50,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import refuse_overlap, writes_output
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.run.local import block_client, describe_plan, where
+from cleftchunk.run.records import identity_hash, record_path_beside
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID, kind_attrs, known_kind, not_cleft_values
 from cleftchunk.io.volumes import (
     DEFAULT_CHUNKS,
@@ -269,6 +270,7 @@ def convert(
             align=source_chunking(plan.source),
             client=c,
             resume=status != "converted",  # nothing is stored in an array just created
+            record_at=(record_path_beside(*split_spec(plan.dst), "convert"), identity_hash("convert", 1, plan.record())),
         )
         group = _image_group(output)
         pyramid.build_levels(

@@ -35,6 +35,7 @@ import numpy as np
 from cleftchunk.geometry import ChunkGrid, Coord, Roi
 from cleftchunk.run.executor import BlockwiseTask, run_blockwise
 from cleftchunk.run.layout import GridLayout
+from cleftchunk.run.records import BlockRecord, identity_hash, remove_record
 
 #: Bytes of source data one task reads: large enough for efficient I/O, small enough that a
 #: few workers stay within a few hundred MiB.
@@ -160,6 +161,7 @@ def fill(
     align: Sequence[int] | None = None,
     client: Any = None,
     resume: bool = True,
+    record_at: tuple[Any, str] | None = None,
 ) -> "FillReport":
     """Write every storage unit of the zarr ``array`` not yet stored, with data ``produce(roi)``.
 
@@ -169,16 +171,31 @@ def fill(
     for worker processes. Each task checks which of its units are stored (``resume``; False for
     an array just created, where none is) and reads and writes only if some are missing: the
     client holds nothing per unit. ``progress`` (True or a description) shows the progress display.
+
+    ``record_at`` = (path, identity hash): a completion record of the tasks (one byte per task,
+    :class:`~cleftchunk.run.records.BlockRecord`), so that a resumed run skips finished tasks
+    without asking the store about their units; the tasks it does not mark still check their
+    units (a task killed after some writes). It is removed once every unit is written.
     """
     grid = unit_grid(array)
     remove_partial_writes(array)
     itemsize = source_itemsize or np.dtype(array.dtype).itemsize
     layout = task_layout(grid, itemsize, task_bytes, align)
+    record = None
+    if record_at is not None:
+        # the task layout belongs to the identity: a resumed run with another task size must not
+        # trust marks of other tasks
+        identity = identity_hash(record_at[1], list(layout.roi.shape), list(layout.block_shape))
+        record = BlockRecord.open(record_at[0], len(layout), identity, fresh=not resume)[0]
     process = functools.partial(_fill_block, array, produce, grid, itemsize, resume)
-    task = BlockwiseTask(_name(progress, "fill"), layout, process, batch=layout.auto_batch(), fatal=(Exception,))
+    task = BlockwiseTask(_name(progress, "fill"), layout, process, record=record, batch=layout.auto_batch(), fatal=(Exception,))
     report = _run(client, workers, scheduler, task, progress)
+    if record is not None:
+        remove_record(record.path)
     counts = report.counts
-    return FillReport(units=grid.num_chunks, already_stored=counts["stored"], written=counts["written"], bytes_read=counts["bytes"])
+    # On success every unit is either written now or was already stored (by a task this run
+    # found in the record, or by one that checked its units).
+    return FillReport(units=grid.num_chunks, already_stored=grid.num_chunks - counts["written"], written=counts["written"], bytes_read=counts["bytes"])
 
 
 @dataclass(frozen=True)

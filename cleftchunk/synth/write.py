@@ -34,6 +34,7 @@ from cleftchunk.io.stores import is_url
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, open_volume, split_spec
 from cleftchunk.run.chunks import unit_stored
 from cleftchunk.run.executor import BlockwiseTask, run_blockwise
+from cleftchunk.run.records import BlockRecord, identity_hash, record_path_beside, remove_record
 from cleftchunk.run.layout import GridLayout, SubsetLayout
 from cleftchunk.run.local import block_client, default_threads, describe_plan, where
 
@@ -176,9 +177,15 @@ def _write_zarr(dst, shape, chunks, seed, p, identity, workers, scheduler, overw
     grid = ChunkGrid(Roi.from_shape(shape), chunks)
     layout = GridLayout(grid.roi, chunks)
     task = partial(_zarr_task, volumes, grid, seed, p)
-    report = _run(BlockwiseTask("synth", layout, task, batch=layout.auto_batch(), fatal=(Exception,)), workers, scheduler, progress)
+    # One byte per block, so that a resumed run skips finished blocks without asking the store;
+    # blocks it does not mark check their raw chunk (written last) on the worker.
+    record, _ = BlockRecord.open(record_path_beside(str(dst), None, "synth"), len(layout),
+                                 identity_hash("synth", 1, identity, list(shape), list(chunks)), fresh=not resume)
+    report = _run(BlockwiseTask("synth", layout, task, record=record, batch=layout.auto_batch(), fatal=(Exception,)),
+                  workers, scheduler, progress)
     root.attrs[ATTR] = {**identity, "complete": True}
-    return report.counts["skipped"], grid.num_chunks
+    remove_record(record.path)
+    return report.counts["skipped"] + report.already_done, grid.num_chunks
 
 
 def _can_resume_zarr(dst: Path, identity: dict, overwrite: bool) -> bool:
