@@ -3,7 +3,10 @@
 1. ``--dry-run`` of predict, segment, evaluate, convert and synth on *virtual* 1 TB and
    10 TB volumes: Zarr arrays with a fill value and no stored chunk, so nothing is read. Wall time
    and peak RSS of the whole command (a fresh subprocess each).
-2. A real run of many small blocks: a 32×2048×2048 uint8 volume in 8×128×128 blocks (1,024
+2. ``predict`` *running* on the same virtual volumes (the CPU default path: client, scheduler and
+   task threads in one process; null model; stopped after 30 s): the process's peak RSS at 1 TB
+   against 10 TB (the issue's goal: ratio ≤ 1.1) and the blocks done by then.
+3. A real run of many small blocks: a 32×2048×2048 uint8 volume in 8×128×128 blocks (1,024
    blocks), a null model (sigmoid of the input, no convolution) written as uint8, on one local
    cluster of 2 worker processes: time to the first finished block, blocks/s, and the peak RSS of
    the client process (which also runs the scheduler). Side by side in the same run, on the same
@@ -61,6 +64,42 @@ else:
     synthesize({out_dir!r}, {shape!r}, chunks=(32, 512, 512), dry_run=True, log=print)
 print("SECONDS", time.perf_counter() - t)
 """
+
+
+RUN_PREDICT = """
+import os, threading, time, resource, torch
+from cleftchunk.predict import predict
+class Null(torch.nn.Module):
+    def forward(self, x): return torch.sigmoid(x)
+def stop():
+    time.sleep({seconds})
+    print("PEAK_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
+    os._exit(0)
+threading.Thread(target=stop, daemon=True).start()
+predict(Null(), {spec!r}, {out!r}, window=(8, 256, 256), chunks=(32, 512, 512), block_shape=(32, 512, 512),
+        gpus=0, progress=False, log=lambda m: None)
+print("FINISHED")
+"""
+
+
+def running_predicts(seconds: int = 30) -> list[str]:
+    """Client (and in-process scheduler) memory while predict runs on a virtual 1 TB and 10 TB
+    volume: the CPU default path, null model, stopped after ``seconds``; blocks done from the record."""
+    import zarr
+
+    rows = []
+    for label, shape in SIZES.items():
+        spec = virtual_volume(label.replace(" ", ""), shape)
+        out = WORK / f"run-{label.replace(' ', '')}.zarr"
+        shutil.rmtree(out, ignore_errors=True)
+        m = measure([sys.executable, "-c", RUN_PREDICT.format(seconds=seconds, spec=spec, out=str(out / "pred"))])
+        peak = float(m.stdout.split("PEAK_MIB")[1].split()[0])
+        record = WORK / f".{out.name}.pred.predict-done.zarr"
+        done = int(np.count_nonzero(zarr.open_array(str(record), mode="r")[:])) if record.exists() else 0
+        rows.append(f"| {label} {shape} | {seconds} s | {done} | {peak:.0f} MiB |")
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(record, ignore_errors=True)
+    return rows
 
 
 def virtual_volume(name: str, shape) -> str:
@@ -195,7 +234,7 @@ def tiny_blocks() -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="dry,tiny,small", help="dry, tiny, small (comma-separated)")
+    parser.add_argument("--only", default="dry,run,tiny,small", help="dry, run, tiny, small (comma-separated)")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     parts = set(args.only.split(","))
@@ -204,6 +243,11 @@ def main() -> None:
     if "dry" in parts:
         lines += ["| command | volume | blocks | plan (in process) | whole command | peak RSS |", "|---|---|---|---|---|---|"]
         lines += dry_runs()
+        lines.append("")
+    if "run" in parts:
+        lines += ["predict running on the virtual volumes (CPU default path: client, scheduler and task threads in one process; null model; stopped after the time shown):", "",
+                  "| volume | ran | blocks done | peak RSS of the process |", "|---|---|---|---|"]
+        lines += running_predicts()
         lines.append("")
     if "tiny" in parts:
         lines += ["Executor overhead (record included):", "", "| blocks | done | seconds | blocks/s | first block |", "|---|---|---|---|---|"]
