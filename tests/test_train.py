@@ -157,7 +157,7 @@ def test_a_training_run_starts_from_the_configured_prior(data, tmp_path):
     from cleftchunk.train.distributed import Dist
 
     trainer = Trainer(TrainConfig.from_dict({**config(data, tmp_path / "p"), "output_prior": 0.02}), Dist())
-    assert abs(float(trainer.net.head[-1].bias) - np.log(0.02 / 0.98)) < 1e-6
+    assert abs(float(trainer.net.head[-1].bias.detach()) - np.log(0.02 / 0.98)) < 1e-6
 
 
 # -- resume ----------------------------------------------------------------------------------------
