@@ -23,7 +23,8 @@ from cleftchunk_cli.options import KIND_CHOICE, parse_zyx
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
 @click.option("--scheduler", help="Address of a running Dask scheduler (tcp://HOST:8786) whose workers read the slabs.")
 @click.option("--progress/--no-progress", default=None, help="Progress display on stderr (default: when it is a terminal).")
-def command(clefts, out, raw, crop, offset, kind, overwrite, scheduler, progress):
+@click.option("--dry-run", is_flag=True, help="Print the plan (slabs, tasks, output bytes, memory) and write nothing.")
+def command(clefts, out, raw, crop, offset, kind, overwrite, scheduler, progress, dry_run):
     """Write cleft ids as volumes/labels/clefts of a CREMI HDF5 file (file_format 0.2).
 
     \b
@@ -43,5 +44,9 @@ def command(clefts, out, raw, crop, offset, kind, overwrite, scheduler, progress
         overwrite=overwrite,
         scheduler=scheduler,
         progress=sys.stderr.isatty() if progress is None else progress,
+        dry_run=dry_run,
+        log=click.echo,
     )
+    if dry_run:
+        return
     click.echo(f"{info['path']}: clefts {tuple(info['shape'])} at voxel offset {tuple(info['offset_voxels'])}")

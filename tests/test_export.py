@@ -54,6 +54,15 @@ def test_export_layout_and_attributes(tmp_path, run_cli):
         assert "volumes/raw" not in f  # replaced as a whole
 
 
+def test_export_dry_run_describes_the_slabs_and_writes_nothing(tmp_path, run_cli):
+    spec = write(tmp_path / "s.zarr/clefts", clefts_volume(), fill_value=int(BG))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli("export", spec, tmp_path / "sample.hdf", "--dry-run")
+    assert "plan: export" in result.output and "nothing was run and nothing was created" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no file, no partial, no lock left
+    assert "crop" in run_cli("export", spec, tmp_path / "x.hdf", "--dry-run", "--crop", "0:9,0:1,0:1", expect=2).output
+
+
 def test_crop_and_offset_place_the_region_in_the_sample_frame(tmp_path):
     data = clefts_volume()
     spec = write(tmp_path / "s.zarr/clefts", data, fill_value=int(BG))

@@ -16,6 +16,7 @@ temporary name and renamed when complete, so an interrupted export leaves no hal
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -31,7 +32,7 @@ from cleftchunk.labels import CREMI_BACKGROUND
 from cleftchunk.io.volumes import HDF5_SUFFIXES, Volume
 from cleftchunk.run.executor import BlockwiseTask, run_blockwise
 from cleftchunk.run.layout import GridLayout
-from cleftchunk.run.local import block_client
+from cleftchunk.run.local import block_client, describe_plan, where
 
 CLEFTS_DATASET = CREMI_CLEFTS
 RAW_DATASET = CREMI_RAW
@@ -64,6 +65,8 @@ def export_cremi(
     overwrite: bool = False,
     scheduler: str | None = None,
     progress: bool = False,
+    dry_run: bool = False,
+    log=print,
 ) -> dict:
     """Write ``clefts`` (CREMI ids, or labels with 0 = background) as a CREMI HDF5 file.
 
@@ -102,6 +105,10 @@ def export_cremi(
             "export the raw volume the clefts were predicted from"
         )
     resolution = np.asarray(source.voxel_size, dtype=np.float64)
+    info = {"path": str(out), "shape": list(region.shape), "offset_voxels": list(offset), "resolution": list(resolution)}
+    if dry_run:
+        log(describe_export(source, region, raw_volume, scheduler))
+        return info
 
     partial = out.with_name(out.name + ".partial")
     with block_client(2, scheduler or "threads", announce=progress) as client, h5py.File(partial, "w") as f:
@@ -116,7 +123,19 @@ def export_cremi(
             if any(raw_volume.offset):
                 raw_set.attrs["offset"] = np.asarray(raw_volume.offset, dtype=np.float64) * resolution
     os.replace(partial, out)
-    return {"path": str(out), "shape": list(region.shape), "offset_voxels": list(offset), "resolution": list(resolution)}
+    return info
+
+
+def describe_export(source: Volume, region: Roi, raw: Volume | None, scheduler: str | None) -> str:
+    """The ``--dry-run`` text: the slabs read on workers, the bytes the client writes, memory."""
+    layout = GridLayout(region, (slab_depth(source, region),) + region.shape[1:])
+    voxels = region.size + (raw.size if raw is not None else 0)
+    output = region.size * 8 + (raw.size * raw.dtype.itemsize if raw is not None else 0)
+    memory = 2 * math.prod(layout.block_shape) * 8  # two uint64 slabs in flight
+    extra = ("  the client writes the HDF5 file (one writer): two slabs in flight",) + (
+        (f"  and volumes/raw: {raw.size} voxels in slabs of the same depth",) if raw is not None else ())
+    return describe_plan(f"export {source.spec} ({voxels} voxels)", layout, where(2, scheduler or "threads"),
+                         len(layout) * (2 if raw is not None else 1), output, memory, extra)
 
 
 def _pytc_to_cremi(labels: np.ndarray) -> np.ndarray:
