@@ -152,6 +152,13 @@ def test_output_prior_sets_the_starting_probability_everywhere(prior):
         set_output_prior(net, 1.0)
 
 
+@pytest.mark.parametrize("values, message", [({"max_weight": 0}, "max-weight 0 must be positive"),
+                                             ({"output_prior": 1.5}, "output-prior 1.5 must lie strictly between 0 and 1")])
+def test_bad_loss_settings_are_one_line_errors(data, tmp_path, values, message):
+    with pytest.raises(CleftchunkError, match=message):
+        TrainConfig.from_dict({**config(data, tmp_path / "bad"), **values})
+
+
 def test_a_training_run_starts_from_the_configured_prior(data, tmp_path):
     from cleftchunk.train.trainer import Trainer
     from cleftchunk.train.distributed import Dist

@@ -107,6 +107,10 @@ class TrainConfig:
             raise CleftchunkError(f"unknown scheduler {self.scheduler!r}: use plateau, cosine or constant")
         if not 0 <= float(self.ema) < 1:
             raise CleftchunkError(f"ema decay {self.ema} must lie in [0, 1) (0 switches it off; 0.999 is typical)")
+        if self.max_weight is not None and not self.max_weight > 0:
+            raise CleftchunkError(f"max-weight {self.max_weight} must be positive (1: plain BCE; 5: the demo's)")
+        if self.output_prior is not None and not 0 < self.output_prior < 1:
+            raise CleftchunkError(f"output-prior {self.output_prior} must lie strictly between 0 and 1, e.g. 0.01")
         if bool(self.validate_image) != bool(self.validate_labels):
             raise CleftchunkError("validation needs both --validate-image and --validate-labels")
         resolve_filters(self.arch, self.preset, self.filters)  # unknown presets fail now, not later
