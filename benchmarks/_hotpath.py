@@ -54,7 +54,7 @@ from cleftchunk.io.volumes import create_volume, open_volume
 raw = open_volume({spec!r})[:]
 x = torch.from_numpy(raw[None, None]).float().div_(255.0)
 with torch.inference_mode():
-    p = sliding_window_inference(x, roi_size={window!r}, sw_batch_size=1, predictor=model, overlap=0.5,
+    p = sliding_window_inference(x, roi_size={window!r}, sw_batch_size=1, predictor=model, overlap={overlap!r},
                                  mode="gaussian", sigma_scale=0.125, padding_mode="reflect")
 out = np.clip(np.floor(p[0, 0].numpy().astype(np.float64) * 255 + 0.5), 0, 255).astype(np.uint8)
 create_volume({out!r}, out.shape, out.dtype, chunks={chunks!r}, overwrite=True).write_nm((0, 0, 0), out)
@@ -158,7 +158,7 @@ def table(rows: list[dict], voxels: int, base: str) -> str:
 def null_rows(shape, window, chunks, repeats, random_volume, work: Path, threads: int) -> tuple[str, dict]:
     spec = random_volume(shape, chunks)
     voxels = int(np.prod(shape))
-    fmt = dict(spec=spec, window=window, chunks=chunks, threads=threads)
+    fmt = dict(spec=spec, window=window, chunks=chunks, threads=threads, overlap=0.5)
     ours1, ours0, theirs = (str(work / f"null_{n}.zarr" / "pred") for n in ("w1", "w0", "monai"))
     contenders = {
         "MONAI sliding_window_inference (in memory)": (
@@ -182,7 +182,8 @@ def model_rows(shape, window, chunks, preset, repeats, h: dict, work: Path, thre
     model_code = f"from cleftchunk.model import load_model\nmodel = load_model({ckpt!r})"
     contenders = {
         "MONAI sliding_window_inference (in memory)": (
-            python_argv(MONAI_ANY.format(model_code=model_code, spec=spec, window=window, chunks=chunks, threads=threads, out=theirs)), None),
+            python_argv(MONAI_ANY.format(model_code=model_code, spec=spec, window=window, chunks=chunks, threads=threads, out=theirs,
+                                         overlap=0.5)), None),
         CLI_DEFAULT: (h["cli_predict"](spec, ours0, ckpt, chunks), ours0),
         CLI_ONE_WORKER: (h["cli_predict"](spec, ours1, ckpt, chunks, ["--workers", "1"]), ours1),
         "bare forward over the grid's tiles (model only)": (python_argv(h["bare_forward"].format(
@@ -204,6 +205,27 @@ def model_rows(shape, window, chunks, preset, repeats, h: dict, work: Path, thre
         f"the whole interpreter, its model time is {bare['seconds']:.1f} s, {bare['cpu']:.1f} CPU s).\n\n" + "\n".join(lines) + "\n"
     )
     return text, by
+
+
+def memory_rows(shape, window, overlap, chunks, preset, h: dict, work: Path, threads: int) -> str:
+    """A real model on a volume large enough for MONAI's whole-volume buffers to show: MONAI and the
+    CLI's default path once each (peak RSS is what this row is for; its wall times are one run)."""
+    spec = h["random_volume"](shape, chunks)
+    ckpt = h["checkpoint"](preset, window)
+    voxels = int(np.prod(shape))
+    ours, theirs = (str(work / f"mem_{preset}_{n}.zarr" / "pred") for n in ("w0", "monai"))
+    model_code = f"from cleftchunk.model import load_model\nmodel = load_model({ckpt!r})"
+    contenders = {
+        "MONAI sliding_window_inference (in memory)": (python_argv(MONAI_ANY.format(
+            model_code=model_code, spec=spec, window=window, chunks=chunks, threads=threads, out=theirs, overlap=overlap)), None),
+        CLI_DEFAULT: (h["cli_predict"](spec, ours, ckpt, chunks, ["--overlap", str(overlap)]), ours),
+    }
+    rows = run_contenders(contenders, 1, voxels)
+    return (
+        f"#### Peak memory with a real model: unetv0 `{preset}` preset, {'×'.join(map(str, shape))} uint8 "
+        f"({voxels / 2**20:.0f} MiB), window {'×'.join(map(str, window))}, overlap {overlap} (one run each)\n\n"
+        f"{table(rows, voxels, 'MONAI sliding_window_inference (in memory)')}\n"
+    )
 
 
 def flops_per_voxel(preset: str, window) -> float:
@@ -271,9 +293,11 @@ def kept_notes(path: Path) -> str:
     return "\n\n" + text[text.index(NOTES_MARK):] if NOTES_MARK in text else ""
 
 
-def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, save=lambda body: None, models: bool = False) -> str:
+def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, save=lambda body: None, models: bool = False,
+            memory: bool = False) -> str:
     """The section's text; ``save(text so far)`` is called after each part (a long run killed
-    half-way keeps what it measured). ``models``: also the real-model rows (tens of minutes)."""
+    half-way keeps what it measured). ``models``: also the real-model rows (tens of minutes);
+    ``memory``: also the real model's peak memory on a large volume (about 15 minutes)."""
     load_before = open("/proc/loadavg").read().split()[:3]
     parts = []
 
@@ -288,13 +312,19 @@ def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, sa
             f"(one per block when there are fewer blocks), run torch on cores ÷ task threads each.\n\n" + "\n".join(parts)
         )
 
-    null_text, null = null_rows(cfg["null_shape"], cfg["null_window"], cfg["chunks"], repeats, helpers["random_volume"], work, threads)
-    for r in null.values():
-        r["voxels"] = int(np.prod(cfg["null_shape"]))
-    parts.append(null_text)
+    for shape in cfg.get("null_shapes", [cfg["null_shape"]]):  # the projection uses the last (largest)
+        null_text, null = null_rows(shape, cfg["null_window"], cfg["chunks"], repeats, helpers["random_volume"], work, threads)
+        for r in null.values():
+            r["voxels"] = int(np.prod(shape))
+        parts.append(null_text)
+        save(text())
     parts.append(projection(null, cfg["null_window"]))
     save(text())
     for preset, shape, reps in cfg["model_rows"] if models else ():
         parts.insert(-1, model_rows(shape, cfg["null_window"], cfg["chunks"], preset, min(repeats, reps), helpers, work, threads)[0])
+        save(text())
+    if memory and "memory_row" in cfg:
+        preset, shape, overlap = cfg["memory_row"]
+        parts.insert(-1, memory_rows(shape, cfg["null_window"], overlap, cfg["chunks"], preset, helpers, work, threads))
         save(text())
     return text()

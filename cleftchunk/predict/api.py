@@ -29,6 +29,7 @@ from cleftchunk.io.volumes import exists as volume_exists
 from cleftchunk.predict.engine import Job, PredictResult, _execute
 from cleftchunk.predict.params import ATTR, DEFAULT_BLOCK_SHAPE, PRECISIONS, PREDICT_FORMAT, PredictParams
 from cleftchunk.predict.plan import describe_run, make_plan, record_identity
+from cleftchunk.run.local import ThreadClient
 from cleftchunk.run.records import BlockRecord, remove_record
 from cleftchunk.predict.runner import ModelSource
 from cleftchunk.predict.scratch import Scratch
@@ -152,7 +153,9 @@ def predict(
             stack.enter_context(_torch_threads_restored())
             stack.enter_context(scratch.in_memory(_memory_spill_budget()))
         if client is None:
-            client = stack.enter_context(dask_client(spec))
+            # A local CPU job needs no scheduler: plain threads of this process (distributed's
+            # in-process cluster cost its import and start-up: about 0.5 CPU-s a run).
+            client = stack.enter_context(ThreadClient(spec.workers) if threaded else dask_client(spec))
         result.dashboard = getattr(client, "dashboard_link", None)
         if result.dashboard:
             log(f"Dask dashboard: {result.dashboard}")
