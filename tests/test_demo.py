@@ -62,3 +62,27 @@ def test_named_sizes():
     assert DemoSettings.named("gpu").preset == "default"
     with pytest.raises(Exception, match="unknown demo size"):
         DemoSettings.named("huge")
+
+
+@pytest.mark.slow
+def test_demo_chooses_the_operating_point_on_the_whole_training_sample(finished_demo):
+    """By default, like the baseline's threshold: the stored entry names no region (all of it)."""
+    folder, _ = finished_demo
+    state = json.loads((folder / "demo.json").read_text())
+    assert state["results"]["operating_point"]["chosen_on"]["roi"] is None
+    assert "whole sample" in (folder / "report.md").read_text()
+
+
+def test_operating_point_region_is_a_setting(tmp_path):
+    from dataclasses import replace
+
+    from cleftchunk.demo.pipeline import Demo
+    from cleftchunk.errors import CleftchunkError
+
+    quick = DemoSettings.named("quick")
+    held = Demo(tmp_path / "a", replace(quick, operating_point_on="held-out"))
+    config = held.train_config()
+    assert held.operating_point_roi(config) == config["validate_roi"] == f"{quick.train_shape[0] - quick.validation_sections}:{quick.train_shape[0]},:,:"
+    assert Demo(tmp_path / "b", quick).operating_point_roi(config) is None
+    with pytest.raises(CleftchunkError, match="operating_point_on 'test'"):
+        Demo(tmp_path / "c", replace(quick, operating_point_on="test")).train_config()

@@ -199,7 +199,7 @@ def write_demo_report(demo: Any) -> Path:
     report.add(
         "What ran",
         f"Training sample {_shape(s.train_shape)} (seed {s.seed}; its last {s.validation_sections} sections held out "
-        f"for choosing the operating point), held-out test sample {_shape(s.test_shape)} (seed {s.seed + 1}), "
+        f"of training), held-out test sample {_shape(s.test_shape)} (seed {s.seed + 1}), "
         f"difficulty {s.difficulty}; unetv0 preset '{s.preset}', input {_shape(s.input_size)}, "
         f"{s.iterations} iterations of batch {s.batch_size} on {s.device} ({s.optimizer}, {s.scheduler} schedule, "
         f"{loss_name(s.dice, s.max_weight)}, lr {s.lr:g}; {s.near_cleft:.0%} of the crops centred on a cleft voxel)"
@@ -213,8 +213,10 @@ def write_demo_report(demo: Any) -> Path:
     report.add(
         "Held-out CREMI cleft metrics (θ = 200 nm)",
         Table(["metric", model_name, f"baseline: raw ≤ {demo.results.get('baseline_threshold')}"], rows),
-        "Both operating points were chosen on the training sample (the model's on its held-out sections, "
-        "the baseline's threshold on the whole sample); the test sample was never used to choose anything.",
+        "Both operating points were chosen on the training sample ("
+        + ("both on the whole sample, its held-out sections included" if s.operating_point_on == "sample" else
+           "the model's on its held-out sections, the baseline's threshold on the whole sample")
+        + "); the test sample was never used to choose anything.",
     )
 
     raw = open_volume(demo.sample_zarr("test") / "raw")[:]
@@ -232,21 +234,22 @@ def write_demo_report(demo: Any) -> Path:
     if point.get("thresholds"):
         curve = [r for r in point["thresholds"] if r.get("precision") is not None and r.get("recall") is not None]
         chosen = point["validation"]
+        region = "whole sample" if s.operating_point_on == "sample" else "held-out sections"
         pr = curve_png(
             figures / "precision-recall.png",
             {
                 "thresholds (min size 0)": ([r["recall"] for r in curve], [r["precision"] for r in curve]),
                 f"chosen: p ≥ {point['threshold']}/255, ≥ {point['min_size']} voxels": ([chosen["recall"]], [chosen["precision"]]),
             },
-            "recall within θ (validation sections)",
+            f"recall within θ ({region}, training sample)",
             "precision within θ",
         )
         rows = [[r["threshold"], r["min_size"], r["cremi_score"], r["precision"], r["recall"], r["f1"]]
                 for r in point["thresholds"] + point["min_sizes"]]
         report.add(
-            "Operating point (validation sections of the training sample)",
+            f"Operating point ({region} of the training sample)",
             f"Chosen: threshold {point['threshold']} of 255 and minimum cleft size {point['min_size']} voxels, "
-            "the lowest CREMI score on the validation sections (thresholds first, then minimum sizes at the best threshold). "
+            f"the lowest CREMI score on the {region} (thresholds first, then minimum sizes at the best threshold). "
             "It is stored in the checkpoint; predict records it and segment uses it by default.",
             pr,
             Table(["threshold", "min size", "CREMI score (nm)", "precision", "recall", "F1"], rows),
