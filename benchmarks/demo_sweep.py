@@ -36,7 +36,8 @@ config = demo.train_config(); config.update(config_over)
 t0, c0 = time.perf_counter(), cpu()
 ckpt = train(config, resume=False, overwrite=True)
 t_train, c_train = time.perf_counter() - t0, cpu() - c0
-point = choose_operating_point(ckpt, config["validate_image"], config["validate_labels"], demo.operating_point_roi(config), batch_size=2)
+point = choose_operating_point(ckpt, config["validate_image"], config["validate_labels"], demo.operating_point_roi(config), batch_size=2,
+                               thresholds=demo.operating_point_thresholds())
 ck = load_checkpoint(ckpt)
 model = ProbabilityModel(model_from_checkpoint(ck)).eval()
 raw, gt, invalid, vs = validation_arrays(str(data / "test.zarr/raw"), str(data / "test.zarr/clefts"), None)

@@ -86,3 +86,16 @@ def test_operating_point_region_is_a_setting(tmp_path):
     assert Demo(tmp_path / "b", quick).operating_point_roi(config) is None
     with pytest.raises(CleftchunkError, match="operating_point_on 'test'"):
         Demo(tmp_path / "c", replace(quick, operating_point_on="test")).train_config()
+
+
+def test_operating_point_thresholds_stop_at_the_setting(tmp_path):
+    from dataclasses import replace
+
+    from cleftchunk.demo.pipeline import Demo
+    from cleftchunk.errors import CleftchunkError
+
+    quick = DemoSettings.named("quick")
+    assert max(Demo(tmp_path / "a", quick).operating_point_thresholds()) == quick.operating_point_max == 240
+    assert max(Demo(tmp_path / "b", replace(quick, operating_point_max=255)).operating_point_thresholds()) == 254
+    with pytest.raises(CleftchunkError, match="operating_point_max 300"):
+        Demo(tmp_path / "c", replace(quick, operating_point_max=300)).train_config()

@@ -73,6 +73,11 @@ class DemoSettings:
     # 3 training seeds they chose p ≥ 24/255 twice, at 184 and 198 nm on the test sample where the
     # whole sample's choice scored 129 and 156 (demo-experiments.md, E14–E17).
     operating_point_on: str = "sample"
+    # The highest threshold (of 255) the model's sweep may choose. Thresholds near saturation keep
+    # only the most confident voxels: on the sample it was trained on they still hold most of its
+    # clefts, on new data not — the whole sample chose 254 in the measured demo run, with a test
+    # recall of 0.34 (CREMI 420 nm) where 240 gave 0.88 (148 nm) (demo-experiments.md).
+    operating_point_max: int = 240
     # None: measured on this machine before training (cleftchunk.train.calibrate).
     loader_workers: int | None = None
     threads: int | None = None
@@ -277,6 +282,7 @@ class Demo:
         started = time.perf_counter()
         point = choose_operating_point(
             checkpoint, config["validate_image"], config["validate_labels"], self.operating_point_roi(config),
+            thresholds=self.operating_point_thresholds(),
             batch_size=s.predict_batch, device="cuda" if s.device == "cuda" else "cpu",
         )
         detail["operating_point_seconds"] = time.perf_counter() - started
@@ -292,6 +298,8 @@ class Demo:
         z = s.train_shape[0]
         if not 0 < s.validation_sections < z:
             raise CleftchunkError(f"validation_sections {s.validation_sections} must lie between 1 and {z - 1} (the training sample's sections)")
+        if not 24 <= s.operating_point_max <= 255:
+            raise CleftchunkError(f"operating_point_max {s.operating_point_max} must lie between 24 and 255 (a threshold of the sweep)")
         if s.operating_point_on not in OPERATING_POINT_REGIONS:
             raise CleftchunkError(f"operating_point_on {s.operating_point_on!r} is not one of {', '.join(OPERATING_POINT_REGIONS)}")
         return {
@@ -327,6 +335,12 @@ class Demo:
     def operating_point_roi(self, config: dict) -> str | None:
         """The region of the training sample the model's operating point is chosen on (None: all of it)."""
         return None if self.settings.operating_point_on == "sample" else config["validate_roi"]
+
+    def operating_point_thresholds(self) -> list[int]:
+        """The thresholds the model's sweep tries: the standard ones up to ``operating_point_max``."""
+        from cleftchunk.train.operating_point import THRESHOLDS
+
+        return [t for t in THRESHOLDS if t <= self.settings.operating_point_max]
 
     def validation_sections(self) -> slice:
         """The last ``validation_sections`` sections of the training sample, held out of training."""
