@@ -143,7 +143,9 @@ def fragment(result: dict) -> str:
         markdown_table(["stage", "seconds", "peak MiB"], stage_rows),
         "",
         f"Held-out metrics (θ = 200 nm); model at p ≥ {point.get('threshold')}/255, clefts ≥ {point.get('min_size')} voxels "
-        f"(chosen on the training sample's validation sections); baseline raw ≤ {results.get('baseline_threshold')} "
+        + (f"(chosen on the whole training sample, thresholds up to {settings.get('operating_point_max')})"
+           if settings.get("operating_point_on", "held-out") == "sample" else "(chosen on the training sample's held-out sections)")
+        + f"; baseline raw ≤ {results.get('baseline_threshold')} "
         "(chosen on the training sample):",
         "",
         markdown_table(["metric", "trained unetv0", "threshold baseline"], metric_rows),
