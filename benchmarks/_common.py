@@ -57,11 +57,14 @@ def machine_info() -> str:
     )
 
 
-def measure(argv: list[str], env: dict | None = None, cwd: str | None = None, poll_s: float = 0.02) -> Measurement:
-    """Run a command, sampling the summed RSS of its whole process tree; fail loudly if it fails."""
+def measure(argv: list[str], env: dict | None = None, cwd: str | None = None, poll_s: float = 0.02,
+            whole_env: bool = False) -> Measurement:
+    """Run a command, sampling the summed RSS of its whole process tree; fail loudly if it fails.
+    ``env`` is added to this process's environment, or with ``whole_env`` is the whole of it."""
     start = time.perf_counter()
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}, cwd=cwd
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+        env=dict(env or {}) if whole_env else {**os.environ, **(env or {})},
     )
     peak = 0
     out: list[str] = []

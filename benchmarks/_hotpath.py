@@ -312,7 +312,7 @@ def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, sa
             f"(one per block when there are fewer blocks), run torch on cores ÷ task threads each.\n\n" + "\n".join(parts)
         )
 
-    for shape in cfg.get("null_shapes", [cfg["null_shape"]]):  # the projection uses the last (largest)
+    for shape in cfg["null_shapes"]:  # the projection uses the last (largest)
         null_text, null = null_rows(shape, cfg["null_window"], cfg["chunks"], repeats, helpers["random_volume"], work, threads)
         for r in null.values():
             r["voxels"] = int(np.prod(shape))

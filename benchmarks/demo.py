@@ -89,7 +89,7 @@ def run_fresh_clone(folder: Path) -> dict:
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "/.venv/" not in p + "/")
     before = os.getloadavg()
     with LoadSampler() as load:
-        measured = _measure_env(command, folder, env)
+        measured = measure(["bash", "-c", command], env=env, whole_env=True, cwd=str(folder), poll_s=0.5)
     after = os.getloadavg()
     output = command.rsplit(" ", 1)[-1]
     state = json.loads((folder / output / "demo.json").read_text())
@@ -98,18 +98,6 @@ def run_fresh_clone(folder: Path) -> dict:
         "argv": ["(README first command)"], "command": command, "seconds": measured.seconds, "peak_mib": measured.peak_rss_mib,
         "state": state, "load": {"before": before, "after": after, "during_mean": sum(during) / len(during), "during_max": max(during)},
     }
-
-
-def _measure_env(command: str, folder: Path, env: dict):
-    """:func:`measure` with a whole environment (the clone must not see this checkout's venv)."""
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        return measure(["bash", "-c", command], cwd=str(folder), poll_s=0.5)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 def fragment(result: dict) -> str:

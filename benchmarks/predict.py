@@ -267,7 +267,7 @@ CONFIGS = {
         eff_sample=8,
         mem_shapes=[(32, 512, 512), (64, 1024, 1024)], mem_window=(8, 256, 256), mem_block=(16, 256, 256),
         monai_shape=(16, 512, 512), monai_window=(8, 256, 256),
-        null_shape=(32, 1024, 1024), null_window=(8, 256, 256), null_shapes=[(32, 1024, 1024), (64, 1024, 1024)],
+        null_shapes=[(32, 1024, 1024), (64, 1024, 1024)], null_window=(8, 256, 256),
         model_rows=[("small", (16, 512, 512), 3), ("default", (8, 512, 512), 1)],
         # 134 M voxels: MONAI's whole-volume float buffers then outweigh both processes' torch and model
         # memory; overlap 0.25 (525 tiles, not 1,519) keeps one run of each near 6 minutes on 2 cores
@@ -278,16 +278,16 @@ CONFIGS = {
         eff_sample=8,
         mem_shapes=[(16, 256, 256), (32, 512, 512)], mem_window=(8, 128, 128), mem_block=(8, 128, 128),
         monai_shape=(16, 256, 256), monai_window=(8, 128, 128),
-        null_shape=(32, 1024, 1024), null_window=(8, 256, 256), model_rows=[("small", (16, 512, 512), 3)],
+        null_shapes=[(32, 1024, 1024)], null_window=(8, 256, 256), model_rows=[("small", (16, 512, 512), 3)],
     ),
     "loaded": dict(  # the hot-path goals' grid on a shared, loaded machine: no default-model row
-        chunks=(16, 256, 256), null_shape=(32, 1024, 1024), null_window=(8, 256, 256), model_rows=[("small", (16, 512, 512), 1)],
+        chunks=(16, 256, 256), null_shapes=[(32, 1024, 1024)], null_window=(8, 256, 256), model_rows=[("small", (16, 512, 512), 1)],
     ),
     "quick": dict(
         eff_shape=(16, 256, 256), eff_window=(8, 128, 128), eff_overlap=0.5, eff_preset="small", chunks=(8, 128, 128),
         mem_shapes=[(16, 256, 256), (32, 512, 512)], mem_window=(8, 128, 128), mem_block=(8, 128, 128),
         monai_shape=(16, 256, 256), monai_window=(8, 128, 128),
-        null_shape=(16, 512, 512), null_window=(8, 128, 128), model_rows=[("small", (16, 256, 256), 3)],
+        null_shapes=[(16, 512, 512)], null_window=(8, 128, 128), model_rows=[("small", (16, 256, 256), 3)],
     ),
 }
 

@@ -7,6 +7,14 @@ no environment variable side channels.
 
 from __future__ import annotations
 
+import os
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and batch schedulers
+    narrow; ``os.cpu_count()`` counts the whole machine): the one rule every stage sizes threads by."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
 
 def configure_torch(threads: int | None = None, *, cudnn_benchmark: bool | None = None, cudnn_deterministic: bool | None = None) -> None:
     """Set torch's intra-op threads (when given) and the cuDNN flags (those given).

@@ -275,7 +275,9 @@ def test_resume_after_killing_the_process(tmp_path):
     raw = tissue((8, 48, 48), seed=3)
     spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
     out = str(tmp_path / "out.zarr" / "pred")
-    code = SLOW_RUN.format(tests=str(Path(__file__).parent), delay=0.04, spec=spec, out=out, window=WINDOW, chunks=CHUNKS)
+    # 0.2 s per forward: the run must outlast a few record flushes (0.5 s apart) after its first blocks;
+    # the in-process default path starts in well under a second, so 0.04 s let it finish first
+    code = SLOW_RUN.format(tests=str(Path(__file__).parent), delay=0.2, spec=spec, out=out, window=WINDOW, chunks=CHUNKS)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:

@@ -70,8 +70,8 @@ class DemoSettings:
     # Where the model's threshold and minimum cleft size are chosen (never on the test sample):
     # "sample", the whole training sample, held-out sections included — where the baseline's
     # threshold is chosen too; or "held-out", those sections only. Their 3 clefts are too few: in
-    # 3 training seeds they chose p ≥ 24/255 twice, at 184 and 198 nm on the test sample where the
-    # whole sample's choice scored 129 and 156 (demo-experiments.md, E14–E17).
+    # 3 of 3 training seeds they chose p ≥ 24/255, the sweep's lowest (test: 184 / 170 / 198 nm;
+    # the whole sample's choice: 129 / 184 / 156 nm; demo-experiments.md, E14–E17).
     operating_point_on: str = "sample"
     # The highest threshold (of 255) the model's sweep may choose. Thresholds near saturation keep
     # only the most confident voxels: on the sample it was trained on they still hold most of its

@@ -42,6 +42,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cleftchunk.backend import usable_cores
 from cleftchunk.run import chunks as chunkwrite
 
 from cleftchunk.io import pyramid, stores
@@ -67,7 +68,7 @@ from cleftchunk.io.volumes import (
 
 #: Workers of the local Dask scheduler: blosc compression releases the GIL, so a few threads pay
 #: off even on 2 cores (see benchmarks/results/convert.md).
-DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+DEFAULT_WORKERS = min(4, usable_cores())
 SCHEDULERS = ("threads", "processes")
 PLAN_ATTR = "cleftchunk_convert"
 #: Recorded plan entries that only concern the pyramid: changing them rebuilds levels, keeps s0.

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cleftchunk.backend import usable_cores
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import writes_output
 from cleftchunk.geometry import Coord, as_coord
@@ -182,7 +183,7 @@ def _in_process_threads(cores: int | None, blocks: int) -> int:
     single-threaded steps (reads, sums, blending, writes) where one task with a torch thread pool
     leaves them idle, and spin-waits less on a loaded machine.
     """
-    return max(1, min(cores or os.cpu_count() or 1, blocks))
+    return max(1, min(cores or usable_cores(), blocks))
 
 
 def _memory_spill_budget() -> int:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cleftchunk.backend import usable_cores
 from cleftchunk.errors import CleftchunkError
 
 LOOPBACK = "127.0.0.1"
@@ -51,7 +52,7 @@ class ClusterSpec:
                 raise CleftchunkError(f"{name} {value} must be {'at least 1' if name == 'cores' else '0 or more'} (--workers, --cpus)")
 
     def torch_threads(self) -> int:
-        cores = self.cores or os.cpu_count() or 1
+        cores = self.cores or usable_cores()
         return max(1, cores // max(1, self.n_workers))
 
     @property

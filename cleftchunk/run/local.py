@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from concurrent.futures import Future as _Future
 from typing import Any, Callable, Iterator
 
+from cleftchunk.backend import usable_cores
 from cleftchunk.errors import CleftchunkError
 
 #: Values of a ``scheduler`` argument that mean "run here" rather than the address of a scheduler.
@@ -141,7 +141,7 @@ class ThreadClient:
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cores()
 
 
 def check_workers(workers: int | None) -> int | None:

@@ -15,16 +15,15 @@ Measuring takes a few steps (seconds); the weights it trains are thrown away.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import torch
 
+from cleftchunk.backend import usable_cores
 from cleftchunk.train.config import TrainConfig
 
 
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+available_cores = usable_cores
 
 
 def measure_cpu_layout(config: TrainConfig, steps: int = 3) -> dict:

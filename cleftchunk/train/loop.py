@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from cleftchunk.backend import usable_cores
 from cleftchunk.train.augment import AugmentConfig
 from cleftchunk.train.data import CropSampler, CropStream, RejectionConfig, make_loader, open_training_volumes
 from cleftchunk.backend import configure_torch
@@ -150,8 +151,7 @@ def cpu_threads(config: TrainConfig, processes: int = 1) -> int:
     torch's parallel kernels spin-wait and slows a step by several times."""
     if config.threads:
         return int(config.threads)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // processes - config.workers)
+    return max(1, usable_cores() // processes - config.workers)
 
 
 def should_save(iteration: int, config: TrainConfig) -> bool:
