@@ -229,3 +229,33 @@ def test_a_thread_client_hands_prepared_results_and_shared_arguments_to_process(
     assert report.written == 6 and not report.failed
     assert report.counts["prepared"] == 6 and report.counts["sum"] == sum(10 * i + 7 for i in range(6))
     assert sorted(released) == [(0, 0, i) for i in range(6)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_thread_client_starts_queued_tasks_highest_priority_first(threads):
+    """As on a Dask scheduler: a block's process (raster priority) goes before later blocks'
+    prepare tasks queued earlier, so prepared payloads are not held while those run."""
+    import threading
+
+    from cleftchunk.run.local import ThreadClient
+
+    started, gate = [], threading.Event()
+
+    def job(name):
+        started.append(name)
+        if name.startswith("busy"):
+            gate.wait(10)
+        return name
+
+    with ThreadClient(threads) as client:
+        busy = [client.submit(job, f"busy{i}", priority=100) for i in range(threads if threads > 1 else 0)]
+        queued = [client.submit(job, f"low{i}", priority=-i - 10) for i in range(3)]
+        urgent = client.submit(job, "urgent", priority=-1)
+        gate.set()
+        queue = client.as_completed()
+        for future in busy + queued + [urgent]:
+            queue.add(future)
+        while queue.pending:
+            queue.next_batch()
+        assert [f.result() for f in queued + [urgent]] == ["low0", "low1", "low2", "urgent"]
+    assert started[len(busy):] == ["urgent", "low0", "low1", "low2"]

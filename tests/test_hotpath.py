@@ -13,13 +13,16 @@ from cleftchunk.geometry import Roi
 from cleftchunk.predict import PredictParams, TileRunner
 from cleftchunk.predict.runner import ModelCache, ModelSource
 from cleftchunk.predict.tiling import (
+    FIXED_BITS,
     FLOAT_EXACT_TILES,
+    INT32_TILES,
     TileGrid,
     block_denominator,
     blended_uint8,
     blended_uint8_torch,
     fixed_weights,
     separable_denominator,
+    sums_dtype,
     to_fixed,
     weights_for,
 )
@@ -48,7 +51,7 @@ def test_separable_denominator_equals_tile_by_tile_sums(seed):
         roi = Roi(begin, tuple(int(n) for n in rng.integers(1, 30, 3)))
         got = block_denominator(grid, blend, roi)
         np.testing.assert_array_equal(got, brute_force_denominator(grid, blend, roi))
-        assert got.dtype == np.int64 and not got.flags.writeable
+        assert got.dtype == sums_dtype(grid) and not got.flags.writeable
 
 
 def test_denominators_of_interior_blocks_are_shared():
@@ -70,14 +73,10 @@ def test_fixed_weights_are_to_fixed_of_the_importance_map_and_read_only():
         fixed_weights((4, 8, 8), "gaussian")[0, 0, 0] = 1
 
 
-@pytest.mark.parametrize("tiny", [False, True])
-def test_accumulate_equals_sum_of_to_fixed(monkeypatch, tiny):
-    """The runner's in-place float64 sums (flushed to int64) equal Σ to_fixed(w·p) exactly, also
-    when the exact-float budget is tiny so that flushes happen in the middle."""
-    import cleftchunk.predict.runner as runner_module
-
-    if tiny:
-        monkeypatch.setattr(runner_module, "FLOAT_EXACT_TILES", 2)
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_accumulate_equals_sum_of_to_fixed(dtype):
+    """The runner's in-place sums — a rounded float64 product added into the integer sums — equal
+    Σ to_fixed(w·p) exactly, in either integer type, on the numpy path and the device path."""
     window = (2, 6, 6)
     model = torch.nn.Sigmoid()
     rng = np.random.default_rng(1)
@@ -85,23 +84,46 @@ def test_accumulate_equals_sum_of_to_fixed(monkeypatch, tiny):
     where = [tuple(slice(o, o + w) for o, w in zip(off, window)) for off in [(0, 0, 0), (1, 3, 2), (3, 8, 8), (0, 2, 5), (2, 4, 4)]]
     weights = weights_for(window, "gaussian")
     runner = TileRunner(model, PredictParams(window, batch_size=2))
-    got = runner.accumulate((raw[s] for s in where), where, raw.shape, weights)
+    got = runner.accumulate((raw[s] for s in where), where, raw.shape, weights, dtype=dtype)
     expected = np.zeros(raw.shape, dtype=np.int64)
     probabilities = list(TileRunner(model, PredictParams(window, batch_size=2)).run(raw[s] for s in where))
     for s, p in zip(where, probabilities):
         expected[s] += to_fixed(weights * p)
-    assert got.dtype == np.int64
+    assert got.dtype == dtype
     np.testing.assert_array_equal(got, expected)
     assert runner.tiles_run == len(where)
     # the device code path (torch ops, used on CUDA), run here on the CPU: the same integers
-    on_device = TileRunner(model, PredictParams(window, batch_size=2))._accumulate_torch((raw[s] for s in where), where, raw.shape, weights)
+    on_device = TileRunner(model, PredictParams(window, batch_size=2))._accumulate_torch(
+        (raw[s] for s in where), where, raw.shape, weights, dtype)
+    assert on_device.numpy().dtype == dtype
     np.testing.assert_array_equal(on_device.numpy(), expected)
 
 
-def test_float_sums_are_exact_up_to_the_flush_budget():
-    top = float(2**40)
-    assert FLOAT_EXACT_TILES * top < 2**53  # every partial float sum is an exactly held integer
-    assert (FLOAT_EXACT_TILES + 1) * 2 ** 40 <= 2**53 + 2**40
+def test_sums_fit_their_integer_type_and_float64():
+    top = 2**FIXED_BITS  # the largest contribution: w = p = 1
+    assert INT32_TILES * top <= 2**31 - 1 < (INT32_TILES + 1) * top
+    assert FLOAT_EXACT_TILES * top < 2**53  # every sum is an integer float64 holds exactly
+
+
+def test_sums_are_int32_up_to_overlap_three_quarters_and_int64_beyond():
+    roi = Roi((0, 0, 0), (64, 512, 512))
+    for overlap in (0.0, 0.25, 0.5, 0.75):
+        grid = TileGrid.over(roi, (8, 256, 256), overlap, pad=True)
+        assert grid.max_cover() <= INT32_TILES and sums_dtype(grid) == np.int32
+    high = TileGrid.over(roi, (8, 256, 256), 0.9, pad=True)
+    assert high.max_cover() > INT32_TILES and sums_dtype(high) == np.int64
+
+
+def test_int32_sums_at_the_largest_cover_do_not_overflow():
+    """127 contributions of the largest size (w = p = 1) added into int32 sums: exact, no wrap."""
+    from cleftchunk.predict.runner import add_fixed, cache_slabs
+
+    scaled = np.full((2, 3, 4), float(2**FIXED_BITS))
+    target = np.zeros((2, 3, 4), dtype=np.int32)
+    buffer = np.empty(24)
+    for _ in range(INT32_TILES):
+        add_fixed(target, np.ones((2, 3, 4), np.float32), scaled, cache_slabs(scaled.shape), buffer)
+    assert (target == INT32_TILES * 2**FIXED_BITS).all()
 
 
 def test_input_buffers_are_reused_and_short_batches_zero_padded():
@@ -184,26 +206,28 @@ def test_cache_slabs_cover_every_voxel_once(shape):
 
 
 @pytest.mark.parametrize("reuse", [False, True])
-def test_float_sums_equal_the_int64_sums_and_a_reused_workspace_is_cleared(reuse):
+def test_int32_sums_equal_the_int64_sums_and_a_reused_workspace_is_cleared(reuse):
     window = (2, 6, 6)
     model = torch.nn.Sigmoid()
     raw = np.random.default_rng(4).integers(0, 256, (5, 14, 14), dtype=np.uint8)
     where = [tuple(slice(o, o + w) for o, w in zip(off, window)) for off in [(0, 0, 0), (1, 3, 2), (3, 8, 8), (2, 4, 4)]]
     weights = weights_for(window, "gaussian")
     exact = TileRunner(model, PredictParams(window)).accumulate((raw[s] for s in where), where, raw.shape, weights)
-    out = np.full(raw.shape, 12345.5) if reuse else None  # garbage left by an earlier task
-    sums = TileRunner(model, PredictParams(window)).accumulate((raw[s] for s in where), where, raw.shape, weights, exact_float=True, out=out)
-    assert sums.dtype == np.float64 and (out is None or sums is out)
-    np.testing.assert_array_equal(sums.astype(np.int64), exact)
-    assert (sums == np.rint(sums)).all()
+    out = np.full(raw.shape, 12345, dtype=np.int32) if reuse else None  # garbage left by an earlier task
+    sums = TileRunner(model, PredictParams(window)).accumulate((raw[s] for s in where), where, raw.shape, weights, dtype=np.int32, out=out)
+    assert sums.dtype == np.int32 and (out is None or sums is out)
+    np.testing.assert_array_equal(sums, exact)
 
 
-def test_sums_fit_float_follows_the_grids_cover():
-    from cleftchunk.predict.tasks import sums_fit_float
+def test_fixed_headroom_refuses_sums_float64_could_not_hold(monkeypatch):
+    import cleftchunk.predict.tiling as tiling
+    from cleftchunk.errors import CleftchunkError
 
-    assert sums_fit_float(TileGrid.over(Roi((0, 0, 0), (64, 512, 512)), (8, 256, 256), 0.5, pad=False))
-    # stride 1 on a 20-voxel window: 21³ = 9261 tiles may cover a voxel, beyond FLOAT_EXACT_TILES
-    assert not sums_fit_float(TileGrid.over(Roi((0, 0, 0), (30, 30, 30)), (20, 20, 20), 0.96, pad=False))
+    grid = TileGrid.over(Roi((0, 0, 0), (30, 30, 30)), (20, 20, 20), 0.96, pad=False)  # 9261 tiles cover a voxel
+    tiling.check_fixed_headroom(grid)
+    monkeypatch.setattr(tiling, "FLOAT_EXACT_TILES", grid.max_cover() - 1)
+    with pytest.raises(CleftchunkError, match="overlap too high"):
+        tiling.check_fixed_headroom(grid)
 
 
 def test_blended_uint8_in_place_equals_the_copying_version():

@@ -560,15 +560,22 @@ def test_a_one_block_cpu_job_gives_its_task_thread_every_core(tmp_path, raw_spec
     assert {n for _, _, n in model.seen} == {2}  # one block: its one task thread runs torch on both cores
 
 
-def test_int64_sums_when_float64_could_not_hold_them_give_the_same_bytes(tmp_path, raw_spec, monkeypatch):
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_int64_sums_give_the_same_bytes(tmp_path, raw_spec, monkeypatch, in_memory):
+    """Sums in int64 (as with overlap above 0.75), spilled in memory or to files: the reference's bytes."""
+    import cleftchunk.predict.plan as plan_module
     import cleftchunk.predict.tasks as tasks
+    import cleftchunk.predict.tiling as tiling
 
     raw, spec = raw_spec
     model = tiny_model()
-    monkeypatch.setattr(tasks, "sums_fit_float", lambda grid: False)  # as with a very high overlap
+    for module in (tasks, tiling, plan_module):
+        monkeypatch.setattr(module, "sums_dtype", lambda grid: np.dtype(np.int64))
     out = str(tmp_path / "out.zarr" / "pred")
-    predict(model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=(4, 16, 16), workers=2, processes=False, **QUIET)
+    where = dict(gpus=0) if in_memory else dict(workers=2, processes=False)
+    result = predict(model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=(4, 16, 16), **where, **QUIET)
     np.testing.assert_array_equal(read(out), predict_reference(model, raw, WINDOW, pad=True))
+    assert (result.spill_memory_bytes if in_memory else result.spill_bytes) > 0
 
 
 def test_a_local_cpu_job_hands_spills_over_in_memory_and_resumes_without_them(tmp_path, raw_spec):

@@ -11,6 +11,7 @@ import pytest
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
 from cleftchunk.predict.tiling import (
+    FIXED_BITS,
     TileGrid,
     blended_uint8,
     check_fixed_headroom,
@@ -106,7 +107,7 @@ def test_fixed_point_sums_do_not_depend_on_order():
 
 
 def test_blended_uint8_rounds_half_up_and_handles_zero_weight():
-    one = 2**40
+    one = 2**FIXED_BITS
     num = np.array([0, one // 2, one, one * 3, 0], dtype=np.int64)
     den = np.array([one, one, one, one * 3, 0], dtype=np.int64)
     np.testing.assert_array_equal(blended_uint8(num, den), [0, 128, 255, 255, 0])
@@ -116,7 +117,8 @@ def test_blended_uint8_rounds_half_up_and_handles_zero_weight():
 
 
 def test_fixed_headroom_is_checked():
-    grid = TileGrid.over(Roi((0, 0, 0), (64, 512, 512)), (64, 512, 512), 0.999, pad=False)
+    # stride 1 on this window: up to 513·1025·1025 > 2^29 tiles per voxel, sums float64 could not hold
+    grid = TileGrid.over(Roi((0, 0, 0), (512, 1024, 1024)), (512, 1024, 1024), 0.999, pad=False)
     with pytest.raises(CleftchunkError, match="overlap"):
         check_fixed_headroom(grid)
 

@@ -18,19 +18,19 @@ of workers, retries or resumes:
 2. The model sees batches of a fixed shape: a block's last batch is padded with zero tiles to
    ``batch_size``. Kernels are chosen by shape and compute each sample on its own, so a tile's
    probabilities do not depend on its batch-mates or on where a block boundary fell.
-3. The sums Σ w·p and Σ w are accumulated in fixed point (int64, 40 fractional bits): each
-   contribution is rounded once, by a rule that depends only on (w, p), and integer addition is
-   associative. So the sums are the same whatever order contributions from neighbouring blocks
-   are added in. Σ w is recomputed from the grid alone, where it is needed, one axis at a time
-   (a sum over a product grid of shifts), cached per block position.
-3b. Those integers may be held in float64, which represents every integer below 2^53 exactly, so
-   that adding them there is integer addition: each contribution is at most 2^40 (w ≤ 1 and
-   p ∈ [0, 1]), and no voxel gets more than ``grid.max_cover()`` of them. When that bound is at
-   most 8191 (``FLOAT_EXACT_TILES``; 27 at overlap 0.5, 1331 at 0.9), every partial sum of every
-   voxel is below 8191 · 2^40 < 2^53: the engine then sums, exchanges-and-adds and divides float64
-   values with no int64 conversion, and the result is the int64 result (the division converts to
-   float64 anyway). Beyond that bound a tiles task moves its float64 sums into int64 every 8191
-   tiles and the blend adds in int64. Spills go to scratch as int64 either way.
+3. The sums Σ w·p and Σ w are accumulated in fixed point (24 fractional bits,
+   ``tiling.FIXED_BITS``): each contribution is rounded once, by a rule that depends only on
+   (w, p), and integer addition is associative. So the sums are the same whatever order
+   contributions from neighbouring blocks are added in. Σ w is recomputed from the grid alone,
+   where it is needed, one axis at a time (a sum over a product grid of shifts), cached per block
+   position.
+3b. Each contribution is at most 2^24 (w ≤ 1 and p ∈ [0, 1]) and no voxel gets more than
+   ``grid.max_cover()`` of them (27 at overlap 0.5, 1331 at 0.9), so the sums are held in int32
+   while that is at most 127 (``tiling.sums_dtype``: every overlap up to 0.75), else int64 —
+   4 bytes a voxel for a block's sums, its spills and its denominators. Every sum is below 2^53
+   (``check_fixed_headroom`` refuses a grid where it might not be), so float64 holds it exactly:
+   the engine adds a rounded product into the integer sums in float64 and stores it back, and
+   the blend adds the parts into a float64 numerator, both exactly integer addition.
 
 The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.run.executor`):
 

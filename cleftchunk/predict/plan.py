@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from cleftchunk.geometry import Coord, Roi, as_coord
-from cleftchunk.predict.tiling import TileGrid
+from cleftchunk.predict.tiling import TileGrid, sums_dtype
 from cleftchunk.run.layout import raster_order
 
 
@@ -225,23 +225,24 @@ def describe_run(plan: Plan, volume, mask, params, spec) -> str:
     """The plan as a user checks it before submitting: blocks, tiles, tasks, scratch bytes,
     memory per worker and output bytes, all from the per-axis tables (nothing is materialized)."""
     n, voxels = len(plan), plan.volume_roi.size
-    spill = 8 * plan.spill_voxels()  # int64 sums, before compression
+    sums = sums_dtype(plan.grid).itemsize  # bytes of a voxel's sums (int32 up to overlap 0.75)
+    spill = sums * plan.spill_voxels()  # before compression
     layers = max(1, plan.shape[0])
     tiles_shape = plan.max_tiles_shape()
     tiles_vox = math.prod(tiles_shape)
     block_vox = math.prod(plan.block_shape)
     in_bytes = volume.dtype.itemsize + (1 if mask is not None else 0)
     window_vox = math.prod(params.window)
-    # the partial (int64) and the input of the largest block's tiles, one batch of tiles in float32
-    # (in and out, per TTA variant), and the blend (numerator, denominator int64, output uint8)
-    memory = tiles_vox * (8 + in_bytes) + 8 * window_vox * params.batch_size * params.tta + block_vox * 17
+    # the sums and the input of the largest block's tiles, one batch of tiles in float32 (in and
+    # out, per TTA variant), and the blend (the block's own sums, its denominator, output uint8)
+    memory = tiles_vox * (sums + in_bytes) + 8 * window_vox * params.batch_size * params.tta + block_vox * (2 * sums + 1)
     workers = spec.n_workers if not spec.scheduler else "the cluster's"
     lines = [
         f"plan: {plan.describe()}",
         f"  volume {volume.shape} {volume.dtype} ({_bytes(voxels * volume.dtype.itemsize)}); output uint8 {_bytes(voxels)} before compression",
         f"  tasks: {2 * n} ({n} tiles + {n} blend), streamed in raster order, at most 4 per worker thread in flight ({workers} workers)",
         f"  tiles: {plan.grid.count} in the grid, {plan.owners()} blocks own some; largest block's tiles span {tiles_shape}",
-        f"  scratch: {_bytes(spill)} written in all ({spill / max(voxels, 1):.2f} bytes per output voxel, int64 before compression), "
+        f"  scratch: {_bytes(spill)} written in all ({spill / max(voxels, 1):.2f} bytes per output voxel, {sums_dtype(plan.grid)} before compression), "
         f"about {_bytes(2 * spill / layers)} at once (two layers of blocks)"
         + ("; here in memory instead (task threads of one process), up to a quarter of the available memory (at most 4 GiB)" if spec.in_process and not spec.scheduler else ""),
         f"  memory per worker task thread: about {_bytes(memory)} (plus the model)",

@@ -17,7 +17,7 @@ from cleftchunk.intensity import FULL_SCALE, check_unit_range
 from cleftchunk.backend import configure_torch
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Coord
-from cleftchunk.predict.tiling import FLOAT_EXACT_TILES, blended_uint8_torch, fixed_scaled
+from cleftchunk.predict.tiling import blended_uint8_torch, fixed_scaled
 from cleftchunk.predict.params import GpuOutOfMemory, PredictParams
 
 
@@ -72,67 +72,59 @@ class TileRunner:
 
     def accumulate(
         self, tiles: Iterable[np.ndarray], where: Sequence[tuple[slice, ...]], shape: Coord, weights: np.ndarray, *,
-        exact_float: bool = False, out: np.ndarray | None = None,
+        dtype=np.int64, out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Σ to_fixed(w·p) over the tiles, each added at ``where``, into an int64 array of ``shape``.
+        """Σ to_fixed(w·p) over the tiles, each added at ``where``, into an integer array of ``shape``.
 
-        ``exact_float``: return the same integers held in float64 instead (no conversion), which
-        the caller may ask for only when no voxel gets more than :data:`tiling.FLOAT_EXACT_TILES`
-        contributions (``grid.max_cover()`` at most that): then every sum is below 2^53.
-        ``out``: a float64 array of ``shape`` to sum in (zeroed here; reused, it spares the page
-        faults of a fresh block-sized array); with ``exact_float`` it is the result.
+        ``dtype``: int64, or int32 when the grid's sums fit it (:func:`tiling.sums_dtype`).
+        ``out``: an array of ``shape`` and ``dtype`` to sum in (zeroed here; reused, it spares the
+        page faults of a fresh block-sized array); it is then the result.
         """
         if not self.cuda:
-            return self._accumulate_numpy(tiles, where, shape, weights, exact_float, out)
-        return self.accumulate_tensor(tiles, where, shape, weights).cpu().numpy()
+            return self._accumulate_numpy(tiles, where, shape, weights, dtype, out)
+        return self.accumulate_tensor(tiles, where, shape, weights, dtype).cpu().numpy()
 
-    def accumulate_tensor(self, tiles: Iterable[np.ndarray], where: Sequence[tuple[slice, ...]], shape: Coord, weights: np.ndarray):
-        """:meth:`accumulate`, leaving the int64 sum on the device.
+    def accumulate_tensor(self, tiles: Iterable[np.ndarray], where: Sequence[tuple[slice, ...]], shape: Coord, weights: np.ndarray,
+                          dtype=np.int64):
+        """:meth:`accumulate`, leaving the sum on the device.
 
-        Same arithmetic as :func:`tiling.to_fixed`: float64(p)·(float64(w)·2^40) is exact, and
-        round-half-even then gives the same integers as numpy's ``rint``. Those integers are summed
-        in a float64 array, which is exact while a voxel has fewer than
-        :data:`tiling.FLOAT_EXACT_TILES` contributions (each ≤ 2^40 for p ∈ [0, 1]: sums < 2^53); the sum is
-        flushed into the int64 result before that, and converted once at the end. So one tile
-        costs a multiply, a rounding and an add in place, with no temporary.
+        Same arithmetic as :func:`tiling.to_fixed`: float64(p)·(float64(w)·2^FIXED_BITS) is exact,
+        and round-half-even then gives the same integers as numpy's ``rint``. Each rounded product
+        is added into the integer sums; every sum stays below 2^53 (``check_fixed_headroom``), so
+        the addition — done in float64 by numpy, in the sums' type by torch — is exact. One tile
+        costs a multiply, a rounding and an add in place.
         """
         if not self.cuda:
-            return self.torch.from_numpy(self._accumulate_numpy(tiles, where, shape, weights))
-        return self._accumulate_torch(tiles, where, shape, weights)
+            return self.torch.from_numpy(self._accumulate_numpy(tiles, where, shape, weights, dtype))
+        return self._accumulate_torch(tiles, where, shape, weights, dtype)
 
-    def _accumulate_torch(self, tiles, where, shape, weights):
-        """The device version: the same three in-place steps per tile, in torch on ``self.device``."""
+    def _accumulate_torch(self, tiles, where, shape, weights, dtype=np.int64):
+        """The device version: the same three steps per tile, in torch on ``self.device``."""
         torch = self.torch
-        partial = None
-        total = torch.zeros(tuple(shape), dtype=torch.float64, device=self.device)
+        total = torch.zeros(tuple(shape), dtype=_torch_int(dtype), device=self.device)
         scaled = torch.from_numpy(fixed_scaled(weights)).to(self.device)
         product = torch.empty(scaled.shape, dtype=torch.float64, device=self.device)
-        for n, (at, p) in enumerate(zip(where, self.run_tensors(tiles)), 1):
+        for at, p in zip(where, self.run_tensors(tiles)):
             torch.mul(p, scaled, out=product)  # float32 · float64 → float64, exact
             product.round_()
-            total[at].add_(product)
-            if n % FLOAT_EXACT_TILES == 0:
-                partial = _flush(total, partial)
-        return _flush(total, partial, last=True)
+            total[at].add_(product.to(total.dtype))
+        return total
 
-    def _accumulate_numpy(self, tiles, where, shape, weights, exact_float: bool = False, out: np.ndarray | None = None) -> np.ndarray:
+    def _accumulate_numpy(self, tiles, where, shape, weights, dtype=np.int64, out: np.ndarray | None = None) -> np.ndarray:
         """:meth:`accumulate_tensor` on the CPU, in numpy: the same operations, single-threaded
         (torch's thread pool spin-waits between such small element-wise steps; the model keeps it),
-        a slab of each tile at a time (:func:`add_fixed`). ``exact_float``, ``out``: see :meth:`accumulate`."""
-        partial = None
+        a slab of each tile at a time (:func:`add_fixed`). ``dtype``, ``out``: see :meth:`accumulate`."""
         if out is None:
-            total = np.zeros(tuple(shape), dtype=np.float64)
+            total = np.zeros(tuple(shape), dtype=dtype)
         else:
             total = out
-            total.fill(0.0)
+            total.fill(0)
         scaled = fixed_scaled(weights)
         slabs = cache_slabs(scaled.shape)
         buffer = np.empty(max(scaled[slab].size for slab in slabs), dtype=np.float64)
-        for n, (at, p) in enumerate(zip(where, self.run_tensors(tiles)), 1):
+        for at, p in zip(where, self.run_tensors(tiles)):
             add_fixed(total[at], p.numpy(), scaled, slabs, buffer)
-            if n % FLOAT_EXACT_TILES == 0 and not exact_float:
-                partial = _flush_numpy(total, partial)
-        return total if exact_float else _flush_numpy(total, partial, last=True)
+        return total
 
     def blend(self, numerator, denominator: np.ndarray) -> np.ndarray:
         """round(255 · Σw·p / Σw) on the runner's device; only the uint8 result comes back."""
@@ -259,34 +251,23 @@ def cache_slabs(shape: Coord, voxels: int = CACHE_SLAB) -> list[tuple[slice, ...
 
 def add_fixed(target: np.ndarray, p: np.ndarray, scaled: np.ndarray, slabs: Sequence[tuple[slice, ...]], buffer: np.ndarray) -> None:
     """target += rint(p · scaled), exactly (see :meth:`TileRunner.accumulate_tensor`), slab by slab
-    through ``buffer`` (float64, at least one slab long)."""
+    through ``buffer`` (float64, at least one slab long). An integer ``target`` is added to in
+    float64 and stored back: exact, its sums being integers below 2^53 (measured as fast as a
+    float64 target: 0.94–1.12 against 0.95–1.05 ms per 8×256×256 tile)."""
     for slab in slabs:
         scaled_part = scaled[slab]
         product = buffer[: scaled_part.size].reshape(scaled_part.shape)
         np.multiply(p[slab], scaled_part, out=product)
         np.rint(product, out=product)
-        target[slab] += product
+        part = target[slab]
+        np.add(part, product, out=part, casting="unsafe")
 
 
-def _flush_numpy(total: np.ndarray, partial: np.ndarray | None, last: bool = False) -> np.ndarray:
-    """Move the exact float64 sums into the int64 partial (and zero them, unless it is the last)."""
-    as_int = total.astype(np.int64)
-    if not last:
-        total[...] = 0
-    if partial is None:
-        return as_int
-    partial += as_int
-    return partial
-
-
-def _flush(total, partial, last: bool = False):
-    """:func:`_flush_numpy` for torch tensors (on the device)."""
+def _torch_int(dtype):
+    """torch's integer type for a numpy sums type (int32 or int64)."""
     import torch
 
-    as_int = total.to(torch.int64)
-    if not last:
-        total.zero_()
-    return as_int if partial is None else partial.add_(as_int)
+    return torch.int32 if np.dtype(dtype) == np.int32 else torch.int64
 
 
 def _shares_memory(y, x) -> bool:

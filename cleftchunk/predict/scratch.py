@@ -3,9 +3,10 @@ in other blocks' write regions — one compressed piece per user block, each fil
 atomic rename. The part inside a block's own write region never goes to scratch: it is handed to
 the same block's blend task in memory.
 
-Layout: ``spill/<block>/<user>.blosc`` (int64, Blosc-zstd with byte shuffle: tile sums are well
-below 2^63, so their high bytes compress away), then ``spill/<block>.json`` (the tile counts),
-written last: a spill is complete exactly when its ``.json`` exists. An absent piece of a
+Layout: ``spill/<block>/<user>.blosc`` (the sums' integer type — int32 up to overlap 0.75, see
+:func:`cleftchunk.predict.tiling.sums_dtype` — Blosc-zstd with byte shuffle: their high bytes
+compress away), then ``spill/<block>.json`` (the tile counts and that type), written last: a
+spill is complete exactly when its ``.json`` exists. An absent piece of a
 complete spill is zero (all its tiles were empty, or the sum there is 0).
 
 Within :meth:`Scratch.in_memory` (runs whose tasks are all threads of one process: predict's
@@ -113,18 +114,23 @@ class Scratch:
         return {"spill_bytes": self._write_spill(index, pieces, stats), "spill_memory_bytes": 0}
 
     def _write_spill(self, index: Coord, pieces: dict[Coord, np.ndarray], stats: dict) -> int:
-        """The pieces as int64, Blosc-compressed, one file each, then the counts; bytes written."""
+        """The pieces in their integer type, Blosc-compressed, one file each, then the counts and
+        that type; bytes written."""
         folder = self._path("spill", _name(index))
         folder.mkdir(parents=True, exist_ok=True)
         written = 0
         codec = _codec()
+        dtypes = {np.dtype(piece.dtype).str for piece in pieces.values()}
+        if len(dtypes) > 1 or not dtypes <= {"<i4", "<i8"}:
+            raise ValueError(f"spill pieces must share one integer type (int32 or int64), not {sorted(dtypes)}")
         for user, piece in pieces.items():
             if not piece.any():
                 continue
-            data = codec.encode(np.ascontiguousarray(piece, dtype=np.int64))
+            data = codec.encode(np.ascontiguousarray(piece))
             self._atomic_write(folder / (_name(user) + ".blosc"), bytes(data))
             written += len(data)
-        self._atomic_write(self._path("spill", _name(index) + ".json"), json.dumps(stats).encode())
+        record = {**stats, "dtype": dtypes.pop() if dtypes else "<i8"}
+        self._atomic_write(self._path("spill", _name(index) + ".json"), json.dumps(record).encode())
         return written
 
     def load_piece(self, index: Coord, user: Coord, shape: Coord) -> np.ndarray | None:
@@ -132,14 +138,15 @@ class Scratch:
         memory = self._memory()
         if memory is not None and index in memory.spills:
             return memory.spills[index][1].get(user)
-        if self.spill_stats(index) is None:
+        stats = self.spill_stats(index)
+        if stats is None:
             raise FileNotFoundError(f"spill of block {index} is missing from {self.root}")
         path = self._path("spill", _name(index), _name(user) + ".blosc")
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        return np.frombuffer(_codec().decode(data), dtype=np.int64).reshape(shape)
+        return np.frombuffer(_codec().decode(data), dtype=np.dtype(stats.get("dtype", "<i8"))).reshape(shape)
 
     def drop_spill(self, index: Coord) -> None:
         memory = self._memory()

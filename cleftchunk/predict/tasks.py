@@ -19,11 +19,11 @@ import numpy as np
 
 from cleftchunk.geometry import Roi
 from cleftchunk.predict.tiling import (
-    FLOAT_EXACT_TILES,
     TileGrid,
     block_denominator,
     blended_uint8_of_parts,
     reflect_read,
+    sums_dtype,
     weights_for,
 )
 from cleftchunk.io.volumes import Volume
@@ -72,9 +72,9 @@ def run_block_tiles(job: Job, work: BlockWork, own: bool, source: ModelSource) -
         runner = _runner_for(source, job.params, job.torch_threads)
         before = runner.tiles_run
         weights = weights_for(job.params.window, job.params.blend)
-        exact_float = sums_fit_float(job.grid)
-        partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights, exact_float=exact_float,
-                                    out=_workspace("sums", roi.shape, np.float64) if exact_float and not runner.cuda else None)
+        dtype = sums_dtype(job.grid)
+        partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights, dtype=dtype,
+                                    out=None if runner.cuda else _workspace("sums", roi.shape, dtype))
         counts["run"] = runner.tiles_run - before
     if saved is None:
         pieces = {} if partial is None else {
@@ -91,10 +91,10 @@ def blend_block(job: Job, work: BlockWork, prepared: tuple[dict, np.ndarray | No
     """The *blend* task: add the block's own sum and the pieces spilled into it, divide by Σ q(w),
     write. (The executor records the block done once this returns.)
 
-    The sums are integers; they are added in float64 when every voxel's sum is below 2^53
-    (:func:`sums_fit_float`: exactly the same integers, and no conversion before the division,
-    which works in float64 anyway), else in int64, a cache-sized slab at a time
-    (:func:`tiling.blended_uint8_of_parts`). ``own`` is never modified: a retried task gets it again.
+    The sums are integers below 2^53 (``check_fixed_headroom``); they are added in float64 (exactly
+    the same integers, and no conversion before the division, which works in float64 anyway), a
+    cache-sized slab at a time (:func:`tiling.blended_uint8_of_parts`). ``own`` is never modified:
+    a retried task gets it again.
     """
     counts, own = prepared
     write = work.write_roi
@@ -105,7 +105,7 @@ def blend_block(job: Job, work: BlockWork, prepared: tuple[dict, np.ndarray | No
         piece = own if dep == work.index else job.scratch.load_piece(dep, work.index, common.shape)
         if piece is not None:
             parts.append((common.relative_to(write).to_slices(), piece))
-    out = blended_uint8_of_parts(parts, denominator, np.float64 if sums_fit_float(job.grid) else np.int64)
+    out = blended_uint8_of_parts(parts, denominator)
     if job.mask is not None:
         out[job.mask.read(write) == 0] = 0
     job.output.write(write, out)
@@ -126,10 +126,3 @@ def _workspace(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     if array is None or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
         array = cache[name] = np.empty(tuple(shape), dtype=dtype)
     return array
-
-
-def sums_fit_float(grid: TileGrid) -> bool:
-    """Whether float64 holds every voxel's fixed-point sum exactly: at most ``grid.max_cover()``
-    contributions of at most 2^FIXED_BITS each, so below 2^53 when that is at most
-    :data:`tiling.FLOAT_EXACT_TILES` (27 at overlap 0.5, 1331 at 0.9)."""
-    return grid.max_cover() <= FLOAT_EXACT_TILES

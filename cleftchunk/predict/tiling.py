@@ -31,10 +31,12 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Coord, Roi, as_coord, tile_starts
 
-#: Fixed-point scale of the blending sums: contributions w·p ∈ [0, 1] become integers < 2**40.
-FIXED_BITS = 40
-#: Largest sum the fixed-point accumulators may reach (int64 with headroom).
-FIXED_LIMIT = 2**62
+#: Fixed-point scale of the blending sums: contributions w·p ∈ [0, 1] become integers ≤ 2**24.
+#: 24 bits keep a voxel's sums in int32 up to 127 covering tiles (every overlap up to 0.75), so a
+#: block's sums, its spills and its denominators take 4 bytes a voxel; the quantum 2^-24 moves
+#: 255·Σw·p/Σw by at most 255 · cover · 2^-24 / Σw (below 0.001 where Σw ≥ 1/2, at overlap 0.5),
+#: so it changes a byte of the output only for values within that of a rounding boundary.
+FIXED_BITS = 24
 BLEND_MODES = ("gaussian", "constant")
 
 
@@ -148,16 +150,25 @@ def to_fixed(values: np.ndarray) -> np.ndarray:
 
 
 def check_fixed_headroom(grid: TileGrid) -> None:
-    if grid.max_cover() * 2**FIXED_BITS >= FIXED_LIMIT:
+    """Refuse a grid whose sums float64 could not hold exactly (every step of the engine relies on it)."""
+    if grid.max_cover() > FLOAT_EXACT_TILES:
         raise CleftchunkError(
             f"overlap too high: up to {grid.max_cover()} tiles cover a voxel; use a smaller --overlap"
         )
 
 
-#: Integers below 2**53 are exact in float64, so a float64 array may hold fixed-point sums exactly
-#: while every sum stays below it: FLOAT_EXACT_TILES contributions q(w·p) ≤ 2**FIXED_BITS at most
-#: (w ≤ 1 and probabilities p ∈ [0, 1]).
+#: Integers below 2**53 are exact in float64, so float64 arithmetic on fixed-point sums is integer
+#: arithmetic while every sum stays below it: FLOAT_EXACT_TILES contributions q(w·p) ≤ 2**FIXED_BITS
+#: at most (w ≤ 1 and probabilities p ∈ [0, 1]); :func:`check_fixed_headroom` refuses more.
 FLOAT_EXACT_TILES = 2 ** (53 - FIXED_BITS) - 1
+#: Covering tiles at most for every sum to fit int32 (127 at 24 fractional bits).
+INT32_TILES = (2**31 - 1) // 2**FIXED_BITS
+
+
+def sums_dtype(grid: TileGrid) -> np.dtype:
+    """The integer type that holds every fixed-point sum of ``grid``: int32 while at most
+    :data:`INT32_TILES` tiles cover a voxel (overlap ≤ 0.75), else int64."""
+    return np.dtype(np.int32 if grid.max_cover() <= INT32_TILES else np.int64)
 
 
 @functools.lru_cache(maxsize=8)
@@ -252,7 +263,7 @@ def blended_uint8_torch(numerator, denominator):
 
 # -- denominators: Σ q(w) over a region, from per-axis shift sums --------------------------
 def block_denominator(grid: TileGrid, blend: str, roi: Roi) -> np.ndarray:
-    """Σ q(w) over ``roi`` of every tile of ``grid`` (int64, read-only).
+    """Σ q(w) over ``roi`` of every tile of ``grid`` (read-only, in :func:`sums_dtype`).
 
     It depends only on where the tiles start relative to ``roi``, so it is cached by those
     offsets: interior blocks of a volume share one entry.
@@ -261,34 +272,35 @@ def block_denominator(grid: TileGrid, blend: str, roi: Roi) -> np.ndarray:
         tuple(s - b for s in starts if s < e and s + w > b)
         for starts, w, b, e in zip(grid.starts, grid.window, roi.begin, roi.end)
     )
-    return _denominator(relative, roi.shape, grid.window, blend)
+    return _denominator(relative, roi.shape, grid.window, blend, sums_dtype(grid).str)
 
 
 # Two entries: blocks in raster order meet the interior key again and again (one block-sized
-# int64 array each: 64 MiB for 32×512×512 blocks, so not more).
+# int32 array each: 32 MiB for 32×512×512 blocks, so not more).
 @functools.lru_cache(maxsize=2)
-def _denominator(relative: tuple[tuple[int, ...], ...], shape: Coord, window: Coord, blend: str) -> np.ndarray:
-    return _read_only(separable_denominator(fixed_weights(window, blend), relative, shape))
+def _denominator(relative: tuple[tuple[int, ...], ...], shape: Coord, window: Coord, blend: str, dtype: str) -> np.ndarray:
+    return _read_only(separable_denominator(fixed_weights(window, blend), relative, shape, np.dtype(dtype)))
 
 
-def separable_denominator(q: np.ndarray, relative: Sequence[Sequence[int]], shape: Sequence[int]) -> np.ndarray:
+def separable_denominator(q: np.ndarray, relative: Sequence[Sequence[int]], shape: Sequence[int], dtype=np.int64) -> np.ndarray:
     """D[v] = Σ_{i,j,k} q[v − (z_i, y_j, x_k)] over the in-range terms, for tiles at the product of
     per-axis ``relative`` starts: one axis at a time (shift-sum along x, then y, then z).
 
     q itself is not separable (float32 rounding, the clamp), but the sum over a product grid of
     shifts is a product of per-axis shift-sums, and integer addition is exact in any order, so
-    this equals the tile-by-tile sum bit for bit, at about a quarter of its additions.
+    this equals the tile-by-tile sum bit for bit, at about a quarter of its additions. The last
+    (block-sized) pass sums straight into ``dtype``, which must hold the result (:func:`sums_dtype`).
     """
     out = np.asarray(q, dtype=np.int64)
     for axis in reversed(range(out.ndim)):
-        out = _shift_sum(out, relative[axis], axis, shape[axis])
+        out = _shift_sum(out, relative[axis], axis, shape[axis], dtype if axis == 0 else np.int64)
     return out
 
 
-def _shift_sum(src: np.ndarray, starts: Sequence[int], axis: int, length: int) -> np.ndarray:
+def _shift_sum(src: np.ndarray, starts: Sequence[int], axis: int, length: int, dtype=np.int64) -> np.ndarray:
     """out[..., X, ...] = Σ_s src[..., X − s, ...] for X in [0, length), X − s in [0, W)."""
     w = src.shape[axis]
-    out = np.zeros(src.shape[:axis] + (length,) + src.shape[axis + 1 :], dtype=np.int64)
+    out = np.zeros(src.shape[:axis] + (length,) + src.shape[axis + 1 :], dtype=dtype)
     head = (slice(None),) * axis
     for s in starts:
         lo, hi = max(s, 0), min(s + w, length)
