@@ -51,14 +51,14 @@ def test_separable_denominator_equals_tile_by_tile_sums(seed):
         roi = Roi(begin, tuple(int(n) for n in rng.integers(1, 30, 3)))
         got = block_denominator(grid, blend, roi)
         np.testing.assert_array_equal(got, brute_force_denominator(grid, blend, roi))
-        assert got.dtype == sums_dtype(grid) and not got.flags.writeable
+        assert got.dtype == sums_dtype(grid) and not got.planes.flags.writeable
 
 
 def test_denominators_of_interior_blocks_are_shared():
     grid = TileGrid.over(Roi((0, 0, 0), (64, 256, 256)), (8, 32, 32), 0.5, pad=True)
     a = block_denominator(grid, "gaussian", Roi((16, 64, 64), (16, 64, 64)))
     b = block_denominator(grid, "gaussian", Roi((32, 128, 64), (16, 64, 64)))  # same phase: same offsets
-    assert a is b
+    assert a.planes is b.planes
     np.testing.assert_array_equal(a, brute_force_denominator(grid, "gaussian", Roi((32, 128, 64), (16, 64, 64))))
 
 
@@ -259,3 +259,33 @@ def test_blending_the_parts_slab_by_slab_equals_blending_their_sum(dtype, monkey
         parts.append((where, part.astype(np.float64) if dtype == np.float64 and rng.integers(2) else part))
     got = tiling.blended_uint8_of_parts(parts, den, dtype)
     np.testing.assert_array_equal(got, blended_uint8(total, den))
+
+
+def test_blending_with_the_denominator_summed_slab_by_slab_equals_the_whole_denominator(monkeypatch):
+    """The blend sums each z-slab of Σ q(w) from the cached y–x planes: the bytes of blending with
+    the whole block's denominator, for blocks at the volume's edges and inside, slabs of any depth."""
+    import cleftchunk.predict.tiling as tiling
+
+    grid = TileGrid.over(Roi((0, 0, 0), (40, 60, 50)), (8, 16, 16), 0.5, pad=True)
+    rng = np.random.default_rng(7)
+    for slab in (1, 3, 7):
+        monkeypatch.setattr(tiling, "_BLEND_SLAB", slab * 20 * 30)
+        for begin in ((0, 0, 0), (12, 20, 10), (28, 40, 30)):
+            roi = Roi(begin, (12, 20, 20))
+            den = block_denominator(grid, "gaussian", roi)
+            whole = np.asarray(den)
+            np.testing.assert_array_equal(whole, brute_force_denominator(grid, "gaussian", roi))
+            part = (whole * rng.random(whole.shape)).astype(np.int64)
+            parts = [((slice(0, 12), slice(0, 20), slice(0, 20)), part)]
+            np.testing.assert_array_equal(tiling.blended_uint8_of_parts(parts, den), blended_uint8(part, whole))
+
+
+def test_tune_malloc_sets_glibcs_options_on_linux_and_nothing_elsewhere(monkeypatch):
+    import sys
+
+    from cleftchunk.backend import tune_malloc
+
+    if sys.platform.startswith("linux"):
+        assert tune_malloc() is True  # glibc accepted both options (mallopt returns 1)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert tune_malloc() is False

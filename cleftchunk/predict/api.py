@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cleftchunk.backend import usable_cores
+from cleftchunk.backend import tune_malloc, usable_cores
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import writes_output
 from cleftchunk.geometry import Coord, as_coord
@@ -153,6 +153,7 @@ def predict(
         if threaded:
             stack.enter_context(_torch_threads_restored())
             stack.enter_context(scratch.in_memory(_memory_spill_budget()))
+            tune_malloc()  # before the task threads exist: their arrays, freed, go back (see backend)
         if client is None:
             # A local CPU job needs no scheduler: plain threads of this process (distributed's
             # in-process cluster cost its import and start-up: about 0.5 CPU-s a run).

@@ -217,16 +217,19 @@ def blended_uint8(numerator: np.ndarray, denominator: np.ndarray, in_place: bool
     return out
 
 
-def blended_uint8_of_parts(parts: Sequence[tuple[tuple[slice, ...], np.ndarray]], denominator: np.ndarray, dtype=np.float64) -> np.ndarray:
+def blended_uint8_of_parts(parts: Sequence[tuple[tuple[slice, ...], np.ndarray]], denominator, dtype=np.float64) -> np.ndarray:
     """:func:`blended_uint8` of the sum of ``parts`` — (where, array of integers) pairs added into
     zeros of the denominator's shape — with that sum assembled one slab (along the first axis) at
-    a time in a cache-sized buffer of ``dtype``, never as a whole block. ``dtype`` float64 only
+    a time in a cache-sized buffer of ``dtype``, never as a whole block; so is the denominator
+    when it is a :class:`BlockDenominator`. ``dtype`` float64 only
     when the sums are below 2^53 (then its additions are the integer additions)."""
-    denominator = np.asarray(denominator)
-    shape = denominator.shape
+    if not isinstance(denominator, BlockDenominator):
+        denominator = np.asarray(denominator)
+    shape = tuple(denominator.shape)
     out = np.empty(shape, dtype=np.uint8)
     step = max(1, _BLEND_SLAB // max(1, math.prod(shape[1:])))
     buffer = np.empty((min(step, shape[0]),) + shape[1:], dtype=dtype)
+    den_buffer = np.empty(buffer.shape, dtype=denominator.dtype)
     for z0 in range(0, shape[0], step):
         z1 = min(z0 + step, shape[0])
         numerator = buffer[: z1 - z0]
@@ -235,7 +238,11 @@ def blended_uint8_of_parts(parts: Sequence[tuple[tuple[slice, ...], np.ndarray]]
             lo, hi = max(where[0].start, z0), min(where[0].stop, z1)
             if lo < hi:
                 numerator[(slice(lo - z0, hi - z0),) + tuple(where[1:])] += part[lo - where[0].start : hi - where[0].start]
-        out[z0:z1] = _blend_slab(numerator, denominator[z0:z1], in_place=dtype == np.float64)
+        if isinstance(denominator, BlockDenominator):
+            den = denominator.slab(z0, z1, den_buffer[: z1 - z0])
+        else:
+            den = denominator[z0:z1]
+        out[z0:z1] = _blend_slab(numerator, den, in_place=dtype == np.float64)
     return out
 
 
@@ -262,24 +269,66 @@ def blended_uint8_torch(numerator, denominator):
 
 
 # -- denominators: Σ q(w) over a region, from per-axis shift sums --------------------------
-def block_denominator(grid: TileGrid, blend: str, roi: Roi) -> np.ndarray:
-    """Σ q(w) over ``roi`` of every tile of ``grid`` (read-only, in :func:`sums_dtype`).
+@dataclass(frozen=True)
+class BlockDenominator:
+    """Σ q(w) over a block, held as its y–x shift-sum ``planes`` (one tile's depth × the block's
+    y–x extent: 8 MiB for 32×512×512 blocks and 8-deep tiles, shared by every block of the same
+    y–x phase) and the z starts of the tiles relative to the block; a z-slab of the block's
+    denominator is summed from them when the blend needs it (:meth:`slab`), so no block-sized
+    denominator is ever held (the z pass is the last step of :func:`separable_denominator`: the
+    same integers). ``np.asarray`` gives the whole block's."""
 
-    It depends only on where the tiles start relative to ``roi``, so it is cached by those
-    offsets: interior blocks of a volume share one entry.
+    planes: np.ndarray
+    z_starts: tuple[int, ...]
+    depth: int
+
+    @property
+    def shape(self) -> Coord:
+        return (self.depth,) + tuple(self.planes.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.planes.dtype
+
+    def slab(self, z0: int, z1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The denominator of z ∈ [z0, z1) (into ``out``, of that shape and ``dtype``, if given)."""
+        if out is None:
+            out = np.zeros((z1 - z0,) + self.shape[1:], dtype=self.dtype)
+        else:
+            out.fill(0)
+        w = self.planes.shape[0]
+        for s in self.z_starts:
+            lo, hi = max(s, z0), min(s + w, z1)
+            if lo < hi:
+                out[lo - z0 : hi - z0] += self.planes[lo - s : hi - s]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        whole = self.slab(0, self.depth)
+        return whole if dtype is None else whole.astype(dtype)
+
+
+def block_denominator(grid: TileGrid, blend: str, roi: Roi) -> BlockDenominator:
+    """Σ q(w) over ``roi`` of every tile of ``grid``, in :func:`sums_dtype` (see :class:`BlockDenominator`).
+
+    It depends only on where the tiles start relative to ``roi``; the y–x planes are cached by
+    the y and x offsets, so blocks of one y–x phase (every interior block) share them.
     """
     relative = tuple(
         tuple(s - b for s in starts if s < e and s + w > b)
         for starts, w, b, e in zip(grid.starts, grid.window, roi.begin, roi.end)
     )
-    return _denominator(relative, roi.shape, grid.window, blend, sums_dtype(grid).str)
+    planes = _yx_planes(relative[1], relative[2], roi.shape[1:], grid.window, blend, sums_dtype(grid).str)
+    return BlockDenominator(planes, relative[0], roi.shape[0])
 
 
-# Two entries: blocks in raster order meet the interior key again and again (one block-sized
-# int32 array each: 32 MiB for 32×512×512 blocks, so not more).
-@functools.lru_cache(maxsize=2)
-def _denominator(relative: tuple[tuple[int, ...], ...], shape: Coord, window: Coord, blend: str, dtype: str) -> np.ndarray:
-    return _read_only(separable_denominator(fixed_weights(window, blend), relative, shape, np.dtype(dtype)))
+# Eight entries: 8 MiB each for 512×512 blocks and 8-deep tiles (first, interior and last blocks
+# along y and x, and a few concurrent blends).
+@functools.lru_cache(maxsize=8)
+def _yx_planes(rel_y: tuple[int, ...], rel_x: tuple[int, ...], shape_yx: Coord, window: Coord, blend: str, dtype: str) -> np.ndarray:
+    """Σ over the y and x starts of shifted q: the first two passes of :func:`separable_denominator`."""
+    out = _shift_sum(fixed_weights(window, blend), rel_x, 2, shape_yx[1])
+    return _read_only(_shift_sum(out, rel_y, 1, shape_yx[0], np.dtype(dtype)))
 
 
 def separable_denominator(q: np.ndarray, relative: Sequence[Sequence[int]], shape: Sequence[int], dtype=np.int64) -> np.ndarray:
