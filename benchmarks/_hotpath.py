@@ -294,10 +294,11 @@ def kept_notes(path: Path) -> str:
 
 
 def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, save=lambda body: None, models: bool = False,
-            memory: bool = False) -> str:
+            memory: bool = False, scratch: bool = False) -> str:
     """The section's text; ``save(text so far)`` is called after each part (a long run killed
     half-way keeps what it measured). ``models``: also the real-model rows (tens of minutes);
-    ``memory``: also the real model's peak memory on a large volume (about 15 minutes)."""
+    ``memory``: also the real model's peak memory on two large volumes (about 40 minutes);
+    ``scratch``: also the scratch bytes of worker processes on a volume with interior blocks."""
     load_before = open("/proc/loadavg").read().split()[:3]
     parts = []
 
@@ -323,8 +324,57 @@ def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, sa
     for preset, shape, reps in cfg["model_rows"] if models else ():
         parts.insert(-1, model_rows(shape, cfg["null_window"], cfg["chunks"], preset, min(repeats, reps), helpers, work, threads)[0])
         save(text())
-    if memory and "memory_row" in cfg:
-        preset, shape, overlap = cfg["memory_row"]
+    if scratch and "scratch_shape" in cfg:
+        parts.insert(-1, scratch_rows(cfg, helpers["random_volume"], work, threads))
+        save(text())
+    for preset, shape, overlap in cfg.get("memory_rows", ()) if memory else ():
         parts.insert(-1, memory_rows(shape, cfg["null_window"], overlap, cfg["chunks"], preset, helpers, work, threads))
         save(text())
     return text()
+
+
+NULL_SCRATCH = NULL_MODEL + """
+import json
+from cleftchunk.predict import predict
+if __name__ == "__main__":
+    r = predict(Null(), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, block_shape={block!r}, workers=1, cores={threads},
+                overwrite=True, progress=False, log=lambda m: None)
+    print("RESULT", json.dumps({{"spill_bytes": r.spill_bytes}}))
+"""
+
+
+def scratch_rows(cfg: dict, random_volume, work: Path, threads: int) -> str:
+    """Scratch bytes through files: the null model in one worker process (spills go to scratch
+    files, each read back once) on a volume with interior blocks, for each block shape; bytes
+    per spilled voxel measured, and what they make of the plan's spill of a large volume."""
+    from cleftchunk.geometry import Roi
+    from cleftchunk.predict.params import PredictParams
+    from cleftchunk.predict.plan import make_plan
+
+    shape, window = cfg["scratch_shape"], cfg["null_window"]
+    spec = random_volume(shape, cfg["chunks"])
+    voxels = int(np.prod(shape))
+    rows = []
+    for block in cfg["scratch_blocks"]:
+        out = str(work / f"scratch_{'x'.join(map(str, block))}.zarr" / "pred")
+        run = measure(python_argv(NULL_SCRATCH.format(spec=spec, out=out, window=window, chunks=cfg["chunks"], block=block, threads=threads)))
+        written = json.loads(run.stdout.split("RESULT", 1)[1].split("\n")[0])["spill_bytes"]
+
+        def spilled(volume_shape):
+            roi = Roi.from_shape(volume_shape)
+            return make_plan(PredictParams(window, 0.5).grid(roi), roi, block).spill_voxels() / roi.size
+
+        here, big = spilled(shape), spilled(cfg["scratch_interior"])
+        per_spilled = written / max(1.0, here * voxels)
+        rows.append(["×".join(map(str, block)), f"{run.seconds:.1f}", f"{here:.3f}", f"{written / voxels:.2f}",
+                     f"{2 * written / voxels:.2f}", f"{per_spilled:.2f}", f"{big:.3f}", f"{2 * big * per_spilled:.2f}"])
+    header = ["block shape", "s (one run)", "spilled voxels per output voxel", "written B/vox", "traffic B/vox (written + read)",
+              "B per spilled voxel", f"spilled per output voxel, {'×'.join(map(str, cfg['scratch_interior']))} (plan)",
+              "PROJECTED traffic B/vox there"]
+    return (
+        f"#### Scratch through files: null model, one worker process, {'×'.join(map(str, shape))} uint8 ({voxels / 1e6:.0f} M voxels), "
+        f"window {'×'.join(map(str, window))}, overlap 0.5\n\n"
+        "Spills are the int32 sums (24 fractional bits) compressed with Blosc-zstd; each is read back once. The last column "
+        "applies the bytes per spilled voxel measured here to the plan's exact spill of the larger volume (random input: "
+        "the least compressible sums).\n\n" + markdown_table(header, rows) + "\n"
+    )

@@ -269,9 +269,11 @@ CONFIGS = {
         monai_shape=(16, 512, 512), monai_window=(8, 256, 256),
         null_shapes=[(32, 1024, 1024), (64, 1024, 1024)], null_window=(8, 256, 256),
         model_rows=[("small", (16, 512, 512), 3), ("default", (8, 512, 512), 1)],
-        # 134 M voxels: MONAI's whole-volume float buffers then outweigh both processes' torch and model
-        # memory; overlap 0.25 (525 tiles, not 1,519) keeps one run of each near 6 minutes on 2 cores
-        memory_row=("small", (128, 1024, 1024), 0.25),
+        # 134 and 268 M voxels: MONAI's whole-volume float buffers grow with the volume, ours should
+        # not; overlap 0.25 (525 tiles, not 1,519, at 128) keeps one run of each near 6 and 12 minutes
+        memory_rows=[("small", (128, 1024, 1024), 0.25), ("small", (256, 1024, 1024), 0.25)],
+        # scratch through files (worker processes): a volume with blocks inside it, both block shapes
+        scratch_shape=(128, 2048, 2048), scratch_blocks=[(32, 512, 512), (64, 1024, 1024)], scratch_interior=(1024, 8192, 8192),
     ),
     "mid": dict(
         eff_shape=(16, 512, 512), eff_window=(8, 256, 256), eff_overlap=0.0, eff_preset="default", chunks=(16, 256, 256),
@@ -301,7 +303,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="runs per contender (default: 1 full efficiency, 3 otherwise)")
     parser.add_argument("--eff-overlap", type=float, help="overlap of the efficiency run (full default 0: 64 tiles)")
     parser.add_argument("--hotpath-models", action="store_true", help="hotpath: also the real-model rows (tens of minutes)")
-    parser.add_argument("--hotpath-memory", action="store_true", help="hotpath: also a real model's peak memory on 128×1024×1024 (~15 min)")
+    parser.add_argument("--hotpath-memory", action="store_true", help="hotpath: also a real model's peak memory on 128 and 256×1024×1024 (~40 min)")
+    parser.add_argument("--hotpath-scratch", action="store_true", help="hotpath: also scratch bytes through files on 128×2048×2048 (~5 min)")
     parser.add_argument("--eff-sample", type=int, help="time the bare forward on this many tiles and scale (full default 8)")
     args = parser.parse_args()
     cfg = dict(CONFIGS["quick" if args.quick else "mid" if args.mid else "loaded" if args.loaded else "full"])
@@ -326,7 +329,7 @@ def main() -> None:
             print(f"wrote {write_fragment('predict-hotpath', 'Prediction: the hot path', body + notes)}", flush=True)
 
         save(hotpath(cfg, args.repeats or 3, helpers, WORK, CORES, save, models=args.hotpath_models,
-                      memory=args.hotpath_memory))
+                      memory=args.hotpath_memory, scratch=args.hotpath_scratch))
         if not sections:
             return
     for name in sections:  # --only "" just reassembles the fragment

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.predict import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, predict
+from cleftchunk.predict import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, WORKER_BLOCK_SHAPE, predict
 from cleftchunk.io.volumes import split_spec
 from cleftchunk.run.cluster import tls_security
 from cleftchunk_cli.options import parse_fraction, positive_zyx
@@ -39,7 +39,8 @@ from cleftchunk_cli.options import parse_fraction, positive_zyx
 @click.option("--tls-ca-file", type=click.Path(dir_okay=False), help="With --scheduler tls://...: CA certificate (PEM) that signed the cluster's certificates.")
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="With --scheduler tls://...: this client's certificate (PEM).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="With --scheduler tls://...: this client's private key (PEM).")
-@click.option("--block-shape", help=f"Block Z,Y,X, a multiple of the output chunks (default {','.join(map(str, DEFAULT_BLOCK_SHAPE))}).")
+@click.option("--block-shape", help=f"Block Z,Y,X, a multiple of the output chunks (default {','.join(map(str, DEFAULT_BLOCK_SHAPE))} "
+              f"on a local CPU job, {','.join(map(str, WORKER_BLOCK_SHAPE))} with worker processes or a cluster).")
 @click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (otherwise the same command resumes it).")
 @click.option("--retries", default=2, show_default=True, help="Retries of a failing block before it is reported.")

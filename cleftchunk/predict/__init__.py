@@ -62,7 +62,7 @@ The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.ru
 """
 
 from cleftchunk.predict.api import PredictResult, predict
-from cleftchunk.predict.params import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, GpuOutOfMemory, PredictParams
+from cleftchunk.predict.params import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, WORKER_BLOCK_SHAPE, GpuOutOfMemory, PredictParams
 from cleftchunk.predict.reference import predict_reference
 from cleftchunk.predict.runner import TileRunner
 
@@ -74,6 +74,7 @@ __all__ = [
     "PredictParams",
     "PredictResult",
     "TileRunner",
+    "WORKER_BLOCK_SHAPE",
     "predict",
     "predict_reference",
 ]

@@ -28,7 +28,7 @@ from cleftchunk.predict.tiling import (
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, create_like, open_volume
 from cleftchunk.io.volumes import exists as volume_exists
 from cleftchunk.predict.engine import Job, PredictResult, _execute
-from cleftchunk.predict.params import ATTR, DEFAULT_BLOCK_SHAPE, PRECISIONS, PREDICT_FORMAT, PredictParams
+from cleftchunk.predict.params import ATTR, DEFAULT_BLOCK_SHAPE, PRECISIONS, PREDICT_FORMAT, WORKER_BLOCK_SHAPE, PredictParams
 from cleftchunk.predict.plan import describe_run, make_plan, record_identity
 from cleftchunk.run.local import ThreadClient
 from cleftchunk.run.records import BlockRecord, remove_record
@@ -116,11 +116,11 @@ def predict(
     check_fixed_headroom(grid)
     _warn_if_small(volume, params, log)
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, volume.shape))
-    block_shape = _check_block_shape(block_shape, chunks, volume.shape)
+    threaded = client is None and scheduler is None and not gpus and not workers
+    block_shape = _check_block_shape(block_shape, chunks, volume.shape, DEFAULT_BLOCK_SHAPE if threaded else WORKER_BLOCK_SHAPE)
 
     ClusterSpec(workers=workers, cores=cores)  # checks workers and cores before any output exists
     plan = make_plan(grid, volume.roi, block_shape)
-    threaded = client is None and scheduler is None and not gpus and not workers
     if threaded:  # a local CPU job: threads of this process, one per core (see _in_process_threads)
         spec = ClusterSpec(workers=_in_process_threads(cores, len(plan)), cores=cores, processes=False, listen=listen, security=security)
     else:
@@ -320,9 +320,9 @@ def _warn_if_small(volume: Volume, params: PredictParams, log: Callable[[str], N
         )
 
 
-def _check_block_shape(block_shape: Sequence[int] | None, chunks: Coord, shape: Sequence[int]) -> Coord:
+def _check_block_shape(block_shape: Sequence[int] | None, chunks: Coord, shape: Sequence[int], default: Coord = DEFAULT_BLOCK_SHAPE) -> Coord:
     if block_shape is None:
-        block_shape = tuple(max(c, (b // c) * c) for b, c in zip(DEFAULT_BLOCK_SHAPE, chunks))
+        block_shape = tuple(max(c, (b // c) * c) for b, c in zip(default, chunks))
     block_shape = tuple(int(b) for b in block_shape)
     if len(block_shape) != 3 or any(b <= 0 for b in block_shape):
         raise CleftchunkError(f"block shape {block_shape} must be 3 positive extents z,y,x")

@@ -17,7 +17,14 @@ from cleftchunk.predict.tiling import (
 
 PREDICT_FORMAT = "cleftchunk-predict/2"  # 2: sums at 24 fractional bits (1: 40)
 ATTR = "cleftchunk_predict"
+#: Blocks of a local CPU job (its task threads hand spills over in memory: small blocks, small peak).
 DEFAULT_BLOCK_SHAPE = (32, 512, 512)
+#: Blocks when tasks run in worker processes (GPUs, --workers, a cluster): spills go through
+#: scratch files, and a block 8× larger spills 0.30 instead of 0.71 of its voxels at overlap 0.5
+#: (interior of a large volume; the plan's count): about 0.7 bytes per output voxel written as
+#: compressed int32, 1.4 of traffic, where 32×512×512 blocks write 1.7 (benchmarks/RESULTS.md);
+#: and an eighth of the tasks. Each worker then holds about 1 GiB of block-sized arrays.
+WORKER_BLOCK_SHAPE = (64, 1024, 1024)
 TTA_CHOICES = (1, 4, 8, 16)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
