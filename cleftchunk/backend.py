@@ -34,22 +34,21 @@ def configure_torch(threads: int | None = None, *, cudnn_benchmark: bool | None 
         torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
-#: glibc's mallopt parameters (malloc.h).
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
-#: Arrays from this size on are mapped and unmapped by glibc rather than kept in its heaps.
-MMAP_THRESHOLD = 4 << 20
+#: glibc's mallopt parameter (malloc.h): the most malloc arenas (heaps) the process may have.
+_M_ARENA_MAX = -8
 
 
 def tune_malloc(arenas: int = 2) -> bool:
-    """Keep the process's freed block-sized arrays from piling up in glibc's heaps (Linux only;
-    elsewhere nothing is done and False is returned).
+    """Keep the process's freed block-sized arrays from piling up in glibc's heaps (Linux with
+    glibc only; elsewhere nothing is done and False is returned).
 
-    Task threads each get a malloc arena, and glibc raises its mmap threshold to the largest
-    array freed so far (up to 32 MiB), so block-sized arrays freed by one thread's blend stay in
-    that thread's heap, unusable by the others: measured, a null-model predict of 128×1024×1024
-    peaked at 830–880 MiB of RSS with 375–400 MiB of live arrays; with two arenas and a fixed
-    4 MiB threshold it peaked at 701 MiB, as fast (benchmarks/RESULTS.md). Process-wide and for
-    the process's life: predict calls it for the task threads it starts, before they start."""
+    Each task thread otherwise gets a malloc arena of its own, and a block-sized array freed in
+    one thread's arena is of no use to the others: measured, a null-model predict of
+    128×1024×1024 peaked at 830–960 MiB of RSS with 375–400 MiB of live arrays, and at 740–830
+    MiB with two arenas, as fast (benchmarks/RESULTS.md). (A fixed 4 MiB mmap threshold as well
+    brought it to 700 MiB but cost a real model 35 % more CPU: every activation was mapped afresh.)
+    Process-wide and for the process's life: predict calls it for the task threads it starts,
+    before they start."""
     import ctypes
     import ctypes.util
     import sys
@@ -57,8 +56,7 @@ def tune_malloc(arenas: int = 2) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc (e.g. musl): leave its allocator alone
         return False
-    return bool(mallopt(_M_ARENA_MAX, int(arenas))) and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    return bool(mallopt(_M_ARENA_MAX, int(arenas)))
