@@ -618,3 +618,26 @@ def test_spills_over_the_memory_budget_go_to_disk(tmp_path):
         assert scratch.spill_stats((0, 0, 0)) is None
         assert scratch.save_spill((0, 0, 2), {(0, 0, 3): piece}, {"tiles": 1})["spill_memory_bytes"] == piece.nbytes  # room again
     assert scratch.spill_stats((0, 0, 2)) is None  # forgotten with the run
+
+
+@pytest.mark.parametrize("where", ["threads", "processes-free cluster"])
+def test_the_device_path_keeps_sums_as_tensors_and_blends_them_to_the_same_bytes(tmp_path, raw_spec, monkeypatch, where):
+    """The GPU code path — own sums kept as torch tensors, the blend in torch, only uint8 back —
+    run on the CPU (no GPU here): the reference's bytes, spills in memory or through files."""
+    import torch
+
+    import cleftchunk.predict.tasks as tasks
+
+    raw, spec = raw_spec
+    model = tiny_model()
+    monkeypatch.setattr(tasks, "_TORCH_PATH_ON_CPU", True)
+    seen = []
+    blended = tasks._blended_on_device
+    monkeypatch.setattr(tasks, "_blended_on_device", lambda parts, den, device: seen.append(device) or blended(parts, den, device))
+    out = str(tmp_path / "out.zarr" / "pred")
+    options = dict(gpus=0) if where == "threads" else dict(workers=2, processes=False)
+    result = predict(model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=(4, 16, 16), **options, **QUIET)
+    np.testing.assert_array_equal(read(out), predict_reference(model, raw, WINDOW, pad=True))
+    # every block whose own tiles ran went through the torch blend (those owning none have no sums to keep)
+    assert seen and all(d == torch.device("cpu") for d in seen)
+    assert result.blocks // 2 < len(seen) <= result.blocks

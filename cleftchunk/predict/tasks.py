@@ -7,11 +7,19 @@
 - *blend* (:func:`blend_block`): add its own part and the pieces its dependency blocks spilled
   into it, divide by the summed weights, write the block's output chunks.
 
+On a GPU worker the tiles task keeps the sums on the device: only the spill pieces are copied to
+the host, and the own part stays there as a tensor — the blend task's input, so Dask prefers to
+run the blend on that worker (moving it would cost its bytes; if it does move, the tensor travels
+pickled and lands on the other worker's GPU) — and the blend adds the pieces into it, divides and
+rounds on the device: only the uint8 block comes back. Not yet run on a GPU (none was lent); the
+same torch code is tested on the CPU (``_TORCH_PATH_ON_CPU``).
+
 See :mod:`cleftchunk.predict` for why the result does not depend on the block shape.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 
@@ -22,6 +30,7 @@ from cleftchunk.predict.tiling import (
     TileGrid,
     block_denominator,
     blended_uint8_of_parts,
+    blended_uint8_torch,
     reflect_read,
     sums_dtype,
     weights_for,
@@ -73,18 +82,24 @@ def run_block_tiles(job: Job, work: BlockWork, own: bool, source: ModelSource) -
         before = runner.tiles_run
         weights = weights_for(job.params.window, job.params.blend)
         dtype = sums_dtype(job.grid)
-        partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights, dtype=dtype,
-                                    out=None if runner.cuda else _workspace("sums", roi.shape, dtype))
+        if runner.cuda or _TORCH_PATH_ON_CPU:  # the sums stay on the device (see blend_block)
+            partial = runner.accumulate_tensor((raw[s] for s in to_run), to_run, roi.shape, weights, dtype)
+        else:
+            partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights, dtype=dtype,
+                                        out=_workspace("sums", roi.shape, dtype))
         counts["run"] = runner.tiles_run - before
     if saved is None:
         pieces = {} if partial is None else {
-            user: partial[roi.intersect(write).relative_to(roi).to_slices()] for user, write in work.users if user != work.index
+            user: _on_host(partial[roi.intersect(write).relative_to(roi).to_slices()]) for user, write in work.users if user != work.index
         }
         counts.update(job.scratch.save_spill(work.index, pieces, {"tiles": len(tiles)}))
     if not own or partial is None:
         return counts, None
-    # a copy, always: ``partial`` may be this thread's workspace, which its next task overwrites
-    return counts, np.array(partial[roi.intersect(work.write_roi).relative_to(roi).to_slices()], copy=True)
+    own_sums = partial[roi.intersect(work.write_roi).relative_to(roi).to_slices()]
+    if _is_tensor(own_sums):  # stays on the device; a copy, so that the rest of the tiles' sums is freed
+        return counts, own_sums.clone()
+    # a copy, always: ``partial`` is this thread's workspace, which its next task overwrites
+    return counts, np.array(own_sums, copy=True)
 
 
 def blend_block(job: Job, work: BlockWork, prepared: tuple[dict, np.ndarray | None]) -> dict:
@@ -105,11 +120,44 @@ def blend_block(job: Job, work: BlockWork, prepared: tuple[dict, np.ndarray | No
         piece = own if dep == work.index else job.scratch.load_piece(dep, work.index, common.shape)
         if piece is not None:
             parts.append((common.relative_to(write).to_slices(), piece))
-    out = blended_uint8_of_parts(parts, denominator)
+    if _is_tensor(own):  # a GPU worker: add, divide and round on the device; only uint8 comes back
+        out = _blended_on_device(parts, denominator, own.device)
+    else:
+        out = blended_uint8_of_parts(parts, denominator)
     if job.mask is not None:
         out[job.mask.read(write) == 0] = 0
     job.output.write(write, out)
     return {**counts, "voxels": write.size}
+
+
+#: Run the GPU code path (sums kept as torch tensors, the blend in torch) on the CPU: for tests,
+#: which have no GPU. Its arithmetic is the numpy path's, operation for operation.
+_TORCH_PATH_ON_CPU = False
+
+
+def _is_tensor(value) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
+
+
+def _on_host(sums):
+    """A spill piece as a numpy array (copied from the device when it is a tensor there)."""
+    return sums.cpu().numpy() if _is_tensor(sums) else sums
+
+
+def _blended_on_device(parts, denominator, device) -> np.ndarray:
+    """:func:`tiling.blended_uint8_of_parts` in torch on ``device``: the parts (the block's own sums,
+    already there, and the spill pieces from the host) added into a float64 numerator — exact, the
+    sums being integers below 2^53 — then :func:`tiling.blended_uint8_torch` (the same IEEE
+    operations as the host's, so the same bytes); only the uint8 block comes back."""
+    import torch
+
+    numerator = torch.zeros(tuple(denominator.shape), dtype=torch.float64, device=device)
+    for where, part in parts:
+        tensor = part if _is_tensor(part) else torch.from_numpy(np.require(part, requirements="CW"))  # (read-only pieces from files: copied)
+        numerator[where].add_(tensor.to(device=device, dtype=torch.float64))
+    den = torch.from_numpy(np.asarray(denominator)).to(device)
+    return blended_uint8_torch(numerator, den).cpu().numpy()
 
 
 _WORKSPACE = threading.local()
