@@ -632,8 +632,8 @@ def test_the_device_path_keeps_sums_as_tensors_and_blends_them_to_the_same_bytes
     model = tiny_model()
     monkeypatch.setattr(tasks, "_TORCH_PATH_ON_CPU", True)
     seen = []
-    blended = tasks._blended_on_device
-    monkeypatch.setattr(tasks, "_blended_on_device", lambda parts, den, device: seen.append(device) or blended(parts, den, device))
+    blended = tasks.blended_uint8_of_parts_torch
+    monkeypatch.setattr(tasks, "blended_uint8_of_parts_torch", lambda parts, den, device: seen.append(device) or blended(parts, den, device))
     out = str(tmp_path / "out.zarr" / "pred")
     options = dict(gpus=0) if where == "threads" else dict(workers=2, processes=False)
     result = predict(model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=(4, 16, 16), **options, **QUIET)

@@ -225,7 +225,8 @@ def describe_run(plan: Plan, volume, mask, params, spec) -> str:
     """The plan as a user checks it before submitting: blocks, tiles, tasks, scratch bytes,
     memory per worker and output bytes, all from the per-axis tables (nothing is materialized)."""
     n, voxels = len(plan), plan.volume_roi.size
-    sums = sums_dtype(plan.grid).itemsize  # bytes of a voxel's sums (int32 up to overlap 0.75)
+    sums_type = sums_dtype(plan.grid)
+    sums = sums_type.itemsize  # bytes of a voxel's sums (int32 up to overlap 0.75)
     spill = sums * plan.spill_voxels()  # before compression
     layers = max(1, plan.shape[0])
     tiles_shape = plan.max_tiles_shape()
@@ -242,7 +243,7 @@ def describe_run(plan: Plan, volume, mask, params, spec) -> str:
         f"  volume {volume.shape} {volume.dtype} ({_bytes(voxels * volume.dtype.itemsize)}); output uint8 {_bytes(voxels)} before compression",
         f"  tasks: {2 * n} ({n} tiles + {n} blend), streamed in raster order, at most 4 per worker thread in flight ({workers} workers)",
         f"  tiles: {plan.grid.count} in the grid, {plan.owners()} blocks own some; largest block's tiles span {tiles_shape}",
-        f"  scratch: {_bytes(spill)} written in all ({spill / max(voxels, 1):.2f} bytes per output voxel, {sums_dtype(plan.grid)} before compression), "
+        f"  scratch: {_bytes(spill)} written in all ({spill / max(voxels, 1):.2f} bytes per output voxel, {sums_type} before compression), "
         f"about {_bytes(2 * spill / layers)} at once (two layers of blocks)"
         + ("; here in memory instead (task threads of one process), up to a quarter of the available memory (at most 4 GiB)" if spec.in_process and not spec.scheduler else ""),
         f"  memory per worker task thread: about {_bytes(memory)} (plus the model)",

@@ -17,7 +17,7 @@ from cleftchunk.intensity import FULL_SCALE, check_unit_range
 from cleftchunk.backend import configure_torch
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Coord
-from cleftchunk.predict.tiling import blended_uint8_torch, fixed_scaled
+from cleftchunk.predict.tiling import blended_uint8_of_parts_torch, fixed_scaled
 from cleftchunk.predict.params import GpuOutOfMemory, PredictParams
 
 
@@ -104,10 +104,11 @@ class TileRunner:
         total = torch.zeros(tuple(shape), dtype=_torch_int(dtype), device=self.device)
         scaled = torch.from_numpy(fixed_scaled(weights)).to(self.device)
         product = torch.empty(scaled.shape, dtype=torch.float64, device=self.device)
+        rounded = torch.empty(scaled.shape, dtype=total.dtype, device=self.device)  # torch adds no float into ints in place
         for at, p in zip(where, self.run_tensors(tiles)):
             torch.mul(p, scaled, out=product)  # float32 · float64 → float64, exact
-            product.round_()
-            total[at].add_(product.to(total.dtype))
+            rounded.copy_(product.round_())  # integers: the conversion is exact
+            total[at].add_(rounded)
         return total
 
     def _accumulate_numpy(self, tiles, where, shape, weights, dtype=np.int64, out: np.ndarray | None = None) -> np.ndarray:
@@ -128,10 +129,7 @@ class TileRunner:
 
     def blend(self, numerator, denominator: np.ndarray) -> np.ndarray:
         """round(255 · Σw·p / Σw) on the runner's device; only the uint8 result comes back."""
-        torch = self.torch
-        num = numerator if isinstance(numerator, torch.Tensor) else torch.from_numpy(np.asarray(numerator))
-        den = torch.from_numpy(np.asarray(denominator)).to(self.device)
-        return blended_uint8_torch(num.to(self.device), den).cpu().numpy()
+        return blended_uint8_of_parts_torch([((), numerator)], denominator, self.device)
 
     def _launch(self, batch: list[np.ndarray]):
         torch = self.torch

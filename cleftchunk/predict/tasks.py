@@ -30,7 +30,7 @@ from cleftchunk.predict.tiling import (
     TileGrid,
     block_denominator,
     blended_uint8_of_parts,
-    blended_uint8_torch,
+    blended_uint8_of_parts_torch,
     reflect_read,
     sums_dtype,
     weights_for,
@@ -121,7 +121,7 @@ def blend_block(job: Job, work: BlockWork, prepared: tuple[dict, np.ndarray | No
         if piece is not None:
             parts.append((common.relative_to(write).to_slices(), piece))
     if _is_tensor(own):  # a GPU worker: add, divide and round on the device; only uint8 comes back
-        out = _blended_on_device(parts, denominator, own.device)
+        out = blended_uint8_of_parts_torch(parts, denominator, own.device)
     else:
         out = blended_uint8_of_parts(parts, denominator)
     if job.mask is not None:
@@ -143,21 +143,6 @@ def _is_tensor(value) -> bool:
 def _on_host(sums):
     """A spill piece as a numpy array (copied from the device when it is a tensor there)."""
     return sums.cpu().numpy() if _is_tensor(sums) else sums
-
-
-def _blended_on_device(parts, denominator, device) -> np.ndarray:
-    """:func:`tiling.blended_uint8_of_parts` in torch on ``device``: the parts (the block's own sums,
-    already there, and the spill pieces from the host) added into a float64 numerator — exact, the
-    sums being integers below 2^53 — then :func:`tiling.blended_uint8_torch` (the same IEEE
-    operations as the host's, so the same bytes); only the uint8 block comes back."""
-    import torch
-
-    numerator = torch.zeros(tuple(denominator.shape), dtype=torch.float64, device=device)
-    for where, part in parts:
-        tensor = part if _is_tensor(part) else torch.from_numpy(np.require(part, requirements="CW"))  # (read-only pieces from files: copied)
-        numerator[where].add_(tensor.to(device=device, dtype=torch.float64))
-    den = torch.from_numpy(np.asarray(denominator)).to(device)
-    return blended_uint8_torch(numerator, den).cpu().numpy()
 
 
 _WORKSPACE = threading.local()

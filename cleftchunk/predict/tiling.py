@@ -229,7 +229,8 @@ def blended_uint8_of_parts(parts: Sequence[tuple[tuple[slice, ...], np.ndarray]]
     out = np.empty(shape, dtype=np.uint8)
     step = max(1, _BLEND_SLAB // max(1, math.prod(shape[1:])))
     buffer = np.empty((min(step, shape[0]),) + shape[1:], dtype=dtype)
-    den_buffer = np.empty(buffer.shape, dtype=denominator.dtype)
+    sliced = isinstance(denominator, BlockDenominator)
+    den_buffer = np.empty(buffer.shape, dtype=denominator.dtype) if sliced else None
     for z0 in range(0, shape[0], step):
         z1 = min(z0 + step, shape[0])
         numerator = buffer[: z1 - z0]
@@ -238,10 +239,7 @@ def blended_uint8_of_parts(parts: Sequence[tuple[tuple[slice, ...], np.ndarray]]
             lo, hi = max(where[0].start, z0), min(where[0].stop, z1)
             if lo < hi:
                 numerator[(slice(lo - z0, hi - z0),) + tuple(where[1:])] += part[lo - where[0].start : hi - where[0].start]
-        if isinstance(denominator, BlockDenominator):
-            den = denominator.slab(z0, z1, den_buffer[: z1 - z0])
-        else:
-            den = denominator[z0:z1]
+        den = denominator.slab(z0, z1, den_buffer[: z1 - z0]) if sliced else denominator[z0:z1]
         out[z0:z1] = _blend_slab(numerator, den, in_place=dtype == np.float64)
     return out
 
@@ -268,6 +266,21 @@ def blended_uint8_torch(numerator, denominator):
     return p.to(torch.uint8)
 
 
+def blended_uint8_of_parts_torch(parts, denominator, device) -> np.ndarray:
+    """:func:`blended_uint8_of_parts` in torch on ``device`` (e.g. a GPU): the parts — tensors
+    there already, or host arrays — added into a float64 numerator (exact: integers below 2^53),
+    then :func:`blended_uint8_torch`; only the uint8 block comes back to the host."""
+    import torch
+
+    numerator = torch.zeros(tuple(denominator.shape), dtype=torch.float64, device=device)
+    for where, part in parts:
+        if not isinstance(part, torch.Tensor):  # (read-only pieces from files are copied: torch needs writable memory)
+            part = torch.from_numpy(np.require(part, requirements="CW"))
+        numerator[where].add_(part.to(device=device, dtype=torch.float64))
+    den = torch.from_numpy(np.asarray(denominator)).to(device)
+    return blended_uint8_torch(numerator, den).cpu().numpy()
+
+
 # -- denominators: Σ q(w) over a region, from per-axis shift sums --------------------------
 @dataclass(frozen=True)
 class BlockDenominator:
@@ -291,17 +304,9 @@ class BlockDenominator:
         return self.planes.dtype
 
     def slab(self, z0: int, z1: int, out: np.ndarray | None = None) -> np.ndarray:
-        """The denominator of z ∈ [z0, z1) (into ``out``, of that shape and ``dtype``, if given)."""
-        if out is None:
-            out = np.zeros((z1 - z0,) + self.shape[1:], dtype=self.dtype)
-        else:
-            out.fill(0)
-        w = self.planes.shape[0]
-        for s in self.z_starts:
-            lo, hi = max(s, z0), min(s + w, z1)
-            if lo < hi:
-                out[lo - z0 : hi - z0] += self.planes[lo - s : hi - s]
-        return out
+        """The denominator of z ∈ [z0, z1) (into ``out``, of that shape and ``dtype``, if given):
+        the z pass of :func:`separable_denominator` over those sections only."""
+        return _shift_sum(self.planes, [s - z0 for s in self.z_starts], 0, z1 - z0, self.dtype, out)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         whole = self.slab(0, self.depth)
@@ -327,8 +332,13 @@ def block_denominator(grid: TileGrid, blend: str, roi: Roi) -> BlockDenominator:
 @functools.lru_cache(maxsize=8)
 def _yx_planes(rel_y: tuple[int, ...], rel_x: tuple[int, ...], shape_yx: Coord, window: Coord, blend: str, dtype: str) -> np.ndarray:
     """Σ over the y and x starts of shifted q: the first two passes of :func:`separable_denominator`."""
-    out = _shift_sum(fixed_weights(window, blend), rel_x, 2, shape_yx[1])
-    return _read_only(_shift_sum(out, rel_y, 1, shape_yx[0], np.dtype(dtype)))
+    return _read_only(_yx_sums(fixed_weights(window, blend), rel_y, rel_x, shape_yx, np.dtype(dtype)))
+
+
+def _yx_sums(q: np.ndarray, rel_y: Sequence[int], rel_x: Sequence[int], shape_yx: Sequence[int], dtype) -> np.ndarray:
+    """The x then y passes of :func:`separable_denominator` (the y pass straight into ``dtype``)."""
+    out = _shift_sum(np.asarray(q, dtype=np.int64), rel_x, 2, shape_yx[1])
+    return _shift_sum(out, rel_y, 1, shape_yx[0], dtype)
 
 
 def separable_denominator(q: np.ndarray, relative: Sequence[Sequence[int]], shape: Sequence[int], dtype=np.int64) -> np.ndarray:
@@ -340,16 +350,19 @@ def separable_denominator(q: np.ndarray, relative: Sequence[Sequence[int]], shap
     this equals the tile-by-tile sum bit for bit, at about a quarter of its additions. The last
     (block-sized) pass sums straight into ``dtype``, which must hold the result (:func:`sums_dtype`).
     """
-    out = np.asarray(q, dtype=np.int64)
-    for axis in reversed(range(out.ndim)):
-        out = _shift_sum(out, relative[axis], axis, shape[axis], dtype if axis == 0 else np.int64)
-    return out
+    planes = _yx_sums(q, relative[1], relative[2], shape[1:], dtype)
+    return _shift_sum(planes, relative[0], 0, shape[0], dtype)
 
 
-def _shift_sum(src: np.ndarray, starts: Sequence[int], axis: int, length: int, dtype=np.int64) -> np.ndarray:
-    """out[..., X, ...] = Σ_s src[..., X − s, ...] for X in [0, length), X − s in [0, W)."""
+def _shift_sum(src: np.ndarray, starts: Sequence[int], axis: int, length: int, dtype=np.int64,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """out[..., X, ...] = Σ_s src[..., X − s, ...] for X in [0, length), X − s in [0, W) (into
+    ``out``, of that shape and ``dtype``, when given)."""
     w = src.shape[axis]
-    out = np.zeros(src.shape[:axis] + (length,) + src.shape[axis + 1 :], dtype=dtype)
+    if out is None:
+        out = np.zeros(src.shape[:axis] + (length,) + src.shape[axis + 1 :], dtype=dtype)
+    else:
+        out.fill(0)
     head = (slice(None),) * axis
     for s in starts:
         lo, hi = max(s, 0), min(s + w, length)
