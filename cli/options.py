@@ -7,6 +7,7 @@ number: the same on every axis) mean the same thing everywhere.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -101,3 +102,90 @@ def in_flags(message: str, command: click.Command | None) -> str:
         return f"{name} {match.group(2)}"
 
     return _PARAMETER.sub(flag, message)
+
+
+# -- the run vocabulary: the same flags, meaning and help on every block-wise command ------------
+#: Help texts of the run options, defined once.
+RUN_HELP = {
+    "workers": "Worker processes of a local Dask cluster; 0 runs on threads of this process (the default without GPUs).",
+    "threads": "Task threads: of each worker process (default 1), or of this process with --workers 0 (default: one per core).",
+    "scheduler": "Address of a running Dask scheduler to run on (tcp://HOST:PORT, or tls://HOST:PORT with the --tls-* options).",
+    "listen": "Interface a local Dask cluster listens on (default 127.0.0.1: nothing beyond this machine can connect).",
+    "tls_ca_file": "CA certificate (PEM) that signed the cluster's certificates (with --scheduler tls://... or --listen).",
+    "tls_cert": "This client's certificate (PEM) (with --scheduler tls://... or --listen).",
+    "tls_key": "This client's private key (PEM) (with --scheduler tls://... or --listen).",
+    "gpus": "GPUs to use, one worker process each (default: all of this machine's; 0: CPU only).",
+    "block_shape": "Block of work Z,Y,X in voxels, a multiple of the output chunks (default: the command's, see --dry-run).",
+    "dry_run": "Print the plan (blocks, tasks, output bytes, memory per worker thread); run nothing, create nothing.",
+    "overwrite": "Replace an existing output (otherwise the same command resumes it, and other parameters are refused).",
+    "progress": "Progress bars on stderr (default: when stderr is a terminal).",
+    "retries": "Retries of a failing block before it is reported as failed.",
+}
+
+_RUN_KEYS = tuple(RUN_HELP)
+
+
+def _run_decorators(gpus: bool) -> list:
+    path = click.Path(dir_okay=False)
+    options = [
+        click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True, help=RUN_HELP["workers"]),
+        click.option("--threads", type=click.IntRange(min=1), help=RUN_HELP["threads"]),
+        click.option("--scheduler", metavar="ADDRESS", help=RUN_HELP["scheduler"]),
+        click.option("--listen", metavar="HOST", help=RUN_HELP["listen"]),
+        click.option("--tls-ca-file", type=path, help=RUN_HELP["tls_ca_file"]),
+        click.option("--tls-cert", type=path, help=RUN_HELP["tls_cert"]),
+        click.option("--tls-key", type=path, help=RUN_HELP["tls_key"]),
+    ]
+    if gpus:
+        options.append(click.option("--gpus", "-g", type=click.IntRange(min=0), help=RUN_HELP["gpus"]))
+    options += [
+        click.option("--block-shape", metavar="Z,Y,X", help=RUN_HELP["block_shape"]),
+        click.option("--dry-run", is_flag=True, help=RUN_HELP["dry_run"]),
+        click.option("--overwrite", is_flag=True, help=RUN_HELP["overwrite"]),
+        click.option("--progress/--no-progress", default=None, help=RUN_HELP["progress"]),
+        click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True, help=RUN_HELP["retries"]),
+    ]
+    return options
+
+
+def run_options(gpus: bool = False):
+    """Add the run options to a click command; the command receives them as one ``run`` value
+    (:class:`cleftchunk.run.options.RunOptions`), built and checked here."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(**kwargs):
+            return function(run=run_options_of(kwargs), **kwargs)
+
+        for option in reversed(_run_decorators(gpus)):
+            wrapper = option(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def run_options_of(kwargs: dict):
+    """Pop the run options out of a command's ``kwargs`` into a RunOptions."""
+    import sys
+
+    from cleftchunk.run.cluster import tls_security
+    from cleftchunk.run.options import RunOptions
+
+    values = {key: kwargs.pop(key, None) for key in _RUN_KEYS}
+    tls = (values["tls_ca_file"], values["tls_cert"], values["tls_key"])
+    if any(tls) and not (values["scheduler"] or values["listen"]):
+        raise CleftchunkError("--tls-ca-file/--tls-cert/--tls-key secure a cluster: use them with --scheduler tls://HOST:PORT or --listen")
+    progress = values["progress"]
+    return RunOptions(
+        workers=values["workers"] or 0,
+        threads=values["threads"],
+        scheduler=values["scheduler"],
+        security=tls_security(*tls) if any(tls) else None,
+        gpus=values["gpus"],
+        listen=values["listen"],
+        block_shape=positive_zyx(values["block_shape"], "--block-shape"),
+        dry_run=bool(values["dry_run"]),
+        overwrite=bool(values["overwrite"]),
+        progress=sys.stderr.isatty() if progress is None else progress,
+        retries=2 if values["retries"] is None else values["retries"],
+    )

@@ -40,6 +40,7 @@ class ClusterSpec:
     processes: bool = True  # False: workers are threads of this process (tests, debugging)
     listen: str | None = None  # interface a local cluster binds (default: 127.0.0.1 only)
     security: Any = None  # a distributed.Security (TLS certificates) for the scheduler and workers
+    threads: int | None = None  # task threads per worker process (default: 2 on a GPU, else 1)
 
     @property
     def host(self) -> str:
@@ -207,7 +208,7 @@ def _local_cluster(spec: ClusterSpec):
                 "options": {
                     # On a GPU, a second task thread reads, blends and writes while the first keeps the
                     # device busy; on a CPU, torch's own threads already use the cores.
-                    "nthreads": 2 if spec.gpus else 1, "env": env, "resources": resources, "memory_limit": 0, "silence_logs": logging.ERROR,
+                    "nthreads": spec.threads or (2 if spec.gpus else 1), "env": env, "resources": resources, "memory_limit": 0, "silence_logs": logging.ERROR,
                     "host": host, "dashboard_address": f"{host}:0", "protocol": protocol, "security": spec.security,
                 },
             }

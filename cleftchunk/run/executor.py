@@ -31,6 +31,12 @@ from cleftchunk.run.progress import Progress
 from cleftchunk.run.records import BlockRecord
 
 
+#: Called as ``hook(task, block, report)`` on the client after each block is recorded done: a
+#: place for tools and tests to stop a run at a known block (a deterministic "kill mid-run"),
+#: rather than racing the clock. Empty in normal runs.
+BLOCK_DONE_HOOKS: list[Callable[["BlockwiseTask", Any, "RunReport"], None]] = []
+
+
 class Layout(Protocol):
     """Blocks in raster order; each block has ``index`` and ``write_roi``."""
 
@@ -276,6 +282,8 @@ class _Run:
         self.report.written += 1
         self._close(block)
         self.progress.update(block.write_roi.size, written=1, failed=0)
+        for hook in BLOCK_DONE_HOOKS:
+            hook(self.task, block, self.report)
 
     def _failed(self, blocks: list, error: str) -> None:
         for block in blocks:

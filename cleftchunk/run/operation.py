@@ -1,0 +1,307 @@
+"""The block-wise operation base: one lifecycle for every stage that writes an output.
+
+A stage declares an :class:`Operation` (modelled on daisy's ``Task`` and volara's blockwise
+operations): its inputs, its output, the parameters that decide its bytes (its *identity*), its
+plan (blocks, tasks, memory) and how to execute it on the executor. :func:`run_operation` owns
+everything around that, the same way for every stage:
+
+1. checks first (the operation's constructor and :meth:`Operation.plan`), so bad input fails
+   before anything exists;
+2. ``--dry-run``: the plan, in words; nothing is created, no folder, no lock;
+3. the output must not overlap an input, and is locked while this process writes it;
+4. create, or reopen to resume, or refuse: an existing output is resumed only when its stored
+   identity equals this run's; with other parameters the refusal names the keys that differ;
+   an output of something else is refused with "--overwrite" as the fix; an error while reading
+   it (a permission, a network fault) is reported as what it is, never as "pass --overwrite";
+5. an output already complete is not redone ("already complete");
+6. the completion record (one byte per block, :class:`~cleftchunk.run.records.BlockRecord`) of
+   the pass that writes, trusted only with this identity and block layout;
+7. the passes run on the client :class:`~cleftchunk.run.options.RunOptions` chooses (threads of
+   this process, local worker processes, or a cluster), with one progress display per pass and
+   per-block failure reporting: a failed block fails the command with the blocks that failed,
+   after every other block was written;
+8. the output is marked complete and the record removed.
+
+Why a resume gives the bytes of an uninterrupted run: the record says "done" only for blocks
+whose data was written (the executor marks a block after its task returned), every operation is
+deterministic, and a record or output with another identity is never trusted.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import numpy as np
+
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.run.executor import BlockwiseTask, RunReport, run_blockwise
+from cleftchunk.run.options import RunOptions
+from cleftchunk.run.records import BlockRecord, identity_hash, record_path_beside, remove_record
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def differing_keys(mine: dict, stored: dict) -> list[str]:
+    """The top-level keys whose values differ between two identities."""
+    return sorted(k for k in set(mine) | set(stored) if mine.get(k) != stored.get(k))
+
+
+@dataclass
+class Plan:
+    """What a run will do: the layout of the pass that writes (its blocks are recorded), the
+    tasks of all passes, the output's bytes and the memory a worker thread needs."""
+
+    what: str
+    layout: Any
+    tasks: int
+    output_bytes: int
+    memory: int
+    extra: tuple[str, ...] = ()
+
+    def describe(self, options: RunOptions) -> str:
+        from cleftchunk.run.local import describe_plan
+
+        return describe_plan(self.what, self.layout, options.where(), self.tasks, self.output_bytes, self.memory, self.extra)
+
+
+@dataclass
+class Running:
+    """What an operation's :meth:`Operation.execute` gets: the client, the options, the record of
+    the writing pass, and :meth:`run` to run one pass on the executor."""
+
+    client: Any
+    options: RunOptions
+    record: BlockRecord
+    log: Log
+    already_done: int = 0
+    reports: list[RunReport] = field(default_factory=list)
+
+    def run(self, task: BlockwiseTask, recorded: bool = False) -> RunReport:
+        """Run one pass; ``recorded``: the pass that writes, whose blocks go to the record. A pass
+        with failed blocks fails the command (naming them) after the others are done."""
+        import dataclasses
+
+        if recorded:
+            task = dataclasses.replace(task, record=self.record)
+        report = run_blockwise(self.client, task, retries=self.options.retries, progress=self.options.progress)
+        self.reports.append(report)
+        if recorded:
+            self.already_done += report.already_done
+        raise_if_failed(report)
+        return report
+
+
+def raise_if_failed(report: RunReport) -> RunReport:
+    if report.failed:
+        shown = "; ".join(f"{roi}: {error}" for roi, error in report.failed[:3])
+        more = "; ..." if len(report.failed) > 3 else ""
+        raise CleftchunkError(
+            f"{len(report.failed)} of {report.blocks} blocks of {report.name} failed ({shown}{more}): "
+            "fix the cause and re-run the same command to finish them (written blocks are kept)"
+        )
+    return report
+
+
+class Operation:
+    """A block-wise stage as a declaration; :func:`run_operation` runs it (see the module docstring).
+
+    A subclass sets ``stage`` and ``output`` (the output's spec), and defines :meth:`identity`,
+    :meth:`plan`, :meth:`execute` and how its output is created (:meth:`create`); a Zarr image
+    output in the frame of an input needs only :meth:`create` via :func:`create_image`. Outputs
+    that are not one Zarr array (HDF5, JSON, several images) override :meth:`read_state`,
+    :meth:`write_state` and :meth:`exists`.
+    """
+
+    stage: ClassVar[str] = "operation"
+    #: Version of the output's format: part of the identity, so an old output is not resumed.
+    format: ClassVar[int] = 1
+    output: str = ""
+    inputs: tuple = ()
+
+    # -- what the stage declares ---------------------------------------------------------------
+    def identity(self) -> dict:
+        """Every parameter that can change a byte of the output (JSON-able)."""
+        raise NotImplementedError
+
+    def plan(self, options: RunOptions) -> Plan:
+        raise NotImplementedError
+
+    def create(self, state: dict, overwrite: bool) -> Any:
+        """Create the output (replacing one when ``overwrite``), storing ``state``; return a handle."""
+        raise NotImplementedError
+
+    def reopen(self) -> Any:
+        """The existing output, for writing (a resume)."""
+        from cleftchunk.io.volumes import open_volume
+
+        return open_volume(self.output, mode="r+")
+
+    def execute(self, running: Running, handle: Any) -> Any:
+        raise NotImplementedError
+
+    def finished(self, handle: Any, result: Any) -> Any:
+        """The result of a run that found the output complete already (default: None)."""
+        return result
+
+    # -- where the lifecycle state lives (a Zarr array's attribute by default) ------------------
+    @property
+    def attribute(self) -> str:
+        return f"cleftchunk_{self.stage}"
+
+    def exists(self) -> bool:
+        from cleftchunk.io.volumes import exists
+
+        return exists(self.output)
+
+    def read_state(self) -> dict | None:
+        """The stored state, or None when the output is not this stage's (or not a volume).
+        Errors of the storage itself (permissions, network) are raised as they are."""
+        from cleftchunk.io.volumes import open_volume
+
+        try:
+            attrs = dict(open_volume(self.output).array.attrs)
+        except CleftchunkError:
+            return None
+        state = attrs.get(self.attribute)
+        return state if isinstance(state, dict) and "identity_hash" in state else None
+
+    def write_state(self, handle: Any, state: dict) -> None:
+        handle.array.attrs[self.attribute] = state
+
+    def record_path(self) -> Path:
+        from cleftchunk.io.volumes import split_spec
+
+        return record_path_beside(*split_spec(self.output), self.stage)
+
+    def extra_state(self) -> dict:
+        """More provenance to store with the state (not part of the identity)."""
+        return {}
+
+
+def run_operation(operation: Operation, options: RunOptions | None = None, log: Log | None = None) -> Any:
+    """Run ``operation`` with ``options`` (see the module docstring); None for a dry run."""
+    from cleftchunk.io.guard import output_lock, refuse_overlap
+
+    options = options or RunOptions()
+    log = log or _stderr
+    plan = operation.plan(options)
+    if options.dry_run:
+        log(plan.describe(options))
+        return None
+    refuse_overlap(operation.output, operation.inputs)
+    with output_lock(operation.output, operation.stage, log):
+        identity = {"format": f"cleftchunk-{operation.stage}/{operation.format}", **operation.identity()}
+        digest = identity_hash(identity)
+        handle, state = _open(operation, identity, digest, options.overwrite)
+        if state.get("complete"):
+            log(f"{operation.output} is already complete with these parameters: nothing to do (--overwrite to redo it)")
+            return operation.finished(handle, None)
+        layout = plan.layout
+        record_identity = identity_hash(digest, list(layout.roi.shape), list(layout.block_shape))
+        record, trusted = BlockRecord.open(operation.record_path(), len(layout), record_identity, fresh=state.get("fresh", False))
+        with options.client() as client:
+            running = Running(client, options, record, log)
+            result = operation.execute(running, handle)
+        state = {k: v for k, v in state.items() if k != "fresh"}
+        state.update(complete=True, finished=now())
+        operation.write_state(handle, state)
+        remove_record(record.path)
+        return result
+
+
+def _open(operation: Operation, identity: dict, digest: str, overwrite: bool) -> tuple[Any, dict]:
+    """Reopen the output to resume (same identity), or create it; refuse anything else."""
+    if operation.exists() and not overwrite:
+        stored = operation.read_state()
+        if stored is None:
+            raise CleftchunkError(
+                f"{operation.output} exists and is not a cleftchunk {operation.stage} output: "
+                "pass --overwrite to replace it, or choose another output"
+            )
+        if stored["identity_hash"] != digest:
+            changed = differing_keys(identity, stored.get("identity", {}))
+            raise CleftchunkError(
+                f"{operation.output} exists, written by {operation.stage} with other parameters "
+                f"({', '.join(changed) or 'format'} differ): pass --overwrite to replace it, or choose another output"
+            )
+        return operation.reopen(), stored
+    if overwrite:
+        remove_record(operation.record_path())
+    state = {"identity": identity, "identity_hash": digest, "complete": False, "started": now(), **operation.extra_state()}
+    handle = operation.create(state, overwrite)
+    return handle, {**state, "fresh": True}
+
+
+# -- the common case: one output image computed block by block from one input ------------------
+def create_image(operation: Operation, like: Any, dtype: Any, chunks: Sequence[int], state: dict, overwrite: bool, **options: Any) -> Any:
+    """A Zarr image in the frame of ``like`` (shape, voxel size, offset) holding ``state``."""
+    from cleftchunk.io.volumes import create_like
+
+    attrs = {operation.attribute: state, **options.pop("attrs", {})}
+    return create_like(operation.output, like, dtype, chunks=chunks, attrs=attrs, overwrite=overwrite, **options)
+
+
+class MapOperation(Operation):
+    """An output image of the input's frame whose every block is ``compute`` of the input block
+    grown by ``context`` voxels (clipped at the volume's edges; ``compute`` gets the grown data
+    and its ROI, returns the block's data). Exact whatever the block shape as long as ``compute``
+    of a voxel depends only on the input within ``context`` of it."""
+
+    dtype: Any = np.uint8
+    context: tuple[int, int, int] = (0, 0, 0)
+    chunks: tuple[int, int, int] | None = None
+    default_block_shape: tuple[int, int, int] = (32, 512, 512)
+    source: Any = None
+
+    def compute(self, data: np.ndarray, roi: Any, block_roi: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def _chunks(self) -> tuple[int, ...]:
+        from cleftchunk.io.volumes import DEFAULT_CHUNKS
+
+        return tuple(min(int(c), s) for c, s in zip(self.chunks or DEFAULT_CHUNKS, self.source.shape))
+
+    def _layout(self, options: RunOptions):
+        from cleftchunk.geometry import Roi
+        from cleftchunk.run.layout import GridLayout
+        from cleftchunk.run.options import block_shape_for
+
+        shape = block_shape_for(options.block_shape, self._chunks(), self.source.shape, self.default_block_shape)
+        return GridLayout(Roi.from_shape(self.source.shape), shape)
+
+    def plan(self, options: RunOptions) -> Plan:
+        layout = self._layout(options)
+        itemsize = np.dtype(self.dtype).itemsize
+        block = int(np.prod(layout.block_shape))
+        return Plan(f"{self.stage} {self.source.spec} -> {self.output}", layout, len(layout),
+                    self.source.roi.size * itemsize, block * (self.source.dtype.itemsize + itemsize))
+
+    def create(self, state: dict, overwrite: bool) -> Any:
+        return create_image(self, self.source, self.dtype, self._chunks(), state, overwrite)
+
+    def execute(self, running: Running, handle: Any) -> RunReport:
+        layout = self._layout(running.options)
+        process = functools.partial(_map_block, self, handle)
+        return running.run(BlockwiseTask(self.stage, layout, process), recorded=True)
+
+
+def _map_block(operation: MapOperation, target: Any, block: Any, _prepared: Any = None) -> dict:
+    from cleftchunk.geometry import Roi
+
+    roi = block.write_roi.grow(operation.context, operation.context).intersect(Roi.from_shape(operation.source.shape))
+    out = operation.compute(np.asarray(operation.source[roi.to_slices()]), roi, block.write_roi)
+    target.array[block.write_roi.to_slices()] = out
+    return {"voxels": block.write_roi.size}
