@@ -84,7 +84,7 @@ class Running:
 
     client: Any
     options: RunOptions
-    record: BlockRecord
+    record: BlockRecord | None
     log: Log
     already_done: int = 0
     reports: list[RunReport] = field(default_factory=list)
@@ -94,7 +94,7 @@ class Running:
         with failed blocks fails the command (naming them) after the others are done."""
         import dataclasses
 
-        if recorded:
+        if recorded and self.record is not None:
             task = dataclasses.replace(task, record=self.record)
         report = run_blockwise(self.client, task, retries=self.options.retries, progress=self.options.progress)
         self.reports.append(report)
@@ -128,7 +128,7 @@ class Operation:
     stage: ClassVar[str] = "operation"
     #: Version of the output's format: part of the identity, so an old output is not resumed.
     format: ClassVar[int] = 1
-    output: str = ""
+    output: str = ""  # empty: the operation writes no volume (e.g. evaluate); no lifecycle is kept
     inputs: tuple = ()
 
     # -- what the stage declares ---------------------------------------------------------------
@@ -201,6 +201,9 @@ def run_operation(operation: Operation, options: RunOptions | None = None, log: 
     if options.dry_run:
         log(plan.describe(options))
         return None
+    if not operation.output:  # an operation that writes no volume (evaluate): no lifecycle to keep
+        with options.client() as client:
+            return operation.execute(Running(client, options, None, log), None)
     refuse_overlap(operation.output, operation.inputs)
     with output_lock(operation.output, operation.stage, log):
         identity = {"format": f"cleftchunk-{operation.stage}/{operation.format}", **operation.identity()}
