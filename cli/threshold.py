@@ -1,7 +1,5 @@
 """``cleftchunk threshold PRED -o MASK``: a 0/1 cleft mask of a probability map."""
 
-from __future__ import annotations
-
 import click
 
 from cleftchunk.labels import DEFAULT_THRESHOLD

@@ -25,9 +25,7 @@ class Threshold(MapOperation):
         self.output, self.inputs, self.threshold, self.chunks = str(output), (pred,), float(threshold), chunks
 
     def identity(self) -> dict:
-        source = self.source
-        return {"input": source.spec, "shape": list(source.shape), "dtype": str(source.dtype),
-                "threshold": self.threshold, "chunks": list(self._chunks())}
+        return {"input": self.source.spec, "shape": list(self.source.shape), "threshold": self.threshold, "chunks": list(self._chunks())}
 
     def create(self, state: dict, overwrite: bool):
         return create_image(self, self.source, np.uint8, self._chunks(), state, overwrite, attrs={KIND_ATTRIBUTE: "mask"})
