@@ -15,6 +15,7 @@ import argparse
 import difflib
 import re
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -57,7 +58,7 @@ is left out of the predict commands.
 
 HAPPENED = {
     "refused": "refused before any work; nothing written",
-    "during": "failed while blocks ran; the blocks written so far stay, and a re-run resumes",
+    "during": "failed while blocks ran; the blocks written so far stay, for a re-run to resume",
 }
 
 
@@ -135,10 +136,13 @@ def run_cases(cases) -> dict[str, tuple[int, str]]:
         return result
 
     click.testing.CliRunner.invoke = recording_invoke
-    try:
-        code = pytest.main(["-q", "-p", "no:cacheprovider", f"{HERE / 'test_bad_input.py'}::{TEST}"], plugins=[recorder])
-    finally:
-        click.testing.CliRunner.invoke = invoke
+    # its own temporary folder: pytest prunes old numbered ones, which could be another session's
+    with tempfile.TemporaryDirectory(prefix="cleftchunk-troubleshooting-") as scratch:
+        arguments = ["-q", "-p", "no:cacheprovider", "--basetemp", f"{scratch}/t", f"{HERE / 'test_bad_input.py'}::{TEST}"]
+        try:
+            code = pytest.main(arguments, plugins=[recorder])
+        finally:
+            click.testing.CliRunner.invoke = invoke
     missing = [case for case, _, _ in cases if case not in recorder.results]
     if code != 0 or recorder.failed or missing:
         sys.exit(f"not written: failing cases {recorder.failed or '(none)'}, cases without output {missing or '(none)'}")
