@@ -5,7 +5,7 @@
 - every measured figure sits in its "Measured" table, each an exact string of the RESULTS.md
   section the row links to (a row's figures in one of its paragraphs or tables, in order), written once, with the benchmark command that reproduces it; no
   measurement (seconds, MiB, ratios, shares) appears anywhere else in the README;
-- its links to files in the repository resolve;
+- its Python example's imports exist; its links to files in the repository resolve;
 - docs/troubleshooting.md is what `python tests/troubleshooting.py` writes from today's messages.
 """
 
@@ -165,6 +165,14 @@ def test_the_measurement_pattern_catches_what_the_old_readme_said():
         assert MEASUREMENT.search(claim), claim
     for fact in ("16×256×256", "40 × 4 × 4 nm", "Python ≥ 3.11", "7,731,922 parameters", "-g 4 starts", "θ = 200 nm"):
         assert not MEASUREMENT.search(fact), fact
+
+
+# -- the Python API -----------------------------------------------------------------------------------
+def test_the_python_examples_import_what_they_name():
+    block = re.search(r"```python\n(.*?)```", README, re.S)[1]
+    imports = [line for line in block.splitlines() if line.startswith(("import ", "from "))]
+    assert len(imports) >= 5
+    exec("\n".join(imports), {})  # noqa: S102 - the README's own import lines
 
 
 # -- links -------------------------------------------------------------------------------------------
