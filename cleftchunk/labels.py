@@ -15,9 +15,11 @@ Kinds (the ``cleft_kind`` attribute of a volume written by cleftchunk):
 :func:`resolve_kind` decides, in this order: an explicit ``kind`` (the commands' ``--kind`` /
 ``--labels``; checked against the dtype); the stored ``cleft_kind`` attribute (written by
 ``convert``, ``synth``, ``predict`` and ``segment``); a ``background`` attribute; the dtype and
-name; and only then, for uint64 volumes, a look at a few boxes. When the boxes cannot tell CREMI
-ids from 0-background ids, it is an error that names the override — never a guess that turns
-every voxel into a cleft.
+name; and only then a look at a bounded number of chunk-sized boxes spread over the volume
+(:func:`sampled_range`, :func:`detect_uint64_kind`), so deciding costs the same for a gigabyte
+and a petabyte; a dry run reads none (``read=False``). When the boxes cannot tell CREMI ids from
+0-background ids, or a uint8 mask from probabilities, it is an error that names the override —
+never a guess that turns every voxel into a cleft.
 
 This module knows nothing of storage: it works on anything with ``dtype``, ``shape``, ``attrs``,
 ``inner`` (the path inside its container) and numpy-style slicing.
@@ -117,11 +119,13 @@ def kind_from_name(volume: Any) -> str | None:
     return None
 
 
-def resolve_kind(volume: Any, kind: str = "auto", value_range: Any = None, scan: bool = True) -> str:
-    """The kind of ``volume`` (see the module docstring). ``value_range()`` → (min, max) is asked
-    only for uint8 and float volumes with no stated kind; with ``scan=False`` (training, which
-    reads only the crops it needs) an unstated uint8 volume is taken as a mask (non-zero = cleft)
-    without reading it, which gives the same cleft voxels as ``prob`` for 0/255 masks."""
+def resolve_kind(volume: Any, kind: str = "auto", value_range: Any = None, scan: bool = True, read: bool = True) -> str | None:
+    """The kind of ``volume`` (see the module docstring). ``value_range()`` → (min, max) replaces
+    the sampled range (:func:`sampled_range`) of uint8 and float volumes with no stated kind;
+    with ``scan=False`` (training, which reads only the crops it needs) an unstated uint8 volume
+    is taken as a mask (non-zero = cleft) without reading it, which gives the same cleft voxels
+    as ``prob`` for 0/255 masks. ``read=False`` (a dry run): no voxel is read, and a kind that
+    only the values could tell is None."""
     where = getattr(volume, "spec", None) or str(volume)
     kind = canonical(kind)
     if kind != "auto":
@@ -134,23 +138,41 @@ def resolve_kind(volume: Any, kind: str = "auto", value_range: Any = None, scan:
     dtype = np.dtype(volume.dtype)
     if dtype == np.bool_:
         return "mask"
+    if dtype.kind == "u" and dtype not in (np.uint8, np.uint64):
+        return "main"
+    if dtype == np.uint8 and not scan:
+        return "mask"
+    if dtype not in (np.uint8, np.uint64) and dtype.kind != "f":
+        raise CleftchunkError(
+            f"{where}: dtype {dtype} is neither CREMI ids (uint64), a mask, labels (unsigned) nor "
+            "probabilities (uint8/float): convert it, or say what it is with --kind"
+        )
+    if not read:
+        return None
     if dtype == np.uint64:
         return detect_uint64_kind(volume)
+    low, high, whole = (*value_range(), True) if value_range is not None else sampled_range(volume)
     if dtype == np.uint8:
-        return "mask" if not scan or _range(volume, value_range)[1] <= 1 else "prob"
-    if dtype.kind == "u":
-        return "main"
-    if dtype.kind == "f":
-        low, high = _range(volume, value_range)
-        if 0 <= low and high <= 1:
-            return "prob"
-        raise CleftchunkError(
-            f"{where}: {dtype} values span [{low:g}, {high:g}], neither probabilities in [0, 1] "
-            "nor ids/masks: convert it to uint8 probabilities or uint64 CREMI ids"
-        )
+        return _uint8_kind(where, high, whole)
+    if 0 <= low and high <= 1:
+        return "prob"
+    sampled = "" if whole else " where sampled"
     raise CleftchunkError(
-        f"{where}: dtype {dtype} is neither CREMI ids (uint64), a mask, labels (unsigned) nor "
-        "probabilities (uint8/float): convert it, or say what it is with --kind"
+        f"{where}: {dtype} values span [{low:g}, {high:g}]{sampled}, neither probabilities in [0, 1] "
+        "nor ids/masks: convert it to uint8 probabilities or uint64 CREMI ids"
+    )
+
+
+def _uint8_kind(where: str, high: float, whole: bool) -> str:
+    """uint8 values: above 1 somewhere → probabilities; 0/1 → a mask. Sampled boxes holding only
+    zeros say nothing of the rest: an error naming the override rather than a guess."""
+    if high > 1:
+        return "prob"
+    if high == 1 or whole:
+        return "mask"
+    raise CleftchunkError(
+        f"{where}: uint8 values with no stated kind, and every sampled chunk holds only 0: "
+        "say what it holds with --kind mask (non-zero = cleft) or --kind prob (p*255) (evaluate: --pred-kind/--gt-kind)"
     )
 
 
@@ -166,9 +188,9 @@ def known_kind(volume: Any) -> str | None:
         return None
 
 
-def resolve_label_kind(volume: Any, kind: str = "auto", value_range: Any = None, scan: bool = True) -> str:
+def resolve_label_kind(volume: Any, kind: str = "auto", value_range: Any = None, scan: bool = True, read: bool = True) -> str | None:
     """:func:`resolve_kind` for a volume read as cleft labels: images and neuron ids are refused."""
-    resolved = resolve_kind(volume, kind, value_range, scan)
+    resolved = resolve_kind(volume, kind, value_range, scan, read)
     if resolved in OTHER_KINDS:
         what = "an EM image" if resolved == "image" else "neuron ids"
         raise CleftchunkError(
@@ -243,14 +265,42 @@ def not_cleft_values(kind: str) -> tuple[int, ...]:
     raise CleftchunkError(f"a {kind!r} volume has no cleft/background values to make a mask of: give a label volume")
 
 
-def _range(volume: Any, value_range: Any) -> tuple[float, float]:
-    if value_range is not None:
-        return value_range()
-    import dask.array as da
+#: Chunks read at most to decide the kind of a uint8 or float volume from its values.
+SAMPLE_CHUNKS = 64
 
-    data = volume.to_dask() if hasattr(volume, "to_dask") else da.from_array(np.asarray(volume))
-    low, high = da.compute(data.min(), data.max())
-    return float(low), float(high)
+
+def sample_boxes(volume: Any, boxes: int = SAMPLE_CHUNKS) -> tuple[list[tuple[slice, ...]], bool]:
+    """Chunk-sized boxes of ``volume`` to look at, and whether they cover all of it: every chunk
+    when there are at most ``boxes``, else ``boxes`` chunks evenly spread in raster order (the
+    chunk grid is indexed arithmetically: nothing grows with the volume)."""
+    shape = tuple(int(s) for s in volume.shape)
+    if 0 in shape:
+        return [], True
+    chunk = tuple(getattr(volume, "chunks", None) or (16, 256, 256))[-len(shape):]
+    size = tuple(max(1, min(int(c), s)) for c, s in zip(chunk, shape))
+    grid = tuple(-(-s // c) for s, c in zip(shape, size))
+    n = int(np.prod(grid, dtype=np.int64))
+    if n <= boxes:
+        picks = range(n)
+    else:
+        picks = sorted({round(i * (n - 1) / max(boxes - 1, 1)) for i in range(boxes)})
+    out = []
+    for flat in picks:
+        index = np.unravel_index(flat, grid)
+        out.append(tuple(slice(int(i) * c, min((int(i) + 1) * c, s)) for i, c, s in zip(index, size, shape)))
+    return out, n <= boxes
+
+
+def sampled_range(volume: Any, boxes: int = SAMPLE_CHUNKS) -> tuple[float, float, bool]:
+    """(min, max, whole) of the values in :func:`sample_boxes`; ``whole``: every voxel was read.
+    A NaN anywhere sampled makes both NaN; an empty volume is (0, 0, True)."""
+    low, high = np.inf, -np.inf
+    where, whole = sample_boxes(volume, boxes)
+    for box in where:
+        data = np.asarray(volume[box])
+        if data.size:  # np.minimum/np.maximum propagate NaN, as the values' min/max would
+            low, high = float(np.minimum(low, data.min())), float(np.maximum(high, data.max()))
+    return (0.0, 0.0, whole) if low > high else (low, high, whole)
 
 
 def kind_attrs(kind: str | None) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
@@ -12,7 +11,7 @@ from cleftchunk.io.guard import refuse_overlap
 from cleftchunk.post.metrics import THETA_NM, evaluate, format_table, to_json
 from cleftchunk.post.segment import DEFAULT_THRESHOLD
 
-from cleftchunk_cli.options import KIND_CHOICE, check_threshold, parse_zyx, positive_zyx
+from cleftchunk_cli.options import KIND_CHOICE, check_threshold, parse_zyx, positive_zyx, run_options
 
 
 @click.command("evaluate")
@@ -25,15 +24,9 @@ from cleftchunk_cli.options import KIND_CHOICE, check_threshold, parse_zyx, posi
 @click.option("--pred-kind", type=KIND_CHOICE, default="auto", show_default=True, help="What PRED holds.")
 @click.option("--gt-kind", type=KIND_CHOICE, default="auto", show_default=True, help="What GT holds.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics to this JSON file.")
-@click.option("--block-shape", help="Block of work, Z,Y,X voxels (default 32,256,256).")
 @click.option("--halo", help="Context around each block, Z,Y,X voxels (default θ); speed only, never the result.")
-@click.option("--workers", type=int, help="Dask threads (default: one per core); with --processes, worker processes.")
-@click.option("--processes", is_flag=True, help="Run on a local cluster of --workers worker processes instead of threads.")
-@click.option("--scheduler", help="Address of a running Dask scheduler (e.g. tcp://host:8786) to run on.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (blocks, tasks, output bytes, memory per worker); run nothing, create nothing.")
-@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when it is a terminal).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
-def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_path, block_shape, halo, workers, processes, scheduler, dry_run, progress, overwrite):
+@run_options()
+def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_path, halo, run):
     """CREMI synaptic-cleft metrics of PRED against the ground truth GT.
 
     \b
@@ -42,17 +35,21 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
          `cleftchunk predict` are prob;
       2. bool -> mask; unsigned ints in a dataset named `main` (PyTorch Connectomics) -> main;
       3. uint64 -> ids (CREMI: 0xFF..FF background, 0xFF..FE invalid in GT, 0 is a cleft);
-      4. uint8 -> mask if all values are 0/1, else prob (cleft = value >= --threshold);
+      4. uint8 -> mask if the values are 0/1, else prob (cleft = value >= --threshold);
       5. other unsigned ints -> main (0 background); floats in [0, 1] -> prob (>= threshold/255);
       anything else (signed ints, floats outside [0, 1]) is an error.
+    Values are looked at in up to 64 chunks spread over the volume (every chunk of a
+    smaller one), never the whole of a large volume, and not at all with --dry-run;
+    sampled uint8 chunks holding only 0 are an error that asks for --pred-kind/--gt-kind.
     Volumes of the same shape are compared voxel for voxel. A ground truth smaller than the
     prediction (e.g. the labelled region of a padded CREMI sample) is placed by the offsets
     of both; the prediction must contain it.
     Empty prediction or ground truth: undefined averages are n/a (null in JSON), distances to an
     empty set are infinite ("inf" in JSON); see the cleftchunk.post.metrics documentation.
     """
+    # checked first, so that a run is not wasted on a file it may not write (a dry run too)
     refuse_overlap(json_path, [pred, gt], what="--json file")
-    if json_path and os.path.exists(json_path) and not overwrite:
+    if json_path and os.path.exists(json_path) and not run.overwrite:
         raise CleftchunkError(f"{json_path} exists: pass --overwrite to replace it (or choose another --json file)")
     result = evaluate(
         pred,
@@ -62,19 +59,25 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
         voxel_size=positive_zyx(voxel_size, "--voxel-size", float),
         pred_kind=pred_kind,
         gt_kind=gt_kind,
-        block_shape=positive_zyx(block_shape, "--block-shape"),
         halo=parse_zyx(halo, "--halo", minimum=0),
-        workers=workers,
-        processes=processes,
-        scheduler=scheduler,
-        dry_run=dry_run,
+        run=run,
         log=click.echo,
-        progress=sys.stderr.isatty() if progress is None else progress,
     )
-    if dry_run:
+    if result is None:  # a dry run: the plan was printed, nothing is written
         return
     click.echo(format_table(result))
     if json_path:
-        with open(json_path, "w") as f:
-            f.write(to_json(result) + "\n")
+        write_json(json_path, to_json(result) + "\n")
         click.echo(f"metrics written to {json_path}")
+
+
+def write_json(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a failure leaves any earlier file as it was."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

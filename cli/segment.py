@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from cleftchunk.post.segment import DEFAULT_THRESHOLD, segment
-from cleftchunk_cli.options import KIND_CHOICE, check_threshold, positive_zyx
+from cleftchunk_cli.options import KIND_CHOICE, check_threshold, positive_zyx, run_options
+
 
 @click.command("segment")
 @click.argument("pred")
@@ -20,16 +19,10 @@ from cleftchunk_cli.options import KIND_CHOICE, check_threshold, positive_zyx
 @click.option("--connectivity", type=click.Choice(["6", "26"]), default="26", show_default=True,
               help="Neighbours that connect: 6 (faces) or 26 (faces, edges and corners).")
 @click.option("--kind", "pred_kind", type=KIND_CHOICE, default="auto", show_default=True,
-              help="What PRED holds (auto: from its dtype, metadata and values; see `cleftchunk evaluate --help`).")
-@click.option("--block-shape", help="Block of work, Z,Y,X voxels (rounded up to whole output chunks).")
+              help="What PRED holds (auto: from its dtype, metadata and sampled values; see `cleftchunk evaluate --help`).")
 @click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
-@click.option("--workers", type=int, help="Dask threads (default: one per core); with --processes, worker processes.")
-@click.option("--processes", is_flag=True, help="Run on a local cluster of --workers worker processes instead of threads.")
-@click.option("--scheduler", help="Address of a running Dask scheduler (e.g. tcp://host:8786) to run on.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (blocks, tasks, output bytes, memory per worker); run nothing, create nothing.")
-@click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when it is a terminal).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
-def command(pred, output, threshold, min_size, connectivity, pred_kind, block_shape, chunks, workers, processes, scheduler, dry_run, progress, overwrite):
+@run_options()
+def command(pred, output, threshold, min_size, connectivity, pred_kind, chunks, run):
     """Threshold PRED and label its connected components as CREMI cleft ids.
 
     Ids are 1..K, ordered by each cleft's first voxel in C order, whatever the block shape;
@@ -42,17 +35,11 @@ def command(pred, output, threshold, min_size, connectivity, pred_kind, block_sh
         min_size=min_size,
         connectivity=int(connectivity),
         kind=pred_kind,
-        block_shape=positive_zyx(block_shape, "--block-shape"),
         chunks=positive_zyx(chunks, "--chunks"),
-        workers=workers,
-        processes=processes,
-        scheduler=scheduler,
-        dry_run=dry_run,
+        run=run,
         log=click.echo,
-        progress=sys.stderr.isatty() if progress is None else progress,
-        overwrite=overwrite,
     )
-    if dry_run:
+    if result is None:  # a dry run, or an output already complete (both said so)
         return
     click.echo(
         f"{output}: {result.components} clefts ({result.voxels} voxels), "

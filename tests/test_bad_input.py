@@ -331,7 +331,7 @@ def test_the_library_refuses_what_the_command_line_refuses(ws):
     from cleftchunk.post.metrics import evaluate
 
     with pytest.raises(CleftchunkError, match="halo .* must be 3 whole numbers of voxels >= 0"):
-        evaluate(str(ws / "pred.zarr/pred"), str(ws / "in.zarr/clefts"), halo=(-4, 0, 0), progress=False)
+        evaluate(str(ws / "pred.zarr/pred"), str(ws / "in.zarr/clefts"), halo=(-4, 0, 0))
     for bad in ((0, 4, 4), (-40, 4, 4), (float("nan"), 4, 4), (float("inf"), 4, 4), (1e300, 4, 4)):
         with pytest.raises(CleftchunkError, match="voxel size"):
             check_voxel_size(bad)

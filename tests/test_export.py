@@ -13,6 +13,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.post.export import export_cremi, parse_crop
 from cleftchunk.geometry import Roi
 from cleftchunk.post.metrics import evaluate
+from cleftchunk.run.options import RunOptions
 from cleftchunk.post.segment import segment
 from cleftchunk.labels import CREMI_BACKGROUND
 from cleftchunk.io.volumes import create_volume
@@ -109,7 +110,7 @@ def test_segment_export_evaluate_round_trip(tmp_path):
     pred[1, 2:5, 2:5] = 200
     pred[2, 10:12, 9:14] = 250
     spec = write(tmp_path / "s.zarr/pred", pred)
-    segment(spec, str(tmp_path / "s.zarr/clefts"), block_shape=(2, 8, 8), chunks=(2, 8, 8))
+    segment(spec, str(tmp_path / "s.zarr/clefts"), chunks=(2, 8, 8), run=RunOptions(block_shape=(2, 8, 8)))
     export_cremi(str(tmp_path / "s.zarr/clefts"), tmp_path / "out.hdf")
     result = evaluate(f"{tmp_path}/out.hdf:volumes/labels/clefts", spec)
     assert result["inputs"]["pred_kind"] == "ids" and result["inputs"]["gt_kind"] == "prob"

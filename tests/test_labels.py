@@ -12,6 +12,7 @@ from cleftchunk.labels import (
     CREMI_BACKGROUND,
     CREMI_INVALID,
     KIND_ATTRIBUTE,
+    SAMPLE_CHUNKS,
     cleft_mask,
     label_codes,
     resolve_kind,
@@ -127,3 +128,87 @@ def test_uint8_masks_and_probabilities_are_told_apart_by_their_values(tmp_path):
 def test_an_unknown_kind_lists_the_valid_ones():
     with pytest.raises(CleftchunkError, match="use one of auto, ids, main, mask, prob"):
         resolve_kind(np.zeros(SHAPE, np.uint8), "clefts")
+
+
+# -- deciding a kind reads a bounded number of chunks, and a dry run reads none -----------------------
+class CountingReads:
+    """A volume that counts the voxels read from it."""
+
+    def __init__(self, data, chunks):
+        self.data, self.chunks, self.read = data, chunks, 0
+        self.shape, self.dtype, self.attrs, self.spec = data.shape, data.dtype, {}, "counting"
+
+    def __getitem__(self, box):
+        out = self.data[box]
+        self.read += out.size
+        return out
+
+
+def test_a_large_volume_is_told_from_sampled_chunks_not_read_whole():
+    data = np.zeros((64, 64, 64), np.uint8)  # 512 chunks of 4 x 8 x 8
+    data[::2, ::2, ::2] = 200  # probabilities wherever one looks
+    volume = CountingReads(data, (4, 8, 8))
+    assert resolve_kind(volume) == "prob"
+    assert volume.read == SAMPLE_CHUNKS * 4 * 8 * 8  # 64 chunks of 512, not 262144 voxels
+    mask = CountingReads((data > 0).astype(np.uint8), (4, 8, 8))
+    assert resolve_kind(mask) == "mask" and mask.read == volume.read
+    floats = CountingReads(data.astype(np.float32) / 255, (4, 8, 8))
+    assert resolve_kind(floats) == "prob" and floats.read == volume.read
+
+
+def test_a_small_volume_is_read_whole_so_one_voxel_decides():
+    data = np.zeros((8, 16, 16), np.uint8)  # 8 chunks: all of them are read
+    data[7, 15, 15] = 200
+    volume = CountingReads(data, (4, 8, 8))
+    assert resolve_kind(volume) == "prob" and volume.read == data.size
+
+
+def test_sampled_chunks_holding_only_zeros_are_an_error_that_names_the_override():
+    data = np.zeros((64, 64, 64), np.uint8)
+    with pytest.raises(CleftchunkError, match="--kind mask .* --kind prob"):
+        resolve_kind(CountingReads(data, (4, 8, 8)))
+    assert resolve_kind(CountingReads(data[:8, :16, :16], (4, 8, 8))) == "mask"  # read whole: all 0 is a mask
+    assert resolve_kind(CountingReads(data, (4, 8, 8)), "prob") == "prob"
+
+
+def test_a_dry_run_reads_no_voxel_to_decide_a_kind():
+    for dtype in (np.uint8, np.float32, np.uint64):
+        volume = CountingReads(np.zeros((64, 64, 64), dtype), (4, 8, 8))
+        assert resolve_kind(volume, read=False) is None and volume.read == 0, dtype
+    assert resolve_kind(CountingReads(np.zeros((4, 4, 4), np.uint16), (4, 4, 4)), read=False) == "main"
+    with pytest.raises(CleftchunkError, match="int16"):
+        resolve_kind(CountingReads(np.zeros((4, 4, 4), np.int16), (4, 4, 4)), read=False)
+
+
+def test_a_float_volume_with_nan_is_not_probabilities():
+    data = np.full((8, 16, 16), 0.5, np.float32)
+    data[3, 3, 3] = np.nan
+    with pytest.raises(CleftchunkError, match="nan"):
+        resolve_kind(CountingReads(data, (4, 8, 8)))
+
+
+@pytest.fixture
+def virtual_tb(tmp_path):
+    """A 1 TB uint8 Zarr array with no chunk stored (every voxel is the fill value) and no metadata."""
+    import zarr
+
+    zarr.create_array(str(tmp_path / "tb.zarr"), shape=(1000, 32768, 32768), chunks=(16, 256, 256), dtype="uint8", fill_value=0)
+    return tmp_path / "tb.zarr"
+
+
+@pytest.mark.timeout(60)
+def test_segment_dry_run_of_a_virtual_terabyte_returns_at_once_and_creates_nothing(virtual_tb, tmp_path, run_cli):
+    before = sorted(tmp_path.rglob("*"))
+    result = run_cli("segment", virtual_tb, "-o", tmp_path / "out/s.zarr/ids", "--dry-run")
+    assert "plan: segment" in result.output and "nothing was run" in result.output
+    assert "input kind: decided when run" in result.output
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.timeout(60)
+def test_evaluate_dry_run_of_a_virtual_terabyte_returns_at_once_and_creates_nothing(virtual_tb, tmp_path, run_cli):
+    before = sorted(tmp_path.rglob("*"))
+    result = run_cli("evaluate", virtual_tb, virtual_tb, "--voxel-size", "40,4,4", "--json", tmp_path / "m.json", "--dry-run")
+    assert "plan: evaluate" in result.output and "nothing was run" in result.output
+    assert "prediction decided when run" in result.output
+    assert sorted(tmp_path.rglob("*")) == before

@@ -13,6 +13,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
 from cleftchunk.post import metrics
 from cleftchunk.post.metrics import cremi_metrics_reference, evaluate
+from cleftchunk.run.options import RunOptions
 from cleftchunk.synth.generate import generate_region
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID
 from cleftchunk.io.volumes import create_volume
@@ -65,7 +66,7 @@ def test_blockwise_equals_reference_on_random_volumes(tmp_path, monkeypatch, kd_
     want = cremi_metrics_reference(pred >= 128, gt_mask | invalid, VS, invalid_mask=invalid)
     assert want["fp"] > 0 or want["fn"] > 0 or want["pred_voxels"] > 100
     for block_shape, halo in [((4, 8, 8), (0, 0, 0)), ((5, 16, 12), (1, 4, 4)), ((10, 40, 36), None)]:
-        got = evaluate(p, g, block_shape=block_shape, halo=halo, workers=2)
+        got = evaluate(p, g, halo=halo, run=RunOptions(block_shape=block_shape, threads=2))
         assert_same(got, want)
         assert got["inputs"]["invalid_voxels"] == int(invalid.sum())
 
@@ -83,7 +84,7 @@ def test_blockwise_equals_reference_on_structured_clefts_far_apart(tmp_path):
     want = cremi_metrics_reference(pred_mask, gt_mask, VS)
     assert want["fp"] > 0 and want["fn"] > 0  # the far cleft and the missed one count
     for block_shape, halo in [((2, 8, 8), (0, 1, 1)), ((4, 16, 32), (1, 3, 3)), ((3, 64, 7), (2, 0, 5))]:
-        got = evaluate(p, g, block_shape=block_shape, halo=halo, workers=2)
+        got = evaluate(p, g, halo=halo, run=RunOptions(block_shape=block_shape, threads=2))
         assert_same(got, want)
         assert got["inputs"]["far_voxels"] > 0
 
@@ -100,7 +101,7 @@ def test_blockwise_equals_reference_on_synthetic_clefts(tmp_path):
     g = write(tmp_path / "v.zarr/gt", gt, chunks=(4, 32, 32), fill_value=int(BG))
     want = cremi_metrics_reference(pred_mask, gt_mask, VS)
     assert want["gt_voxels"] > 500 and want["fp"] > 0
-    got = evaluate(p, g, block_shape=(4, 32, 32), halo=(1, 8, 8), workers=2)
+    got = evaluate(p, g, halo=(1, 8, 8), run=RunOptions(block_shape=(4, 32, 32), threads=2))
     assert_same(got, want)
 
 
@@ -112,7 +113,7 @@ def test_single_predicted_voxel_far_from_the_only_cleft(tmp_path):
     pred_mask[14, 90, 93] = True
     p = write(tmp_path / "v.zarr/pred", pred_mask)
     g = write(tmp_path / "v.zarr/gt", cremi_ids(gt_mask), fill_value=int(BG))
-    got = evaluate(p, g, block_shape=(4, 16, 16), halo=(1, 2, 2), workers=1)
+    got = evaluate(p, g, halo=(1, 2, 2), run=RunOptions(block_shape=(4, 16, 16), threads=1))
     d_pred = math.sqrt((13 * 40) ** 2 + (88 * 4) ** 2 + (89 * 4) ** 2)  # nearest true voxel (1, 2, 4)
     d_gt = [math.sqrt((13 * 40) ** 2 + (88 * 4) ** 2 + (dx * 4) ** 2) for dx in (90, 89)]
     assert got["adgt"] == pytest.approx(d_pred, rel=1e-12)
@@ -144,7 +145,7 @@ def test_hand_computed_anisotropic_case(tmp_path):
     g = write(tmp_path / "v.zarr/gt", cremi_ids(gt), chunks=(1, 1, 2), fill_value=int(BG))
     for got in (
         cremi_metrics_reference(pred, gt, VS, theta=50),
-        evaluate(p, g, theta=50, block_shape=(1, 1, 2), halo=(0, 0, 0)),
+        evaluate(p, g, theta=50, halo=(0, 0, 0), run=RunOptions(block_shape=(1, 1, 2))),
     ):
         assert (got["fp"], got["fn"], got["tp"]) == (1, 0, 2)  # 80 > 50
         assert got["adgt"] == pytest.approx(mean_q) and got["adf"] == pytest.approx(mean_p)
@@ -153,7 +154,7 @@ def test_hand_computed_anisotropic_case(tmp_path):
         assert got["gt_to_pred"] == pytest.approx({"count": 2, "mean": 2.0, "std": 2.0, "max": 4.0, "median": 2.0})
         assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((2 / 3, 1.0, 4 / 5))
     # the threshold is strict: a distance of exactly θ is not a false positive
-    assert evaluate(p, g, theta=80, block_shape=(1, 1, 2))["fp"] == 0
+    assert evaluate(p, g, theta=80, run=RunOptions(block_shape=(1, 1, 2)))["fp"] == 0
 
 
 def test_invalid_voxels_leave_the_sets_but_not_the_distances(tmp_path):
@@ -163,7 +164,7 @@ def test_invalid_voxels_leave_the_sets_but_not_the_distances(tmp_path):
     invalid[1, 0, 0] = True  # between (0, 0, 0) and the prediction (2, 0, 0)
     g = write(tmp_path / "v.zarr/gt", cremi_ids(gt, invalid), chunks=(1, 1, 2), fill_value=int(BG))
     p = write(tmp_path / "v.zarr/pred", pred.astype(np.uint8), chunks=(1, 1, 2))
-    got = evaluate(p, g, theta=50, block_shape=(1, 1, 2), halo=(0, 0, 0))
+    got = evaluate(p, g, theta=50, halo=(0, 0, 0), run=RunOptions(block_shape=(1, 1, 2)))
     assert (got["pred_voxels"], got["gt_voxels"], got["fp"]) == (2, 2, 1)
     assert got["pred_to_gt"]["max"] == 80.0 and got["adgt"] == pytest.approx(40.0)
     assert_same(got, cremi_metrics_reference(pred, gt, VS, theta=50, invalid_mask=invalid))
@@ -178,7 +179,7 @@ def test_empty_sets_give_documented_values(tmp_path, which):
         gt[:] = False
     p = write(tmp_path / "v.zarr/pred", pred.astype(np.uint8), chunks=(1, 1, 2))
     g = write(tmp_path / "v.zarr/gt", cremi_ids(gt), chunks=(1, 1, 2), fill_value=int(BG))
-    for got in (cremi_metrics_reference(pred, gt, VS), evaluate(p, g, block_shape=(1, 1, 2))):
+    for got in (cremi_metrics_reference(pred, gt, VS), evaluate(p, g, run=RunOptions(block_shape=(1, 1, 2)))):
         if which == "pred":
             assert got["adgt"] is None and got["adf"] == math.inf and got["cremi_score"] == math.inf
             assert (got["fp"], got["fn"], got["precision"], got["recall"], got["f1"]) == (0, 2, None, 0.0, 0.0)
@@ -213,7 +214,7 @@ def test_ground_truth_region_is_placed_in_a_larger_prediction_by_offsets(tmp_pat
     gt_mask = rng.random((2, 6, 6)) < 0.05
     p = write(tmp_path / "v.zarr/pred", pred)
     g = write(tmp_path / "v.zarr/gt", cremi_ids(gt_mask), fill_value=int(BG), offset_nm=(40, 12, 16))
-    got = evaluate(p, g, block_shape=(1, 4, 4), halo=(0, 1, 1))
+    got = evaluate(p, g, halo=(0, 1, 1), run=RunOptions(block_shape=(1, 4, 4)))
     assert_same(got, cremi_metrics_reference(pred[1:3, 3:9, 4:10].astype(bool), gt_mask, VS))
     assert got["inputs"]["pred_region"] == ["1:3", "3:9", "4:10"]
     outside = write(tmp_path / "v.zarr/far", cremi_ids(gt_mask), fill_value=int(BG), offset_nm=(120, 12, 16))
@@ -226,8 +227,8 @@ def test_result_does_not_depend_on_workers(tmp_path):
     pred = (rng.random((8, 24, 24)) < 0.02).astype(np.uint8)
     gt = cremi_ids(rng.random((8, 24, 24)) < 0.01)
     p, g = write(tmp_path / "v.zarr/p", pred), write(tmp_path / "v.zarr/g", gt, fill_value=int(BG))
-    one = evaluate(p, g, block_shape=(4, 8, 8), halo=(1, 1, 1), workers=1)
-    two = evaluate(p, g, block_shape=(4, 8, 8), halo=(1, 1, 1), workers=2)
+    one = evaluate(p, g, halo=(1, 1, 1), run=RunOptions(block_shape=(4, 8, 8), threads=1))
+    two = evaluate(p, g, halo=(1, 1, 1), run=RunOptions(block_shape=(4, 8, 8), threads=2))
     assert {k: one[k] for k in METRIC_KEYS} == {k: two[k] for k in METRIC_KEYS}
 
 
@@ -278,9 +279,37 @@ def test_an_existing_scheduler_gives_the_metrics_of_a_local_run(tmp_path, run_cl
     rng = np.random.default_rng(4)
     p = write(tmp_path / "v.zarr/p", (rng.random((8, 24, 24)) < 0.02).astype(np.uint8))
     g = write(tmp_path / "v.zarr/g", cremi_ids(rng.random((8, 24, 24)) < 0.01), fill_value=int(BG))
-    local = evaluate(p, g, block_shape=(4, 8, 8), halo=(1, 1, 1), workers=1)
+    local = evaluate(p, g, halo=(1, 1, 1), run=RunOptions(block_shape=(4, 8, 8), threads=1))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=":0", scheduler_port=0) as cluster:
-        remote = evaluate(p, g, block_shape=(4, 8, 8), halo=(1, 1, 1), scheduler=cluster.scheduler_address)
+        remote = evaluate(p, g, halo=(1, 1, 1), run=RunOptions(block_shape=(4, 8, 8), scheduler=cluster.scheduler_address))
         dry = run_cli("evaluate", p, g, "--block-shape", "4,8,8", "--scheduler", cluster.scheduler_address, "--dry-run")
     assert {k: local[k] for k in METRIC_KEYS} == {k: remote[k] for k in METRIC_KEYS}
     assert "18 blocks of (4, 8, 8)" in dry.output and "CREMI score" not in dry.output
+
+
+def test_the_json_file_is_never_overwritten_without_overwrite_and_a_dry_run_writes_nothing(tmp_path, run_cli):
+    pred, gt = hand_case()
+    p = write(tmp_path / "v.zarr/pred", pred.astype(np.uint8) * 255, chunks=(1, 1, 5))
+    g = write(tmp_path / "v.zarr/gt", np.where(gt, 1, 0).astype(np.uint8), chunks=(1, 1, 5))
+    out = tmp_path / "m.json"
+    dry = run_cli("evaluate", p, g, "--json", out, "--dry-run")
+    assert "plan: evaluate" in dry.output and not out.exists()
+    out.write_text("the user's notes\n")
+    assert "--overwrite" in run_cli("evaluate", p, g, "--json", out, expect=2).output
+    assert "--overwrite" in run_cli("evaluate", p, g, "--json", out, "--dry-run", expect=2).output
+    run_cli("evaluate", p, g, "--json", out, "--dry-run", "--overwrite")
+    assert out.read_text() == "the user's notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "v.zarr"]  # no lock, record or temporary file
+    run_cli("evaluate", p, g, "--json", out, "--overwrite")
+    assert json.loads(out.read_text())["inputs"]["gt_kind"] == "mask"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "v.zarr"]
+
+
+def test_evaluate_takes_the_run_vocabulary(tmp_path, run_cli):
+    pred, gt = hand_case()
+    p = write(tmp_path / "v.zarr/pred", pred.astype(np.uint8) * 255, chunks=(1, 1, 5))
+    g = write(tmp_path / "v.zarr/gt", np.where(gt, 1, 0).astype(np.uint8), chunks=(1, 1, 5))
+    one = run_cli("evaluate", p, g, "--threads", "1", "--block-shape", "1,1,2", "--no-progress", "--retries", "0")
+    two = run_cli("evaluate", p, g, "--threads", "2", "--block-shape", "1,2,3", "--no-progress")
+    assert one.output == two.output and "CREMI score" in one.output
+    assert "--processes" in run_cli("evaluate", p, g, "--processes", expect=2).output  # the old flag is gone

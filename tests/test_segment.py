@@ -10,6 +10,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
 from cleftchunk.labels import resolve_kind
 from cleftchunk.post.segment import connected_components_reference, segment
+from cleftchunk.run.options import RunOptions
 from cleftchunk.synth.generate import generate_region
 from cleftchunk.labels import CREMI_BACKGROUND
 from cleftchunk.io.volumes import create_volume
@@ -42,7 +43,7 @@ def test_blockwise_equals_whole_array_for_any_block_shape(tmp_path, connectivity
     assert (expected != BG).any() and len(np.unique(expected)) > 10  # a non-trivial case
     for block_shape in [(4, 8, 4), (8, 16, 12), (12, 32, 28)]:
         out = str(tmp_path / f"s.zarr/{'_'.join(map(str, block_shape))}")
-        result = segment(spec, out, connectivity=connectivity, min_size=2, block_shape=block_shape, chunks=(4, 8, 4), workers=2)
+        result = segment(spec, out, connectivity=connectivity, min_size=2, chunks=(4, 8, 4), run=RunOptions(block_shape=block_shape, threads=2))
         got = ids(out)
         assert got.dtype == np.uint64
         np.testing.assert_array_equal(got, expected)
@@ -65,7 +66,7 @@ def test_synthetic_clefts_get_the_same_ids_for_any_block_shape(tmp_path):
     assert len({(a // 4, b // 16, c // 16) for a, b, c in zip(z, y, x)}) > 4  # the cleft spans many blocks
     for block_shape in [(4, 16, 16), (8, 48, 32)]:
         out = str(tmp_path / f"s.zarr/{block_shape[0]}")
-        segment(spec, out, block_shape=block_shape, chunks=(4, 16, 16))
+        segment(spec, out, chunks=(4, 16, 16), run=RunOptions(block_shape=block_shape))
         np.testing.assert_array_equal(ids(out), expected)
 
 
@@ -75,7 +76,7 @@ def test_cleft_cut_by_block_borders_gets_one_id(tmp_path):
     mask[1:7, 12, 12] = True  # crosses the z border of 4-voxel blocks
     spec = write(tmp_path / "p.zarr/m", mask, chunks=(4, 8, 8))
     out = str(tmp_path / "s.zarr/c")
-    result = segment(spec, out, block_shape=(4, 8, 8), chunks=(4, 8, 8), connectivity=6)
+    result = segment(spec, out, chunks=(4, 8, 8), connectivity=6, run=RunOptions(block_shape=(4, 8, 8)))
     got = ids(out)
     assert (result.components, result.blocks) == (2, 8)
     assert set(np.unique(got[mask])) == {1, 2}
@@ -89,8 +90,8 @@ def test_corner_contact_across_blocks_joins_only_with_26_connectivity(tmp_path):
     mask[4, 8, 8] = True  # first voxel of block (1, 1, 1): they touch at a corner only
     mask[3, 7, 9] = True  # edge contact with (4, 8, 8), in the block (0, 0, 1)
     spec = write(tmp_path / "p.zarr/m", mask, chunks=(4, 8, 8))
-    s26 = segment(spec, str(tmp_path / "s.zarr/a"), block_shape=(4, 8, 8), chunks=(4, 8, 8), connectivity=26)
-    s6 = segment(spec, str(tmp_path / "s.zarr/b"), block_shape=(4, 8, 8), chunks=(4, 8, 8), connectivity=6)
+    s26 = segment(spec, str(tmp_path / "s.zarr/a"), chunks=(4, 8, 8), connectivity=26, run=RunOptions(block_shape=(4, 8, 8)))
+    s6 = segment(spec, str(tmp_path / "s.zarr/b"), chunks=(4, 8, 8), connectivity=6, run=RunOptions(block_shape=(4, 8, 8)))
     assert (s26.components, s6.components) == (1, 3)
     got6 = ids(str(tmp_path / "s.zarr/b"))
     # canonical order: by first voxel in C order
@@ -103,7 +104,7 @@ def test_min_size_counts_voxels_across_blocks(tmp_path):
     mask[2, 6, 0:4] = True  # 4 voxels in one block
     spec = write(tmp_path / "p.zarr/m", mask, chunks=(4, 8, 8))
     out = str(tmp_path / "s.zarr/c")
-    result = segment(spec, out, block_shape=(4, 8, 8), chunks=(4, 8, 8), min_size=5)
+    result = segment(spec, out, chunks=(4, 8, 8), min_size=5, run=RunOptions(block_shape=(4, 8, 8)))
     got = ids(out)
     assert (result.components, result.removed, result.voxels) == (1, 1, 6)
     assert (got[1, 2, 5:11] == 1).all() and (got[2, 6, 0:4] == BG).all()
@@ -129,11 +130,55 @@ def test_unfinished_output_is_redone_without_overwrite(tmp_path):
     spec = write(tmp_path / "p.zarr/m", mask)
     out = str(tmp_path / "s.zarr/c")
     segment(spec, out)
-    open_volume(out, mode="r+").array.attrs["complete"] = False  # as if interrupted
+    mark_unfinished(out)  # as if interrupted
     segment(spec, out)
-    assert open_volume(out).array.attrs["complete"] is True
+    assert state(out)["complete"] is True
     with pytest.raises(CleftchunkError, match="--overwrite"):
-        segment(spec, out)
+        segment(spec, out, min_size=1)  # other parameters: refused (the same ones: "already complete")
+
+
+def state(spec):
+    return open_volume(spec).array.attrs["cleftchunk_segment"]
+
+
+def mark_unfinished(spec):
+    attrs = open_volume(spec, mode="r+").array.attrs
+    attrs["cleftchunk_segment"] = {**attrs["cleftchunk_segment"], "complete": False}
+
+
+def test_an_unfinished_output_with_other_parameters_is_refused_naming_them(tmp_path):
+    spec = write(tmp_path / "p.zarr/pred", random_probabilities((4, 16, 16), 0.2, seed=3))
+    out = str(tmp_path / "s.zarr/c")
+    segment(spec, out)
+    mark_unfinished(out)
+    before = chunk_files(tmp_path / "s.zarr/c/s0")
+    with pytest.raises(CleftchunkError, match=r"other parameters \(min_size, threshold differ\).*--overwrite"):
+        segment(spec, out, threshold=200, min_size=3)
+    assert chunk_files(tmp_path / "s.zarr/c/s0") == before and state(out)["complete"] is False  # untouched
+    segment(spec, out, threshold=200, min_size=3, run=RunOptions(overwrite=True))
+    assert state(out)["identity"]["threshold"] == 200.0 and state(out)["complete"] is True
+
+
+def test_a_complete_output_is_not_redone(tmp_path, run_cli):
+    spec = write(tmp_path / "p.zarr/pred", random_probabilities((4, 16, 16), 0.2, seed=3))
+    out = tmp_path / "s.zarr/c"
+    run_cli("segment", spec, "-o", out, "--no-progress")
+    before = chunk_files(out / "s0")
+    written = {p: p.stat().st_mtime_ns for p in (out / "s0").rglob("*") if p.is_file()}
+    again = run_cli("segment", spec, "-o", out, "--no-progress")
+    assert "already complete" in again.output and "clefts (" not in again.output
+    assert chunk_files(out / "s0") == before and {p: p.stat().st_mtime_ns for p in written} == written
+    messages = []
+    assert segment(str(spec), str(out), log=messages.append) is None and "already complete" in messages[0]
+
+
+def test_a_block_shape_that_is_not_whole_chunks_is_refused_with_the_fix(tmp_path, run_cli):
+    spec = write(tmp_path / "p.zarr/pred", random_probabilities((8, 24, 24), 0.07, seed=9), chunks=(4, 8, 8))
+    result = run_cli("segment", spec, "-o", tmp_path / "s.zarr/ids", "--chunks", "4,8,8", "--block-shape", "6,8,8", expect=2)
+    assert "not a multiple of the output chunks 4,8,8" in result.output and "--block-shape 8,8,8" in result.output
+    assert not (tmp_path / "s.zarr").exists()
+    with pytest.raises(CleftchunkError, match="block_shape=8,8,8"):
+        segment(spec, str(tmp_path / "s.zarr/ids"), chunks=(4, 8, 8), run=RunOptions(block_shape=(6, 8, 8)))
 
 
 def test_kind_detection(tmp_path):
@@ -178,9 +223,9 @@ def test_an_existing_scheduler_and_worker_processes_give_the_bytes_of_a_local_ru
     pred = random_probabilities((8, 24, 24), 0.07, seed=9)
     spec = write(tmp_path / "p.zarr/pred", pred, chunks=(4, 8, 8))
     common = ("--block-shape", "4,8,8", "--chunks", "4,8,8", "--no-progress")
-    run_cli("segment", spec, "-o", tmp_path / "local.zarr/ids", "--workers", "1", *common)
+    run_cli("segment", spec, "-o", tmp_path / "local.zarr/ids", "--threads", "1", *common)
     run_cli("segment", spec, "-o", tmp_path / "remote.zarr/ids", "--scheduler", scheduler_address, *common)
-    run_cli("segment", spec, "-o", tmp_path / "procs.zarr/ids", "--workers", "2", "--processes", *common)
+    run_cli("segment", spec, "-o", tmp_path / "procs.zarr/ids", "--workers", "2", *common)
     local = chunk_files(tmp_path / "local.zarr/ids/s0")
     assert local and chunk_files(tmp_path / "remote.zarr/ids/s0") == local == chunk_files(tmp_path / "procs.zarr/ids/s0")
 
@@ -192,59 +237,92 @@ def test_dry_run_prints_the_plan_and_creates_nothing(tmp_path, run_cli):
     assert not (tmp_path / "s.zarr").exists()
 
 
-# -- resume from the completion record after a real kill ---------------------------------------------
-KILLED_SEGMENT = """
-import sys, time
-sys.path.insert(0, {tests!r})
-import cleftchunk.post.segment as s
-real = s.relabel_block
-def slow(*args):
-    time.sleep({delay})
-    return real(*args)
-s.relabel_block = slow
-r = s.segment({spec!r}, {out!r}, block_shape=(2, 8, 8), chunks=(2, 8, 8), workers=1, min_size=2)
-print("SUMMARY", r.already_done, r.blocks)
-"""
+def test_dry_run_creates_no_folder_lock_or_record(tmp_path, run_cli):
+    spec = write(tmp_path / "p.zarr/pred", random_probabilities((8, 24, 24), 0.07, seed=9), chunks=(4, 8, 8))
+    before = sorted(tmp_path.rglob("*"))
+    result = run_cli("segment", spec, "-o", tmp_path / "new/s.zarr/ids", "--dry-run")
+    assert "plan: segment" in result.output and "input kind: decided when run" in result.output
+    assert sorted(tmp_path.rglob("*")) == before
 
 
-@pytest.mark.slow
-def test_a_killed_segment_resumes_from_its_record_without_rewriting_blocks_and_gives_the_same_bytes(tmp_path, monkeypatch):
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+# -- resume after a run stopped at a known block ------------------------------------------------------
+def stop_after(blocks, stage="segment-write"):
+    """A BLOCK_DONE_HOOKS hook that interrupts the run once ``blocks`` blocks of ``stage`` are recorded."""
+    done = []
 
+    def hook(task, block, report):
+        if task.name == stage:
+            done.append(block.index)
+            if len(done) == blocks:
+                raise KeyboardInterrupt
+
+    return hook
+
+
+def test_an_interrupted_segment_resumes_from_its_record_without_rewriting_blocks_and_gives_the_same_bytes(tmp_path, monkeypatch):
     import cleftchunk.post.segment as seg
-    from test_predict import recorded
+    from cleftchunk.run import executor
 
     pred = random_probabilities((8, 32, 32), 0.07, seed=5)
     spec = write(tmp_path / "p.zarr/pred", pred, chunks=(2, 8, 8))
     out = str(tmp_path / "s.zarr/ids")
     record = tmp_path / ".s.zarr.ids.segment-done.zarr"
-    code = KILLED_SEGMENT.format(tests=str(Path(__file__).parent), delay=0.1, spec=spec, out=out)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None and recorded(record) < 8:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    options = RunOptions(block_shape=(2, 8, 8), threads=1)
+    monkeypatch.setattr(executor, "BLOCK_DONE_HOOKS", [stop_after(24)])
+    with pytest.raises(KeyboardInterrupt):
+        segment(spec, out, chunks=(2, 8, 8), min_size=2, run=options)
     done = zarr_array(record)
-    assert 8 <= done.sum() < 64
+    assert done.sum() == 24 and state(out)["complete"] is False
     expected = connected_components_reference(pred >= 128, 26, min_size=2)
     got = ids(out)
     for number, (z, y, x) in enumerate(np.ndindex(4, 4, 4)):  # every block the record says is done is final
         if done[number]:
             s = np.s_[2 * z : 2 * z + 2, 8 * y : 8 * y + 8, 8 * x : 8 * x + 8]
             np.testing.assert_array_equal(got[s], expected[s])
+    monkeypatch.setattr(executor, "BLOCK_DONE_HOOKS", [])
     rewritten, real_relabel = [], seg.relabel_block
     monkeypatch.setattr(seg, "relabel_block", lambda *args: (rewritten.append(args[1]), real_relabel(*args))[1])
-    result = segment(spec, out, block_shape=(2, 8, 8), chunks=(2, 8, 8), workers=1, min_size=2)
-    assert result.already_done == int(done.sum()) and len(rewritten) == 64 - result.already_done
+    result = segment(spec, out, chunks=(2, 8, 8), min_size=2, run=options)
+    assert result.already_done == 24 and len(rewritten) == 64 - 24
     np.testing.assert_array_equal(ids(out), expected)
-    assert open_volume(out).array.attrs["complete"] is True and not record.exists()
-    segment(spec, str(tmp_path / "fresh.zarr/ids"), block_shape=(2, 8, 8), chunks=(2, 8, 8), workers=2, min_size=2)
+    assert state(out)["complete"] is True and not record.exists()
+    segment(spec, str(tmp_path / "fresh.zarr/ids"), chunks=(2, 8, 8), min_size=2, run=RunOptions(block_shape=(2, 8, 8), threads=2))
+    assert chunk_files(tmp_path / "s.zarr/ids/s0") == chunk_files(tmp_path / "fresh.zarr/ids/s0")
+
+
+#: A command killed (os._exit, no clean-up: its lock file stays) once a known block is recorded.
+KILLED_COMMAND = """
+import os, sys
+from cleftchunk.run import executor
+def kill(task, block, report):
+    if task.name == "segment-write" and report.written == {blocks}:
+        task.record.flush()
+        os._exit(9)
+executor.BLOCK_DONE_HOOKS.append(kill)
+from cleftchunk_cli.main import main
+main({argv!r})
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_segment_command_resumes_with_the_same_command_and_gives_the_bytes_of_an_uninterrupted_run(tmp_path, run_cli):
+    import os
+    import subprocess
+    import sys
+
+    pred = random_probabilities((8, 32, 32), 0.07, seed=6)
+    spec = write(tmp_path / "p.zarr/pred", pred, chunks=(2, 8, 8))
+    argv = ["segment", spec, "-o", str(tmp_path / "s.zarr/ids"), "--chunks", "2,8,8", "--block-shape", "2,8,8",
+            "--min-size", "2", "--threads", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    killed = subprocess.run([sys.executable, "-c", KILLED_COMMAND.format(blocks=40, argv=argv)], env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 9, killed.stdout + killed.stderr
+    assert zarr_array(tmp_path / ".s.zarr.ids.segment-done.zarr").sum() == 40
+    assert (tmp_path / ".s.zarr.ids.lock").exists()  # left by the killed process, taken over below
+    resumed = run_cli(*argv)
+    assert "written already by an interrupted run, kept" in resumed.output
+    run_cli(*argv[:3], str(tmp_path / "fresh.zarr/ids"), *argv[4:])
+    np.testing.assert_array_equal(ids(str(tmp_path / "s.zarr/ids")), connected_components_reference(pred >= 128, 26, min_size=2))
     assert chunk_files(tmp_path / "s.zarr/ids/s0") == chunk_files(tmp_path / "fresh.zarr/ids/s0")
 
 

@@ -15,6 +15,7 @@ import zarr
 from cleftchunk.io.volumes import create_volume, open_volume
 from cleftchunk.post.metrics import evaluate
 from cleftchunk.post.segment import connected_components_reference, segment
+from cleftchunk.run.options import RunOptions
 from cleftchunk.synth.generate import generate_region
 from convert_helpers import ramp
 
@@ -84,13 +85,13 @@ def test_segment_bytes_do_not_depend_on_workers_block_shape_or_place(tmp_path, s
     volume.array[...] = pred
     spec = str(tmp_path / "p.zarr/pred")
     runs = {
-        "w1": dict(workers=1, block_shape=(2, 8, 8)),
-        "w3": dict(workers=3, block_shape=(4, 16, 8)),
-        "procs": dict(workers=2, processes=True, block_shape=(8, 8, 24)),
-        "remote": dict(scheduler=scheduler_address, block_shape=(2, 32, 8)),
+        "w1": RunOptions(threads=1, block_shape=(2, 8, 8)),
+        "w3": RunOptions(threads=3, block_shape=(4, 16, 8)),
+        "procs": RunOptions(workers=2, block_shape=(8, 8, 24)),
+        "remote": RunOptions(scheduler=scheduler_address, block_shape=(2, 32, 8)),
     }
     for name, options in runs.items():
-        segment(spec, str(tmp_path / f"{name}.zarr/ids"), chunks=(2, 8, 8), min_size=2, **options)
+        segment(spec, str(tmp_path / f"{name}.zarr/ids"), chunks=(2, 8, 8), min_size=2, run=options)
     np.testing.assert_array_equal(open_volume(str(tmp_path / "w1.zarr/ids"))[...], connected_components_reference(pred >= 128, 26, 2))
     reference = stored_files(tmp_path / "w1.zarr/ids")
     for name in runs:
@@ -106,9 +107,9 @@ def test_evaluate_does_not_depend_on_workers_block_shape_or_place(tmp_path, sche
         volume = create_volume(tmp_path / f"v.zarr/{name}", data.shape, data.dtype, chunks=(4, 8, 8), voxel_size=(40, 4, 4))
         volume.array[...] = data
         specs.append(str(tmp_path / f"v.zarr/{name}"))
-    runs = [dict(workers=1, block_shape=(4, 8, 8)), dict(workers=3, block_shape=(8, 16, 24)),
-            dict(workers=2, processes=True, block_shape=(2, 40, 8)), dict(scheduler=scheduler_address, block_shape=(4, 8, 8))]
-    results = [evaluate(*specs, halo=(1, 2, 2), **options) for options in runs]
+    runs = [RunOptions(threads=1, block_shape=(4, 8, 8)), RunOptions(threads=3, block_shape=(8, 16, 24)),
+            RunOptions(workers=2, block_shape=(2, 40, 8)), RunOptions(scheduler=scheduler_address, block_shape=(4, 8, 8))]
+    results = [evaluate(*specs, halo=(1, 2, 2), run=options) for options in runs]
     assert results[0]["pred_voxels"] > 0 and results[0]["gt_voxels"] > 0
     for result in results[1:]:
         assert {k: result[k] for k in METRICS} == {k: results[0][k] for k in METRICS}

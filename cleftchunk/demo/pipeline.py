@@ -372,8 +372,9 @@ class Demo:
 
     def segment(self, detail: dict) -> None:
         from cleftchunk.post.segment import segment
+        from cleftchunk.run.options import RunOptions
 
-        result = segment(str(self.results_zarr / "pred"), str(self.results_zarr / "clefts"), overwrite=True)
+        result = segment(str(self.results_zarr / "pred"), str(self.results_zarr / "clefts"), run=RunOptions(overwrite=True))
         detail.update(components=result.components, voxels=result.voxels, threshold=result.threshold, min_size=result.min_size)
 
     def evaluate(self, detail: dict) -> None:

@@ -53,23 +53,23 @@ which count, mean, std, max, median and the θ counts are all exact (up to summa
 from __future__ import annotations
 
 import functools
-import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi, voxels_from_nm
-from cleftchunk.labels import DEFAULT_THRESHOLD, cleft_mask, resolve_label_kind
-from cleftchunk.post.segment import as_volume, raise_if_failed
-from cleftchunk.run.executor import BlockwiseTask, run_blockwise
-from cleftchunk.run.layout import GridLayout, SubsetLayout
-from cleftchunk.run.local import block_client, check_workers, describe_plan, where
-from cleftchunk.post.stats import STAT_KEYS, assemble, stats_from_histogram, stats_from_values  # noqa: F401  (re-exported)
-from cleftchunk.labels import CREMI_INVALID
 from cleftchunk.io.volumes import Volume
+from cleftchunk.labels import CREMI_INVALID, DEFAULT_THRESHOLD, cleft_mask, resolve_label_kind
+from cleftchunk.post.segment import as_volume
+from cleftchunk.run.executor import BlockwiseTask
+from cleftchunk.run.layout import GridLayout, SubsetLayout
+from cleftchunk.run.operation import Operation, Plan, Running, run_operation
+from cleftchunk.run.options import RunOptions, block_shape_for
+from cleftchunk.post.stats import STAT_KEYS, assemble, format_table, jsonable, merge_histograms  # noqa: F401  (re-exported)
+from cleftchunk.post.stats import stats_from_histogram, stats_from_values, to_json  # noqa: F401  (re-exported)
 
 THETA_NM = 200.0
 DEFAULT_BLOCK_SHAPE = (32, 256, 256)
@@ -266,15 +266,6 @@ def nearest_far(
     return best
 
 
-def merge_histograms(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    if not parts:
-        return np.zeros(0), np.zeros(0, dtype=np.int64)
-    values = np.concatenate([p[0] for p in parts])
-    counts = np.concatenate([p[1] for p in parts])
-    distinct, inverse = np.unique(values, return_inverse=True)
-    return distinct, np.bincount(inverse.ravel(), weights=counts, minlength=distinct.size).astype(np.int64)
-
-
 def common_voxel_size(pred: Volume, gt: Volume, voxel_size: Sequence[float] | None) -> tuple[float, ...]:
     """The explicit voxel size, else the metadata's (which must agree), else an error."""
     if voxel_size is not None:
@@ -303,47 +294,64 @@ def evaluate(
     voxel_size: Sequence[float] | None = None,
     pred_kind: str = "auto",
     gt_kind: str = "auto",
-    block_shape: Sequence[int] | None = None,
     halo: Sequence[int] | None = None,
-    workers: int | None = None,
-    progress: bool = False,
-    scheduler: str | None = None,
-    processes: bool = False,
-    dry_run: bool = False,
+    run: RunOptions | None = None,
     log=print,
 ) -> dict | None:
-    """The CREMI cleft metrics of ``pred`` against ``gt``, block-wise on Dask, exact.
+    """The CREMI cleft metrics of ``pred`` against ``gt``, block-wise on the executor, exact.
 
     ``halo`` (voxels per axis, default ceil(θ / voxel size)) only trades reading and nearest-target
-    work in the grown block against the far-voxel search; the result does not depend on it, nor on ``block_shape`` or ``workers``.
-    Runs on ``workers`` threads, or the Dask cluster at ``scheduler``, or (``processes``) local
-    worker processes. ``dry_run``: log the plan and return None.
+    work in the grown block against the far-voxel search; the result does not depend on it, nor
+    on the block shape or the workers. ``run`` says where and how
+    (:class:`~cleftchunk.run.options.RunOptions`; its ``block_shape`` defaults to 32,256,256).
+    A dry run logs the plan, reads no voxel and returns None.
     """
+    run = run or RunOptions()
+    return run_operation(Evaluate(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, halo, read=not run.dry_run), run, log)
 
-    pred, gt = as_volume(pred), as_volume(gt)
-    if len(pred.shape) != 3 or len(gt.shape) != 3:
-        raise CleftchunkError(f"{pred.spec} and {gt.spec} must both be 3-D (z, y, x) volumes")
-    if not (math.isfinite(theta) and theta >= 0):
-        raise CleftchunkError(f"θ = {theta} nm must be a finite distance >= 0 (CREMI uses 200): fix --theta")
-    vs = common_voxel_size(pred, gt, voxel_size)
-    region = evaluated_region(pred, gt, vs)
-    pair = Pair(pred, gt, resolve_label_kind(pred, pred_kind), resolve_label_kind(gt, gt_kind), threshold, region.offset)
-    total = Roi.from_shape(gt.shape)
-    block_shape = tuple(min(b, s) for b, s in zip(block_shape or DEFAULT_BLOCK_SHAPE, gt.shape))
-    halo = tuple(halo) if halo is not None else default_halo(theta, vs)
-    if len(halo) != 3 or any(int(h) != h or h < 0 for h in halo):
-        raise CleftchunkError(f"halo {halo} must be 3 whole numbers of voxels >= 0 (it changes speed only, never the result)")
-    check_workers(workers)
-    place = scheduler or ("processes" if processes else "threads")
-    layout = GridLayout(total, block_shape)
-    if dry_run:
-        grown = math.prod(b + 2 * h for b, h in zip(block_shape, halo))
+
+class Evaluate(Operation):
+    """The metrics as an operation that writes no volume: checks and plan, then two passes
+    (census, distances) run on the client :class:`RunOptions` chooses. ``read=False`` (a dry
+    run): a kind only the values could tell is left undecided (None), and nothing is read."""
+
+    stage = "evaluate"
+
+    def __init__(self, pred, gt, theta=THETA_NM, threshold=DEFAULT_THRESHOLD, voxel_size=None, pred_kind="auto", gt_kind="auto",
+                 halo=None, read=True):
+        pred, gt = as_volume(pred), as_volume(gt)
+        if len(pred.shape) != 3 or len(gt.shape) != 3:
+            raise CleftchunkError(f"{pred.spec} and {gt.spec} must both be 3-D (z, y, x) volumes")
+        if not (math.isfinite(theta) and theta >= 0):
+            raise CleftchunkError(f"θ = {theta} nm must be a finite distance >= 0 (CREMI uses 200): fix --theta")
+        self.voxel_size = common_voxel_size(pred, gt, voxel_size)
+        self.region = evaluated_region(pred, gt, self.voxel_size)
+        kinds = resolve_label_kind(pred, pred_kind, read=read), resolve_label_kind(gt, gt_kind, read=read)
+        self.pair = Pair(pred, gt, *kinds, threshold, self.region.offset)
+        self.halo = tuple(halo) if halo is not None else default_halo(theta, self.voxel_size)
+        if len(self.halo) != 3 or any(int(h) != h or h < 0 for h in self.halo):
+            raise CleftchunkError(f"halo {self.halo} must be 3 whole numbers of voxels >= 0 (it changes speed only, never the result)")
+        self.pred, self.gt, self.theta, self.threshold = pred, gt, theta, threshold
+
+    def identity(self) -> dict:
+        return {}  # nothing is written: no output to resume or refuse
+
+    def layout(self, options: RunOptions) -> GridLayout:
+        # no output chunks to align to: any block shape, clipped to the volume
+        shape = self.gt.shape
+        return GridLayout(Roi.from_shape(shape), block_shape_for(options.block_shape, (1, 1, 1), shape, DEFAULT_BLOCK_SHAPE))
+
+    def plan(self, options: RunOptions) -> Plan:
+        layout = self.layout(options)
+        grown = math.prod(b + 2 * h for b, h in zip(layout.block_shape, self.halo))
         # both volumes over the grown block, masks, distance transform (float64 + int indices)
-        memory = grown * (pred.dtype.itemsize + gt.dtype.itemsize + 2 + 8 + 3 * 8)
-        log(describe_plan("evaluate", layout, where(workers, place), 2 * len(layout), 0, memory))
-        return None
-    with block_client(workers, place, announce=progress) as client:
-        return _evaluate(client, pair, layout, halo, vs, region, pred, gt, theta, threshold, progress)
+        memory = grown * (self.pred.dtype.itemsize + self.gt.dtype.itemsize + 2 + 8 + 3 * 8)
+        kinds = [k or "decided when run, from sampled chunks" for k in (self.pair.pred_kind, self.pair.gt_kind)]
+        return Plan(f"evaluate {self.pred.spec} against {self.gt.spec}", layout, 2 * len(layout), 0, memory,
+                    (f"  kinds: prediction {kinds[0]}, ground truth {kinds[1]}",))
+
+    def execute(self, running: Running, handle: None) -> dict:
+        return _evaluate(running, self, self.layout(running.options))
 
 
 def _census_task(pair: Pair, block, _prepared=None) -> Census:
@@ -356,22 +364,21 @@ def _distances_task(pair: Pair, halo, total: Roi, voxel_size, block, _prepared, 
     return block_distances(pair, block.write_roi, halo, total, voxel_size, wanted)
 
 
-def _evaluate(client, pair, layout: GridLayout, halo, vs, region, pred, gt, theta, threshold, progress) -> dict:
+def _evaluate(running: Running, op: Evaluate, layout: GridLayout) -> dict:
     """Pass 1 (census of every block), then pass 2 (distances of the blocks holding query
     voxels), each one run of the executor; the client merges the blocks' small results."""
+    pair, halo, vs, region, theta = op.pair, op.halo, op.voxel_size, op.region, op.theta
     censuses: dict = {}
-    task = BlockwiseTask("evaluate-census", layout, functools.partial(_census_task, pair),
-                         collect=lambda block, c: censuses.__setitem__(layout.order(block.index), c))
-    raise_if_failed(run_blockwise(client, task, progress=progress), task.name)
+    running.run(BlockwiseTask("evaluate-census", layout, functools.partial(_census_task, pair),
+                              collect=lambda block, c: censuses.__setitem__(layout.order(block.index), c)))
     censuses = [censuses[i] for i in range(len(layout))]
     boxes = {d: boxes_array([c.boxes[_other(d)] for c in censuses if c.boxes[_other(d)] is not None]) for d in DIRECTIONS}
     queried = [b.index for b, c in zip(layout.blocks(), censuses) if any(c.counts[d] and len(boxes[d]) for d in DIRECTIONS)]
     results = []
-    task = BlockwiseTask(
+    running.run(BlockwiseTask(
         "evaluate-distances", SubsetLayout(layout, queried), functools.partial(_distances_task, pair, halo, layout.roi, vs),
-        collect=lambda block, r: results.append(r), process_args=(client.scatter([boxes], broadcast=True, hash=False)[0],),
-    )
-    raise_if_failed(run_blockwise(client, task, progress=progress), task.name)
+        collect=lambda block, r: results.append(r), process_args=(running.client.scatter([boxes], broadcast=True, hash=False)[0],),
+    ))
 
     stats, beyond, far = {}, {}, 0
     for direction in DIRECTIONS:
@@ -385,16 +392,16 @@ def _evaluate(client, pair, layout: GridLayout, halo, vs, region, pred, gt, thet
         stats[direction] = stats_from_histogram(values, counts)
         beyond[direction] = int(counts[values > theta].sum())
     inputs = {
-        "shape": list(gt.shape),
+        "shape": list(op.gt.shape),
         "pred_region": [f"{b}:{e}" for b, e in zip(region.begin, region.end)],
         "voxel_size": list(vs),
         "theta_nm": float(theta),
         "invalid_voxels": sum(c.counts["invalid"] for c in censuses),
-        "pred": pred.spec,
-        "gt": gt.spec,
+        "pred": op.pred.spec,
+        "gt": op.gt.spec,
         "pred_kind": pair.pred_kind,
         "gt_kind": pair.gt_kind,
-        "threshold": threshold if "prob" in (pair.pred_kind, pair.gt_kind) else None,
+        "threshold": op.threshold if "prob" in (pair.pred_kind, pair.gt_kind) else None,
         "blocks": len(layout),
         "block_shape": list(layout.block_shape),
         "halo": list(halo),
@@ -434,54 +441,3 @@ def default_halo(theta: float, voxel_size: Sequence[float]) -> tuple[int, ...]:
 
 def _other(direction: str) -> str:
     return "gt_to_pred" if direction == "pred_to_gt" else "pred_to_gt"
-
-
-# -- reporting -----------------------------------------------------------------------------------
-def jsonable(value: Any) -> Any:
-    """Infinity as the string "inf" and NaN as null: strict JSON parsers accept neither."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float):
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-    return value
-
-
-def to_json(result: dict) -> str:
-    return json.dumps(jsonable(result), indent=2, allow_nan=False)
-
-
-def format_table(result: dict) -> str:
-    """The metrics as an aligned text table for the terminal."""
-
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "n/a"
-        if isinstance(v, float):
-            return "inf" if math.isinf(v) else f"{v:.4g}" if abs(v) < 1e4 else f"{v:.1f}"
-        return str(v)
-
-    theta = result["inputs"]["theta_nm"]
-    rows = [
-        ("CREMI score (nm)", fmt(result["cremi_score"])),
-        ("ADGT (nm)", fmt(result["adgt"])),
-        ("ADF (nm)", fmt(result["adf"])),
-        (f"FP (> {theta:g} nm)", fmt(result["fp"])),
-        (f"FN (> {theta:g} nm)", fmt(result["fn"])),
-        ("precision", fmt(result["precision"])),
-        ("recall", fmt(result["recall"])),
-        ("F1", fmt(result["f1"])),
-    ]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{name:<{width}}  {value}" for name, value in rows]
-    lines.append("")
-    header = f"{'distances (nm)':<{width}}  " + "  ".join(f"{k:>10}" for k in STAT_KEYS)
-    lines.append(header)
-    for direction, label in (("pred_to_gt", "prediction -> GT"), ("gt_to_pred", "GT -> prediction")):
-        s = result[direction]
-        lines.append(f"{label:<{width}}  " + "  ".join(f"{fmt(s[k]):>10}" for k in STAT_KEYS))
-    return "\n".join(lines)

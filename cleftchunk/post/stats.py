@@ -1,9 +1,12 @@
 """Statistics of distance sets for the CREMI metrics: exact from values, or from (value, count)
-histograms merged across blocks, so that block-wise and whole-volume results are equal."""
+histograms merged across blocks, so that block-wise and whole-volume results are equal; and the
+metrics as JSON and as a table for the terminal."""
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +27,15 @@ def stats_from_values(d: np.ndarray) -> dict:
         "max": float(np.max(d)),
         "median": float(np.median(d)),
     }
+
+
+def merge_histograms(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if not parts:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    values = np.concatenate([p[0] for p in parts])
+    counts = np.concatenate([p[1] for p in parts])
+    distinct, inverse = np.unique(values, return_inverse=True)
+    return distinct, np.bincount(inverse.ravel(), weights=counts, minlength=distinct.size).astype(np.int64)
 
 
 def stats_from_histogram(values: np.ndarray, counts: np.ndarray) -> dict:
@@ -88,3 +100,52 @@ def assemble(pred_to_gt: dict, gt_to_pred: dict, fp: int, fn: int, inputs: dict)
     }
 
 
+# -- reporting -----------------------------------------------------------------------------------
+def jsonable(value: Any) -> Any:
+    """Infinity as the string "inf" and NaN as null: strict JSON parsers accept neither."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+    return value
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(jsonable(result), indent=2, allow_nan=False)
+
+
+def format_table(result: dict) -> str:
+    """The metrics as an aligned text table for the terminal."""
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return "inf" if math.isinf(v) else f"{v:.4g}" if abs(v) < 1e4 else f"{v:.1f}"
+        return str(v)
+
+    theta = result["inputs"]["theta_nm"]
+    rows = [
+        ("CREMI score (nm)", fmt(result["cremi_score"])),
+        ("ADGT (nm)", fmt(result["adgt"])),
+        ("ADF (nm)", fmt(result["adf"])),
+        (f"FP (> {theta:g} nm)", fmt(result["fp"])),
+        (f"FN (> {theta:g} nm)", fmt(result["fn"])),
+        ("precision", fmt(result["precision"])),
+        ("recall", fmt(result["recall"])),
+        ("F1", fmt(result["f1"])),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines.append("")
+    header = f"{'distances (nm)':<{width}}  " + "  ".join(f"{k:>10}" for k in STAT_KEYS)
+    lines.append(header)
+    for direction, label in (("pred_to_gt", "prediction -> GT"), ("gt_to_pred", "GT -> prediction")):
+        s = result[direction]
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{fmt(s[k]):>10}" for k in STAT_KEYS))
+    return "\n".join(lines)
