@@ -35,6 +35,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.synth.generate import VOXEL_SIZE, SynthParams, check_seed, generate_region, make_params
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_CLEFTS, CREMI_NEURONS, CREMI_RAW, kind_attrs
+from cleftchunk.io.cremi import hdf5_state
 from cleftchunk.io.stores import is_url
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, open_volume, split_spec
 from cleftchunk.run.chunks import unit_stored, units_in
@@ -156,7 +157,7 @@ class Synth(Operation):
     # -- where the state lives -------------------------------------------------------------------
     def read_state(self) -> dict | None:
         if self.kind == "cremi":
-            return _read_hdf5_state(self.path)
+            return hdf5_state(self.path, ATTR)
         import zarr
 
         try:
@@ -225,23 +226,6 @@ class Synth(Operation):
     def finished(self, handle: Any, result: Any) -> dict:
         blocks = len(self.layout(RunOptions()))
         return {"blocks": blocks, "skipped": blocks}
-
-
-def _read_hdf5_state(path: Path) -> dict | None:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            text = f.attrs.get(ATTR)
-    except OSError as e:
-        if e.errno is not None:  # the system's (permissions, a vanished disk): reported as it is
-            raise
-        return None  # not an HDF5 file
-    try:
-        state = json.loads(text) if isinstance(text, (str, bytes)) else None
-    except ValueError:
-        return None
-    return state if isinstance(state, dict) and "identity_hash" in state else None
 
 
 def _zarr_block(index, volumes, grid: ChunkGrid, seed: int, params: SynthParams) -> None:
