@@ -34,6 +34,7 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
 from cleftchunk.io.cremi import hdf5_state
+from cleftchunk.io.guard import refuse_overlap
 from cleftchunk.io.volumes import HDF5_SUFFIXES, Volume
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_CLEFTS, CREMI_RAW, resolve_label_kind
 from cleftchunk.post.segment import as_volume
@@ -92,6 +93,8 @@ class Export(Operation):
         out = Path(out)
         if out.suffix.lower() not in HDF5_SUFFIXES:
             raise CleftchunkError(f"{out}: a CREMI file is HDF5; give an output ending in .hdf, .h5 or .hdf5")
+        # first of the checks on the inputs: an output on an input is the mistake that would destroy data
+        refuse_overlap(out, (clefts, raw))
         whole = Roi.from_shape(source.shape)
         region = whole if crop is None else crop
         if region.empty or not whole.contains(region):
