@@ -544,3 +544,36 @@ def test_block_shape_must_be_a_multiple_of_the_chunks(tmp_path, run_cli):
     assert not (tmp_path / "o.zarr").exists()
     run_cli(*args, "--block-shape", "2,32,16", "--verify")
     np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "d"), data)
+
+
+def test_a_failing_block_is_reported_after_every_other_block_is_written(tmp_path):
+    from cleftchunk.errors import CleftchunkError
+
+    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(4, 16, 16), chunks=(2, 8, 8), dtype="uint8")
+    bad = Roi((2, 8, 0), (2, 8, 8))
+
+    def produce(roi):
+        if roi == bad:
+            raise ValueError("this block cannot be made")
+        return np.ones(roi.shape, np.uint8)
+
+    with pytest.raises(CleftchunkError, match=r"1 of 8 blocks of fill failed \(.*ValueError: this block cannot be made\)"):
+        chunkwrite.fill(array, produce, RunOptions(threads=2, retries=0), task_bytes=1)
+    grid = chunkwrite.unit_grid(array)
+    assert chunkwrite.stored_units(array) == set(grid.indices()) - {(1, 1, 0)}
+
+
+@pytest.mark.parametrize("error, reported", [
+    (PermissionError(errno.EACCES, "Permission denied", "s.h5"), PermissionError),
+    (MemoryError(), MemoryError),
+    (OSError("Can't read data (inflate() failed)"), conv.CleftchunkError),  # h5py on a damaged chunk: no errno
+    (RuntimeError("Error during decompression"), conv.CleftchunkError),  # a codec on a damaged chunk
+])
+def test_only_damaged_data_is_called_corrupt(error, reported):
+    class Source:
+        def __getitem__(self, key):
+            raise error
+
+    with pytest.raises(reported) as caught:
+        conv.SourceReader(Source())(Roi((0, 0, 0), (1, 2, 2)))
+    assert ("corrupt or truncated" in str(caught.value)) == (reported is conv.CleftchunkError)

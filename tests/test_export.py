@@ -163,3 +163,15 @@ def test_stopped_export_resumes_to_the_same_file(tmp_path, monkeypatch):
             np.testing.assert_array_equal(a[name][...], b[name][...])
             assert {k: list(np.atleast_1d(v)) for k, v in a[name].attrs.items()} == {k: list(np.atleast_1d(v)) for k, v in b[name].attrs.items()}
         np.testing.assert_array_equal(a["volumes/labels/clefts"][...], data)
+
+
+def test_block_shape_is_the_work_block_and_a_multiple_of_the_file_chunks(tmp_path, run_cli):
+    data = clefts_volume((6, 12, 10))
+    spec = write(tmp_path / "s.zarr/clefts", data, fill_value=int(BG))
+    plan = run_cli("export", spec, tmp_path / "a.hdf", "--block-shape", "2,12,10", "--dry-run").output
+    assert "3 blocks of (2, 12, 10)" in plan
+    assert "--block-shape 2,5,10 is not a multiple of the output chunks 1,12,10: use --block-shape 2,12,10" in run_cli(
+        "export", spec, tmp_path / "a.hdf", "--block-shape", "2,5,10", expect=2).output
+    run_cli("export", spec, tmp_path / "a.hdf", "--block-shape", "3,12,10", "--no-progress")
+    with h5py.File(tmp_path / "a.hdf", "r") as f:
+        np.testing.assert_array_equal(f["volumes/labels/clefts"][...], data)

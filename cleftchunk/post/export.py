@@ -41,7 +41,7 @@ from cleftchunk.post.segment import as_volume
 from cleftchunk.run.executor import BlockwiseTask
 from cleftchunk.run.layout import GridLayout
 from cleftchunk.run.operation import Operation, Plan, Running, run_operation
-from cleftchunk.run.options import RunOptions
+from cleftchunk.run.options import RunOptions, block_shape_for
 
 CLEFTS_DATASET = CREMI_CLEFTS
 RAW_DATASET = CREMI_RAW
@@ -128,23 +128,29 @@ class Export(Operation):
                 "region": [list(self.region.begin), list(self.region.end)], "offset": list(self.offset),
                 "raw": None if raw is None else {"spec": raw.spec, "shape": list(raw.shape), "dtype": str(raw.dtype)}}
 
-    def _layouts(self) -> tuple[GridLayout, GridLayout | None]:
-        clefts = GridLayout(self.region, (slab_depth(self.source, self.region),) + self.region.shape[1:])
-        if self.raw is None:
-            return clefts, None
-        whole = Roi.from_shape(self.raw.shape)
-        return clefts, GridLayout(whole, (slab_depth(self.raw, whole),) + whole.shape[1:])
+    def _layouts(self, options: RunOptions) -> tuple[GridLayout, GridLayout | None]:
+        """The clefts' blocks and the raw volume's: ``block_shape`` (a multiple of the file's
+        chunks) when given, else z-slabs of whole source chunks (:func:`slab_depth`)."""
+
+        def layout(source: Volume, region: Roi) -> GridLayout:
+            if options.block_shape is None:
+                return GridLayout(region, (slab_depth(source, region),) + region.shape[1:])
+            chunks = h5_chunks(region.shape)
+            return GridLayout(region, block_shape_for(options.block_shape, chunks, region.shape, chunks))
+
+        clefts = layout(self.source, self.region)
+        return clefts, None if self.raw is None else layout(self.raw, Roi.from_shape(self.raw.shape))
 
     def plan(self, options: RunOptions) -> Plan:
         """The slabs read on workers, the bytes the client writes, the memory of two slabs."""
-        layout, raw_layout = self._layouts()
+        layout, raw_layout = self._layouts(options)
         raw = self.raw
         raw_voxels = math.prod(raw.shape) if raw is not None else 0
         voxels = self.region.size + raw_voxels
         output = self.region.size * 8 + raw_voxels * (raw.dtype.itemsize if raw is not None else 0)
         memory = IN_FLIGHT * math.prod(layout.block_shape) * 8  # two uint64 slabs in flight
-        extra = ("  the client writes the HDF5 file (one writer): two slabs in flight",) + (
-            (f"  and volumes/raw: {raw_voxels} voxels in slabs of {raw_layout.block_shape[0]} sections",) if raw is not None else ())
+        extra = ("  the client writes the HDF5 file (one writer): two blocks in flight",) + (
+            (f"  and volumes/raw: {raw_voxels} voxels in blocks of {raw_layout.block_shape}",) if raw is not None else ())
         tasks = len(layout) + (len(raw_layout) if raw_layout is not None else 0)
         return Plan(f"export {self.source.spec} ({voxels} voxels)", layout, tasks, output, memory, extra)
 
@@ -185,7 +191,7 @@ class Export(Operation):
     def execute(self, running: Running, handle: Path) -> None:
         import h5py
 
-        layout, raw_layout = self._layouts()
+        layout, raw_layout = self._layouts(running.options)
         convert = _pytc_to_cremi if self.kind == "main" else None
         with h5py.File(self.partial, "a") as f:
             _copy(running, f[CLEFTS_DATASET], self.source, layout, convert, recorded=True)
@@ -208,9 +214,13 @@ def slab_depth(source: Volume, region: Roi) -> int:
     return chunk * max(1, fits // chunk) if chunk <= fits else fits
 
 
+def h5_chunks(shape) -> tuple[int, int, int]:
+    """The file's chunks: one section of up to :data:`H5_CHUNK_YX` squared."""
+    return (1, min(H5_CHUNK_YX, shape[1]), min(H5_CHUNK_YX, shape[2]))
+
+
 def _dataset(f: Any, name: str, shape, dtype, fill) -> Any:
-    chunks = (1, min(H5_CHUNK_YX, shape[1]), min(H5_CHUNK_YX, shape[2]))
-    return f.create_dataset(name, shape=tuple(shape), dtype=dtype, chunks=chunks, compression="gzip", fillvalue=fill)
+    return f.create_dataset(name, shape=tuple(shape), dtype=dtype, chunks=h5_chunks(shape), compression="gzip", fillvalue=fill)
 
 
 def _copy(running: Running, dataset: Any, source: Volume, layout: GridLayout, convert, recorded: bool = False) -> None:

@@ -153,12 +153,16 @@ def unit_stored(array: Any, index: Coord) -> bool:
 
 def _running(on: Any):
     """What ``on`` runs passes on: a :class:`~cleftchunk.run.operation.Running` as it is (inside an
-    operation), else a context giving one on the client of ``on`` (RunOptions; None: the default)."""
+    operation), a client (a Dask client or :class:`~cleftchunk.run.local.ThreadClient`, with the
+    default options), else a context giving one on a client started for ``on`` (RunOptions;
+    None: the defaults)."""
     from cleftchunk.run.operation import Running
     from cleftchunk.run.options import RunOptions
 
     if isinstance(on, Running):
         return contextlib.nullcontext(on)
+    if on is not None and not isinstance(on, RunOptions):
+        return contextlib.nullcontext(Running(on, RunOptions(), None, lambda _: None))
     options = on if on is not None else RunOptions()
 
     @contextlib.contextmanager
@@ -211,7 +215,7 @@ def fill(
     """Write every storage unit of the zarr ``array`` not yet stored, with data ``produce(roi)``.
 
     Runs one pass on the executor (:mod:`cleftchunk.run.executor`): on ``on``, the
-    :class:`~cleftchunk.run.operation.Running` of an operation, or a
+    :class:`~cleftchunk.run.operation.Running` of an operation, a client, or a
     :class:`~cleftchunk.run.options.RunOptions` (a client is started for this pass; None: the
     defaults). ``produce`` receives ROIs in array-local voxels and must be picklable for worker
     processes. Each task checks which of its units are stored (``resume``; False for an array

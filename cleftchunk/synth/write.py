@@ -150,6 +150,7 @@ class Synth(Operation):
 
     def plan(self, options: RunOptions) -> Plan:
         layout = self.layout(options)
+        self.blocks = len(layout)
         written = sum(np.dtype(d).itemsize for d in DTYPES.values())
         return Plan(f"synth ({self.kind})", layout, -(-len(layout) // layout.auto_batch()), math.prod(self.shape) * written,
                     math.prod(layout.block_shape) * GENERATE_BYTES_PER_VOXEL)
@@ -224,8 +225,7 @@ class Synth(Operation):
             return running.run(BlockwiseTask("synth", layout, task, collect=consume), recorded=True)
 
     def finished(self, handle: Any, result: Any) -> dict:
-        blocks = len(self.layout(RunOptions()))
-        return {"blocks": blocks, "skipped": blocks}
+        return {"blocks": self.blocks, "skipped": self.blocks}
 
 
 def _zarr_block(index, volumes, grid: ChunkGrid, seed: int, params: SynthParams) -> None:
