@@ -25,7 +25,7 @@ Decisions, documented here once:
   0xFFFFFFFFFFFFFFFE (invalid); else 0 (PyTorch Connectomics ``main`` files, binary masks).
 - **Kind**: the output records what it holds (``cleft_kind``: ``ids``, ``main``, ``mask``,
   ``image``, ``neurons``) whenever the source's metadata, name or a few sampled boxes tell it.
-- **Existing output**: never replaced without ``overwrite``. If it exists with the same plan
+- **Existing output**: never replaced without ``run.overwrite``. If it exists with the same plan
   (its identity is stored in the ``cleftchunk_convert`` attribute of ``s0``, written when the
   array is created) the conversion *resumes*: only storage units missing from the store are
   written; a complete output is left as is. Another conversion's output is refused naming the
