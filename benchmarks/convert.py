@@ -92,8 +92,8 @@ def contenders(src: Path, dst: Path) -> dict[str, list[str]]:
            "--no-progress", "--overwrite"]
     fmt = dict(src=str(src), dst=str(dst), chunks=CHUNKS)
     return {
-        "cleftchunk convert (threads)": cli + ["--scheduler", "threads"],
-        "cleftchunk convert (processes)": cli + ["--scheduler", "processes"],
+        "cleftchunk convert (threads)": cli + ["--workers", "0"],
+        "cleftchunk convert (processes)": cli + ["--workers", "2"],
         "dask from_array().to_zarr()": python_argv(DASK_BASELINE.format(**fmt)),
         "h5py slab loop → zarr": python_argv(SLAB_LOOP.format(**fmt)),
     }

@@ -54,15 +54,16 @@ from cleftchunk.post.metrics import evaluate
 from cleftchunk.run.options import RunOptions
 from cleftchunk.io.convert import convert_path
 from cleftchunk.synth.write import synthesize
+from cleftchunk.run.options import RunOptions
 t = time.perf_counter()
 if {stage!r} == "segment":
     segment({spec!r}, {out!r}, kind="prob", chunks=(32, 512, 512), run=RunOptions(block_shape=(64, 1024, 1024), dry_run=True), log=print)
 elif {stage!r} == "evaluate":
     evaluate({spec!r}, {spec!r}, pred_kind="prob", gt_kind="mask", voxel_size=(40, 4, 4), run=RunOptions(block_shape=(64, 1024, 1024), dry_run=True), log=print)
 elif {stage!r} == "convert":
-    convert_path({spec!r}, {out!r}, voxel_size=(40, 4, 4), levels=3, dry_run=True, log=print)
+    convert_path({spec!r}, {out!r}, voxel_size=(40, 4, 4), levels=3, run=RunOptions(dry_run=True), log=print)
 else:
-    synthesize({out_dir!r}, {shape!r}, chunks=(32, 512, 512), dry_run=True, log=print)
+    synthesize({out_dir!r}, {shape!r}, chunks=(32, 512, 512), run=RunOptions(dry_run=True), log=print)
 print("SECONDS", time.perf_counter() - t)
 """
 

@@ -44,8 +44,8 @@ GENERATE_ONLY = dict(
 )
 
 SYNTH = dict(
-    imports="from cleftchunk.synth.write import synthesize",
-    work="synthesize({dst!r}, {shape}, seed=0, workers={workers}, scheduler={scheduler!r}, format={format!r}, overwrite=True)",
+    imports="from cleftchunk.synth.write import synthesize\nfrom cleftchunk.run.options import RunOptions",
+    work="synthesize({dst!r}, {shape}, seed=0, format={format!r}, run=RunOptions({where}, overwrite=True))",
 )
 
 
@@ -63,12 +63,13 @@ def contenders(dst_dir: Path) -> list[tuple[str, int, callable]]:
     def synth(workers, scheduler, fmt):
         suffix = "zarr" if fmt == "zarr" else "hdf"
         return lambda shape: timed(
-            SYNTH, dst=str(dst_dir / f"bench.{suffix}"), shape=tuple(shape), workers=workers, scheduler=scheduler, format=fmt
+            SYNTH, dst=str(dst_dir / f"bench.{suffix}"), shape=tuple(shape), format=fmt,
+            where=f"threads={workers}" if scheduler == "threads" else f"workers={workers}",
         )
 
     return [
         ("generate only (no write)", 1, lambda shape: timed(GENERATE_ONLY, shape=tuple(shape))),
-        ("synth zarr, 1 worker", 1, synth(1, "processes", "zarr")),
+        ("synth zarr, 1 worker", 1, synth(1, "threads", "zarr")),
         ("synth zarr, 2 processes", 2, synth(2, "processes", "zarr")),
         ("synth zarr, 2 threads", 2, synth(2, "threads", "zarr")),
         ("synth cremi, 2 processes", 2, synth(2, "processes", "cremi")),

@@ -148,7 +148,9 @@ def ensure_data() -> Path:
     if not (DATA / "clefts").exists():
         from cleftchunk.synth import synthesize
 
-        synthesize(str(DATA), SHAPE, seed=3, workers=2)
+        from cleftchunk.run.options import RunOptions
+
+        synthesize(str(DATA), SHAPE, seed=3, run=RunOptions(threads=2))
     return DATA
 
 

@@ -7,7 +7,7 @@ import click
 from cleftchunk.io import convert as conv
 from cleftchunk.run.chunks import DEFAULT_TASK_BYTES
 from cleftchunk.errors import CleftchunkError
-from cleftchunk_cli.options import parse_zyx, positive_zyx
+from cleftchunk_cli.options import parse_zyx, positive_zyx, run_options
 
 
 @click.command("convert")
@@ -26,16 +26,12 @@ from cleftchunk_cli.options import parse_zyx, positive_zyx
 @click.option("--levels", default=1, show_default=True, help="OME-Zarr pyramid levels, each (1,2,2) smaller.")
 @click.option("--downsample", type=click.Choice(["auto", "mean", "stride", "mode"]), default="auto", show_default=True,
               help="How levels are made: mean for images, stride for labels and masks (auto); mode for labels.")
-@click.option("--workers", default=conv.DEFAULT_WORKERS, show_default=True, help="Parallel Dask workers.")
-@click.option("--scheduler", default="threads", show_default=True,
-              help="threads (of this process), processes (--workers local worker processes), or the address of a running Dask scheduler (tcp://HOST:8786).")
-@click.option("--task-mb", default=DEFAULT_TASK_BYTES // 2**20, show_default=True, help="Source MiB per task (memory ≈ workers × 3 × this).")
-@click.option("--overwrite", is_flag=True, help="Replace DST if it exists (otherwise a matching DST resumes).")
+@click.option("--task-mb", default=DEFAULT_TASK_BYTES // 2**20, show_default=True,
+              help="Source MiB per task when --block-shape is not given (memory ≈ task threads × 3 × this).")
 @click.option("--verify", "do_verify", is_flag=True, help="Afterwards compare every chunk with SRC and report mismatches.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show the progress display (blocks, voxels/s, ETA).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (tasks, output bytes, memory per worker); run nothing, create nothing.")
+@run_options()
 def command(src, dst, dataset, channel, chunks, compressor, shards, voxel_size, offset, mask, background, levels,
-            downsample, workers, scheduler, task_mb, overwrite, do_verify, progress, dry_run):
+            downsample, task_mb, do_verify, run):
     """Convert SRC (HDF5, CREMI file, TIFF stack, image folder, Zarr, N5, .npy) to OME-Zarr DST.
 
     DST is a volume like out.zarr/raw; for a whole CREMI file (SRC.hdf with volumes/raw, ... and
@@ -53,15 +49,13 @@ def command(src, dst, dataset, channel, chunks, compressor, shards, voxel_size, 
         levels=levels,
         level_method=None if downsample == "auto" else downsample,
     )
-    results = conv.convert_path(
-        src, dst, dataset=dataset, mask=mask, overwrite=overwrite, workers=workers, scheduler=scheduler,
-        task_bytes=task_mb * 2**20, progress=progress, dry_run=dry_run, log=click.echo, **plan_options,
-    )
+    results = conv.convert_path(src, dst, dataset=dataset, mask=mask, run=run, task_bytes=task_mb * 2**20, log=click.echo,
+                                **plan_options)
     for result in results:
         click.echo(_summary(result))
     if do_verify:
         for result in results:
-            _verify(result.plan, workers, scheduler, progress)
+            _verify(result.plan, run)
 
 
 def _summary(result: conv.ConversionResult) -> str:
@@ -72,8 +66,8 @@ def _summary(result: conv.ConversionResult) -> str:
     return f"{result.status} {plan.describe()}: filled {result.written} of {result.units} storage units{resumed}"
 
 
-def _verify(plan: conv.ConversionPlan, workers: int, scheduler: str, progress: bool) -> None:
-    mismatches = conv.verify(plan, workers=workers, scheduler=scheduler, progress=progress)
+def _verify(plan: conv.ConversionPlan, run) -> None:
+    mismatches = conv.verify(plan, run)
     if mismatches:
         for m in mismatches[:20]:
             click.echo(f"mismatch: {plan.dst} {m}", err=True)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from cleftchunk.post.export import export_cremi, parse_crop
 
-from cleftchunk_cli.options import KIND_CHOICE, parse_zyx
+from cleftchunk_cli.options import KIND_CHOICE, parse_zyx, run_options
 
 
 @click.command("export")
@@ -20,11 +18,8 @@ from cleftchunk_cli.options import KIND_CHOICE, parse_zyx
               "(default: CLEFTS' own offset plus the crop's begin), written in nm as `offset`.")
 @click.option("--kind", type=KIND_CHOICE, default="auto", show_default=True,
               help="What CLEFTS holds: ids (CREMI) or main (0 = background, converted).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
-@click.option("--scheduler", help="Address of a running Dask scheduler (tcp://HOST:8786) whose workers read the slabs.")
-@click.option("--progress/--no-progress", default=None, help="Progress display on stderr (default: when it is a terminal).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (slabs, tasks, output bytes, memory) and write nothing.")
-def command(clefts, out, raw, crop, offset, kind, overwrite, scheduler, progress, dry_run):
+@run_options()
+def command(clefts, out, raw, crop, offset, kind, run):
     """Write cleft ids as volumes/labels/clefts of a CREMI HDF5 file (file_format 0.2).
 
     \b
@@ -41,12 +36,9 @@ def command(clefts, out, raw, crop, offset, kind, overwrite, scheduler, progress
         offset=parse_zyx(offset, "--offset"),
         crop=parse_crop(crop) if crop else None,
         kind=kind,
-        overwrite=overwrite,
-        scheduler=scheduler,
-        progress=sys.stderr.isatty() if progress is None else progress,
-        dry_run=dry_run,
+        run=run,
         log=click.echo,
     )
-    if dry_run:
+    if run.dry_run:
         return
     click.echo(f"{info['path']}: clefts {tuple(info['shape'])} at voxel offset {tuple(info['offset_voxels'])}")

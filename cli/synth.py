@@ -6,7 +6,7 @@ import click
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.synth.generate import DEFAULT_SHAPE
-from cleftchunk_cli.options import positive_zyx
+from cleftchunk_cli.options import positive_zyx, run_options
 
 
 @click.command("synth")
@@ -19,17 +19,12 @@ from cleftchunk_cli.options import positive_zyx
 @click.option("--format", "fmt", default=None,
               help="zarr: DST.zarr/{raw,clefts,neuron_ids}; cremi: one CREMI-layout HDF5 file DST.hdf "
                    "[default: cremi for .hdf/.h5/.hdf5 names, else zarr].")
-@click.option("--chunks", default=None, help="Chunk (= work block) shape Z,Y,X [default: 16,256,256].")
-@click.option("--workers", default=None, type=int, help="Parallel workers (threads) [default: all cores].")
-@click.option("--processes", is_flag=True, help="Use worker processes instead of threads (for many cores).")
-@click.option("--scheduler", default=None, help="Address of a running Dask scheduler (tcp://HOST:8786) to run on; its workers must see DST.")
-@click.option("--dry-run", is_flag=True, help="Print the plan (blocks, output bytes, memory per worker); run nothing, create nothing.")
+@click.option("--chunks", default=None, help="Chunk shape Z,Y,X [default: 16,256,256]; the work block is --block-shape (default: one chunk).")
 @click.option("--missing-rate", default=None, type=float, help="Share of missing sections [default: 0.02*difficulty].")
 @click.option("--misalign-rate", default=None, type=float, help="Share of shifted sections [default: 0.02*difficulty].")
-@click.option("--overwrite", is_flag=True, help="Replace an existing destination.")
 @click.option("--preview", default=None, type=click.Path(), help="Also write a PNG of a few sections with clefts overlaid.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def command(dst, shape, seed, difficulty, fmt, chunks, workers, processes, scheduler, dry_run, missing_rate, misalign_rate, overwrite, preview, quiet):
+@run_options()
+def command(dst, shape, seed, difficulty, fmt, chunks, missing_rate, misalign_rate, preview, run):
     """Write a synthetic CREMI-like EM sample with synaptic clefts to DST.
 
     Every voxel is a function of the seed and its coordinate, so the result is the same for any
@@ -45,12 +40,9 @@ def command(dst, shape, seed, difficulty, fmt, chunks, workers, processes, sched
     make_params(difficulty, **overrides)  # fail on bad values before touching the destination
     if preview is not None and not str(preview).lower().endswith(".png"):
         raise CleftchunkError(f"--preview {preview} must name a .png file")
-    summary = synthesize(
-        dst, shape, seed=seed, difficulty=difficulty, chunks=positive_zyx(chunks, "--chunks"), workers=workers,
-        format=fmt, overwrite=overwrite, scheduler=scheduler or ("processes" if processes else "threads"), progress=not quiet,
-        dry_run=dry_run, log=click.echo, **overrides,
-    )
-    if dry_run:
+    summary = synthesize(dst, shape, seed=seed, difficulty=difficulty, chunks=positive_zyx(chunks, "--chunks"), format=fmt,
+                         run=run, log=click.echo, **overrides)
+    if summary is None:  # a dry run
         return
     resumed = f", {summary['skipped']} already written" if summary["skipped"] else ""
     click.echo(

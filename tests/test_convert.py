@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
@@ -21,6 +20,7 @@ from cleftchunk.run import chunks as chunkwrite
 from cleftchunk.io import convert as conv
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.io.volumes import open_volume
+from cleftchunk.run.options import RunOptions
 from convert_helpers import CREMI_BG, ramp, write_cremi, write_n5
 
 VS = ("--voxel-size", "40,4,4")
@@ -243,10 +243,11 @@ def test_output_independent_of_workers_and_task_size(tmp_path, workers, schedule
     data = ramp((9, 33, 41), np.uint16)
     np.save(tmp_path / "d.npy", data)
     plan = conv.plan_conversion(tmp_path / "d.npy", tmp_path / "o.zarr/d", voxel_size=(40, 4, 4), chunks=(2, 8, 16))
-    result = conv.convert(plan, workers=workers, scheduler=scheduler, task_bytes=task_bytes)
+    run = RunOptions(threads=workers) if scheduler == "threads" else RunOptions(workers=workers)
+    result = conv.convert(plan, run, task_bytes=task_bytes)
     assert result.written == result.units == 5 * 5 * 3
     np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "d"), data)
-    assert conv.verify(plan, workers=workers, scheduler=scheduler) == []
+    assert conv.verify(plan, run) == []
 
 
 def tasks_of(grid, itemsize, budget, align=None):
@@ -272,7 +273,7 @@ def test_tasks_cover_every_unit_once(tmp_path):
     done = {(0, 0, 0), (0, 0, 1)}
     for index in done:
         array[grid.chunk_roi(index).to_slices()] = 7
-    report = chunkwrite.fill(array, lambda roi: np.ones(roi.shape, np.uint8), workers=1, task_bytes=1)
+    report = chunkwrite.fill(array, lambda roi: np.ones(roi.shape, np.uint8), RunOptions(threads=1), task_bytes=1)
     assert (report.already_stored, report.written) == (2, grid.num_chunks - 2)
     assert chunkwrite.stored_units(array) == set(grid.indices())
     for index in done:
@@ -289,7 +290,7 @@ def test_existing_output_is_never_replaced_silently(tmp_path, run_cli):
     again = run_cli("convert", tmp_path / "d.npy", out, *VS, "--no-progress")
     assert "already complete" in again.output
     other = run_cli("convert", tmp_path / "e.npy", out, *VS, "--no-progress", expect=2)
-    assert "exists from a different conversion (differs in source)" in other.output and "--overwrite" in other.output
+    assert "written by convert with other parameters (source differ)" in other.output and "--overwrite" in other.output
     np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "d"), data)
     run_cli("convert", tmp_path / "e.npy", out, *VS, "--overwrite", "--no-progress")
     np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "d"), data + 1)
@@ -297,7 +298,7 @@ def test_existing_output_is_never_replaced_silently(tmp_path, run_cli):
     foreign = tmp_path / "f.zarr/raw"
     zarr.open_group(str(foreign), mode="w")
     result = run_cli("convert", tmp_path / "d.npy", foreign, *VS, expect=2)
-    assert "was not written by this conversion" in result.output
+    assert "is not a cleftchunk convert output" in result.output and "--overwrite" in result.output
 
 
 def test_source_cannot_be_its_own_destination(tmp_path, run_cli):
@@ -312,7 +313,7 @@ def test_disk_full_then_resume_writes_only_missing_chunks(tmp_path, run_cli, mon
     data = ramp((8, 32, 32))
     np.save(tmp_path / "d.npy", data)
     args = ("convert", tmp_path / "d.npy", tmp_path / "o.zarr/d", *VS, "--chunks", "2,16,16", "--task-mb", "0",
-            "--workers", "1", "--no-progress")
+            "--threads", "1", "--no-progress")
     real_write = chunkwrite.write_box
     calls = []
 
@@ -345,34 +346,55 @@ def test_disk_full_then_resume_writes_only_missing_chunks(tmp_path, run_cli, mon
     assert not record.exists()  # removed once every unit is written
 
 
-@pytest.mark.slow
+#: Runs the command line like ``cleftchunk``, but kills itself (SIGKILL: no cleanup, no flush)
+#: right after the executor has recorded the N-th block of level 0: a kill at a known place.
+KILLER = """
+import os, signal, sys
+from cleftchunk.run.executor import BLOCK_DONE_HOOKS
+from cleftchunk_cli.main import main
+
+after = int(sys.argv.pop(1))
+done = []
+
+def kill(task, block, report):
+    done.append(block.index)
+    if len(done) == after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+BLOCK_DONE_HOOKS.append(kill)
+main()
+"""
+
+
 def test_killed_conversion_resumes_and_is_exact(tmp_path):
-    data = ramp((24, 64, 64))
+    data = ramp((12, 32, 32))
     np.save(tmp_path / "d.npy", data)
+    (tmp_path / "killer.py").write_text(KILLER)
     out = tmp_path / "o.zarr"
-    argv = [sys.executable, "-m", "cleftchunk_cli.main", "convert", str(tmp_path / "d.npy"), str(out / "d"), *VS,
-            "--chunks", "1,8,8", "--task-mb", "0", "--workers", "1", "--no-progress"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    chunk_dir = out / "d" / "s0" / "c"
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if chunk_dir.exists() and sum(len(f) for _, _, f in os.walk(chunk_dir)) >= 100:
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the conversion finished before it could be killed: make the volume bigger"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    args = ["convert", str(tmp_path / "d.npy"), str(out / "d"), *VS, "--chunks", "1,8,8", "--threads", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    killed = subprocess.run([sys.executable, str(tmp_path / "killer.py"), "40", *args, "--block-shape", "1,8,8"], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     array = zarr.open_array(str(out / "d/s0"), mode="r")
     before = len(chunkwrite.stored_units(array))
-    assert 0 < before < 24 * 8 * 8
+    assert 40 <= before < 12 * 4 * 4  # every recorded block was written; the run stopped there
     # The resumed run may use other task sizes: tasks then mix stored and missing chunks.
-    resume_argv = [a for a in argv if a not in ("--task-mb", "0")] + ["--verify"]
-    resumed = subprocess.run(resume_argv, capture_output=True, text=True, timeout=300)
+    resume = args + ["--task-mb", "0", "--verify"]
+    resumed = subprocess.run([sys.executable, "-m", "cleftchunk_cli.main", *resume], capture_output=True, text=True,
+                             timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed" in resumed.stdout and f"{before} were already stored" in resumed.stdout
     assert "verified" in resumed.stdout
     np.testing.assert_array_equal(stored(out, "d"), data)
     assert not list(out.rglob("*.partial"))
+    # the same bytes as a run never interrupted
+    fresh = tmp_path / "fresh.zarr"
+    subprocess.run([sys.executable, "-m", "cleftchunk_cli.main", *[str(fresh / "d") if a == str(out / "d") else a for a in args]],
+                   check=True, capture_output=True, timeout=300, env=env)
+    chunks = sorted(p.relative_to(out / "d/s0") for p in (out / "d/s0/c").rglob("*") if p.is_file())
+    assert chunks == sorted(p.relative_to(fresh / "d/s0") for p in (fresh / "d/s0/c").rglob("*") if p.is_file())
+    assert all((out / "d/s0" / c).read_bytes() == (fresh / "d/s0" / c).read_bytes() for c in chunks)
 
 
 def test_verify_reports_damaged_chunks(tmp_path, run_cli):
@@ -455,13 +477,17 @@ def test_big_endian_source_is_stored_native(tmp_path, run_cli):
     np.testing.assert_array_equal(got, data)
 
 
-def test_resume_when_killed_right_after_creating_the_output(tmp_path, run_cli):
+def test_resume_when_killed_right_after_creating_the_output(tmp_path, run_cli, monkeypatch):
     data = ramp((4, 16, 16))
     np.save(tmp_path / "d.npy", data)
-    plan = conv.plan_conversion(tmp_path / "d.npy", tmp_path / "o.zarr/d", voxel_size=(40, 4, 4))
-    conv.prepare_output(plan, overwrite=False)
-    group = zarr.open_group(str(tmp_path / "o.zarr/d"), mode="r+")
-    del group.attrs[conv.PLAN_ATTR]  # as if killed before the group's record was written
+
+    def killed(self, roi):  # as if killed once the output exists, before any data is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(conv.SourceReader, "__call__", killed)
+    assert run_cli("convert", tmp_path / "d.npy", tmp_path / "o.zarr/d", *VS, "--no-progress", expect=None).exit_code != 0
+    assert not chunkwrite.stored_units(zarr.open_array(str(tmp_path / "o.zarr/d/s0"), mode="r"))
+    monkeypatch.undo()
     result = run_cli("convert", tmp_path / "d.npy", tmp_path / "o.zarr/d", *VS, "--no-progress")
     assert "resumed" in result.output
     np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "d"), data)
@@ -499,3 +525,55 @@ def test_chunked_hdf5_source_with_misaligned_chunks(tmp_path, run_cli):
     run_cli("convert", tmp_path / "c.h5", tmp_path / "o.zarr/raw", *VS, "--chunks", "4,8,8", "--task-mb", "0",
             "--verify", "--no-progress")
     np.testing.assert_array_equal(stored(tmp_path / "o.zarr"), data)
+
+
+def test_dry_run_creates_nothing_at_all(tmp_path, run_cli):
+    np.save(tmp_path / "d.npy", ramp((4, 16, 16)))
+    before = sorted(tmp_path.rglob("*"))
+    result = run_cli("convert", tmp_path / "d.npy", tmp_path / "new/deeper/o.zarr/d", *VS, "--levels", "2", "--dry-run")
+    assert "plan: convert" in result.output and "nothing was run" in result.output
+    assert sorted(tmp_path.rglob("*")) == before  # no folder, no lock file, no record
+
+
+def test_block_shape_must_be_a_multiple_of_the_chunks(tmp_path, run_cli):
+    data = ramp((4, 32, 32))
+    np.save(tmp_path / "d.npy", data)
+    args = ("convert", tmp_path / "d.npy", tmp_path / "o.zarr/d", *VS, "--chunks", "2,16,16", "--levels", "2", "--no-progress")
+    msg = one_line_error(run_cli(*args, "--block-shape", "3,16,16", expect=2))
+    assert "--block-shape 3,16,16 is not a multiple of the output chunks 2,16,16: use --block-shape 4,16,16" in msg
+    assert not (tmp_path / "o.zarr").exists()
+    run_cli(*args, "--block-shape", "2,32,16", "--verify")
+    np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "d"), data)
+
+
+def test_a_failing_block_is_reported_after_every_other_block_is_written(tmp_path):
+    from cleftchunk.errors import CleftchunkError
+
+    array = zarr.create_array(str(tmp_path / "a.zarr"), shape=(4, 16, 16), chunks=(2, 8, 8), dtype="uint8")
+    bad = Roi((2, 8, 0), (2, 8, 8))
+
+    def produce(roi):
+        if roi == bad:
+            raise ValueError("this block cannot be made")
+        return np.ones(roi.shape, np.uint8)
+
+    with pytest.raises(CleftchunkError, match=r"1 of 8 blocks of fill failed \(.*ValueError: this block cannot be made\)"):
+        chunkwrite.fill(array, produce, RunOptions(threads=2, retries=0), task_bytes=1)
+    grid = chunkwrite.unit_grid(array)
+    assert chunkwrite.stored_units(array) == set(grid.indices()) - {(1, 1, 0)}
+
+
+@pytest.mark.parametrize("error, reported", [
+    (PermissionError(errno.EACCES, "Permission denied", "s.h5"), PermissionError),
+    (MemoryError(), MemoryError),
+    (OSError("Can't read data (inflate() failed)"), conv.CleftchunkError),  # h5py on a damaged chunk: no errno
+    (RuntimeError("Error during decompression"), conv.CleftchunkError),  # a codec on a damaged chunk
+])
+def test_only_damaged_data_is_called_corrupt(error, reported):
+    class Source:
+        def __getitem__(self, key):
+            raise error
+
+    with pytest.raises(reported) as caught:
+        conv.SourceReader(Source())(Roi((0, 0, 0), (1, 2, 2)))
+    assert ("corrupt or truncated" in str(caught.value)) == (reported is conv.CleftchunkError)

@@ -115,3 +115,64 @@ def test_segment_export_evaluate_round_trip(tmp_path):
     result = evaluate(f"{tmp_path}/out.hdf:volumes/labels/clefts", spec)
     assert result["inputs"]["pred_kind"] == "ids" and result["inputs"]["gt_kind"] == "prob"
     assert (result["pred_voxels"], result["cremi_score"], result["f1"]) == (19, 0.0, 1.0)
+
+
+def test_dry_run_creates_nothing_at_all(tmp_path, run_cli):
+    spec = write(tmp_path / "s.zarr/clefts", clefts_volume(), fill_value=int(BG))
+    raw = write(tmp_path / "s.zarr/raw", np.zeros((5, 12, 10), np.uint8))
+    before = sorted(tmp_path.rglob("*"))
+    result = run_cli("export", spec, tmp_path / "new/deeper/sample.hdf", "--raw", raw, "--workers", "2", "--dry-run")
+    assert "plan: export" in result.output and "on 2 local worker processes" in result.output
+    assert "and volumes/raw: 600 voxels" in result.output
+    assert sorted(tmp_path.rglob("*")) == before  # no folder, no file, no lock
+
+
+def test_stopped_export_resumes_to_the_same_file(tmp_path, monkeypatch):
+    from cleftchunk.run.executor import BLOCK_DONE_HOOKS
+    from cleftchunk.run.options import RunOptions
+
+    data = clefts_volume((6, 12, 10))
+    spec = write(tmp_path / "s.zarr/clefts", data, fill_value=int(BG))
+    raw = write(tmp_path / "s.zarr/raw", np.arange(720, dtype=np.uint8).reshape(6, 12, 10))
+    monkeypatch.setattr(export, "SLAB_BYTES", 2 * 12 * 10 * 8)  # two sections a slab: three slabs
+    run = RunOptions(threads=1)
+    out, done = tmp_path / "cut.hdf", []
+
+    def stop(task, block, report):
+        done.append(task.name)
+        if len(done) == 2:
+            raise KeyboardInterrupt  # after two of the clefts' three slabs
+
+    BLOCK_DONE_HOOKS.append(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_cremi(spec, out, raw=raw, run=run)
+    finally:
+        BLOCK_DONE_HOOKS.remove(stop)
+    assert not out.exists() and (tmp_path / "cut.hdf.partial").exists()  # no half file at OUT
+    with pytest.raises(CleftchunkError, match=r"written by export with other parameters \(raw differ\)"):
+        export_cremi(spec, out, run=run)
+    calls = []
+    real = export._read_slab
+    monkeypatch.setattr(export, "_read_slab", lambda source, convert, block, _=None: (calls.append(block.index), real(source, convert, block))[1])
+    export_cremi(spec, out, raw=raw, run=run)
+    assert len(calls) == 1 + 3  # the clefts' last slab, then every raw slab
+    assert not (tmp_path / "cut.hdf.partial").exists()
+    export_cremi(spec, tmp_path / "whole.hdf", raw=raw, run=run)
+    with h5py.File(out, "r") as a, h5py.File(tmp_path / "whole.hdf", "r") as b:
+        for name in ("volumes/labels/clefts", "volumes/raw"):
+            np.testing.assert_array_equal(a[name][...], b[name][...])
+            assert {k: list(np.atleast_1d(v)) for k, v in a[name].attrs.items()} == {k: list(np.atleast_1d(v)) for k, v in b[name].attrs.items()}
+        np.testing.assert_array_equal(a["volumes/labels/clefts"][...], data)
+
+
+def test_block_shape_is_the_work_block_and_a_multiple_of_the_file_chunks(tmp_path, run_cli):
+    data = clefts_volume((6, 12, 10))
+    spec = write(tmp_path / "s.zarr/clefts", data, fill_value=int(BG))
+    plan = run_cli("export", spec, tmp_path / "a.hdf", "--block-shape", "2,12,10", "--dry-run").output
+    assert "3 blocks of (2, 12, 10)" in plan
+    assert "--block-shape 2,5,10 is not a multiple of the output chunks 1,12,10: use --block-shape 2,12,10" in run_cli(
+        "export", spec, tmp_path / "a.hdf", "--block-shape", "2,5,10", expect=2).output
+    run_cli("export", spec, tmp_path / "a.hdf", "--block-shape", "3,12,10", "--no-progress")
+    with h5py.File(tmp_path / "a.hdf", "r") as f:
+        np.testing.assert_array_equal(f["volumes/labels/clefts"][...], data)

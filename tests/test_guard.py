@@ -94,7 +94,7 @@ def test_two_converts_on_one_output_do_not_interleave(tmp_path, run_cli):
     data = np.random.default_rng(0).integers(0, 256, (32, 256, 256), dtype=np.uint8)
     src = write_volume(tmp_path / "src.zarr" / "raw", data, chunks=(4, 64, 64))
     dst = tmp_path / "dst.zarr" / "raw"
-    args = [sys.executable, "-m", "cleftchunk_cli.main", "convert", src, str(dst), "--chunks", "1,32,32", "--workers", "1", "--no-progress"]
+    args = [sys.executable, "-m", "cleftchunk_cli.main", "convert", src, str(dst), "--chunks", "1,32,32", "--threads", "1", "--no-progress"]
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lock_path(dst), first)
     second = subprocess.run(args, capture_output=True, text=True, timeout=120)
@@ -103,7 +103,7 @@ def test_two_converts_on_one_output_do_not_interleave(tmp_path, run_cli):
     assert "is being written by another cleftchunk process" in second.stderr and second.stderr.count("\n") == 1, second.stderr
     assert finished_first == 0, first.stdout.read()
     single = tmp_path / "single.zarr" / "raw"
-    run_cli("convert", src, single, "--chunks", "1,32,32", "--workers", "1", "--no-progress")
+    run_cli("convert", src, single, "--chunks", "1,32,32", "--threads", "1", "--no-progress")
     np.testing.assert_array_equal(read(dst), read(single))
     np.testing.assert_array_equal(read(dst), data)
 

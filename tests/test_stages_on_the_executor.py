@@ -45,9 +45,9 @@ def test_convert_gives_the_same_bytes_on_threads_processes_and_an_existing_sched
     np.save(tmp_path / "d.npy", data)
     common = ("--chunks", "2,16,16", "--levels", "2", "--no-progress", *VS)
     places = {
-        "one": ("--workers", "1", "--task-mb", "0"),
-        "three": ("--workers", "3", "--task-mb", "1"),
-        "procs": ("--workers", "2", "--scheduler", "processes"),
+        "one": ("--threads", "1", "--task-mb", "0"),
+        "three": ("--threads", "3", "--task-mb", "1"),
+        "procs": ("--workers", "2"),
         "remote": ("--scheduler", scheduler_address, "--task-mb", "0"),
     }
     for name, options in places.items():
@@ -62,15 +62,15 @@ def test_convert_gives_the_same_bytes_on_threads_processes_and_an_existing_sched
 @pytest.mark.slow
 def test_synth_gives_the_same_bytes_on_threads_processes_and_an_existing_scheduler(tmp_path, run_cli, scheduler_address):
     shape = "10,48,40"
-    for name, options in {"one": ("--workers", "1"), "threads": ("--workers", "3"), "procs": ("--workers", "2", "--processes"),
-                          "remote": ("--scheduler", scheduler_address)}.items():
-        run_cli("synth", tmp_path / f"{name}.zarr", "--shape", shape, "--chunks", "4,16,16", "--seed", "4", "--quiet", *options)
+    for name, options in {"one": ("--threads", "1"), "threads": ("--threads", "3", "--block-shape", "4,32,16"),
+                          "procs": ("--workers", "2"), "remote": ("--scheduler", scheduler_address)}.items():
+        run_cli("synth", tmp_path / f"{name}.zarr", "--shape", shape, "--chunks", "4,16,16", "--seed", "4", "--no-progress", *options)
     reference = stored_files(tmp_path / "one.zarr")
     assert reference
     for name in ("threads", "procs", "remote"):
         assert stored_files(tmp_path / f"{name}.zarr") == reference, name
     # the CREMI file is written by the client from results the remote workers send back
-    run_cli("synth", tmp_path / "remote.hdf", "--shape", shape, "--chunks", "4,16,16", "--seed", "4", "--quiet", "--scheduler", scheduler_address)
+    run_cli("synth", tmp_path / "remote.hdf", "--shape", shape, "--chunks", "4,16,16", "--seed", "4", "--no-progress", "--scheduler", scheduler_address)
     expected = generate_region((10, 48, 40), seed=4)
     with h5py.File(tmp_path / "remote.hdf", "r") as f:
         np.testing.assert_array_equal(f["volumes/raw"][...], expected["raw"])
@@ -161,7 +161,7 @@ def test_export_writes_the_same_file_in_one_slab_in_many_and_from_an_existing_sc
     monkeypatch.setattr(ex, "SLAB_BYTES", 2 * 32 * 32 * 8)  # two sections a slab: four slabs
     assert ex.slab_depth(open_volume(spec), open_volume(spec).roi) == 2
     ex.export_cremi(spec, tmp_path / "slabs.hdf", raw=spec)
-    ex.export_cremi(spec, tmp_path / "remote.hdf", raw=spec, scheduler=scheduler_address)
+    ex.export_cremi(spec, tmp_path / "remote.hdf", raw=spec, run=RunOptions(scheduler=scheduler_address))
     with h5py.File(tmp_path / "one.hdf", "r") as f:
         np.testing.assert_array_equal(f["volumes/labels/clefts"][...], clefts)
         reference = {name: (f[name][...], dict(f[name].attrs)) for name in ("volumes/labels/clefts", "volumes/raw")}

@@ -14,6 +14,9 @@ from cleftchunk.synth.generate import VOXEL_SIZE, generate_region, make_params, 
 from cleftchunk.synth.write import read_sample, synthesize
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID
 from cleftchunk.io.volumes import open_volume
+from cleftchunk.run.options import RunOptions
+
+ONE = RunOptions(threads=1)  # one thread of this process: blocks in raster order
 
 # Defects switched up so that the chunk tests also cover misaligned and missing sections.
 DEFECTS = dict(missing_rate=0.1, misalign_rate=0.15, misalign_step_rate=0.1)
@@ -146,10 +149,10 @@ def test_bad_parameters_are_one_line_errors():
 @pytest.mark.slow
 def test_synthesize_zarr_is_independent_of_workers_and_chunks(tmp_path):
     shape = (12, 70, 90)
-    one = synthesize(tmp_path / "one.zarr", shape, seed=10, workers=1, chunks=(5, 32, 64), **DEFECTS)
+    one = synthesize(tmp_path / "one.zarr", shape, seed=10, run=ONE, chunks=(5, 32, 64), **DEFECTS)
     assert one["blocks"] == 3 * 3 * 2
-    synthesize(tmp_path / "two.zarr", shape, seed=10, workers=2, chunks=(4, 64, 40), scheduler="processes", **DEFECTS)
-    synthesize(tmp_path / "three.zarr", shape, seed=10, workers=2, chunks=(12, 20, 90), scheduler="threads", **DEFECTS)
+    synthesize(tmp_path / "two.zarr", shape, seed=10, run=RunOptions(workers=2), chunks=(4, 64, 40), **DEFECTS)
+    synthesize(tmp_path / "three.zarr", shape, seed=10, run=RunOptions(threads=2), chunks=(12, 20, 90), **DEFECTS)
     a, b = read_sample(tmp_path / "one.zarr"), read_sample(tmp_path / "two.zarr")
     assert _equal(a, b) and _equal(a, read_sample(tmp_path / "three.zarr"))
     assert _equal(a, generate_region(shape, seed=10, **DEFECTS))
@@ -163,28 +166,28 @@ def test_synthesize_resumes_an_interrupted_run(tmp_path):
 
     dst = tmp_path / "s.zarr"
     shape = (8, 64, 64)
-    synthesize(dst, shape, seed=1, workers=1, chunks=(4, 32, 32))
+    synthesize(dst, shape, seed=1, run=ONE, chunks=(4, 32, 32))
     reference = read_sample(dst)
     # Simulate an interruption: some blocks lost (raw chunk missing), run not marked complete.
     for key in ("0/0/1", "1/1/0"):
         (dst / "raw" / "s0" / "c" / key).unlink()
     root = zarr.open_group(str(dst), mode="a")
     root.attrs["cleftchunk_synth"] = {**root.attrs["cleftchunk_synth"], "complete": False}
-    summary = synthesize(dst, shape, seed=1, workers=1, chunks=(4, 32, 32))
+    summary = synthesize(dst, shape, seed=1, run=ONE, chunks=(4, 32, 32))
     assert summary["skipped"] == summary["blocks"] - 2
     resumed = read_sample(dst)
     assert np.array_equal(resumed["raw"], reference["raw"])
     # A different sample is not "resumed" over it.
     root.attrs["cleftchunk_synth"] = {**root.attrs["cleftchunk_synth"], "complete": False}
     with pytest.raises(CleftchunkError, match="exists"):
-        synthesize(dst, shape, seed=2, workers=1, chunks=(4, 32, 32))
+        synthesize(dst, shape, seed=2, run=ONE, chunks=(4, 32, 32))
 
 
 def test_synthesize_cremi_layout(tmp_path):
     import h5py
 
     dst = tmp_path / "sample.hdf"
-    synthesize(dst, (6, 48, 40), seed=2, workers=1, chunks=(4, 32, 32), format="cremi")
+    synthesize(dst, (6, 48, 40), seed=2, run=ONE, chunks=(4, 32, 32), format="cremi")
     with h5py.File(dst, "r") as f:
         assert f.attrs["file_format"] == "0.2"
         for path in ("volumes/raw", "volumes/labels/clefts", "volumes/labels/neuron_ids"):
@@ -201,7 +204,7 @@ def test_cli_writes_sample_and_preview(tmp_path, run_cli):
 
     dst = tmp_path / "demo.zarr"
     png = tmp_path / "p.png"
-    result = run_cli("synth", dst, "--shape", "16,256,256", "--seed", "3", "--workers", "1", "--quiet", "--preview", png)
+    result = run_cli("synth", dst, "--shape", "16,256,256", "--seed", "3", "--threads", "1", "--no-progress", "--preview", png)
     assert "wrote" in result.output
     written = read_sample(dst)
     assert _equal(written, generate_region((16, 256, 256), seed=3))
@@ -210,9 +213,9 @@ def test_cli_writes_sample_and_preview(tmp_path, run_cli):
     assert image.shape[1] > image.shape[0]  # sections side by side
     colour = np.abs(image[..., 0] - image[..., 1]) + np.abs(image[..., 1] - image[..., 2])
     assert (colour > 60).any()  # clefts overlaid in colour
-    again = run_cli("synth", dst, "--shape", "16,160,160", "--workers", "1", "--quiet", expect=2)
+    again = run_cli("synth", dst, "--shape", "16,160,160", "--threads", "1", "--no-progress", expect=2)
     assert "exists" in again.output and "--overwrite" in again.output
-    run_cli("synth", dst, "--shape", "8,32,32", "--workers", "1", "--quiet", "--overwrite")
+    run_cli("synth", dst, "--shape", "8,32,32", "--threads", "1", "--no-progress", "--overwrite")
     assert open_volume(dst / "raw").shape == (8, 32, 32)
 
 
@@ -231,18 +234,18 @@ def test_cli_writes_sample_and_preview(tmp_path, run_cli):
     ],
 )
 def test_cli_bad_input_is_a_one_line_error(tmp_path, run_cli, args, message):
-    result = run_cli("synth", tmp_path / "x.zarr", "--shape", "4,16,16", *args, "--quiet", expect=2)
+    result = run_cli("synth", tmp_path / "x.zarr", "--shape", "4,16,16", *args, "--no-progress", expect=2)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], result.output
     assert not (tmp_path / "x.zarr").exists()
 
 
 def test_cli_format_follows_the_name_or_must_match_it(tmp_path, run_cli):
-    result = run_cli("synth", tmp_path / "x.zarr", "--shape", "4,16,16", "--format", "cremi", "--quiet", expect=2)
+    result = run_cli("synth", tmp_path / "x.zarr", "--shape", "4,16,16", "--format", "cremi", "--no-progress", expect=2)
     assert "HDF5" in result.output
-    result = run_cli("synth", tmp_path / "x.h5", "--shape", "4,16,16", "--format", "zarr", "--quiet", expect=2)
+    result = run_cli("synth", tmp_path / "x.h5", "--shape", "4,16,16", "--format", "zarr", "--no-progress", expect=2)
     assert ".zarr" in result.output
-    result = run_cli("synth", tmp_path / "x.h5", "--shape", "4,16,16", "--workers", "1", "--quiet")
+    result = run_cli("synth", tmp_path / "x.h5", "--shape", "4,16,16", "--threads", "1", "--no-progress")
     assert "cremi" in result.output
     assert open_volume(f"{tmp_path / 'x.h5'}:volumes/labels/clefts").dtype == np.uint64
 
@@ -268,19 +271,28 @@ def test_an_interrupted_run_resumes_to_the_same_bytes(tmp_path, monkeypatch, fmt
     monkeypatch.setattr(sw, "_zarr_block", dies_after_three(real_zarr_block))
     monkeypatch.setattr(sw, "_region_block", dies_after_three(real_region_block))
     with pytest.raises(KeyboardInterrupt):
-        synthesize(dst, shape, seed=6, workers=1, chunks=chunks, **DEFECTS)
+        synthesize(dst, shape, seed=6, run=ONE, chunks=chunks, **DEFECTS)
     monkeypatch.setattr(sw, "_zarr_block", real_zarr_block)
     monkeypatch.setattr(sw, "_region_block", real_region_block)
-    summary = synthesize(dst, shape, seed=6, workers=1, chunks=chunks, **DEFECTS)
+    summary = synthesize(dst, shape, seed=6, run=ONE, chunks=chunks, **DEFECTS)
     assert summary["skipped"] == 3 and summary["blocks"] == 8
     assert _equal(read_sample(dst), generate_region(shape, seed=6, **DEFECTS))
-    with pytest.raises(CleftchunkError, match="exists"):  # finished now: no silent re-run
-        synthesize(dst, shape, seed=6, workers=1, chunks=chunks, **DEFECTS)
+    # finished now: the same command is not run again (nothing is rewritten), other parameters are refused
+    stamp = {p: p.stat().st_mtime_ns for p in dst.rglob("*")} if fmt == "zarr" else dst.stat().st_mtime_ns
+    logged = []
+    again = synthesize(dst, shape, seed=6, run=ONE, chunks=chunks, log=logged.append, **DEFECTS)
+    assert again["skipped"] == again["blocks"] == 8 and "already complete" in logged[0]
+    assert stamp == ({p: p.stat().st_mtime_ns for p in dst.rglob("*")} if fmt == "zarr" else dst.stat().st_mtime_ns)
+    with pytest.raises(CleftchunkError, match=r"exists, written by synth with other parameters \(seed differ\)"):
+        synthesize(dst, shape, seed=7, run=ONE, chunks=chunks, **DEFECTS)
 
 
-def test_summary_is_json_serialisable(tmp_path):
-    summary = synthesize(tmp_path / "j.zarr", (4, 16, 16), workers=1)
-    json.dumps(summary, default=list)
+def test_summary_round_trips_through_json(tmp_path):
+    summary = synthesize(tmp_path / "j.zarr", (4, 16, 40), chunks=(4, 16, 16), run=ONE)
+    back = json.loads(json.dumps(summary))  # what the demo stores in its report
+    assert back["path"] == str(tmp_path / "j.zarr") and back["format"] == "zarr"
+    assert back["shape"] == [4, 16, 40] and back["chunks"] == [4, 16, 16]
+    assert (back["blocks"], back["skipped"]) == (3, 0) and back["seconds"] >= 0
 
 
 def test_an_interrupted_synth_resumes_from_its_completion_record_and_gives_the_same_bytes(tmp_path, monkeypatch):
@@ -300,7 +312,7 @@ def test_an_interrupted_synth_resumes_from_its_completion_record_and_gives_the_s
 
     monkeypatch.setattr(w, "_zarr_block", crashing)
     with pytest.raises(Exception, match="simulated crash"):
-        synthesize(out, shape, seed=3, chunks=chunks, workers=1, log=lambda _: None)
+        synthesize(out, shape, seed=3, chunks=chunks, run=ONE, log=lambda _: None)
     marks = zarr.open_array(str(record), mode="r")[:]
     written = {tuple(i) for i in calls}
     order = list(np.ndindex(4, 4, 4))
@@ -309,9 +321,55 @@ def test_an_interrupted_synth_resumes_from_its_completion_record_and_gives_the_s
 
     calls.clear()
     monkeypatch.setattr(w, "_zarr_block", lambda index, **kw: (calls.append(tuple(index)), real(index, **kw))[1])
-    synthesize(out, shape, seed=3, chunks=chunks, workers=1, log=lambda _: None)
+    synthesize(out, shape, seed=3, chunks=chunks, run=ONE, log=lambda _: None)
     assert set(calls) == set(order) - written  # marked blocks skipped by the record, the rest by their raw chunk
     assert not record.exists()
-    synthesize(tmp_path / "fresh.zarr", shape, seed=3, chunks=chunks, workers=2, log=lambda _: None)
+    synthesize(tmp_path / "fresh.zarr", shape, seed=3, chunks=chunks, run=RunOptions(threads=2), log=lambda _: None)
     for name in ("raw", "clefts", "neuron_ids"):
         np.testing.assert_array_equal(open_volume(str(out / name))[:], open_volume(str(tmp_path / "fresh.zarr" / name))[:])
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "cremi"])
+def test_stopped_at_a_known_block_resumes_to_the_bytes_of_an_uninterrupted_run(tmp_path, fmt):
+    from cleftchunk.run.executor import BLOCK_DONE_HOOKS
+
+    suffix = ".zarr" if fmt == "zarr" else ".hdf"
+    shape, chunks = (8, 64, 64), (2, 16, 16)
+    run = RunOptions(threads=2, block_shape=(2, 32, 16))  # blocks of two chunks: 32 blocks
+    done = []
+
+    def stop(task, block, report):
+        done.append(block.index)
+        if len(done) == 10:
+            raise KeyboardInterrupt  # what Ctrl-C does, at a known block
+
+    BLOCK_DONE_HOOKS.append(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            synthesize(tmp_path / f"cut{suffix}", shape, seed=5, chunks=chunks, run=run, log=lambda _: None)
+    finally:
+        BLOCK_DONE_HOOKS.remove(stop)
+    summary = synthesize(tmp_path / f"cut{suffix}", shape, seed=5, chunks=chunks, run=run, log=lambda _: None)
+    assert summary["blocks"] == 32 and summary["skipped"] >= 10  # every recorded block kept
+    synthesize(tmp_path / f"whole{suffix}", shape, seed=5, chunks=chunks, run=ONE, log=lambda _: None)
+    cut, whole = read_sample(tmp_path / f"cut{suffix}"), read_sample(tmp_path / f"whole{suffix}")
+    assert _equal(cut, whole)
+    if fmt == "zarr":  # the same stored bytes, chunk by chunk
+        files = sorted(p.relative_to(tmp_path / "whole.zarr") for p in (tmp_path / "whole.zarr").rglob("c/*/*/*"))
+        assert files and all((tmp_path / "cut.zarr" / f).read_bytes() == (tmp_path / "whole.zarr" / f).read_bytes() for f in files)
+
+
+@pytest.mark.parametrize("name", ["new/deeper/s.zarr", "new/deeper/s.hdf"])
+def test_dry_run_creates_nothing_at_all(tmp_path, run_cli, name):
+    result = run_cli("synth", tmp_path / name, "--shape", "8,64,64", "--chunks", "4,64,64", "--block-shape", "4,256,256",
+                     "--dry-run")
+    assert "plan: synth" in result.output and "nothing was run" in result.output
+    assert "2 blocks of (4, 64, 64)" in result.output  # clipped to the volume
+    assert list(tmp_path.iterdir()) == []  # no folder, no lock file, no record
+
+
+def test_block_shape_must_be_a_multiple_of_the_chunks(tmp_path, run_cli):
+    result = run_cli("synth", tmp_path / "s.zarr", "--shape", "8,64,64", "--chunks", "2,16,16", "--block-shape", "3,16,16",
+                     "--no-progress", expect=2)
+    assert "--block-shape 3,16,16 is not a multiple of the output chunks 2,16,16: use --block-shape 4,16,16" in result.output
+    assert not (tmp_path / "s.zarr").exists()

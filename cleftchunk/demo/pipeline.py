@@ -245,19 +245,22 @@ class Demo:
         return self.folder / "report.html"
 
     def synthesize(self, detail: dict) -> None:
+        from cleftchunk.run.options import RunOptions
         from cleftchunk.synth import synthesize
 
         s = self.settings
         self.data.mkdir(parents=True, exist_ok=True)
         for which, shape, seed in (("train", s.train_shape, s.seed), ("test", s.test_shape, s.seed + 1)):
-            summary = synthesize(self.sample_hdf(which), shape, seed=seed, difficulty=s.difficulty, format="cremi", overwrite=True)
+            summary = synthesize(self.sample_hdf(which), shape, seed=seed, difficulty=s.difficulty, format="cremi",
+                                 run=RunOptions(overwrite=True))
             detail[which] = {"shape": list(shape), "seed": seed, **_plain(summary)}
 
     def convert(self, detail: dict) -> None:
         from cleftchunk.io.convert import convert_cremi_file
+        from cleftchunk.run.options import RunOptions
 
         for which in ("train", "test"):
-            results = convert_cremi_file(self.sample_hdf(which), self.sample_zarr(which), overwrite=True)
+            results = convert_cremi_file(self.sample_hdf(which), self.sample_zarr(which), run=RunOptions(overwrite=True))
             detail[which] = [str(getattr(r, "status", "")) for r in results]
 
     def train(self, detail: dict) -> None:

@@ -1,11 +1,13 @@
 """Convert any supported volume (HDF5, CREMI files, TIFF, image folders, Zarr, N5, .npy) to OME-Zarr.
 
 A conversion is first planned as a value (:class:`ConversionPlan`: source, output layout, frame,
-mask rule), which can be printed (``--dry-run``: :func:`describe_conversion`), then executed by
-:func:`convert`. Data streams through in tasks of whole output storage units
-(:mod:`cleftchunk.run.chunks`) run by the one block-wise executor, so memory is bounded by a few
-tasks whatever the volume size; the work runs on threads of this process (default), local worker
-processes, or an existing Dask scheduler (``scheduler="tcp://HOST:PORT"``).
+mask rule), then run as a block-wise operation (:class:`Convert`, on
+:func:`cleftchunk.run.operation.run_operation`, which owns the dry run, the lock, create/resume/
+refuse, the completion record and "complete"). Data streams through in tasks of whole output
+storage units (:mod:`cleftchunk.run.chunks`) run by the one block-wise executor, so memory is
+bounded by a few tasks whatever the volume size; where the work runs (threads of this process,
+local worker processes, an existing Dask scheduler) is the ``run`` options'
+(:class:`~cleftchunk.run.options.RunOptions`).
 
 Decisions, documented here once:
 
@@ -23,17 +25,20 @@ Decisions, documented here once:
   0xFFFFFFFFFFFFFFFE (invalid); else 0 (PyTorch Connectomics ``main`` files, binary masks).
 - **Kind**: the output records what it holds (``cleft_kind``: ``ids``, ``main``, ``mask``,
   ``image``, ``neurons``) whenever the source's metadata, name or a few sampled boxes tell it.
-- **Existing output**: never replaced without ``overwrite``. If it exists with the same plan
-  (recorded in its ``cleftchunk_convert`` attribute) the conversion *resumes*: only storage units
-  missing from the store are written; a complete output is left as is. Any other existing output
-  is an error that says so.
+- **Existing output**: never replaced without ``run.overwrite``. If it exists with the same plan
+  (its identity is stored in the ``cleftchunk_convert`` attribute of ``s0``, written when the
+  array is created) the conversion *resumes*: only storage units missing from the store are
+  written; a complete output is left as is. Another conversion's output is refused naming the
+  parameters that differ; anything else is refused too. The pyramid (``levels``,
+  ``level_method``) is not part of the identity: asking for other levels rebuilds them, keeps s0.
+- **Passes**: level 0 is the operation's recorded pass (one byte per task in the completion
+  record); each pyramid level is one more pass, which resumes from the chunks it has stored.
 - **Resume safety**: Zarr's local store writes each chunk/shard to a temporary file and renames
   it, so an interrupted run (kill, disk full) leaves only whole units behind.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -42,34 +47,20 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cleftchunk.backend import usable_cores
 from cleftchunk.run import chunks as chunkwrite
 
 from cleftchunk.io import pyramid, stores
 from cleftchunk.io.cremi import cremi_volumes, read_cremi_annotations
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.io.guard import refuse_overlap, writes_output
+from cleftchunk.io.guard import output_lock
 from cleftchunk.geometry import ChunkGrid, Roi
-from cleftchunk.run.local import block_client, describe_plan, where
-from cleftchunk.run.records import identity_hash, record_path_beside
+from cleftchunk.run.layout import GridLayout
+from cleftchunk.run.operation import Operation, Plan, Running, run_operation
+from cleftchunk.run.options import RunOptions, block_shape_for
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID, kind_attrs, known_kind, not_cleft_values
-from cleftchunk.io.volumes import (
-    DEFAULT_CHUNKS,
-    Volume,
-    check_output_spec,
-    container_refusal,
-    create_volume,
-    exists,
-    image_name,
-    is_hdf5,
-    open_volume,
-    split_spec,
-)
+from cleftchunk.io.volumes import (DEFAULT_CHUNKS, Volume, check_output_spec, container_refusal, create_volume, image_name,
+                                   is_hdf5, open_volume, split_spec)
 
-#: Workers of the local Dask scheduler: blosc compression releases the GIL, so a few threads pay
-#: off even on 2 cores (see benchmarks/results/convert.md).
-DEFAULT_WORKERS = min(4, usable_cores())
-SCHEDULERS = ("threads", "processes")
 PLAN_ATTR = "cleftchunk_convert"
 #: Recorded plan entries that only concern the pyramid: changing them rebuilds levels, keeps s0.
 LEVEL_KEYS = ("levels", "level_method")
@@ -92,6 +83,7 @@ class ConversionPlan:
     level_method: str = "mean"
     fill_value: Any = 0
     attrs: dict = field(default_factory=dict)
+    given: str | None = None  # the source as the user named it (an image, where source is its s0)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -136,26 +128,14 @@ class ConversionResult:
 
 # -- planning -----------------------------------------------------------------------------
 def plan_conversion(
-    src: str | os.PathLike | Volume,
-    dst: str | os.PathLike,
-    *,
-    dataset: str | None = None,
-    channel: int | None = None,
-    chunks: Sequence[int] | None = None,
-    compressor: str = "zstd",
-    shards: Sequence[int] | None = None,
-    voxel_size: Sequence[float] | None = None,
-    offset_nm: Sequence[float] | None = None,
-    mask: bool = False,
-    background: int | str | None = None,
-    levels: int = 1,
-    level_method: str | None = None,
+    src: str | os.PathLike | Volume, dst: str | os.PathLike, *, dataset: str | None = None, channel: int | None = None,
+    chunks: Sequence[int] | None = None, compressor: str = "zstd", shards: Sequence[int] | None = None,
+    voxel_size: Sequence[float] | None = None, offset_nm: Sequence[float] | None = None, mask: bool = False,
+    background: int | str | None = None, levels: int = 1, level_method: str | None = None,
 ) -> ConversionPlan:
     source = src if isinstance(src, Volume) else open_volume(src, dataset=dataset, voxel_size=voxel_size, offset_nm=offset_nm, channel=channel)
     if not source.voxel_size_known:
-        raise CleftchunkError(
-            f"{source} has no voxel size in its metadata: pass --voxel-size Z,Y,X in nm (40,4,4 for CREMI)"
-        )
+        raise CleftchunkError(f"{source} has no voxel size in its metadata: pass --voxel-size Z,Y,X in nm (40,4,4 for CREMI)")
     if levels < 1:
         raise CleftchunkError(f"--levels {levels}: give 1 (no pyramid) or more")
     check_output_spec(dst)
@@ -183,6 +163,7 @@ def plan_conversion(
         level_method=method,
         fill_value=_fill_value(source, mask),
         attrs=_carried_attrs(source, not_cleft),
+        given=None if isinstance(src, Volume) else str(src) if dataset is None else f"{src}:{dataset}",
     )
 
 
@@ -228,12 +209,12 @@ class SourceReader:
     def __call__(self, roi: Roi) -> np.ndarray:
         try:
             data = self.source[roi.to_slices()]
-        except CleftchunkError:
-            raise
-        except Exception as e:  # h5py/zarr/codec errors on damaged storage
-            raise CleftchunkError(
-                f"cannot read {roi} of {self.source} ({type(e).__name__}: {e}): the file is corrupt or truncated"
-            ) from e
+        except OSError as e:
+            if e.errno is not None:  # the system's (permissions, disk, network): reported as it is
+                raise
+            raise self._damaged(roi, e) from e  # h5py: "Can't read data", a truncated file
+        except (RuntimeError, ValueError, EOFError) as e:  # a codec that cannot decode a damaged chunk
+            raise self._damaged(roi, e) from e
         if self.not_cleft is None:
             return data
         cleft = np.ones(data.shape, dtype=bool)
@@ -241,68 +222,119 @@ class SourceReader:
             cleft &= data != np.asarray(value).astype(data.dtype)
         return cleft.astype(np.uint8)
 
+    def _damaged(self, roi: Roi, error: BaseException) -> CleftchunkError:
+        return CleftchunkError(f"cannot read {roi} of {self.source} ({type(error).__name__}: {error}): the file is corrupt or truncated")
+
 
 # -- executing ----------------------------------------------------------------------------
-def convert(
-    plan: ConversionPlan,
-    *,
-    overwrite: bool = False,
-    workers: int = DEFAULT_WORKERS,
-    scheduler: str = "threads",
-    task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES,
-    progress: bool = False,
-    client: Any = None,
-) -> ConversionResult:
-    """Execute ``plan``: create (or resume) the output and write what is missing, on ``client``
-    or on :func:`~cleftchunk.run.local.block_client` (``workers``; ``scheduler``: threads,
-    processes or the address of a running Dask scheduler; the bytes are the same on each)."""
-    _check_scheduler(scheduler)
-    _refuse_same_place(plan)
-    output, status = prepare_output(plan, overwrite)
-    if status == "complete":
-        return ConversionResult(plan, status, 0, 0, 0)
-    with _client(client, workers, scheduler, progress) as c:
+class Convert(Operation):
+    """One volume's conversion as a block-wise operation (see the module docstring): level 0 is
+    the recorded pass, each pyramid level one more pass. ``run_operation`` returns a
+    :class:`ConversionResult` (None for a dry run)."""
+
+    stage = "convert"
+
+    def __init__(self, conversion: ConversionPlan, task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES):
+        self.conversion, self.task_bytes = conversion, int(task_bytes)
+        self.output, self.inputs = conversion.dst, (conversion.given or conversion.source,)
+        self.status = "converted"  # or "resumed" once an existing output is reopened
+        self.levels_changed = False
+
+    def identity(self) -> dict:
+        return {k: v for k, v in self.conversion.record().items() if k not in LEVEL_KEYS}
+
+    def _levels(self) -> dict:
+        return {k: self.conversion.record()[k] for k in LEVEL_KEYS}
+
+    def extra_state(self) -> dict:
+        return self._levels()
+
+    def layout(self, options: RunOptions) -> GridLayout:
+        """The tasks of level 0: ``block_shape`` (a multiple of the storage unit), else by bytes."""
+        c = self.conversion
+        unit = c.shards or c.chunks
+        if options.block_shape is not None:
+            return GridLayout(Roi.from_shape(c.shape), block_shape_for(options.block_shape, unit, c.shape, unit))
+        return chunkwrite.task_layout(ChunkGrid(Roi.from_shape(c.shape), unit), c.source.dtype.itemsize, self.task_bytes,
+                                      source_chunking(c.source))
+
+    def plan(self, options: RunOptions) -> Plan:
+        c = self.conversion
+        out_itemsize = np.dtype(c.dtype).itemsize
+        layout = self.layout(options)
+        shapes = [c.shape]
+        for _ in range(1, c.levels):
+            shapes.append(pyramid.level_shape(shapes[-1]))
+        level_tasks = 0
+        for shape in shapes[1:]:
+            chunks = tuple(min(k, n) for k, n in zip(c.chunks, shape))
+            if options.block_shape is not None:
+                level_tasks += len(GridLayout(Roi.from_shape(shape), block_shape_for(options.block_shape, chunks, shape, chunks)))
+            else:
+                level_tasks += len(chunkwrite.task_layout(ChunkGrid(Roi.from_shape(shape), chunks), out_itemsize, self.task_bytes))
+        # a task holds its source box, the converted box and the compressed chunks being written
+        memory = math.prod(layout.block_shape) * (c.source.dtype.itemsize + 2 * out_itemsize)
+        output = sum(math.prod(s) for s in shapes) * out_itemsize
+        return Plan(f"convert {c.source} -> {c.dst}", layout, len(layout) + level_tasks, output, memory,
+                    extra=(f"  conversion: {c.describe()}",))
+
+    def read_state(self) -> dict | None:
+        state = super().read_state()
+        if state is None:
+            refusal = container_refusal(self.output)  # out.zarr holding images: name one inside it
+            if refusal:
+                raise CleftchunkError(refusal)
+            return None
+        if {k: state.get(k) for k in LEVEL_KEYS} != self._levels():
+            # Level 0 is kept; the pyramid is rebuilt as now asked.
+            self.levels_changed = True
+            state = {**state, "complete": False}
+        return state
+
+    def write_state(self, handle: Volume, state: dict) -> None:
+        handle.array.attrs[self.attribute] = {**state, **self._levels()}
+
+    def create(self, state: dict, overwrite: bool) -> Volume:
+        c = self.conversion
+        self.status = "converted"
+        return create_volume(
+            c.dst, c.shape, c.dtype, chunks=c.chunks, voxel_size=c.voxel_size, offset_nm=c.offset_nm,
+            compressor=c.compressor, shards=c.shards, fill_value=c.fill_value,
+            # the state is stored with the array itself, so that even a run killed right after
+            # creating it resumes
+            attrs={**c.attrs, self.attribute: state}, overwrite=overwrite,
+        )
+
+    def reopen(self) -> Volume:
+        self.status = "resumed"
+        volume = open_volume(f"{self.output}/s0", mode="r+")
+        if self.levels_changed:
+            pyramid.drop_levels(_image_group(volume))
+        return volume
+
+    def execute(self, running: Running, handle: Volume) -> "ConversionResult":
+        c = self.conversion
         report = chunkwrite.fill(
-            output.array,
-            SourceReader(plan.source, plan.not_cleft),
-            task_bytes=task_bytes,
-            progress=_label(plan.dst) if progress else False,
-            source_itemsize=plan.source.dtype.itemsize,
-            align=source_chunking(plan.source),
-            client=c,
-            resume=status != "converted",  # nothing is stored in an array just created
-            record_at=(record_path_beside(*split_spec(plan.dst), "convert"), identity_hash("convert", 1, plan.record())),
+            handle.array, SourceReader(c.source, c.not_cleft), running, layout=self.layout(running.options),
+            name=_label(c.dst), source_itemsize=c.source.dtype.itemsize,
+            resume=self.status != "converted",  # nothing is stored in an array just created
+            recorded=True,
         )
-        group = _image_group(output)
-        pyramid.build_levels(
-            group, image_name(output.container, group.path or None), plan.levels, plan.level_method, plan.voxel_size, plan.offset_nm,
-            client=c, progress=progress,
-        )
-    group.attrs[PLAN_ATTR] = {**plan.record(), "complete": True}
-    return ConversionResult(plan, status, report.units, report.written, report.bytes_read)
+        group = _image_group(handle)
+        pyramid.build_levels(group, image_name(handle.container, group.path or None), c.levels, c.level_method, c.voxel_size,
+                             c.offset_nm, running, block_shape=running.options.block_shape)
+        return ConversionResult(c, self.status, report.units, report.written, report.bytes_read)
+
+    def finished(self, handle: Volume, result: object) -> "ConversionResult":
+        return ConversionResult(self.conversion, "complete", 0, 0, 0)
 
 
-def _client(client: Any, workers: int, scheduler: str, progress: bool = False):
-    """The given client, or one started for this command (closed after)."""
-    return contextlib.nullcontext(client) if client is not None else block_client(workers, scheduler, announce=progress)
-
-
-def describe_conversion(plan: ConversionPlan, workers: int = DEFAULT_WORKERS, scheduler: str = "threads",
-                        task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES) -> str:
-    """The ``--dry-run`` text of a conversion: its tasks, output bytes and memory per worker."""
-    out_itemsize = np.dtype(plan.dtype).itemsize
-    grid = ChunkGrid(Roi.from_shape(plan.shape), plan.shards or plan.chunks)
-    layout = chunkwrite.task_layout(grid, plan.source.dtype.itemsize, task_bytes, source_chunking(plan.source))
-    shapes = [plan.shape]
-    for _ in range(1, plan.levels):
-        shapes.append(pyramid.level_shape(shapes[-1]))
-    level_tasks = sum(len(chunkwrite.task_layout(ChunkGrid(Roi.from_shape(s), tuple(min(c, n) for c, n in zip(plan.chunks, s))),
-                                                 out_itemsize, task_bytes)) for s in shapes[1:])
-    # a task holds its source box, the converted box and the compressed chunks being written
-    memory = math.prod(layout.block_shape) * (plan.source.dtype.itemsize + 2 * out_itemsize)
-    output = sum(math.prod(s) for s in shapes) * out_itemsize
-    return describe_plan(f"convert {plan.source} -> {plan.dst}", layout, where(workers, scheduler), len(layout) + level_tasks,
-                         output, memory, extra=(f"  conversion: {plan.describe()}",))
+def convert(plan: ConversionPlan, run: RunOptions | None = None, *, task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES,
+            log: object = None, client: object = None) -> ConversionResult | None:
+    """Execute ``plan``: create (or resume) the output and write what is missing, as ``run``
+    says (where, dry run, overwrite, progress; the bytes are the same wherever it runs).
+    ``client``: an open client to run on (several conversions sharing one cluster)."""
+    return run_operation(Convert(plan, task_bytes), run, log, client)
 
 
 def source_chunking(source: Volume) -> tuple[int, ...] | None:
@@ -316,67 +348,6 @@ def source_chunking(source: Volume) -> tuple[int, ...] | None:
 
 def _label(dst: str) -> str:
     return Path(dst).name if "/" in str(dst) else str(dst)
-
-
-def _check_scheduler(scheduler: str) -> None:
-    if scheduler not in SCHEDULERS and "://" not in str(scheduler):
-        raise CleftchunkError(f"unknown scheduler {scheduler!r}: use {', '.join(SCHEDULERS)} or the address of a Dask scheduler (tcp://HOST:PORT)")
-
-
-def _refuse_same_place(plan: ConversionPlan) -> None:
-    refuse_overlap(plan.dst, [plan.source])
-
-
-def prepare_output(plan: ConversionPlan, overwrite: bool) -> tuple[Volume, str]:
-    """Create the output, or reopen a matching one to resume: (volume, status)."""
-    if exists(plan.dst) and not overwrite:
-        recorded = _recorded_plan(plan.dst)
-        if recorded is None:
-            raise CleftchunkError(container_refusal(plan.dst) or f"{plan.dst} exists and was not written by this conversion: pass --overwrite to replace it, or choose another output")
-        complete = recorded.pop("complete", False)
-        want = plan.record()
-        changed = sorted(k for k in want if k not in LEVEL_KEYS and recorded.get(k) != want[k])
-        if changed:
-            raise CleftchunkError(
-                f"{plan.dst} exists from a different conversion (differs in {', '.join(changed)}): "
-                "pass --overwrite to replace it, or choose another output"
-            )
-        volume = open_volume(f"{plan.dst}/s0", mode="r+")
-        if any(recorded.get(k) != want[k] for k in LEVEL_KEYS):
-            # Level 0 is kept; the pyramid is rebuilt as now asked.
-            pyramid.drop_levels(_image_group(volume))
-            complete = False
-        return volume, "complete" if complete else "resumed"
-    volume = create_volume(
-        plan.dst,
-        plan.shape,
-        plan.dtype,
-        chunks=plan.chunks,
-        voxel_size=plan.voxel_size,
-        offset_nm=plan.offset_nm,
-        compressor=plan.compressor,
-        shards=plan.shards,
-        fill_value=plan.fill_value,
-        # Recorded with the array itself, so that even a run killed right after creating it resumes.
-        attrs={**plan.attrs, PLAN_ATTR: plan.record()},
-        overwrite=overwrite,
-    )
-    _image_group(volume).attrs[PLAN_ATTR] = {**plan.record(), "complete": False}
-    return volume, "converted"
-
-
-def _recorded_plan(dst: str) -> dict | None:
-    import zarr
-
-    container, inner = split_spec(dst)
-    try:
-        group = zarr.open_group(stores.zarr_store(container, "r"), mode="r", path=inner or "")
-    except Exception:
-        return None
-    recorded = dict(group.attrs).get(PLAN_ATTR)
-    if recorded is None and "s0" in group:  # killed before the group's record was written
-        recorded = dict(group["s0"].attrs).get(PLAN_ATTR)
-    return dict(recorded) if isinstance(recorded, dict) else None
 
 
 def _image_group(volume: Volume) -> Any:
@@ -397,58 +368,30 @@ class Mismatch:
         return f"chunk {self.chunk} ({self.roi}): {self.voxels} voxels differ"
 
 
-def verify(
-    plan: ConversionPlan, *, workers: int = DEFAULT_WORKERS, scheduler: str = "threads", progress: bool = False, client: Any = None
-) -> list[Mismatch]:
-    """Compare every chunk of the output's level 0 with the source; the chunks that differ."""
-    _check_scheduler(scheduler)
+def verify(plan: ConversionPlan, run: RunOptions | None = None) -> list[Mismatch]:
+    """Compare every chunk of the output's level 0 with the source, on ``run``'s client; the
+    chunks that differ."""
     output = open_volume(f"{plan.dst}/s0")
     if output.shape != plan.shape:
         return [Mismatch((), Roi.from_shape(plan.shape), int(np.prod(plan.shape)))]
-    found = chunkwrite.compare(
-        output.array,
-        SourceReader(plan.source, plan.not_cleft),
-        workers=workers,
-        scheduler=scheduler,
-        progress=f"verify {_label(plan.dst)}" if progress else False,
-        align=source_chunking(plan.source),
-        client=client,
-    )
+    found = chunkwrite.compare(output.array, SourceReader(plan.source, plan.not_cleft), run,
+                               name=f"verify {_label(plan.dst)}", align=source_chunking(plan.source))
     return [Mismatch(index, roi, n) for index, roi, n in found]
 
 
 # -- one call for any source ---------------------------------------------------------------
-@writes_output("convert", "dst", ("src",))
-def convert_path(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    dataset: str | None = None,
-    mask: bool = False,
-    overwrite: bool = False,
-    workers: int = DEFAULT_WORKERS,
-    scheduler: str = "threads",
-    task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES,
-    progress: bool = False,
-    dry_run: bool = False,
-    log: Any = print,
-    **plan_options: Any,
-) -> list[ConversionResult]:
+def convert_path(src: str | os.PathLike, dst: str | os.PathLike, *, dataset: str | None = None, mask: bool = False,
+                 run: RunOptions | None = None, task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES, log: Any = None,
+                 **plan_options: Any) -> list[ConversionResult]:
     """What ``cleftchunk convert SRC DST`` does: a whole CREMI file into a container, else one volume.
 
     ``plan_options`` are those of :func:`plan_conversion` (chunks, compressor, voxel_size, ...).
-    ``dry_run``: log the plan of each volume and return [] without creating anything.
+    With ``run.dry_run`` the plan of each volume is logged and [] returned; nothing is created.
     """
-    run = dict(overwrite=overwrite, workers=workers, scheduler=scheduler, task_bytes=task_bytes, progress=progress)
-    if dry_run:
-        _check_scheduler(scheduler)
-        for plan in plan_all(src, dst, dataset, mask, **plan_options):
-            log(describe_conversion(plan, workers, scheduler, task_bytes))
-        return []
     if is_whole_file_request(src, dataset, dst) and cremi_volumes(src) is not None:
-        return convert_cremi_file(src, dst, mask=mask, **run, **plan_options)
-    plan = plan_conversion(src, dst, dataset=dataset, mask=mask, **plan_options)
-    return [convert(plan, **run)]
+        return convert_cremi_file(src, dst, mask=mask, run=run, task_bytes=task_bytes, log=log, **plan_options)
+    result = convert(plan_conversion(src, dst, dataset=dataset, mask=mask, **plan_options), run, task_bytes=task_bytes, log=log)
+    return [] if result is None else [result]
 
 
 def plan_all(src: str | os.PathLike, dst: str | os.PathLike, dataset: str | None = None, mask: bool = False, **plan_options: Any) -> list[ConversionPlan]:
@@ -459,35 +402,28 @@ def plan_all(src: str | os.PathLike, dst: str | os.PathLike, dataset: str | None
 
 
 # -- whole CREMI files --------------------------------------------------------------------
-def convert_cremi_file(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    overwrite: bool = False,
-    workers: int = DEFAULT_WORKERS,
-    scheduler: str = "threads",
-    task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES,
-    progress: bool = False,
-    mask: bool = False,
-    **plan_options: Any,
-) -> list[ConversionResult]:
-    """Convert every volume of a CREMI file into images of the Zarr container ``dst``.
+def convert_cremi_file(src: str | os.PathLike, dst: str | os.PathLike, *, mask: bool = False, run: RunOptions | None = None,
+                       task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES, log: Any = None, **plan_options: Any) -> list[ConversionResult]:
+    """Convert every volume of a CREMI file into images of the Zarr container ``dst`` (one
+    operation each, on one client).
 
     With ``mask``, the ``clefts`` volume becomes a uint8 mask; the others keep their values.
     Annotations, if present, are kept as the ``cremi_annotations`` attribute of the container.
     """
     import zarr
 
-    _check_scheduler(scheduler)
+    run = run or RunOptions()
     plans = _cremi_plans(src, dst, mask, **plan_options)
-    with _client(None, workers, scheduler, progress) as client:  # one cluster for every volume
-        results = [
-            convert(plan, overwrite=overwrite, task_bytes=task_bytes, progress=progress, client=client)
-            for plan in plans
-        ]
+    if run.dry_run:
+        for plan in plans:
+            convert(plan, run, task_bytes=task_bytes, log=log)
+        return []
+    with run.client() as client:  # one cluster for every volume
+        results = [convert(plan, run, task_bytes=task_bytes, log=log, client=client) for plan in plans]
     annotations = read_cremi_annotations(src)
     if annotations is not None:
-        zarr.open_group(stores.zarr_store(dst, "a"), mode="a").attrs["cremi_annotations"] = annotations
+        with output_lock(dst, "convert", log):
+            zarr.open_group(stores.zarr_store(dst, "a"), mode="a").attrs["cremi_annotations"] = annotations
     return results
 
 
@@ -495,10 +431,8 @@ def _cremi_plans(src: str | os.PathLike, dst: str | os.PathLike, mask: bool, **p
     volumes = cremi_volumes(src)
     if volumes is None:
         raise CleftchunkError(f"{src} is not a CREMI file (no volumes/ group): name the dataset with --dataset or FILE:DATASET")
-    return [
-        plan_conversion(str(src), f"{dst}/{name}", dataset=ds, mask=mask and name == "clefts", **plan_options)
-        for name, ds in volumes.items()
-    ]
+    return [plan_conversion(str(src), f"{dst}/{name}", dataset=ds, mask=mask and name == "clefts", **plan_options)
+            for name, ds in volumes.items()]
 
 
 def is_whole_file_request(src: str | os.PathLike, dataset: str | None, dst: str | os.PathLike) -> bool:
@@ -508,16 +442,5 @@ def is_whole_file_request(src: str | os.PathLike, dataset: str | None, dst: str 
     return is_hdf5(container) and inner is None and dst_inner is None and stores.exists(container)
 
 
-__all__ = [
-    "ConversionPlan",
-    "ConversionResult",
-    "DEFAULT_WORKERS",
-    "Mismatch",
-    "convert",
-    "convert_cremi_file",
-    "convert_path",
-    "cremi_volumes",
-    "mask_rule",
-    "plan_conversion",
-    "verify",
-]
+__all__ = ["ConversionPlan", "ConversionResult", "Convert", "Mismatch", "convert", "convert_cremi_file", "convert_path",
+           "cremi_volumes", "mask_rule", "plan_conversion", "verify"]

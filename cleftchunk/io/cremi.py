@@ -52,3 +52,25 @@ def read_cremi_annotations(path: str | os.PathLike) -> dict | None:
         return out
 
 
+
+
+def hdf5_state(path: str | os.PathLike, attribute: str) -> dict | None:
+    """The JSON state a block-wise operation keeps in an HDF5 file's root ``attribute``, or None
+    when the file is not HDF5 or holds no such state. Errors of the system (permissions, a
+    vanished disk: an ``errno``) are raised as they are."""
+    import json
+
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            text = f.attrs.get(attribute)
+    except OSError as e:
+        if e.errno is not None:
+            raise
+        return None  # h5py: "file signature not found", a truncated file
+    try:
+        state = json.loads(text) if isinstance(text, (str, bytes)) else None
+    except ValueError:
+        return None
+    return state if isinstance(state, dict) and "identity_hash" in state else None

@@ -9,7 +9,7 @@ centre coincides with the patch's first voxel, so those levels have no extra tra
 gives the same as ``stride``); it is centred like ``mean``.
 
 Levels are written with :func:`cleftchunk.run.chunks.fill` (tasks of whole chunks run by the one
-block-wise executor), so they resume like level 0.
+block-wise executor), one pass per level, each resuming from the chunks it has stored.
 """
 
 from __future__ import annotations
@@ -89,47 +89,39 @@ def mode_2x2(data: np.ndarray) -> np.ndarray:
     return np.take_along_axis(candidates, winner[None], axis=0)[0]
 
 
-def build_levels(
-    group: Any,
-    name: str,
-    levels: int,
-    method: str,
-    voxel_size,
-    offset_nm,
-    *,
-    workers: int = 2,
-    scheduler: str = "threads",
-    progress: bool = False,
-    client: Any = None,
-) -> None:
-    """Add levels ``s1 .. s{levels-1}`` to the OME-Zarr image ``group`` (whose ``s0`` exists), on
-    ``client`` or on a client of ``workers`` and ``scheduler`` (see :func:`cleftchunk.run.chunks.fill`)."""
+def create_level(group: Any, level: int, finer: Any) -> Any:
+    """The array of level ``s{level}`` (shape one step coarser than ``finer``), created if missing
+    or of another shape; its chunks are those of ``finer``, clipped to the shape."""
+    path = f"s{level}"
+    shape = level_shape(finer.shape)
+    if path in group and tuple(group[path].shape) != shape:
+        del group[path]
+    if path not in group:
+        group.create_array(
+            path,
+            shape=shape,
+            dtype=finer.dtype,
+            chunks=tuple(min(c, s) for c, s in zip(finer.chunks, shape)),
+            shards=None,
+            compressors=finer.compressors,
+            fill_value=finer.fill_value,
+            dimension_names=("z", "y", "x"),
+        )
+    return group[path]
+
+
+def build_levels(group: Any, name: str, levels: int, method: str, voxel_size, offset_nm, running: Any,
+                 block_shape=None) -> None:
+    """Add levels ``s1 .. s{levels-1}`` to the OME-Zarr image ``group`` (whose ``s0`` exists), one
+    pass each on ``running`` (:func:`cleftchunk.run.chunks.fill`: a level resumes from the units
+    it has stored). ``block_shape``: the tasks' shape (a multiple of the chunks), else by bytes."""
+    from cleftchunk.run.options import block_shape_for
+
     finer = group["s0"]
     for level in range(1, levels):
-        path = f"s{level}"
-        shape = level_shape(finer.shape)
-        if path in group and tuple(group[path].shape) != shape:
-            del group[path]
-        if path not in group:
-            group.create_array(
-                path,
-                shape=shape,
-                dtype=finer.dtype,
-                chunks=tuple(min(c, s) for c, s in zip(finer.chunks, shape)),
-                shards=None,
-                compressors=finer.compressors,
-                fill_value=finer.fill_value,
-                dimension_names=("z", "y", "x"),
-            )
-        coarser = group[path]
-        chunkwrite.fill(
-            coarser,
-            Downsample(finer, method),
-            workers=workers,
-            scheduler=scheduler,
-            progress=f"{name}/{path}" if progress else False,
-            client=client,
-        )
+        coarser = create_level(group, level, finer)
+        shape = None if block_shape is None else block_shape_for(block_shape, coarser.chunks, coarser.shape, block_shape)
+        chunkwrite.fill(coarser, Downsample(finer, method), running, block_shape=shape, name=f"{name}/s{level}")
         finer = coarser
     centered = method != "stride"
     group.attrs["ome"] = ome_multiscales(name, voxel_size, offset_nm, level_factors(levels), centered=centered)

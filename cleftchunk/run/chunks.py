@@ -3,19 +3,22 @@
 The *storage unit* of an array is its shard when it is sharded, else its chunk: the object the
 store holds under one key. Zarr's local store writes every object to a temporary file and
 renames it into place, so a unit is either wholly present or absent, never half-written, even
-when the process is killed or the disk fills up. That makes the store itself the record of what
+when the process is killed or the disk fills up. That makes the store itself a record of what
 is done: each task of :func:`fill` checks which of its units are present (:func:`unit_stored`)
-and writes only the others; :func:`stored_units` lists them all (for tests and tools).
-No separate "done" marker exists that could disagree with the data. A kill in the middle of a
-write leaves a temporary ``*.partial`` file, never a key; :func:`fill` deletes those first.
+and writes only the others; :func:`stored_units` lists them all (for tests and tools). A pass
+that an operation records (``recorded=True``) also has the operation's completion record (one
+byte per task, :class:`~cleftchunk.run.records.BlockRecord`), which only lets a resumed run skip
+the store checks of tasks it marks done; it never marks a task whose units were not all written,
+so it cannot disagree with the data. A kill in the middle of a write leaves a temporary
+``*.partial`` file, never a key; :func:`fill` deletes those first.
 
 Work is grouped into *tasks* (:func:`task_layout`, the executor's blocks): boxes of whole units,
 a full section plane when it fits in ``task_bytes``, as thin in z as allowed, so that sources
-stored plane-wise or in HDF5 slabs are read in large, aligned pieces. ``align`` (the source's
-chunk shape) makes task boxes whole multiples of it where that costs at most
-:data:`ALIGN_SLACK` × ``task_bytes``, so that every source chunk is decompressed once rather than
-once per task that cuts it. Peak memory is about ``workers × 3 × task_bytes`` whatever the
-volume size, and the client holds nothing per unit.
+stored plane-wise or in HDF5 slabs are read in large, aligned pieces (or boxes of a given block
+shape, a multiple of the unit). ``align`` (the source's chunk shape) makes task boxes whole
+multiples of it where that costs at most :data:`ALIGN_SLACK` × ``task_bytes``, so that every
+source chunk is decompressed once rather than once per task that cuts it. Peak memory is about
+``task threads × 3 × task_bytes`` whatever the volume size, and the client holds nothing per unit.
 
 A unit whose data is entirely the fill value is not stored by Zarr, so a resumed run reads it
 again (and writes nothing): correct, merely a little redundant.
@@ -33,9 +36,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from cleftchunk.geometry import ChunkGrid, Coord, Roi
-from cleftchunk.run.executor import BlockwiseTask, run_blockwise
+from cleftchunk.run.executor import BlockwiseTask
 from cleftchunk.run.layout import GridLayout
-from cleftchunk.run.records import BlockRecord, identity_hash, remove_record
 
 #: Bytes of source data one task reads: large enough for efficient I/O, small enough that a
 #: few workers stay within a few hundred MiB.
@@ -149,53 +151,94 @@ def unit_stored(array: Any, index: Coord) -> bool:
     return sync(store.exists(f"{path}/{key}" if path else key))
 
 
+def _running(on: Any):
+    """What ``on`` runs passes on: a :class:`~cleftchunk.run.operation.Running` as it is (inside an
+    operation), a client (a Dask client or :class:`~cleftchunk.run.local.ThreadClient`, with the
+    default options), else a context giving one on a client started for ``on`` (RunOptions;
+    None: the defaults)."""
+    from cleftchunk.run.operation import Running
+    from cleftchunk.run.options import RunOptions
+
+    if isinstance(on, Running):
+        return contextlib.nullcontext(on)
+    if on is not None and not isinstance(on, RunOptions):
+        return contextlib.nullcontext(Running(on, RunOptions(), None, lambda _: None))
+    options = on if on is not None else RunOptions()
+
+    @contextlib.contextmanager
+    def started():
+        with options.client() as client:
+            yield Running(client, options, None, lambda _: None)
+
+    return started()
+
+
+#: Errors that stop a fill or compare at once instead of being reported per block: the machine's
+#: (disk full, permissions, a read-only or vanished file system, memory), which every other block
+#: would meet too. They are raised as they are; anything else fails only its block.
+FATAL = (OSError, MemoryError)
+
+
+def fill_layout(array: Any, task_bytes: int = DEFAULT_TASK_BYTES, source_itemsize: int | None = None,
+                align: Sequence[int] | None = None, block_shape: Sequence[int] | None = None) -> GridLayout:
+    """The tasks of :func:`fill` over ``array``: ``block_shape`` (already checked to be a multiple
+    of the storage unit) when given, else :func:`task_layout` of ``task_bytes``."""
+    grid = unit_grid(array)
+    if block_shape is not None:
+        return GridLayout(grid.roi, tuple(int(b) for b in block_shape))
+    return task_layout(grid, source_itemsize or np.dtype(array.dtype).itemsize, task_bytes, align)
+
+
+def fill_task(array: Any, produce: Producer, layout: GridLayout, *, name: str = "fill", source_itemsize: int | None = None,
+              resume: bool = True) -> BlockwiseTask:
+    """The executor's task writing every unit of ``array`` in ``layout`` (see :func:`fill`)."""
+    remove_partial_writes(array)
+    itemsize = source_itemsize or np.dtype(array.dtype).itemsize
+    process = functools.partial(_fill_block, array, produce, unit_grid(array), itemsize, resume)
+    return BlockwiseTask(name, layout, process, batch=layout.auto_batch(), fatal=FATAL)
+
+
 def fill(
     array: Any,
     produce: Producer,
+    on: Any = None,
     *,
-    workers: int = 2,
-    scheduler: str = "threads",
     task_bytes: int = DEFAULT_TASK_BYTES,
-    progress: bool | str = False,
+    block_shape: Sequence[int] | None = None,
+    layout: GridLayout | None = None,
+    name: str = "fill",
     source_itemsize: int | None = None,
     align: Sequence[int] | None = None,
-    client: Any = None,
     resume: bool = True,
-    record_at: tuple[Any, str] | None = None,
+    recorded: bool = False,
 ) -> "FillReport":
     """Write every storage unit of the zarr ``array`` not yet stored, with data ``produce(roi)``.
 
-    Runs on the executor (:mod:`cleftchunk.run.executor`): on ``client``, else on
-    :func:`~cleftchunk.run.local.block_client` (``workers``, ``scheduler``: threads, processes or
-    a scheduler's address). ``produce`` receives ROIs in array-local voxels and must be picklable
-    for worker processes. Each task checks which of its units are stored (``resume``; False for
-    an array just created, where none is) and reads and writes only if some are missing: the
-    client holds nothing per unit. ``progress`` (True or a description) shows the progress display.
+    Runs one pass on the executor (:mod:`cleftchunk.run.executor`): on ``on``, the
+    :class:`~cleftchunk.run.operation.Running` of an operation, a client, or a
+    :class:`~cleftchunk.run.options.RunOptions` (a client is started for this pass; None: the
+    defaults). ``produce`` receives ROIs in array-local voxels and must be picklable for worker
+    processes. Each task checks which of its units are stored (``resume``; False for an array
+    just created, where none is) and reads and writes only if some are missing: the client holds
+    nothing per unit. A failed block is reported with the others after the pass (the run fails
+    naming them); errors of the machine (:data:`FATAL`) stop it at once.
 
-    ``record_at`` = (path, identity hash): a completion record of the tasks (one byte per task,
-    :class:`~cleftchunk.run.records.BlockRecord`), so that a resumed run skips finished tasks
-    without asking the store about their units; the tasks it does not mark still check their
-    units (a task killed after some writes). It is removed once every unit is written.
+    ``recorded``: this is the operation's recorded pass: its tasks go to the operation's
+    completion record (:class:`~cleftchunk.run.records.BlockRecord`, one byte per task), so that
+    a resumed run skips finished tasks without asking the store about their units; tasks it does
+    not mark still check their units (a task killed after some writes). The tasks are
+    ``layout`` when given (the recorded pass's must be the operation's plan's), else
+    :func:`fill_layout` of ``task_bytes``/``block_shape``.
     """
-    grid = unit_grid(array)
-    remove_partial_writes(array)
-    itemsize = source_itemsize or np.dtype(array.dtype).itemsize
-    layout = task_layout(grid, itemsize, task_bytes, align)
-    record = None
-    if record_at is not None:
-        # the task layout belongs to the identity: a resumed run with another task size must not
-        # trust marks of other tasks
-        identity = identity_hash(record_at[1], list(layout.roi.shape), list(layout.block_shape))
-        record = BlockRecord.open(record_at[0], len(layout), identity, fresh=not resume)[0]
-    process = functools.partial(_fill_block, array, produce, grid, itemsize, resume)
-    task = BlockwiseTask(_name(progress, "fill"), layout, process, record=record, batch=layout.auto_batch(), fatal=(Exception,))
-    report = _run(client, workers, scheduler, task, progress)
-    if record is not None:
-        remove_record(record.path)
-    counts = report.counts
-    # On success every unit is either written now or was already stored (by a task this run
-    # found in the record, or by one that checked its units).
-    return FillReport(units=grid.num_chunks, already_stored=grid.num_chunks - counts["written"], written=counts["written"], bytes_read=counts["bytes"])
+    layout = layout or fill_layout(array, task_bytes, source_itemsize, align, block_shape)
+    task = fill_task(array, produce, layout, name=name, source_itemsize=source_itemsize, resume=resume)
+    with _running(on) as running:
+        report = running.run(task, recorded=recorded)
+    units = unit_grid(array).num_chunks
+    written = report.counts["written"]
+    # Every unit is now either written by this pass or was already stored (by a task the record
+    # says is done, or by one that checked its units).
+    return FillReport(units=units, already_stored=units - written, written=written, bytes_read=report.counts["bytes"])
 
 
 @dataclass(frozen=True)
@@ -226,37 +269,25 @@ def write_box(array: Any, roi: Roi, data: np.ndarray) -> None:
     array[roi.to_slices()] = data
 
 
-def _name(progress: bool | str, default: str) -> str:
-    return progress if isinstance(progress, str) else default
-
-
-def _run(client: Any, workers: int, scheduler: str, task: BlockwiseTask, progress: bool | str):
-    """Run ``task`` on ``client``, or on a client started for it; the first error is raised."""
-    from cleftchunk.run.local import block_client
-
-    with contextlib.nullcontext(client) if client is not None else block_client(workers, scheduler) as c:
-        return run_blockwise(c, task, progress=bool(progress))
-
-
 # -- comparing ----------------------------------------------------------------------------
 def compare(
     array: Any,
     produce: Producer,
+    on: Any = None,
     *,
-    workers: int = 2,
-    scheduler: str = "threads",
     task_bytes: int = DEFAULT_TASK_BYTES,
-    progress: bool | str = False,
+    name: str = "compare",
     align: Sequence[int] | None = None,
-    client: Any = None,
 ) -> list[tuple[Coord, Roi, int]]:
-    """Chunks of ``array`` whose content differs from ``produce``: (chunk index, ROI, voxels differing)."""
+    """Chunks of ``array`` whose content differs from ``produce``: (chunk index, ROI, voxels
+    differing). ``on``: as for :func:`fill`; a block that cannot be compared fails the run."""
     grid = ChunkGrid(Roi.from_shape(array.shape), tuple(int(c) for c in array.chunks))
     layout = task_layout(grid, np.dtype(array.dtype).itemsize, task_bytes, align)
     found: list = []
-    task = BlockwiseTask(_name(progress, "compare"), layout, functools.partial(_compare_block, array, produce, grid),
-                         batch=layout.auto_batch(), fatal=(Exception,), collect=lambda block, m: found.extend(m))
-    _run(client, workers, scheduler, task, progress)
+    task = BlockwiseTask(name, layout, functools.partial(_compare_block, array, produce, grid),
+                         batch=layout.auto_batch(), fatal=FATAL, collect=lambda block, m: found.extend(m))
+    with _running(on) as running:
+        running.run(task)
     return sorted(found)
 
 

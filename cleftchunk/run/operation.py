@@ -89,14 +89,15 @@ class Running:
     already_done: int = 0
     reports: list[RunReport] = field(default_factory=list)
 
-    def run(self, task: BlockwiseTask, recorded: bool = False) -> RunReport:
+    def run(self, task: BlockwiseTask, recorded: bool = False, in_flight: int | None = None) -> RunReport:
         """Run one pass; ``recorded``: the pass that writes, whose blocks go to the record. A pass
-        with failed blocks fails the command (naming them) after the others are done."""
+        with failed blocks fails the command (naming them) after the others are done.
+        ``in_flight``: at most this many blocks open at once (results the client collects)."""
         import dataclasses
 
         if recorded and self.record is not None:
             task = dataclasses.replace(task, record=self.record)
-        report = run_blockwise(self.client, task, retries=self.options.retries, progress=self.options.progress)
+        report = run_blockwise(self.client, task, retries=self.options.retries, progress=self.options.progress, in_flight=in_flight)
         self.reports.append(report)
         if recorded:
             self.already_done += report.already_done
@@ -191,8 +192,10 @@ class Operation:
         return {}
 
 
-def run_operation(operation: Operation, options: RunOptions | None = None, log: Log | None = None) -> Any:
-    """Run ``operation`` with ``options`` (see the module docstring); None for a dry run."""
+def run_operation(operation: Operation, options: RunOptions | None = None, log: Log | None = None, client: Any = None) -> Any:
+    """Run ``operation`` with ``options`` (see the module docstring); None for a dry run.
+    ``client``: an open client to run on instead of one started for this operation (a command
+    running several operations, e.g. the volumes of a CREMI file, starts one cluster for all)."""
     from cleftchunk.io.guard import output_lock, refuse_overlap
 
     options = options or RunOptions()
@@ -202,8 +205,8 @@ def run_operation(operation: Operation, options: RunOptions | None = None, log: 
         log(plan.describe(options))
         return None
     if not operation.output:  # an operation that writes no volume (evaluate): no lifecycle to keep
-        with options.client() as client:
-            return operation.execute(Running(client, options, None, log), None)
+        with _client(options, client) as c:
+            return operation.execute(Running(c, options, None, log), None)
     refuse_overlap(operation.output, operation.inputs)
     with output_lock(operation.output, operation.stage, log):
         identity = {"format": f"cleftchunk-{operation.stage}/{operation.format}", **operation.identity()}
@@ -215,14 +218,20 @@ def run_operation(operation: Operation, options: RunOptions | None = None, log: 
         layout = plan.layout
         record_identity = identity_hash(digest, list(layout.roi.shape), list(layout.block_shape))
         record, trusted = BlockRecord.open(operation.record_path(), len(layout), record_identity, fresh=state.get("fresh", False))
-        with options.client() as client:
-            running = Running(client, options, record, log)
+        with _client(options, client) as c:
+            running = Running(c, options, record, log)
             result = operation.execute(running, handle)
         state = {k: v for k, v in state.items() if k != "fresh"}
         state.update(complete=True, finished=now())
         operation.write_state(handle, state)
         remove_record(record.path)
         return result
+
+
+def _client(options: RunOptions, client: Any):
+    import contextlib
+
+    return contextlib.nullcontext(client) if client is not None else options.client()
 
 
 def _open(operation: Operation, identity: dict, digest: str, overwrite: bool) -> tuple[Any, dict]:

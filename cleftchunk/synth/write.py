@@ -1,42 +1,48 @@
-"""Writing synthetic samples of any size: block by block on the one block-wise executor (threads
-of this process, local worker processes, or an existing Dask scheduler), resumable, constant memory.
+"""Writing synthetic samples of any size: one block-wise operation (:class:`Synth`, on
+:func:`cleftchunk.run.operation.run_operation`, which owns the dry run, the lock, create/resume/
+refuse, the completion record and "complete"), run where the ``run`` options say (threads of this
+process, local worker processes, an existing Dask scheduler), resumable, constant memory. Every
+voxel is a function of the seed and its coordinate, so the bytes depend on neither the work block
+(``block_shape``, a multiple of the chunks; default: one chunk) nor where it runs.
 
-Zarr output (default): ``DST.zarr/{raw,clefts,neuron_ids}`` OME-Zarr images whose chunks are the
-work blocks. Each block writes its labels first and its raw last; zarr's local store writes a
-chunk atomically, so a block whose raw chunk exists is finished and a re-run skips it (each task
-checks its own raw chunk: the client holds nothing per block). The
-generation parameters are kept in the root group's attributes, so that a re-run resumes only
-the same sample, and ``complete`` is set when every block is written.
+Zarr output (default): ``DST.zarr/{raw,clefts,neuron_ids}`` OME-Zarr images. Each block writes
+its labels first and its raw last; zarr's local store writes a chunk atomically, so a block whose
+raw chunks all exist is finished: a re-run skips the blocks its completion record marks done, and
+every other block checks its own raw chunks on the worker (the client holds nothing per block).
+The operation's state (identity: seed, shape, chunks, generator parameters) is kept in the root
+group's ``cleftchunk_synth`` attribute.
 
-CREMI output (``format="cremi"``): one HDF5 file in the CREMI layout, written by the main process
-(HDF5 has a single writer) as results arrive from the workers, a few blocks in flight at a time, so
-memory stays bounded. Progress is kept in a ``synth_progress`` dataset removed at the end.
+CREMI output (``format="cremi"``): one HDF5 file in the CREMI layout, written by the client
+(HDF5 has a single writer) as results arrive from the workers, a few blocks in flight at a time,
+so memory stays bounded; the file is flushed after each block, before the completion record may
+mark it. The state is the file's ``cleftchunk_synth`` attribute (JSON).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.io.guard import writes_output
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.synth.generate import VOXEL_SIZE, SynthParams, check_seed, generate_region, make_params
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_CLEFTS, CREMI_NEURONS, CREMI_RAW, kind_attrs
+from cleftchunk.io.cremi import hdf5_state
 from cleftchunk.io.stores import is_url
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, open_volume, split_spec
-from cleftchunk.run.chunks import unit_stored
-from cleftchunk.run.executor import BlockwiseTask, run_blockwise
-from cleftchunk.run.records import BlockRecord, identity_hash, record_path_beside, remove_record
-from cleftchunk.run.layout import GridLayout, SubsetLayout
-from cleftchunk.run.local import block_client, default_threads, describe_plan, where
+from cleftchunk.run.chunks import unit_stored, units_in
+from cleftchunk.run.executor import BlockwiseTask
+from cleftchunk.run.layout import GridLayout
+from cleftchunk.run.operation import Operation, Plan, Running, run_operation
+from cleftchunk.run.options import RunOptions, block_shape_for
 
 #: Larger requests are refused as typos (10^13 voxels is ~10 TB of raw, ~170 TB with labels).
 MAX_VOXELS = 10**13
@@ -75,198 +81,174 @@ def check_chunks(chunks: Sequence[int] | None, shape: Sequence[int]) -> tuple[in
     return tuple(min(c, s) for c, s in zip(chunks, shape))
 
 
-@writes_output("synth", "dst")
 def synthesize(
     dst: str | os.PathLike,
     shape: Sequence[int],
     seed: int = 0,
     difficulty: float = 0.5,
     chunks: Sequence[int] | None = None,
-    workers: int | None = None,
     format: str | None = None,
-    overwrite: bool = False,
-    scheduler: str = "threads",
-    progress: bool = False,
-    dry_run: bool = False,
-    log: Callable[[str], None] = print,
+    run: RunOptions | None = None,
+    log: Callable[[str], None] | None = None,
     **params,
 ) -> dict | None:
-    """Write a synthetic sample of ``shape`` to ``dst``; returns a summary dict.
+    """Write a synthetic sample of ``shape`` to ``dst``; returns a summary dict (None for a dry run).
 
     ``dst`` is ``out.zarr`` (format zarr) or ``out.hdf`` / ``.h5`` (format cremi; the format is
-    inferred from the name when not given). An existing
-    destination is refused unless ``overwrite``, except an unfinished run of the same sample,
-    which is resumed. ``workers`` threads (or processes with ``scheduler="processes"``, or the
-    workers of the Dask scheduler at ``scheduler="tcp://HOST:PORT"``) generate blocks of ``chunks``
-    voxels; the result does not depend on either. ``dry_run``: log the plan, return None and
-    create nothing. Threads are the default
-    because they measured faster, leaner and with no start-up cost on 2 cores (numpy releases
-    the GIL in the heavy loops; benchmarks/results/synth.md); processes avoid the GIL on many cores.
+    inferred from the name when not given). An existing destination is refused unless
+    ``run.overwrite``, except a run of the same sample, which is resumed (or, when complete, left
+    as it is). ``chunks``: the chunk shape; the work block is ``run.block_shape`` (default: one
+    chunk). Threads of this process are the default because they measured faster, leaner and
+    with no start-up cost on 2 cores (numpy releases the GIL in the heavy loops;
+    benchmarks/results/synth.md); worker processes avoid the GIL on many cores.
     """
-    if is_url(dst):
-        raise CleftchunkError(
-            f"{dst}: synth writes a local sample (it resumes from the files it finds); write it here, then "
-            "cleftchunk convert each volume to the object store"
-        )
-    if format is None:
-        format = "cremi" if Path(dst).name.lower().endswith(HDF5_SUFFIXES) else "zarr"
-    if format not in FORMATS:
-        raise CleftchunkError(f"unknown format {format!r}: use zarr or cremi")
-    if scheduler not in ("processes", "threads") and "://" not in str(scheduler):
-        raise CleftchunkError(f"unknown scheduler {scheduler!r}: use processes, threads or the address of a Dask scheduler (tcp://HOST:PORT)")
-    shape = check_shape(shape)
-    chunks = check_chunks(chunks, shape)
-    seed = check_seed(seed)
-    p = make_params(difficulty, **params)
-    workers = _worker_count(workers)
-    if dry_run:
-        log(describe_synth(shape, chunks, format, workers, scheduler))
-        return None
-    identity = {"seed": int(seed), "shape": list(shape), "chunks": list(chunks), "params": dataclasses.asdict(p)}
-    writer = _write_zarr if format == "zarr" else _write_cremi
+    run = run or RunOptions()
     start = time.perf_counter()
-    done, total = writer(Path(dst), shape, chunks, int(seed), p, identity, workers, scheduler, overwrite, progress)
-    return {
-        "path": str(dst),
-        "format": format,
-        "shape": shape,
-        "chunks": chunks,
-        "blocks": total,
-        "skipped": done,
-        "seconds": time.perf_counter() - start,
-        "workers": workers,
-    }
+    operation = Synth(dst, shape, seed, chunks, make_params(difficulty, **params), format)
+    result = run_operation(operation, run, log)
+    if result is None:
+        return None
+    return {"path": str(dst), "format": operation.kind, "shape": operation.shape, "chunks": operation.chunks, **result,
+            "seconds": time.perf_counter() - start}
 
 
 #: Peak bytes per voxel of generating a block (measured with tracemalloc on 16×256×256: 67).
 GENERATE_BYTES_PER_VOXEL = 70
 
 
-def describe_synth(shape, chunks, format: str, workers: int, scheduler: str) -> str:
-    """The ``--dry-run`` text of a synth run: blocks, output bytes, memory per worker."""
-    layout = GridLayout(Roi.from_shape(shape), chunks)
-    written = sum(np.dtype(d).itemsize for d in DTYPES.values())
-    return describe_plan(f"synth ({format})", layout, where(workers, scheduler), -(-len(layout) // layout.auto_batch()),
-                         math.prod(shape) * written, math.prod(chunks) * GENERATE_BYTES_PER_VOXEL)
+class Synth(Operation):
+    """A synthetic sample as a block-wise operation (see the module docstring); ``execute``
+    returns ``{"blocks": n, "skipped": blocks already written by an earlier run}``."""
 
+    stage = "synth"
 
-def _worker_count(workers: int | None) -> int:
-    if workers is None:
-        return max(1, default_threads())
-    if int(workers) < 1:
-        raise CleftchunkError(f"workers {workers} must be at least 1")
-    return int(workers)
+    def __init__(self, dst, shape, seed: int, chunks, params: SynthParams, format: str | None = None):
+        if is_url(dst):
+            raise CleftchunkError(
+                f"{dst}: synth writes a local sample (it resumes from the files it finds); write it here, then "
+                "cleftchunk convert each volume to the object store"
+            )
+        self.path = Path(dst)
+        self.kind = format or ("cremi" if self.path.name.lower().endswith(HDF5_SUFFIXES) else "zarr")
+        if self.kind not in FORMATS:
+            raise CleftchunkError(f"unknown format {format!r}: use zarr or cremi")
+        if self.kind == "zarr" and (not str(dst).lower().endswith((".zarr", ".zarr3")) or split_spec(dst)[1] is not None):
+            raise CleftchunkError(f"{dst}: the zarr format writes a container ending in .zarr, e.g. sample.zarr")
+        if self.kind == "cremi" and not self.path.name.lower().endswith(HDF5_SUFFIXES):
+            raise CleftchunkError(f"{dst}: the cremi format writes an HDF5 file ending in .hdf, .h5 or .hdf5")
+        self.shape = check_shape(shape)
+        self.chunks = check_chunks(chunks, self.shape)
+        self.seed, self.params = check_seed(seed), params
+        self.output = str(dst)
 
+    def identity(self) -> dict:
+        return {"seed": int(self.seed), "shape": list(self.shape), "chunks": list(self.chunks),
+                "params": dataclasses.asdict(self.params)}
 
-# -- zarr -----------------------------------------------------------------------------------
-def _write_zarr(dst, shape, chunks, seed, p, identity, workers, scheduler, overwrite, progress):
-    import zarr
+    def layout(self, options: RunOptions) -> GridLayout:
+        return GridLayout(Roi.from_shape(self.shape), block_shape_for(options.block_shape, self.chunks, self.shape, self.chunks))
 
-    if not str(dst).lower().endswith((".zarr", ".zarr3")) or split_spec(dst)[1] is not None:
-        raise CleftchunkError(f"{dst}: the zarr format writes a container ending in .zarr, e.g. sample.zarr")
-    resume = _can_resume_zarr(dst, identity, overwrite)
-    volumes = {}
-    for name in NAMES:
-        volumes[name] = create_volume(
-            f"{dst}/{name}", shape, DTYPES[name], chunks=chunks, voxel_size=VOXEL_SIZE,
-            fill_value=FILL[name], overwrite=overwrite, exist_ok=resume,
-            attrs={ATTR: {"seed": seed, "difficulty": p.difficulty}, **kind_attrs(KIND[name])},
-        )
-    root = zarr.open_group(str(dst), mode="a")
-    root.attrs[ATTR] = {**identity, "complete": False}
-    grid = ChunkGrid(Roi.from_shape(shape), chunks)
-    layout = GridLayout(grid.roi, chunks)
-    task = partial(_zarr_task, volumes, grid, seed, p)
-    # One byte per block, so that a resumed run skips finished blocks without asking the store;
-    # blocks it does not mark check their raw chunk (written last) on the worker.
-    record, _ = BlockRecord.open(record_path_beside(str(dst), None, "synth"), len(layout),
-                                 identity_hash("synth", 1, identity, list(shape), list(chunks)), fresh=not resume)
-    report = _run(BlockwiseTask("synth", layout, task, record=record, batch=layout.auto_batch(), fatal=(Exception,)),
-                  workers, scheduler, progress)
-    root.attrs[ATTR] = {**identity, "complete": True}
-    remove_record(record.path)
-    return report.counts["skipped"] + report.already_done, grid.num_chunks
+    def plan(self, options: RunOptions) -> Plan:
+        layout = self.layout(options)
+        self.blocks = len(layout)
+        written = sum(np.dtype(d).itemsize for d in DTYPES.values())
+        return Plan(f"synth ({self.kind})", layout, -(-len(layout) // layout.auto_batch()), math.prod(self.shape) * written,
+                    math.prod(layout.block_shape) * GENERATE_BYTES_PER_VOXEL)
 
+    # -- where the state lives -------------------------------------------------------------------
+    def read_state(self) -> dict | None:
+        if self.kind == "cremi":
+            return hdf5_state(self.path, ATTR)
+        import zarr
 
-def _can_resume_zarr(dst: Path, identity: dict, overwrite: bool) -> bool:
-    import zarr
+        try:
+            state = dict(zarr.open_group(str(self.path), mode="r").attrs).get(ATTR)
+        except zarr.errors.BaseZarrError:  # not a zarr group (an array, a plain folder): not a sample
+            return None
+        return state if isinstance(state, dict) and "identity_hash" in state else None
 
-    if overwrite or not dst.exists():
-        return False
-    try:
-        stored = dict(zarr.open_group(str(dst), mode="r").attrs).get(ATTR)
-    except Exception:
-        stored = None
-    if stored and not stored.get("complete") and {k: stored.get(k) for k in identity} == identity:
-        return True
-    raise CleftchunkError(f"{dst} exists: pass --overwrite to replace it (or choose another output)")
+    def write_state(self, handle: Any, state: dict) -> None:
+        if self.kind == "cremi":
+            import h5py
+
+            with h5py.File(self.path, "a") as f:
+                f.attrs[ATTR] = json.dumps(state)
+            return
+        import zarr
+
+        zarr.open_group(str(self.path), mode="a").attrs[ATTR] = state
+
+    def create(self, state: dict, overwrite: bool) -> Any:
+        if self.kind == "cremi":
+            import h5py
+
+            with h5py.File(self.path, "w") as f:
+                _create_cremi_layout(f, self.shape, self.chunks, self.seed, self.params)
+                f.attrs[ATTR] = json.dumps(state)
+            return self.path
+        import zarr
+
+        # the state first: a run killed while creating the images resumes (reopen creates them)
+        zarr.open_group(str(self.path), mode="w" if overwrite else "a").attrs[ATTR] = state
+        return self.reopen()
+
+    def reopen(self) -> Any:
+        """The file, or the images of the sample (any a killed run did not create yet, created)."""
+        if self.kind == "cremi":
+            return self.path
+        return {name: create_volume(
+            f"{self.path}/{name}", self.shape, DTYPES[name], chunks=self.chunks, voxel_size=VOXEL_SIZE, fill_value=FILL[name],
+            exist_ok=True, attrs={ATTR: {"seed": self.seed, "difficulty": self.params.difficulty}, **kind_attrs(KIND[name])},
+        ) for name in NAMES}
+
+    # -- the work --------------------------------------------------------------------------------
+    def execute(self, running: Running, handle: Any) -> dict:
+        layout = self.layout(running.options)
+        if self.kind == "cremi":
+            report = self._write_cremi(running, layout)
+        else:
+            task = partial(_zarr_task, handle, layout.grid, self.seed, self.params)
+            report = running.run(BlockwiseTask("synth", layout, task, batch=layout.auto_batch()), recorded=True)
+        return {"blocks": len(layout), "skipped": report.counts["skipped"] + report.already_done}
+
+    def _write_cremi(self, running: Running, layout: GridLayout):
+        import h5py
+
+        with h5py.File(self.path, "a") as f:
+
+            def consume(block, data):
+                for name in NAMES:
+                    f[CREMI_PATHS[name]][block.write_roi.to_slices()] = data[name]
+                f.flush()  # on disk before the record may say "done"
+
+            task = partial(_cremi_task, layout.grid, self.seed, self.params)
+            return running.run(BlockwiseTask("synth", layout, task, collect=consume), recorded=True)
+
+    def finished(self, handle: Any, result: Any) -> dict:
+        return {"blocks": self.blocks, "skipped": self.blocks}
 
 
 def _zarr_block(index, volumes, grid: ChunkGrid, seed: int, params: SynthParams) -> None:
     roi = grid.chunk_roi(index)
     data = generate_region(roi, seed, resolved=params)
-    for name in ("clefts", "neuron_ids", "raw"):  # raw last: its chunk marks the block done
+    for name in ("clefts", "neuron_ids", "raw"):  # raw last: its chunks mark the block done
         volumes[name].write(roi, data[name])
 
 
 def _zarr_task(volumes, grid: ChunkGrid, seed: int, params: SynthParams, block, _prepared=None) -> dict:
-    """One block on a worker: skipped when its raw chunk is stored (written last, so the block is done)."""
-    if unit_stored(volumes["raw"].array, block.index):
+    """One block on a worker: skipped when its raw chunks are all stored (written last, so the
+    block is done)."""
+    raw = volumes["raw"].array
+    chunks = ChunkGrid(Roi.from_shape(raw.shape), tuple(raw.chunks))
+    if all(unit_stored(raw, index) for index in units_in(chunks, block.write_roi)):
         return {"skipped": 1}
     _zarr_block(block.index, volumes=volumes, grid=grid, seed=seed, params=params)
     return {"written": 1}
 
 
 # -- CREMI HDF5 -----------------------------------------------------------------------------
-def _write_cremi(dst, shape, chunks, seed, p, identity, workers, scheduler, overwrite, progress):
-    import json
-
-    import h5py
-
-    if not dst.name.lower().endswith(HDF5_SUFFIXES):
-        raise CleftchunkError(f"{dst}: the cremi format writes an HDF5 file ending in .hdf, .h5 or .hdf5")
-    grid = ChunkGrid(Roi.from_shape(shape), chunks)
-    key = json.dumps(identity, sort_keys=True)
-    resume = _can_resume_cremi(dst, key, overwrite)
-    with h5py.File(dst, "a" if resume else "w") as f:
-        if not resume:
-            _create_cremi_layout(f, shape, chunks, seed, p, key, grid)
-        done_flags = f["synth_progress"]
-        flags = done_flags[...]
-        todo = [index for index in grid.indices() if not flags[index]]
-
-        def consume(block, data):
-            roi = grid.chunk_roi(block.index)
-            for name in NAMES:
-                f[CREMI_PATHS[name]][roi.to_slices()] = data[name]
-            done_flags[block.index] = 1
-            f.flush()
-
-        layout = SubsetLayout(GridLayout(grid.roi, chunks), todo)
-        task = partial(_cremi_task, grid, seed, p)
-        _run(BlockwiseTask("synth", layout, task, fatal=(Exception,), collect=consume), workers, scheduler, progress)
-        del f["synth_progress"]
-        del f.attrs[ATTR]
-    return grid.num_chunks - len(todo), grid.num_chunks
-
-
-def _can_resume_cremi(dst: Path, key: str, overwrite: bool) -> bool:
-    import h5py
-
-    if overwrite or not dst.exists():
-        return False
-    try:
-        with h5py.File(dst, "r") as f:
-            if f.attrs.get(ATTR) == key and "synth_progress" in f:
-                return True
-    except OSError:
-        pass
-    raise CleftchunkError(f"{dst} exists: pass --overwrite to replace it (or choose another output)")
-
-
-def _create_cremi_layout(f, shape, chunks, seed, p, key, grid) -> None:
+def _create_cremi_layout(f, shape, chunks, seed, p) -> None:
     f.attrs["file_format"] = "0.2"
-    f.attrs[ATTR] = key
     for name in NAMES:
         ds = f.create_dataset(
             CREMI_PATHS[name], shape=shape, dtype=DTYPES[name], chunks=chunks,
@@ -276,7 +258,6 @@ def _create_cremi_layout(f, shape, chunks, seed, p, key, grid) -> None:
         ds.attrs["offset"] = np.zeros(3, dtype=np.float64)
     f["volumes"].attrs["synth_seed"] = seed
     f["volumes"].attrs["synth_difficulty"] = p.difficulty
-    f.create_dataset("synth_progress", shape=grid.grid_shape, dtype=np.uint8)
 
 
 def _region_block(index, grid: ChunkGrid, seed: int, params: SynthParams) -> dict:
@@ -285,14 +266,6 @@ def _region_block(index, grid: ChunkGrid, seed: int, params: SynthParams) -> dic
 
 def _cremi_task(grid: ChunkGrid, seed: int, params: SynthParams, block, _prepared=None) -> dict:
     return _region_block(block.index, grid=grid, seed=seed, params=params)
-
-
-# -- running blocks -------------------------------------------------------------------------
-def _run(task: BlockwiseTask, workers: int, scheduler: str, progress: bool):
-    """Run ``task`` on the executor; the first error stops the run and is raised here. A block
-    whose results are handed to the client (``collect``: the HDF5 writer) is over only then."""
-    with block_client(workers, scheduler, announce=progress) as client:
-        return run_blockwise(client, task, progress=progress)
 
 
 def read_sample(dst: str | os.PathLike, roi: Roi | None = None) -> dict:
