@@ -55,7 +55,8 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import output_lock
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.run.layout import GridLayout
-from cleftchunk.run.operation import Operation, Plan, Running, run_operation
+from cleftchunk.io.outputs import VolumeOperation
+from cleftchunk.run.operation import Plan, Running, run_operation
 from cleftchunk.run.options import RunOptions, block_shape_for
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID, kind_attrs, known_kind, not_cleft_values
 from cleftchunk.io.volumes import (DEFAULT_CHUNKS, Volume, check_output_spec, container_refusal, create_volume, image_name,
@@ -227,7 +228,7 @@ class SourceReader:
 
 
 # -- executing ----------------------------------------------------------------------------
-class Convert(Operation):
+class Convert(VolumeOperation):
     """One volume's conversion as a block-wise operation (see the module docstring): level 0 is
     the recorded pass, each pyramid level one more pass. ``run_operation`` returns a
     :class:`ConversionResult` (None for a dry run)."""

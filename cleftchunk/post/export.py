@@ -40,7 +40,8 @@ from cleftchunk.labels import CREMI_BACKGROUND, CREMI_CLEFTS, CREMI_RAW, resolve
 from cleftchunk.post.segment import as_volume
 from cleftchunk.run.executor import BlockwiseTask
 from cleftchunk.run.layout import GridLayout
-from cleftchunk.run.operation import Operation, Plan, Running, run_operation
+from cleftchunk.io.outputs import VolumeOperation
+from cleftchunk.run.operation import Plan, Running, run_operation
 from cleftchunk.run.options import RunOptions, block_shape_for
 
 CLEFTS_DATASET = CREMI_CLEFTS
@@ -78,7 +79,7 @@ def export_cremi(clefts: Volume | str, out: str | os.PathLike, raw: Volume | str
     return operation.info()
 
 
-class Export(Operation):
+class Export(VolumeOperation):
     """A CREMI file of cleft ids (and raw) as a block-wise operation (see the module docstring)."""
 
     stage = "export"

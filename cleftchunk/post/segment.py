@@ -66,7 +66,8 @@ from cleftchunk.post.components import (  # noqa: F401  (connected_components_re
 )
 from cleftchunk.run.executor import BlockwiseTask
 from cleftchunk.run.layout import GridLayout
-from cleftchunk.run.operation import Operation, Plan, Running, create_image, run_operation
+from cleftchunk.io.outputs import VolumeOperation, create_image
+from cleftchunk.run.operation import Plan, Running, run_operation
 from cleftchunk.run.options import RunOptions, block_shape_for
 
 #: Blocks of 32 x 512 x 512 voxels: ~100 MiB of labels and output per task.
@@ -130,7 +131,7 @@ class Labelling:
         return ndimage.label(mask, structure=structure(self.connectivity))
 
 
-class Segment(Operation):
+class Segment(VolumeOperation):
     """Connected components of ``pred``'s cleft voxels as CREMI ids (see the module docstring).
     ``read=False`` (a dry run): the kind is not decided from the values."""
 

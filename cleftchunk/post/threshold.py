@@ -6,7 +6,8 @@ import numpy as np
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.labels import DEFAULT_THRESHOLD, KIND_ATTRIBUTE, cleft_mask
-from cleftchunk.run.operation import MapOperation, create_image, run_operation
+from cleftchunk.io.outputs import MapOperation, create_image
+from cleftchunk.run.operation import run_operation
 
 
 class Threshold(MapOperation):

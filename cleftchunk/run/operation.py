@@ -30,18 +30,15 @@ deterministic, and a record or output with another identity is never trusted.
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
-
-import numpy as np
+from typing import Any, Callable, ClassVar
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.run.executor import BlockwiseTask, RunReport, run_blockwise
 from cleftchunk.run.options import RunOptions
-from cleftchunk.run.records import BlockRecord, identity_hash, record_path_beside, remove_record
+from cleftchunk.run.records import BlockRecord, identity_hash, remove_record
 
 Log = Callable[[str], None]
 
@@ -146,9 +143,7 @@ class Operation:
 
     def reopen(self) -> Any:
         """The existing output, for writing (a resume)."""
-        from cleftchunk.io.volumes import open_volume
-
-        return open_volume(self.output, mode="r+")
+        raise NotImplementedError
 
     def execute(self, running: Running, handle: Any) -> Any:
         raise NotImplementedError
@@ -157,35 +152,30 @@ class Operation:
         """The result of a run that found the output complete already (default: None)."""
         return result
 
-    # -- where the lifecycle state lives (a Zarr array's attribute by default) ------------------
+    # -- where the lifecycle state lives: declared by the output's kind (io.outputs.VolumeOperation
+    # for volumes; run/ knows no storage, so that it stays below io in the stages' order) ---------
     @property
     def attribute(self) -> str:
         return f"cleftchunk_{self.stage}"
 
     def exists(self) -> bool:
-        from cleftchunk.io.volumes import exists
-
-        return exists(self.output)
+        raise NotImplementedError
 
     def read_state(self) -> dict | None:
-        """The stored state, or None when the output is not this stage's (or not a volume).
-        Errors of the storage itself (permissions, network) are raised as they are."""
-        from cleftchunk.io.volumes import open_volume
-
-        try:
-            attrs = dict(open_volume(self.output).array.attrs)
-        except CleftchunkError:
-            return None
-        state = attrs.get(self.attribute)
-        return state if isinstance(state, dict) and "identity_hash" in state else None
+        """The stored state, or None when the output is not this stage's. Errors of the storage
+        itself (permissions, network) are raised as they are, never taken for "not ours"."""
+        raise NotImplementedError
 
     def write_state(self, handle: Any, state: dict) -> None:
-        handle.array.attrs[self.attribute] = state
+        raise NotImplementedError
 
     def record_path(self) -> Path:
-        from cleftchunk.io.volumes import split_spec
+        raise NotImplementedError
 
-        return record_path_beside(*split_spec(self.output), self.stage)
+    def guard(self, log: Log) -> Any:
+        """A context manager held while the output is written: refuses an output that overlaps an
+        input, and holds the writer lock (see io.guard)."""
+        raise NotImplementedError
 
     def extra_state(self) -> dict:
         """More provenance to store with the state (not part of the identity)."""
@@ -196,8 +186,6 @@ def run_operation(operation: Operation, options: RunOptions | None = None, log: 
     """Run ``operation`` with ``options`` (see the module docstring); None for a dry run.
     ``client``: an open client to run on instead of one started for this operation (a command
     running several operations, e.g. the volumes of a CREMI file, starts one cluster for all)."""
-    from cleftchunk.io.guard import output_lock, refuse_overlap
-
     options = options or RunOptions()
     log = log or _stderr
     plan = operation.plan(options)
@@ -207,8 +195,7 @@ def run_operation(operation: Operation, options: RunOptions | None = None, log: 
     if not operation.output:  # an operation that writes no volume (evaluate): no lifecycle to keep
         with _client(options, client) as c:
             return operation.execute(Running(c, options, None, log), None)
-    refuse_overlap(operation.output, operation.inputs)
-    with output_lock(operation.output, operation.stage, log):
+    with operation.guard(log):
         identity = {"format": f"cleftchunk-{operation.stage}/{operation.format}", **operation.identity()}
         digest = identity_hash(identity)
         handle, state = _open(operation, identity, digest, options.overwrite)
@@ -255,65 +242,3 @@ def _open(operation: Operation, identity: dict, digest: str, overwrite: bool) ->
     state = {"identity": identity, "identity_hash": digest, "complete": False, "started": now(), **operation.extra_state()}
     handle = operation.create(state, overwrite)
     return handle, {**state, "fresh": True}
-
-
-# -- the common case: one output image computed block by block from one input ------------------
-def create_image(operation: Operation, like: Any, dtype: Any, chunks: Sequence[int], state: dict, overwrite: bool, **options: Any) -> Any:
-    """A Zarr image in the frame of ``like`` (shape, voxel size, offset) holding ``state``."""
-    from cleftchunk.io.volumes import create_like
-
-    attrs = {operation.attribute: state, **options.pop("attrs", {})}
-    return create_like(operation.output, like, dtype, chunks=chunks, attrs=attrs, overwrite=overwrite, **options)
-
-
-class MapOperation(Operation):
-    """An output image of the input's frame whose every block is ``compute`` of the input block
-    grown by ``context`` voxels (clipped at the volume's edges; ``compute`` gets the grown data
-    and its ROI, returns the block's data). Exact whatever the block shape as long as ``compute``
-    of a voxel depends only on the input within ``context`` of it."""
-
-    dtype: Any = np.uint8
-    context: tuple[int, int, int] = (0, 0, 0)
-    chunks: tuple[int, int, int] | None = None
-    default_block_shape: tuple[int, int, int] = (32, 512, 512)
-    source: Any = None
-
-    def compute(self, data: np.ndarray, roi: Any, block_roi: Any) -> np.ndarray:
-        raise NotImplementedError
-
-    def _chunks(self) -> tuple[int, ...]:
-        from cleftchunk.io.volumes import DEFAULT_CHUNKS
-
-        return tuple(min(int(c), s) for c, s in zip(self.chunks or DEFAULT_CHUNKS, self.source.shape))
-
-    def _layout(self, options: RunOptions):
-        from cleftchunk.geometry import Roi
-        from cleftchunk.run.layout import GridLayout
-        from cleftchunk.run.options import block_shape_for
-
-        shape = block_shape_for(options.block_shape, self._chunks(), self.source.shape, self.default_block_shape)
-        return GridLayout(Roi.from_shape(self.source.shape), shape)
-
-    def plan(self, options: RunOptions) -> Plan:
-        layout = self._layout(options)
-        itemsize = np.dtype(self.dtype).itemsize
-        block = int(np.prod(layout.block_shape))
-        return Plan(f"{self.stage} {self.source.spec} -> {self.output}", layout, len(layout),
-                    self.source.roi.size * itemsize, block * (self.source.dtype.itemsize + itemsize))
-
-    def create(self, state: dict, overwrite: bool) -> Any:
-        return create_image(self, self.source, self.dtype, self._chunks(), state, overwrite)
-
-    def execute(self, running: Running, handle: Any) -> RunReport:
-        layout = self._layout(running.options)
-        process = functools.partial(_map_block, self, handle)
-        return running.run(BlockwiseTask(self.stage, layout, process), recorded=True)
-
-
-def _map_block(operation: MapOperation, target: Any, block: Any, _prepared: Any = None) -> dict:
-    from cleftchunk.geometry import Roi
-
-    roi = block.write_roi.grow(operation.context, operation.context).intersect(Roi.from_shape(operation.source.shape))
-    out = operation.compute(np.asarray(operation.source[roi.to_slices()]), roi, block.write_roi)
-    target.array[block.write_roi.to_slices()] = out
-    return {"voxels": block.write_roi.size}

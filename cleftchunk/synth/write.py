@@ -41,7 +41,8 @@ from cleftchunk.io.volumes import DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, 
 from cleftchunk.run.chunks import unit_stored, units_in
 from cleftchunk.run.executor import BlockwiseTask
 from cleftchunk.run.layout import GridLayout
-from cleftchunk.run.operation import Operation, Plan, Running, run_operation
+from cleftchunk.io.outputs import VolumeOperation
+from cleftchunk.run.operation import Plan, Running, run_operation
 from cleftchunk.run.options import RunOptions, block_shape_for
 
 #: Larger requests are refused as typos (10^13 voxels is ~10 TB of raw, ~170 TB with labels).
@@ -116,7 +117,7 @@ def synthesize(
 GENERATE_BYTES_PER_VOXEL = 70
 
 
-class Synth(Operation):
+class Synth(VolumeOperation):
     """A synthetic sample as a block-wise operation (see the module docstring); ``execute``
     returns ``{"blocks": n, "skipped": blocks already written by an earlier run}``."""
 
