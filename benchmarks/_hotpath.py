@@ -349,7 +349,7 @@ def scratch_rows(cfg: dict, random_volume, work: Path, threads: int) -> str:
     per spilled voxel measured, and what they make of the plan's spill of a large volume."""
     from cleftchunk.geometry import Roi
     from cleftchunk.predict.params import PredictParams
-    from cleftchunk.predict.plan import make_plan
+    from cleftchunk.predict.plan import tile_layout
 
     shape, window = cfg["scratch_shape"], cfg["null_window"]
     spec = random_volume(shape, cfg["chunks"])
@@ -362,7 +362,7 @@ def scratch_rows(cfg: dict, random_volume, work: Path, threads: int) -> str:
 
         def spilled(volume_shape):
             roi = Roi.from_shape(volume_shape)
-            return make_plan(PredictParams(window, 0.5).grid(roi), roi, block).spill_voxels() / roi.size
+            return tile_layout(PredictParams(window, 0.5).grid(roi), roi, block).spill_voxels() / roi.size
 
         here, big = spilled(shape), spilled(cfg["scratch_interior"])
         per_spilled = written / max(1.0, here * voxels)
