@@ -37,11 +37,12 @@ class Null(torch.nn.Module):
 
 NULL_OURS = NULL_MODEL + """
 import json
-from cleftchunk.predict import predict
+from cleftchunk.predict import OutputOptions, WindowOptions, predict
+from cleftchunk.run.options import RunOptions
 if __name__ == "__main__":
     torch.set_num_threads({threads})
-    r = predict(Null(), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, workers={workers}, overwrite=True,
-                progress=False, log=lambda m: None)
+    r = predict(Null(), {spec!r}, {out!r}, WindowOptions({window!r}), RunOptions(workers={workers}, overwrite=True),
+                OutputOptions(chunks={chunks!r}), log=lambda m: None)
     print("RESULT", json.dumps({{"spill_bytes": r.spill_bytes, "spill_memory_bytes": r.spill_memory_bytes}}))
 """
 
@@ -335,10 +336,11 @@ def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, sa
 
 NULL_SCRATCH = NULL_MODEL + """
 import json
-from cleftchunk.predict import predict
+from cleftchunk.predict import OutputOptions, WindowOptions, predict
+from cleftchunk.run.options import RunOptions
 if __name__ == "__main__":
-    r = predict(Null(), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, block_shape={block!r}, workers=1, cores={threads},
-                overwrite=True, progress=False, log=lambda m: None)
+    r = predict(Null(), {spec!r}, {out!r}, WindowOptions({window!r}), RunOptions(block_shape={block!r}, workers=1, overwrite=True),
+                OutputOptions(chunks={chunks!r}, cores={threads}), log=lambda m: None)
     print("RESULT", json.dumps({{"spill_bytes": r.spill_bytes}}))
 """
 

@@ -256,6 +256,19 @@ def test_failing_blocks_are_reported_and_the_rest_finishes(tmp_path):
     np.testing.assert_array_equal(read(out), predict_reference(model, raw, WINDOW, overlap=0.0))
 
 
+SLOW_RUN = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from test_predict import make_slow_model
+    from test_predict import predict
+    r = predict(make_slow_model({delay}), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, block_shape=(4, 16, 16),
+                workers=0, progress=False)
+    print("SUMMARY", r.blocks_already_done, r.blocks_written, r.blocks)
+    """
+)
+
 KILLED_RUN = textwrap.dedent(
     """
     import os, signal, sys, torch
