@@ -236,6 +236,44 @@ def test_flip_tta_on_a_symmetric_input_is_symmetric(tmp_path):
         assert np.abs(got - flipped).max() <= 1  # equal up to float rounding of the TTA mean
 
 
+# -- the option groups and what a worker keeps ------------------------------------------------------
+def test_option_groups_check_their_values_before_anything_runs():
+    for make, message in [
+        (lambda: WindowOptions(overlap=1.5), r"overlap 1.5 must be in \[0, 1\)"),
+        (lambda: WindowOptions(tta=3), r"--tta 3: use one of"),
+        (lambda: WindowOptions(batch_size=0), r"batch size 0 must be at least 1"),
+        (lambda: WindowOptions(window=(4, 0, 16)), r"must be positive"),
+        (lambda: WindowOptions(precision="fp8"), r"precision 'fp8'"),
+        (lambda: OutputOptions(cores=0), r"cores=0 must be a whole number >= 1"),
+        (lambda: OutputOptions(chunks=(0, 16, 16)), r"chunks=0,16,16 must be 3 positive extents"),
+    ]:
+        with pytest.raises(CleftchunkError, match=message):
+            make()
+    # "auto" and an unset batch size resolve per device
+    assert WindowOptions().resolve((4, 16, 16), "cpu") == PredictParams((4, 16, 16), batch_size=1, precision="fp32")
+    assert WindowOptions().resolve((4, 16, 16), "cuda") == PredictParams((4, 16, 16), batch_size=4, precision="bf16", device="cuda")
+
+
+def test_a_workers_state_and_in_memory_spills_stay_in_their_process(tmp_path):
+    import pickle
+
+    from cleftchunk.predict.scratch import Scratch
+    from cleftchunk.predict.worker import WorkerState
+
+    scratch = Scratch(str(tmp_path / "scratch"))
+    scratch.ensure()
+    with scratch.in_memory(budget=1 << 20):
+        scratch.save_spill((0, 0, 0), {(0, 0, 1): np.ones((2, 2, 2), np.int32)}, {"tiles": 1})
+        copy = pickle.loads(pickle.dumps(scratch))  # what a worker process would get: the folder only
+        assert scratch.spill_stats((0, 0, 0)) == {"tiles": 1}
+        assert copy.root == scratch.root and copy.spill_stats((0, 0, 0)) is None
+    assert pickle.loads(pickle.dumps(WorkerState())) is None  # a worker process keeps its own
+    state = WorkerState()
+    first = state.workspace("sums", (2, 3, 4), np.int32)
+    assert state.workspace("sums", (2, 3, 4), np.int32) is first  # reused by the thread's next task
+    assert state.workspace("sums", (2, 3, 5), np.int32).shape == (2, 3, 5)  # another shape: replaced
+
+
 # -- failures, resume, killed processes -------------------------------------------------------------
 def test_failing_blocks_are_reported_and_the_rest_finishes(tmp_path):
     raw = np.random.default_rng(0).integers(0, 150, (8, 48, 48), dtype=np.uint8)
