@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -29,7 +30,7 @@ from cleftchunk.geometry import Coord, as_coord
 from cleftchunk.intensity import check_image_dtype, check_scale, check_unit_range
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, open_volume
 from cleftchunk.predict.engine import PredictResult, run_blocks
-from cleftchunk.predict.params import ATTR, DEFAULT_BLOCK_SHAPE, WORKER_BLOCK_SHAPE, OutputOptions, PredictParams, WindowOptions
+from cleftchunk.predict.params import ATTR, DEFAULT_BLOCK_SHAPE, PREDICT_FORMAT, WORKER_BLOCK_SHAPE, OutputOptions, PredictParams, WindowOptions
 from cleftchunk.predict.plan import describe_lines, task_memory, tile_layout
 from cleftchunk.predict.runner import ModelSource
 from cleftchunk.predict.scratch import Scratch
@@ -84,7 +85,7 @@ class Predict(Operation):
     everything (input, model, parameters, mask, block shape) before any output exists."""
 
     stage = "predict"
-    format = 2  # "cleftchunk-predict/2": sums at 24 fractional bits (1: 40)
+    format = 2  # PREDICT_FORMAT, "cleftchunk-predict/2": sums at 24 fractional bits (1: 40)
     output_name = "a cleftchunk prediction"
     written_by = "predicted"
     #: Run the GPU code path (sums kept as torch tensors, the blend in torch) on the CPU: for
@@ -126,6 +127,12 @@ class Predict(Operation):
             "chunks": list(self.chunks),
             **self.params.as_dict(),
         }
+
+    def full_identity(self) -> tuple[dict, str]:
+        """The identity and the hash predict has always stored (sha256 of its JSON), so that
+        outputs started before predict ran on the operation base are still recognised."""
+        identity = {"format": PREDICT_FORMAT, **self.identity()}
+        return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def plan(self, options: RunOptions) -> Plan:
         layout = self.layout
