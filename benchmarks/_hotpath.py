@@ -37,11 +37,12 @@ class Null(torch.nn.Module):
 
 NULL_OURS = NULL_MODEL + """
 import json
-from cleftchunk.predict import predict
+from cleftchunk.predict import OutputOptions, WindowOptions, predict
+from cleftchunk.run.options import RunOptions
 if __name__ == "__main__":
     torch.set_num_threads({threads})
-    r = predict(Null(), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, workers={workers}, overwrite=True,
-                progress=False, log=lambda m: None)
+    r = predict(Null(), {spec!r}, {out!r}, WindowOptions({window!r}), RunOptions(workers={workers}, overwrite=True),
+                OutputOptions(chunks={chunks!r}), log=lambda m: None)
     print("RESULT", json.dumps({{"spill_bytes": r.spill_bytes, "spill_memory_bytes": r.spill_memory_bytes}}))
 """
 
@@ -335,10 +336,11 @@ def hotpath(cfg: dict, repeats: int, helpers: dict, work: Path, threads: int, sa
 
 NULL_SCRATCH = NULL_MODEL + """
 import json
-from cleftchunk.predict import predict
+from cleftchunk.predict import OutputOptions, WindowOptions, predict
+from cleftchunk.run.options import RunOptions
 if __name__ == "__main__":
-    r = predict(Null(), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, block_shape={block!r}, workers=1, cores={threads},
-                overwrite=True, progress=False, log=lambda m: None)
+    r = predict(Null(), {spec!r}, {out!r}, WindowOptions({window!r}), RunOptions(block_shape={block!r}, workers=1, overwrite=True),
+                OutputOptions(chunks={chunks!r}, cores={threads}), log=lambda m: None)
     print("RESULT", json.dumps({{"spill_bytes": r.spill_bytes}}))
 """
 
@@ -349,7 +351,7 @@ def scratch_rows(cfg: dict, random_volume, work: Path, threads: int) -> str:
     per spilled voxel measured, and what they make of the plan's spill of a large volume."""
     from cleftchunk.geometry import Roi
     from cleftchunk.predict.params import PredictParams
-    from cleftchunk.predict.plan import make_plan
+    from cleftchunk.predict.plan import tile_layout
 
     shape, window = cfg["scratch_shape"], cfg["null_window"]
     spec = random_volume(shape, cfg["chunks"])
@@ -362,7 +364,7 @@ def scratch_rows(cfg: dict, random_volume, work: Path, threads: int) -> str:
 
         def spilled(volume_shape):
             roi = Roi.from_shape(volume_shape)
-            return make_plan(PredictParams(window, 0.5).grid(roi), roi, block).spill_voxels() / roi.size
+            return tile_layout(PredictParams(window, 0.5).grid(roi), roi, block).spill_voxels() / roi.size
 
         here, big = spilled(shape), spilled(cfg["scratch_interior"])
         per_spilled = written / max(1.0, here * voxels)

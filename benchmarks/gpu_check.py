@@ -46,12 +46,13 @@ class Null(__import__("torch").nn.Module):
 
 def null_end_to_end(spec: str, out: str, window, chunks, batch: int, precision: str, device) -> float:
     """End-to-end seconds of the Python API (the CLI's path: one worker process per GPU)."""
-    from cleftchunk.predict import predict
+    from cleftchunk.predict import OutputOptions, WindowOptions, predict
+    from cleftchunk.run.options import RunOptions
 
     placement = {"gpus": 1} if device.type == "cuda" else {"workers": 1, "gpus": 0}
     start = time.perf_counter()
-    predict(Null(), spec, out, window=window, chunks=chunks, batch_size=batch, precision=precision, overwrite=True,
-            progress=False, log=lambda m: None, **placement)
+    predict(Null(), spec, out, WindowOptions(window, batch_size=batch, precision=precision),
+            RunOptions(overwrite=True, progress=False, **placement), OutputOptions(chunks=chunks), log=lambda m: None)
     return time.perf_counter() - start
 
 

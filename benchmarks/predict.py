@@ -68,12 +68,13 @@ print("RESULT", json.dumps({{"seconds": seconds * scale, "cpu": cpu * scale, "ti
 
 CHEAP_BLOCKWISE = """
 import torch
-from cleftchunk.predict import predict
+from cleftchunk.predict import OutputOptions, WindowOptions, predict
+from cleftchunk.run.options import RunOptions
 if __name__ == "__main__":
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 3, padding=1), torch.nn.Sigmoid()).eval()
-    predict(model, {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, block_shape={block!r}, workers=1,
-            overwrite=True, progress=False, log=lambda m: None)
+    predict(model, {spec!r}, {out!r}, WindowOptions({window!r}), RunOptions(block_shape={block!r}, workers=1, overwrite=True),
+            OutputOptions(chunks={chunks!r}), log=lambda m: None)
 """
 
 CHEAP_IN_MEMORY = """

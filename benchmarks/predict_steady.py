@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from cleftchunk.predict import predict
+from cleftchunk.predict import OutputOptions, WindowOptions, predict
+from cleftchunk.run.options import RunOptions
 from predict import WORK, random_volume
 
 
@@ -26,12 +27,12 @@ def main() -> None:
     shape = (256, 1024, 1024)
     spec = random_volume(shape, (16, 256, 256))
     warm = random_volume((16, 512, 512), (16, 256, 256))
-    options = dict(window=(8, 256, 256), overlap=0.5, overwrite=True, progress=False, log=lambda m: None)
-    predict(Null(), warm, str(WORK / "steady_warm.zarr" / "pred"), **options)
+    window, run = WindowOptions((8, 256, 256), overlap=0.5), RunOptions(overwrite=True, progress=False)
+    predict(Null(), warm, str(WORK / "steady_warm.zarr" / "pred"), window, run, log=lambda m: None)
     voxels = shape[0] * shape[1] * shape[2]
     for cores in (1, 2, 1, 2):
         wall, cpu = time.perf_counter(), time.process_time()
-        predict(Null(), spec, str(WORK / "steady.zarr" / "pred"), cores=cores, **options)
+        predict(Null(), spec, str(WORK / "steady.zarr" / "pred"), window, run, OutputOptions(cores=cores), log=lambda m: None)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         print(json.dumps({"task_threads": cores, "seconds": round(wall, 2), "cpu_seconds": round(cpu, 2),
                           "M_vox_per_cpu_s": round(voxels / cpu / 1e6, 1), "M_vox_per_s": round(voxels / wall / 1e6, 1)}), flush=True)

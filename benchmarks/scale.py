@@ -37,12 +37,13 @@ SMALL_SHAPE, SMALL_BLOCK = (32, 2048, 2048), (8, 128, 128)
 
 DRY_PREDICT = """
 import sys, time, torch, resource
-from cleftchunk.predict import predict
+from cleftchunk.predict import OutputOptions, WindowOptions, predict
+from cleftchunk.run.options import RunOptions
 class Null(torch.nn.Module):
     def forward(self, x): return torch.sigmoid(x)
 t = time.perf_counter()
-predict(Null(), {spec!r}, {out!r}, window=(8, 256, 256), chunks=(32, 512, 512), block_shape=(32, 512, 512),
-        dry_run=True, gpus=0, log=lambda m: print(m))
+predict(Null(), {spec!r}, {out!r}, WindowOptions((8, 256, 256)), RunOptions(block_shape=(32, 512, 512), dry_run=True, gpus=0),
+        OutputOptions(chunks=(32, 512, 512)), log=lambda m: print(m))
 print("SECONDS", time.perf_counter() - t)
 """
 
@@ -70,7 +71,8 @@ print("SECONDS", time.perf_counter() - t)
 
 RUN_PREDICT = """
 import os, threading, time, resource, torch
-from cleftchunk.predict import predict
+from cleftchunk.predict import OutputOptions, WindowOptions, predict
+from cleftchunk.run.options import RunOptions
 class Null(torch.nn.Module):
     def forward(self, x): return torch.sigmoid(x)
 def stop():
@@ -78,8 +80,8 @@ def stop():
     print("PEAK_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, flush=True)
     os._exit(0)
 threading.Thread(target=stop, daemon=True).start()
-predict(Null(), {spec!r}, {out!r}, window=(8, 256, 256), chunks=(32, 512, 512), block_shape=(32, 512, 512),
-        gpus=0, progress=False, log=lambda m: None)
+predict(Null(), {spec!r}, {out!r}, WindowOptions((8, 256, 256)), RunOptions(block_shape=(32, 512, 512), gpus=0, progress=False),
+        OutputOptions(chunks=(32, 512, 512)), log=lambda m: None)
 print("FINISHED")
 """
 

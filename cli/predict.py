@@ -1,7 +1,11 @@
 """``cleftchunk predict INPUT OUTPUT --checkpoint CKPT``: block-wise cleft probabilities on Dask.
 
 Also takes the seed tutorial's test.py options: ``-t ROOT -dn A.h5@B.h5 -o OUTDIR -mi 8,256,256
--g 4 -c 4 -b 16 -ac unetv0 -pm CKPT`` (each input X becomes OUTDIR/X-stem.zarr/pred).
+-g 4 -c 4 -b 16 -ac unetv0 -pm CKPT`` (each input X becomes OUTDIR/X-stem.zarr/pred). The run
+options (--workers, --threads, --scheduler, -g/--gpus, --block-shape, --dry-run, --overwrite,
+--progress...) are every block-wise command's (cli/options.py); ``-c/--cpus`` is predict's own:
+the cores it uses in all, which it shares between task threads or worker processes as torch
+threads (--threads is not the same thing: task threads per worker).
 """
 
 from __future__ import annotations
@@ -11,10 +15,9 @@ from pathlib import Path
 import click
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.predict import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, WORKER_BLOCK_SHAPE, predict
 from cleftchunk.io.volumes import split_spec
-from cleftchunk.run.cluster import tls_security
-from cleftchunk_cli.options import parse_fraction, positive_zyx
+from cleftchunk.predict import PRECISIONS, TTA_CHOICES, OutputOptions, WindowOptions, predict
+from cleftchunk_cli.options import parse_fraction, positive_zyx, run_options
 
 
 @click.command("predict")
@@ -31,69 +34,33 @@ from cleftchunk_cli.options import parse_fraction, positive_zyx
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: fp32 on CPU, bf16 autocast on GPU.")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model on each worker.")
 @click.option("--mask", help="Volume whose zero voxels are not predicted (written 0; tiles without any mask voxel are not run).")
-@click.option("--workers", type=int, help="CPU worker processes, each with --cpus / N torch threads (default without GPUs: 0, one task thread per core inside this process).")
-@click.option("--gpus", "-g", type=int, help="GPUs to use, one worker each (default: all of this machine's); with --scheduler, any N > 0 runs on the workers' GPUs.")
-@click.option("--cpus", "-c", type=int, help="CPU cores to use in all (default: all).")
-@click.option("--scheduler", help="Address of a running Dask scheduler (tls://host:8786 with --tls-*, or tcp://) instead of a local cluster.")
-@click.option("--listen", help="Interface the local Dask cluster listens on (default 127.0.0.1: nothing beyond this machine can connect).")
-@click.option("--tls-ca-file", type=click.Path(dir_okay=False), help="With --scheduler tls://...: CA certificate (PEM) that signed the cluster's certificates.")
-@click.option("--tls-cert", type=click.Path(dir_okay=False), help="With --scheduler tls://...: this client's certificate (PEM).")
-@click.option("--tls-key", type=click.Path(dir_okay=False), help="With --scheduler tls://...: this client's private key (PEM).")
-@click.option("--block-shape", help=f"Block Z,Y,X, a multiple of the output chunks (default {','.join(map(str, DEFAULT_BLOCK_SHAPE))} "
-              f"on a local CPU job, {','.join(map(str, WORKER_BLOCK_SHAPE))} with worker processes or a cluster).")
+@click.option("--cpus", "-c", type=click.IntRange(min=1), help="CPU cores predict uses in all (default: all): task threads with --workers 0, "
+              "else torch threads of each worker process = cores / workers (-c as in the tutorial).")
 @click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
-@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (otherwise the same command resumes it).")
-@click.option("--retries", default=2, show_default=True, help="Retries of a failing block before it is reported.")
 @click.option("--root", "-t", type=click.Path(file_okay=False), help="Directory the -dn inputs are relative to.")
 @click.option("--inputs", "-dn", help="Several inputs joined by @ (tutorial style); outputs go under -o.")
 @click.option("--output-dir", "-o", help="With -dn: directory receiving <input stem>.zarr/pred for each input.")
 @click.option("--architecture", "-ac", help="Expected architecture of the checkpoint (e.g. unetv0); a mismatch is an error.")
 @click.option("--load-model", "-lm", hidden=True, help="Accepted for the tutorial's command line; the checkpoint is always loaded.")
 @click.option("--scratch", type=click.Path(file_okay=False), help="Folder for per-block partial results, on a filesystem all workers see (default: beside a local OUTPUT; for an s3:// or gs:// OUTPUT, the current directory, in .<name>.predict-<hash>).")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar (blocks, voxels/s, ETA, failures).")
-@click.option("--dry-run", is_flag=True, help="Print the plan (blocks, tiles, tasks, scratch, memory per worker, output bytes); run nothing, create nothing.")
+@run_options(gpus=True)
 def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pad, batch_size, tta, scale, precision, compile_model,
-            mask, workers, gpus, cpus, scheduler, listen, tls_ca_file, tls_cert, tls_key, block_shape, chunks, overwrite, retries, root, inputs, output_dir,
-            architecture, load_model, scratch, progress, dry_run):
+            mask, cpus, chunks, root, inputs, output_dir, architecture, load_model, scratch, run):
     """Predict cleft probabilities of INPUT into OUTPUT (e.g. out.zarr/pred) as uint8 OME-Zarr.
 
     The result does not depend on block shape, worker count or interruptions: re-running the
-    same command resumes where it stopped.
+    same command resumes where it stopped. Default --block-shape: 32,512,512 with --workers 0,
+    64,1024,1024 with worker processes, GPUs or a cluster (rounded to the output chunks).
     """
     if not checkpoint:
         raise CleftchunkError("no model given: pass --checkpoint CKPT (or -pm CKPT), a file written by cleftchunk train")
-    if (tls_ca_file or tls_cert or tls_key) and not (scheduler or listen):
-        raise CleftchunkError("--tls-ca-file/--tls-cert/--tls-key secure a cluster: use them with --scheduler tls://HOST:PORT or --listen")
-    options = dict(
-        window=positive_zyx(model_input, "--model-input"),
-        overlap=overlap,
-        blend=blend,
-        pad=pad,
-        batch_size=batch_size,
-        tta=int(tta),
-        scale=parse_fraction(scale, "--scale"),
-        precision=precision,
-        compile=compile_model,
-        mask=mask,
-        workers=workers,
-        gpus=gpus,
-        cores=cpus,
-        scheduler=scheduler,
-        listen=listen,
-        security=tls_security(tls_ca_file, tls_cert, tls_key) if scheduler or listen else None,
-        block_shape=positive_zyx(block_shape, "--block-shape"),
-        chunks=positive_zyx(chunks, "--chunks"),
-        overwrite=overwrite,
-        retries=retries,
-        progress=progress,
-        architecture=architecture,
-        log=click.echo if dry_run else lambda message: click.echo(message, err=True),
-        dry_run=dry_run,
-        scratch=scratch,
-    )
+    window = WindowOptions(positive_zyx(model_input, "--model-input"), overlap, blend, pad, batch_size, int(tta),
+                           parse_fraction(scale, "--scale"), precision, compile_model)
+    out = OutputOptions(positive_zyx(chunks, "--chunks"), mask, scratch, cpus)
+    log = click.echo if run.dry_run else (lambda message: click.echo(message, err=True))
     for src, dst in input_output_pairs(input_spec, output_spec, root, inputs, output_dir):
-        result = predict(checkpoint, src, dst, **options)
-        if not dry_run:
+        result = predict(checkpoint, src, dst, window, run, out, architecture=architecture, log=log)
+        if not run.dry_run:
             click.echo(result.summary())
 
 

@@ -153,10 +153,9 @@ def test_an_output_killed_between_its_group_and_its_array_is_created_again(tmp_p
     """What a kill right after ``require_group`` leaves (the group's zarr.json, no s0) resumes."""
     import shutil
 
-    from test_predict import QUIET, tiny_model
+    from test_predict import QUIET, predict, tiny_model
 
     from cleftchunk.io.volumes import create_volume, exists
-    from cleftchunk.predict import predict
 
     raw = tissue((4, 32, 32), seed=2)
     spec = write_volume(tmp_path / "in.zarr" / "raw", raw)

@@ -11,7 +11,8 @@ import torch
 from cleftchunk.backend import configure_torch
 from cleftchunk.geometry import Roi
 from cleftchunk.predict import PredictParams, TileRunner
-from cleftchunk.predict.runner import ModelCache, ModelSource
+from cleftchunk.predict.runner import ModelSource
+from cleftchunk.predict.worker import ModelCache
 from cleftchunk.predict.tiling import (
     FIXED_BITS,
     FLOAT_EXACT_TILES,

@@ -23,7 +23,7 @@ RUN = textwrap.dedent(
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from test_predict import make_slow_model
-    from cleftchunk.predict import predict
+    from test_predict import predict
     if __name__ == "__main__":
         r = predict(make_slow_model({delay}), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, block_shape=(4, 16, 16),
                     workers=2, cores=2, progress=False)

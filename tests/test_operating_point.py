@@ -64,7 +64,8 @@ def trained(tmp_path):
 
 def test_the_chosen_point_travels_from_checkpoint_to_predict_to_segment(tmp_path, trained):
     from cleftchunk.post.segment import segment
-    from cleftchunk.predict import predict
+    from cleftchunk.predict import OutputOptions, predict
+    from cleftchunk.run.options import RunOptions
     from cleftchunk.predict.params import ATTR
 
     ckpt, raw, labels = trained
@@ -76,7 +77,7 @@ def test_the_chosen_point_travels_from_checkpoint_to_predict_to_segment(tmp_path
     chosen = checkpoint_postprocess(stored)
 
     out = str(tmp_path / "r.zarr/pred")
-    predict(ckpt, raw, out, workers=0, progress=False, chunks=(4, 32, 32))
+    predict(ckpt, raw, out, run=RunOptions(workers=0, progress=False), out=OutputOptions(chunks=(4, 32, 32)))
     assert dict(open_volume(out).array.attrs)[ATTR]["postprocess"] == chosen
     default = segment(out, str(tmp_path / "r.zarr/clefts"))
     assert (default.threshold, default.min_size) == (chosen["threshold"], chosen["min_size"])

@@ -24,7 +24,8 @@ def one_line_error(result) -> str:
 
 
 def test_every_stage_writes_and_reads_a_root_image(tmp_path, run_cli):
-    from cleftchunk.predict import predict, predict_reference
+    from cleftchunk.predict import OutputOptions, WindowOptions, predict, predict_reference
+    from cleftchunk.run.options import RunOptions
 
     raw = tissue((4, 32, 32), seed=2)
     np.save(tmp_path / "raw.npy", raw)
@@ -32,8 +33,8 @@ def test_every_stage_writes_and_reads_a_root_image(tmp_path, run_cli):
     assert (tmp_path / "raw.zarr" / "s0" / "zarr.json").exists()
     torch.manual_seed(0)
     model = tiny_model()
-    predict(model, str(tmp_path / "raw.zarr"), str(tmp_path / "pred.zarr"), window=WINDOW, chunks=(4, 16, 16), workers=0,
-            progress=False, log=lambda m: None)
+    predict(model, str(tmp_path / "raw.zarr"), str(tmp_path / "pred.zarr"), WindowOptions(WINDOW), RunOptions(workers=0, progress=False),
+            OutputOptions(chunks=(4, 16, 16)), log=lambda m: None)
     np.testing.assert_array_equal(open_volume(tmp_path / "pred.zarr")[:], predict_reference(model, raw, WINDOW))
     run_cli("segment", tmp_path / "pred.zarr", "-o", tmp_path / "clefts.zarr", "--no-progress")
     ids = open_volume(tmp_path / "clefts.zarr")

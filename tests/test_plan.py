@@ -9,7 +9,7 @@ import tracemalloc
 import pytest
 
 from cleftchunk.geometry import ChunkGrid, Roi
-from cleftchunk.predict.plan import make_plan
+from cleftchunk.predict.plan import tile_layout
 from cleftchunk.predict.tiling import TileGrid
 
 
@@ -40,7 +40,7 @@ def brute_force(grid: TileGrid, volume: Roi, block_shape):
 def test_lazy_plan_equals_brute_force(shape, window, overlap, pad, block_shape):
     volume = Roi((2, -3, 5), shape)
     grid = TileGrid.over(volume, window, overlap, pad)
-    plan = make_plan(grid, volume, block_shape)
+    plan = tile_layout(grid, volume, block_shape)
     expected = brute_force(grid, volume, block_shape)
     assert len(plan) == len(expected)
     blocks = list(plan.blocks())
@@ -77,7 +77,7 @@ def test_a_plan_over_a_billion_blocks_is_created_and_described_without_materiali
     grid = TileGrid.over(volume, (4, 4, 4), 0.5, False)
     tracemalloc.start()
     started = time.perf_counter()
-    plan = make_plan(grid, volume, (100, 100, 100))
+    plan = tile_layout(grid, volume, (100, 100, 100))
     text = plan.describe()
     seconds = time.perf_counter() - started
     peak = tracemalloc.get_traced_memory()[1]
@@ -95,7 +95,7 @@ def test_a_terabyte_plan_is_fast_and_small():
     grid = TileGrid.over(volume, (8, 256, 256), 0.5, False)
     tracemalloc.start()
     started = time.perf_counter()
-    plan = make_plan(grid, volume, (32, 512, 512))
+    plan = tile_layout(grid, volume, (32, 512, 512))
     plan.describe()
     first = next(itertools.islice(plan.blocks(), 0, None))
     seconds = time.perf_counter() - started

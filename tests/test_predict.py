@@ -19,8 +19,10 @@ import zarr
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
-from cleftchunk.predict import GpuOutOfMemory, TileRunner, PredictParams, predict, predict_reference
+from cleftchunk.predict import GpuOutOfMemory, OutputOptions, PredictParams, TileRunner, WindowOptions, predict_reference
+from cleftchunk.predict import predict as predict_grouped
 from cleftchunk.io.volumes import create_volume, open_volume
+from cleftchunk.run.options import RunOptions
 
 WINDOW = (4, 16, 16)
 CHUNKS = (4, 16, 16)
@@ -28,6 +30,19 @@ QUIET = dict(progress=False, log=lambda message: None)
 
 
 # -- helpers ------------------------------------------------------------------------------
+def predict(model, spec, out, *, log=None, architecture=None, **options):
+    """``cleftchunk.predict.predict`` with each option given by its name: it goes to its group
+    (WindowOptions, RunOptions, OutputOptions); a name of no group is an error."""
+    import dataclasses
+
+    groups = []
+    for group in (WindowOptions, RunOptions, OutputOptions):
+        names = {f.name for f in dataclasses.fields(group)}
+        groups.append(group(**{k: options.pop(k) for k in list(options) if k in names}))
+    assert not options, f"not an option of predict: {sorted(options)}"
+    return predict_grouped(model, spec, out, *groups, architecture=architecture, log=log)
+
+
 def tiny_model(seed: int = 0) -> torch.nn.Module:
     """Not flip-symmetric (random kernels), cheap, probabilities out."""
     torch.manual_seed(seed)
@@ -101,7 +116,7 @@ def test_blockwise_equals_reference(tmp_path, raw_spec, block_shape, workers):
     expected = predict_reference(model, raw, WINDOW, pad=True)
     out = str(tmp_path / "out.zarr" / "pred")
     result = predict(
-        model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=block_shape, workers=workers, processes=False, **QUIET
+        model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=block_shape, threads=workers, memory_spills=0, **QUIET
     )
     np.testing.assert_array_equal(read(out), expected)
     assert result.tiles_ratio == 1 and result.failed == []
@@ -124,7 +139,7 @@ def test_options_equal_reference(tmp_path, raw_spec, options):
     model = tiny_model(1)
     expected = predict_reference(model, raw, WINDOW, **options)
     out = str(tmp_path / "out.zarr" / "pred")
-    predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 32, 16), workers=2, processes=False, **options, **QUIET)
+    predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 32, 16), threads=2, memory_spills=0, **options, **QUIET)
     np.testing.assert_array_equal(read(out), expected)
 
 
@@ -136,7 +151,7 @@ def test_mask_excludes_voxels_and_tiles(tmp_path, raw_spec):
     model = Counting(tiny_model())
     expected = predict_reference(tiny_model(), raw, WINDOW, mask=mask)
     out = str(tmp_path / "out.zarr" / "pred")
-    result = predict(model, spec, out, window=WINDOW, chunks=CHUNKS, mask=mask_spec, processes=False, **QUIET)
+    result = predict(model, spec, out, window=WINDOW, chunks=CHUNKS, mask=mask_spec, **QUIET)
     got = read(out)
     np.testing.assert_array_equal(got, expected)
     assert (got[mask == 0] == 0).all() and got[mask == 1].any()
@@ -174,7 +189,7 @@ def test_each_tile_runs_exactly_once_with_blocks_smaller_than_tiles(tmp_path, ra
     model = Counting(tiny_model())
     out = str(tmp_path / "out.zarr" / "pred")
     result = predict(
-        model, spec, out, window=WINDOW, pad=True, chunks=(2, 8, 8), block_shape=(2, 8, 8), workers=2, processes=False, **QUIET
+        model, spec, out, window=WINDOW, pad=True, chunks=(2, 8, 8), block_shape=(2, 8, 8), threads=2, memory_spills=0, **QUIET
     )
     reference_model = Counting(tiny_model())
     expected = predict_reference(reference_model, raw, WINDOW, pad=True)
@@ -192,7 +207,7 @@ def test_empty_blocks_are_skipped_without_changing_neighbours(tmp_path):
     spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
     model = Counting(tiny_model())
     out = str(tmp_path / "out.zarr" / "pred")
-    result = predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 16, 16), processes=False, **QUIET)
+    result = predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 16, 16), **QUIET)
     np.testing.assert_array_equal(read(out), predict_reference(tiny_model(), raw, WINDOW))
     from cleftchunk.predict.tiling import TileGrid
 
@@ -214,11 +229,49 @@ def test_flip_tta_on_a_symmetric_input_is_symmetric(tmp_path):
     plain = predict_reference(model, raw, WINDOW)
     assert np.abs(plain.astype(int) - plain[:, :, ::-1]).max() > 2  # the model alone is not symmetric
     out = str(tmp_path / "out.zarr" / "pred")
-    predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 32, 16), tta=16, processes=False, **QUIET)
+    predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 32, 16), tta=16, **QUIET)
     got = read(out).astype(int)
     np.testing.assert_array_equal(got, predict_reference(model, raw, WINDOW, tta=16))
     for flipped in (got[::-1], got[:, ::-1], got[:, :, ::-1], got.transpose(0, 2, 1)):
         assert np.abs(got - flipped).max() <= 1  # equal up to float rounding of the TTA mean
+
+
+# -- the option groups and what a worker keeps ------------------------------------------------------
+def test_option_groups_check_their_values_before_anything_runs():
+    for make, message in [
+        (lambda: WindowOptions(overlap=1.5), r"overlap 1.5 must be in \[0, 1\)"),
+        (lambda: WindowOptions(tta=3), r"--tta 3: use one of"),
+        (lambda: WindowOptions(batch_size=0), r"batch size 0 must be at least 1"),
+        (lambda: WindowOptions(window=(4, 0, 16)), r"must be positive"),
+        (lambda: WindowOptions(precision="fp8"), r"precision 'fp8'"),
+        (lambda: OutputOptions(cores=0), r"cores=0 must be a whole number >= 1"),
+        (lambda: OutputOptions(chunks=(0, 16, 16)), r"chunks=0,16,16 must be 3 positive extents"),
+    ]:
+        with pytest.raises(CleftchunkError, match=message):
+            make()
+    # "auto" and an unset batch size resolve per device
+    assert WindowOptions().resolve((4, 16, 16), "cpu") == PredictParams((4, 16, 16), batch_size=1, precision="fp32")
+    assert WindowOptions().resolve((4, 16, 16), "cuda") == PredictParams((4, 16, 16), batch_size=4, precision="bf16", device="cuda")
+
+
+def test_a_workers_state_and_in_memory_spills_stay_in_their_process(tmp_path):
+    import pickle
+
+    from cleftchunk.predict.scratch import Scratch
+    from cleftchunk.predict.worker import WorkerState
+
+    scratch = Scratch(str(tmp_path / "scratch"))
+    scratch.ensure()
+    with scratch.in_memory(budget=1 << 20):
+        scratch.save_spill((0, 0, 0), {(0, 0, 1): np.ones((2, 2, 2), np.int32)}, {"tiles": 1})
+        copy = pickle.loads(pickle.dumps(scratch))  # what a worker process would get: the folder only
+        assert scratch.spill_stats((0, 0, 0)) == {"tiles": 1}
+        assert copy.root == scratch.root and copy.spill_stats((0, 0, 0)) is None
+    assert pickle.loads(pickle.dumps(WorkerState())) is None  # a worker process keeps its own
+    state = WorkerState()
+    first = state.workspace("sums", (2, 3, 4), np.int32)
+    assert state.workspace("sums", (2, 3, 4), np.int32) is first  # reused by the thread's next task
+    assert state.workspace("sums", (2, 3, 5), np.int32).shape == (2, 3, 5)  # another shape: replaced
 
 
 # -- failures, resume, killed processes -------------------------------------------------------------
@@ -230,7 +283,7 @@ def test_failing_blocks_are_reported_and_the_rest_finishes(tmp_path):
     flag.touch()
     model = make_slow_model(0.0, str(flag))
     out = str(tmp_path / "out.zarr" / "pred")
-    options = dict(window=WINDOW, chunks=CHUNKS, block_shape=(4, 16, 16), retries=1, processes=False, overlap=0.0, **QUIET)
+    options = dict(window=WINDOW, chunks=CHUNKS, block_shape=(4, 16, 16), retries=1, overlap=0.0, **QUIET)
     with pytest.raises(CleftchunkError, match=r"blocks failed \(Roi\[.*RuntimeError: bright tile"):
         predict(model, spec, out, **options)
     partial = read(out)
@@ -247,8 +300,30 @@ SLOW_RUN = textwrap.dedent(
     torch.set_num_threads(1)
     sys.path.insert(0, {tests!r})
     from test_predict import make_slow_model
-    from cleftchunk.predict import predict
+    from test_predict import predict
     r = predict(make_slow_model({delay}), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, block_shape=(4, 16, 16),
+                workers=0, progress=False)
+    print("SUMMARY", r.blocks_already_done, r.blocks_written, r.blocks)
+    """
+)
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from test_predict import make_slow_model, predict
+    from cleftchunk.run import executor
+
+    def kill_after_block(task, block, report):
+        # a deterministic kill -9: once {stop_after} blocks are recorded done and the record is on disk
+        if report.written == {stop_after}:
+            task.record.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if {stop_after}:
+        executor.BLOCK_DONE_HOOKS.append(kill_after_block)
+    r = predict(make_slow_model(0.0), {spec!r}, {out!r}, window={window!r}, chunks={chunks!r}, block_shape=(4, 16, 16),
                 workers=0, progress=False)
     print("SUMMARY", r.blocks_already_done, r.blocks_written, r.blocks)
     """
@@ -270,26 +345,17 @@ def recorded(path) -> int:
         return 0
 
 
-@pytest.mark.slow
 def test_resume_after_killing_the_process(tmp_path):
     raw = tissue((8, 48, 48), seed=3)
     spec = write_volume(tmp_path / "in.zarr" / "raw", raw)
     out = str(tmp_path / "out.zarr" / "pred")
-    # 0.2 s per forward: the run must outlast a few record flushes (0.5 s apart) after its first blocks;
-    # the in-process default path starts in well under a second, so 0.04 s let it finish first
-    code = SLOW_RUN.format(tests=str(Path(__file__).parent), delay=0.2, spec=spec, out=out, window=WINDOW, chunks=CHUNKS)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if recorded_blocks(tmp_path) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be interrupted: " + proc.stdout.read()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    run = dict(tests=str(Path(__file__).parent), spec=spec, out=out, window=WINDOW, chunks=CHUNKS)
+    # the process kills itself (SIGKILL) right after its third block is recorded: no race with the clock
+    killed = subprocess.run([sys.executable, "-c", KILLED_RUN.format(stop_after=3, **run)], capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     written = recorded_blocks(tmp_path)
     assert 3 <= written < 18
-    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    again = subprocess.run([sys.executable, "-c", KILLED_RUN.format(stop_after=0, **run)], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
     already, now, total = map(int, again.stdout.split("SUMMARY")[1].split())
     assert already >= written and already + now == total
@@ -310,7 +376,7 @@ def test_a_killed_dask_worker_does_not_change_the_result(tmp_path):
 
         def run():
             try:
-                outcome["result"] = predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 16, 16), client=client, **QUIET)
+                outcome["result"] = predict(model, spec, out, window=WINDOW, chunks=CHUNKS, block_shape=(4, 16, 16), scheduler=client.scheduler.address, **QUIET)
             except BaseException as e:  # reported below
                 outcome["error"] = e
 
@@ -485,7 +551,7 @@ def test_a_record_of_another_block_layout_is_not_trusted(tmp_path, raw_spec):
     raw, spec = raw_spec
     out = str(tmp_path / "out.zarr" / "pred")
     model = tiny_model()
-    options = dict(window=WINDOW, pad=True, chunks=CHUNKS, processes=False, **QUIET)
+    options = dict(window=WINDOW, pad=True, chunks=CHUNKS, **QUIET)
     # a first run that fails half-way leaves a record and spills of blocks 4,16,16
     flag = tmp_path / "fail"
     flag.touch()
@@ -572,7 +638,7 @@ def test_int64_sums_give_the_same_bytes(tmp_path, raw_spec, monkeypatch, in_memo
     for module in (tasks, tiling, plan_module):
         monkeypatch.setattr(module, "sums_dtype", lambda grid: np.dtype(np.int64))
     out = str(tmp_path / "out.zarr" / "pred")
-    where = dict(gpus=0) if in_memory else dict(workers=2, processes=False)
+    where = dict(gpus=0) if in_memory else dict(threads=2, memory_spills=0)
     result = predict(model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=(4, 16, 16), **where, **QUIET)
     np.testing.assert_array_equal(read(out), predict_reference(model, raw, WINDOW, pad=True))
     assert (result.spill_memory_bytes if in_memory else result.spill_bytes) > 0
@@ -630,12 +696,14 @@ def test_the_device_path_keeps_sums_as_tensors_and_blends_them_to_the_same_bytes
 
     raw, spec = raw_spec
     model = tiny_model()
-    monkeypatch.setattr(tasks, "_TORCH_PATH_ON_CPU", True)
+    from cleftchunk.predict import Predict
+
+    monkeypatch.setattr(Predict, "sums_as_tensors_on_cpu", True)
     seen = []
     blended = tasks.blended_uint8_of_parts_torch
     monkeypatch.setattr(tasks, "blended_uint8_of_parts_torch", lambda parts, den, device: seen.append(device) or blended(parts, den, device))
     out = str(tmp_path / "out.zarr" / "pred")
-    options = dict(gpus=0) if where == "threads" else dict(workers=2, processes=False)
+    options = dict(gpus=0) if where == "threads" else dict(threads=2, memory_spills=0)
     result = predict(model, spec, out, window=WINDOW, pad=True, chunks=CHUNKS, block_shape=(4, 16, 16), **options, **QUIET)
     np.testing.assert_array_equal(read(out), predict_reference(model, raw, WINDOW, pad=True))
     # every block whose own tiles ran went through the torch blend (those owning none have no sums to keep)

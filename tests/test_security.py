@@ -12,7 +12,8 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from test_predict import (
+from test_predict import (  # predict: the library's, options by name
+    predict,
     CHUNKS,
     QUIET,
     WINDOW,
@@ -23,7 +24,7 @@ from test_predict import (
 )
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.predict import predict, predict_reference
+from cleftchunk.predict import predict_reference
 from cleftchunk.run.cluster import check_listen, is_loopback
 
 # servers, clusters and subprocesses: part of the full suite, not of the quick loop

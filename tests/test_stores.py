@@ -136,7 +136,7 @@ def _slow_run(delay: float, spec: str, out: str) -> str:
 
 
 def test_predict_scratch_option_is_used_for_an_s3_output(tmp_path, bucket):
-    from cleftchunk.predict import predict
+    from test_predict import predict
 
     raw = tissue((4, 32, 32), seed=1)
     spec = write_volume(f"{bucket}/in.zarr", raw)

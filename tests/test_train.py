@@ -258,6 +258,7 @@ def test_validation_scores_are_what_predict_then_evaluate_give(data, tmp_path):
     from cleftchunk.io.volumes import open_volume
     from cleftchunk.post.metrics import evaluate
     from cleftchunk.predict import predict
+    from cleftchunk.run.options import RunOptions
 
     values = config(
         data, tmp_path / "val", iteration_total=2, validate_every=2,
@@ -272,7 +273,7 @@ def test_validation_scores_are_what_predict_then_evaluate_give(data, tmp_path):
         copy = create_volume(tmp_path / f"region.zarr/{name}", array.shape, array.dtype, chunks=(4, 48, 48))
         copy.write(copy.roi, array)
         region[name] = copy
-    predict(last, region["tiny_raw"], tmp_path / "region.zarr/pred", workers=0, progress=False)
+    predict(last, region["tiny_raw"], tmp_path / "region.zarr/pred", run=RunOptions(workers=0, progress=False))
     metrics = evaluate(tmp_path / "region.zarr/pred", region["tiny_clefts"])
     for key in ("f1", "fp", "fn"):
         assert logged[key] == pytest.approx(float(metrics[key])), key

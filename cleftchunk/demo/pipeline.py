@@ -351,18 +351,16 @@ class Demo:
         return slice(z - self.settings.validation_sections, z)
 
     def predict(self, detail: dict) -> None:
-        from cleftchunk.predict import predict
+        from cleftchunk.predict import WindowOptions, predict
+        from cleftchunk.run.options import RunOptions
 
         s = self.settings
         result = predict(
             str(self.checkpoint),
             str(self.sample_zarr("test") / "raw"),
             str(self.results_zarr / "pred"),
-            batch_size=s.predict_batch,
-            workers=s.predict_workers,
-            gpus=1 if s.device == "cuda" else 0,
-            overwrite=True,
-            progress=True,
+            WindowOptions(batch_size=s.predict_batch),
+            RunOptions(workers=s.predict_workers, gpus=1 if s.device == "cuda" else 0, overwrite=True, progress=True),
             log=self.log,
         )
         detail.update(

@@ -43,7 +43,7 @@ The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.ru
   saved only once its ``.json`` appears); the part inside B's own write region is returned in
   memory to B's blend task and never touches scratch. A run whose tasks are all threads of one
   process (the default on a CPU-only machine) keeps spills in memory instead, up to a budget
-  (:meth:`.scratch.Scratch.in_memory`): the same integers, handed over without a file.
+  (:meth:`.scratch.Scratch.in_memory`; ``OutputOptions.memory_spills``): the same integers, handed over without a file.
 - *blend* task of block B, submitted once the tiles tasks of all its dependency blocks have
   finished: adds its own part and the pieces spilled into it (4. below), divides by Σ q(w),
   writes B's output chunks (no other task writes them, so no locks). Only after it returned does
@@ -61,8 +61,17 @@ The engine (blocks aligned to the output chunks, streamed by :mod:`cleftchunk.ru
   with the spills, never trusted.
 """
 
-from cleftchunk.predict.api import PredictResult, predict
-from cleftchunk.predict.params import DEFAULT_BLOCK_SHAPE, PRECISIONS, TTA_CHOICES, WORKER_BLOCK_SHAPE, GpuOutOfMemory, PredictParams
+from cleftchunk.predict.api import Predict, PredictResult, predict
+from cleftchunk.predict.params import (
+    DEFAULT_BLOCK_SHAPE,
+    PRECISIONS,
+    TTA_CHOICES,
+    WORKER_BLOCK_SHAPE,
+    GpuOutOfMemory,
+    OutputOptions,
+    PredictParams,
+    WindowOptions,
+)
 from cleftchunk.predict.reference import predict_reference
 from cleftchunk.predict.runner import TileRunner
 
@@ -71,10 +80,13 @@ __all__ = [
     "PRECISIONS",
     "TTA_CHOICES",
     "GpuOutOfMemory",
+    "OutputOptions",
+    "Predict",
     "PredictParams",
     "PredictResult",
     "TileRunner",
     "WORKER_BLOCK_SHAPE",
+    "WindowOptions",
     "predict",
     "predict_reference",
 ]

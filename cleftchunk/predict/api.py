@@ -1,10 +1,18 @@
-"""``predict(model, volume, output)``: the Python API and command behind ``cleftchunk predict``:
-check the input, open or resume the output, plan, run the engine, record completion."""
+"""``predict(model, volume, output)``: the Python API and command behind ``cleftchunk predict``.
+
+A prediction is an operation on the block-wise base (:class:`Predict`, run by
+:func:`cleftchunk.run.operation.run_operation`): checks before anything exists, the ``--dry-run``
+plan, the output's create / resume / refusal (naming the parameters that differ), "already
+complete", the completion record and the lock are the base's lifecycle. Predict adds its scratch
+folder for partial sums and keeps its completion record beside it (:meth:`Predict.record_path`),
+and its provenance attribute ``cleftchunk_predict`` holds, besides the identity and ``complete``,
+the run's settings, library versions, the checkpoint's operating point (``postprocess``, read by
+``segment``) and the tile counts (``tiles``).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -12,166 +20,194 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
 from cleftchunk.backend import tune_malloc, usable_cores
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.io.guard import writes_output
 from cleftchunk.geometry import Coord, as_coord
 from cleftchunk.intensity import check_image_dtype, check_scale, check_unit_range
-from cleftchunk.predict.tiling import (
-    check_fixed_headroom,
-    frame_padding,
-)
-from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, create_like, open_volume
-from cleftchunk.io.volumes import exists as volume_exists
-from cleftchunk.predict.engine import Job, PredictResult, _execute
-from cleftchunk.predict.params import ATTR, DEFAULT_BLOCK_SHAPE, PRECISIONS, PREDICT_FORMAT, WORKER_BLOCK_SHAPE, PredictParams
-from cleftchunk.predict.plan import describe_run, make_plan, record_identity
-from cleftchunk.run.local import ThreadClient
-from cleftchunk.run.records import BlockRecord, remove_record
+from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, open_volume
+from cleftchunk.predict.engine import PredictResult, run_blocks
+from cleftchunk.predict.params import ATTR, DEFAULT_BLOCK_SHAPE, PREDICT_FORMAT, WORKER_BLOCK_SHAPE, OutputOptions, PredictParams, WindowOptions
+from cleftchunk.predict.plan import describe_lines, task_memory, tile_layout
 from cleftchunk.predict.runner import ModelSource
 from cleftchunk.predict.scratch import Scratch
-
+from cleftchunk.predict.tasks import Job
+from cleftchunk.predict.tiling import check_fixed_headroom, frame_padding
+from cleftchunk.predict.worker import WorkerState
+from cleftchunk.io.outputs import VolumeOperation, create_image
+from cleftchunk.run.operation import Plan, Running, run_operation
+from cleftchunk.run.options import RunOptions, block_shape_for
+from cleftchunk.run.records import remove_record
 
 
 # -- the Python API -----------------------------------------------------------------------
-@writes_output("predict", "output_spec", ("input_volume", "mask"))
 def predict(
     model_or_checkpoint: Any,
     input_volume: Any,
     output_spec: str | os.PathLike,
+    window: WindowOptions | None = None,
+    run: RunOptions | None = None,
+    out: OutputOptions | None = None,
     *,
-    window: Sequence[int] | None = None,
-    overlap: float = 0.5,
-    blend: str = "gaussian",
-    pad: bool = False,
-    batch_size: int | None = None,
-    tta: int = 1,
-    scale: float | None = None,
-    precision: str = "auto",
-    compile: bool = False,
-    mask: Any = None,
-    block_shape: Sequence[int] | None = None,
-    chunks: Sequence[int] | None = None,
-    workers: int | None = None,
-    gpus: int | None = None,
-    cores: int | None = None,
-    scheduler: str | None = None,
-    listen: str | None = None,
-    security: Any = None,
-    processes: bool = True,
-    client: Any = None,
-    overwrite: bool = False,
-    retries: int = 2,
-    progress: bool = True,
     architecture: str | None = None,
     log: Callable[[str], None] | None = None,
-    scratch: str | os.PathLike | None = None,
-    dry_run: bool = False,
 ) -> PredictResult:
     """Predict cleft probabilities of ``input_volume`` into ``output_spec`` (``out.zarr/pred``).
 
     ``model_or_checkpoint``: a checkpoint path, or an ``nn.Module`` mapping float (N,1,z,y,x)
-    raw/255 to probabilities (e.g. from ``cleftchunk.load_model``; then ``window`` is required).
-    ``input_volume``: a :class:`Volume` or a spec ``open_volume`` reads. Work runs on ``client``,
-    or the cluster at ``scheduler``, or a local cluster started here that listens on 127.0.0.1 only
-    unless ``listen`` names another interface: one worker process per GPU (``gpus``), else
-    ``workers`` CPU worker processes, or (``workers`` None or 0, the default without GPUs) one task
-    thread per core (``cores``) in this process; ``security`` is a
-    ``distributed.Security`` for a ``tls://`` scheduler (see :func:`cleftchunk.run.cluster.tls_security`).
-    ``scratch``: the folder for per-block partial results, which must be a filesystem every
-    worker sees (default: beside a local output; for an object-store output, the current
-    directory); see :func:`_scratch_dir`.
+    raw/255 to probabilities (e.g. from ``cleftchunk.load_model``; then ``window.window`` is
+    required). ``input_volume``: a :class:`Volume` or a spec ``open_volume`` reads.
+    ``window``: the window, blending, batch, TTA and precision (:class:`WindowOptions`).
+    ``run``: where and how the work runs (:class:`~cleftchunk.run.options.RunOptions`): by
+    default on one task thread per core (``out.cores``) of this process without GPUs, one worker
+    process per GPU (``gpus``; None: all of this machine's), ``workers`` CPU worker processes, or
+    the cluster at ``scheduler``; ``dry_run`` logs the plan (blocks, tiles, tasks, scratch,
+    memory, output bytes) and returns without running it or creating anything.
+    ``out``: the output's chunks, a mask, the scratch folder, the cores (:class:`OutputOptions`).
+    ``architecture``: the architecture the checkpoint must hold (a mismatch is an error).
     Raises :class:`CleftchunkError` for bad input, and after the run if some blocks failed.
-    ``dry_run``: log the plan (blocks, tiles, tasks, scratch, memory, output bytes) and return
-    without running it or creating the output.
     """
-    from cleftchunk.run.cluster import ClusterSpec, check_listen, dask_client, resolve_gpus
-
     log = log or _stderr
-    listen = check_listen(listen, log)
     started = time.perf_counter()
-    volume = _open_input(input_volume, scale)
-    source, window, arch_name, postprocess = _model_source(model_or_checkpoint, window, architecture)
-    if client is None and scheduler is None:
-        gpus = resolve_gpus(gpus)
-    device = "cuda" if gpus else "cpu"
-    params = PredictParams(
-        window,
-        overlap,
-        blend,
-        pad,
-        batch_size if batch_size is not None else (4 if device == "cuda" else 1),
-        tta,
-        _resolve_precision(precision, device),
-        device,
-        compile,
-        scale=scale,
-    )
-    mask_volume = _open_mask(mask, volume)
-    grid = params.grid(volume.roi)
-    check_fixed_headroom(grid)
-    _warn_if_small(volume, params, log)
-    chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, volume.shape))
-    threaded = client is None and scheduler is None and not gpus and not workers
-    block_shape = _check_block_shape(block_shape, chunks, volume.shape, DEFAULT_BLOCK_SHAPE if threaded else WORKER_BLOCK_SHAPE)
-
-    ClusterSpec(workers=workers, cores=cores)  # checks workers and cores before any output exists
-    plan = make_plan(grid, volume.roi, block_shape)
-    if threaded:  # a local CPU job: threads of this process, one per core (see _in_process_threads)
-        spec = ClusterSpec(workers=_in_process_threads(cores, len(plan)), cores=cores, processes=False, listen=listen, security=security)
-    else:
-        spec = ClusterSpec(workers=workers, gpus=gpus or 0, cores=cores, scheduler=scheduler, processes=processes,
-                           listen=listen, security=security)
-    identity, identity_hash = _identity(source, arch_name, volume, mask_volume, chunks, params)
-    if dry_run:
-        log(describe_run(plan, volume, mask_volume, params, spec))
-        return PredictResult(str(output_spec), grid.count, blocks=len(plan), seconds=time.perf_counter() - started)
-    run_info = {"block_shape": list(block_shape), "workers": workers, "gpus": gpus, "scheduler": scheduler, "retries": retries}
-    scratch_option = scratch
-    output, resuming = _open_output(output_spec, volume, chunks, identity, identity_hash, run_info, overwrite, scratch_option, postprocess)
-    scratch = Scratch(str(_scratch_dir(output, identity_hash, scratch_option)))
-    result = PredictResult(str(output_spec), grid.count)
-    result.blocks = len(plan)
-    if resuming and output.array.attrs.get(ATTR, {}).get("complete"):
-        log(f"{output_spec} is already complete with these parameters: nothing to do (--overwrite to redo it)")
-        result.blocks_already_done = result.blocks
-        return result
-    scratch.ensure()
-    record_path = _record_path(output_spec, scratch_option)
-    record, trusted = BlockRecord.open(record_path, len(plan), record_identity(identity_hash, plan), fresh=overwrite or not resuming)
-    if not trusted:  # spills of another block layout (or of a replaced output) must not be used
-        scratch.clear()
-    # Worker processes we start, and the task threads of a local CPU job, get cores // workers torch
-    # threads each; workers of a given client or scheduler (and explicit in-process workers) keep their own.
-    threads = spec.torch_threads() if threaded or (client is None and scheduler is None and not spec.in_process) else None
-    job = Job(volume, output, mask_volume, params, grid, volume.roi, scratch, threads)
-    with contextlib.ExitStack() as stack:
-        if threaded:
-            stack.enter_context(_torch_threads_restored())
-            stack.enter_context(scratch.in_memory(_memory_spill_budget()))
-            tune_malloc()  # before the task threads exist: their arrays, freed, go back (see backend)
-        if client is None:
-            # A local CPU job needs no scheduler: plain threads of this process (distributed's
-            # in-process cluster cost its import and start-up: about 0.5 CPU-s a run).
-            client = stack.enter_context(ThreadClient(spec.workers) if threaded else dask_client(spec))
-        result.dashboard = getattr(client, "dashboard_link", None)
-        if result.dashboard:
-            log(f"Dask dashboard: {result.dashboard}")
-        log(f"plan: {plan.describe()}")
-        _execute(client, job, plan, source, record, retries, progress, result)
+    operation = Predict(model_or_checkpoint, input_volume, output_spec, window or WindowOptions(), run or RunOptions(),
+                        out or OutputOptions(), architecture, log)
+    result = run_operation(operation, operation.run, log)
+    if result is None:  # a dry run
+        result = PredictResult(operation.output, operation.grid.count, blocks=len(operation.layout))
     result.seconds = time.perf_counter() - started
-    _raise_if_failed(result)
-    _mark_complete(output, result)
-    scratch.remove()
-    remove_record(record_path)
     return result
 
 
-def _in_process_threads(cores: int | None, blocks: int) -> int:
+class Predict(VolumeOperation):
+    """A prediction as an operation (see the module docstring). The constructor checks
+    everything (input, model, parameters, mask, block shape) before any output exists."""
+
+    stage = "predict"
+    format = 2  # PREDICT_FORMAT, "cleftchunk-predict/2": sums at 24 fractional bits (1: 40)
+    output_name = "a cleftchunk prediction"
+    written_by = "predicted"
+    #: Run the GPU code path (sums kept as torch tensors, the blend in torch) on the CPU: for
+    #: tests, which have no GPU. Its arithmetic is the numpy path's, operation for operation.
+    sums_as_tensors_on_cpu: ClassVar[bool] = False
+
+    def __init__(self, model: Any, input_volume: Any, output_spec: str | os.PathLike, window: WindowOptions, run: RunOptions,
+                 out: OutputOptions, architecture: str | None, log: Callable[[str], None]):
+        from cleftchunk.run.cluster import check_listen, resolve_gpus
+
+        check_listen(run.listen, log)
+        self.volume = _open_input(input_volume, window.scale)
+        self.source, window_shape, self.architecture, self.postprocess = _model_source(model, window.window, architecture)
+        if run.scheduler is None:  # this machine's GPUs (a cluster's workers have their own)
+            run = run.but(gpus=resolve_gpus(run.gpus))
+        self.params = window.resolve(window_shape, "cuda" if run.gpus else "cpu")
+        self.mask = _open_mask(out.mask, self.volume)
+        self.grid = self.params.grid(self.volume.roi)
+        check_fixed_headroom(self.grid)
+        _warn_if_small(self.volume, self.params, log)
+        shape = self.volume.shape
+        self.chunks = tuple(min(int(c), s) for c, s in zip(out.chunks or DEFAULT_CHUNKS, shape))
+        default = DEFAULT_BLOCK_SHAPE if run.in_this_process else WORKER_BLOCK_SHAPE
+        self.layout = tile_layout(self.grid, self.volume.roi, block_shape_for(run.block_shape, self.chunks, shape, default))
+        if run.in_this_process and run.threads is None:
+            run = run.but(threads=_task_threads(out.cores, len(self.layout)))
+        self.run, self.out, self.log = run, out, log
+        self.output, self.inputs = str(output_spec), (input_volume, out.mask)
+        self.result: PredictResult | None = None
+
+    # -- what the base asks --------------------------------------------------------------------
+    def identity(self) -> dict:
+        volume = self.volume
+        return {
+            "model_sha256": self.source.sha256,
+            "architecture": self.architecture,
+            "input": {"spec": volume.spec, "shape": list(volume.shape), "dtype": str(volume.dtype), "offset": list(volume.offset)},
+            "mask": None if self.mask is None else self.mask.spec,
+            "chunks": list(self.chunks),
+            **self.params.as_dict(),
+        }
+
+    def full_identity(self) -> tuple[dict, str]:
+        """The identity and the hash predict has always stored (sha256 of its JSON), so that
+        outputs started before predict ran on the operation base are still recognised."""
+        identity = {"format": PREDICT_FORMAT, **self.identity()}
+        return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+    def plan(self, options: RunOptions) -> Plan:
+        layout = self.layout
+        return Plan(f"predict {self.volume.spec} -> {self.output}", layout, 2 * len(layout), layout.roi.size,
+                    task_memory(layout, self.volume, self.mask, self.params),
+                    describe_lines(layout, self.volume, self.mask, self.params, options.in_this_process))
+
+    def record_path(self) -> Path:
+        return _record_path(self.output, self.out.scratch)
+
+    def extra_state(self) -> dict:
+        run = self.run
+        state = {"run": {"block_shape": list(self.layout.block_shape), "workers": run.workers, "gpus": run.gpus,
+                         "scheduler": run.scheduler, "retries": run.retries},
+                 "versions": _versions()}
+        if self.postprocess is not None:
+            state["postprocess"] = self.postprocess
+        return state
+
+    def create(self, state: dict, overwrite: bool) -> Volume:
+        if overwrite:  # partial sums of the output replaced must not be used
+            _remove_scratch_dirs(self.output, self.out.scratch)
+        return create_image(self, self.volume, np.uint8, self.chunks, state, overwrite)
+
+    def write_state(self, handle: Volume, state: dict) -> None:
+        result = self.result
+        if state.get("complete") and result is not None:
+            state = {**state, "tiles": {"in_grid": result.tiles_in_grid, "run": result.tiles_run,
+                                        "empty": result.tiles_skipped, "reused": result.tiles_reused}}
+        handle.array.attrs[ATTR] = state
+
+    def finished(self, handle: Volume, result: Any) -> PredictResult:
+        """An output complete already: nothing run, every block done."""
+        blocks = len(self.layout)
+        return PredictResult(self.output, self.grid.count, blocks=blocks, blocks_already_done=blocks)
+
+    def execute(self, running: Running, handle: Volume) -> PredictResult:
+        options, layout = running.options, self.layout
+        _, digest = self.full_identity()
+        scratch = Scratch(str(_scratch_dir(handle, digest, self.out.scratch)))
+        scratch.ensure()
+        if not running.trusted:  # spills of another block layout (or of a replaced output) must not be used
+            scratch.clear()
+        job = Job(self.volume, handle, self.mask, self.params, self.grid, self.volume.roi, scratch, self._torch_threads(options),
+                  sums_as_tensors=self.params.device == "cuda" or self.sums_as_tensors_on_cpu,
+                  state=WorkerState() if options.in_this_process else None)
+        result = PredictResult(self.output, self.grid.count, blocks=len(layout))
+        result.dashboard = getattr(running.client, "dashboard_link", None)
+        if result.dashboard and not options.progress:  # with progress, the client announced it
+            self.log(f"Dask dashboard: {result.dashboard}")
+        self.log(f"plan: {layout.describe()}")
+        with contextlib.ExitStack() as stack:
+            if options.in_this_process:
+                stack.enter_context(_torch_threads_restored())
+                budget = _memory_spill_budget() if self.out.memory_spills is None else self.out.memory_spills
+                if budget:
+                    stack.enter_context(scratch.in_memory(budget))
+                tune_malloc()  # before the task threads run: their arrays, freed, go back (see backend)
+            run_blocks(running, job, layout, self.source, result)
+        scratch.remove()
+        self.result = result
+        return result
+
+    def _torch_threads(self, options: RunOptions) -> int | None:
+        """Torch threads of each task thread of this process, or of each worker process this run
+        starts: cores ÷ task threads or workers. Workers of a given scheduler keep their own."""
+        if options.scheduler is not None:
+            return None
+        cores = self.out.cores or usable_cores()
+        share = options.task_threads() if options.in_this_process else (options.gpus or options.workers or 1)
+        return max(1, cores // share)
+
+
+def _task_threads(cores: int | None, blocks: int) -> int:
     """Task threads of a local CPU job: one per core, each running torch on one thread — or, with
     fewer blocks than cores, one per block, each running torch on cores // blocks threads (a
     one-block volume on 2 cores otherwise ran its model on one core: 0.65× MONAI's wall time with
@@ -185,6 +221,10 @@ def _in_process_threads(cores: int | None, blocks: int) -> int:
     leaves them idle, and spin-waits less on a loaded machine.
     """
     return max(1, min(cores or usable_cores(), blocks))
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def _memory_spill_budget() -> int:
@@ -205,34 +245,6 @@ def _torch_threads_restored():
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def _identity(source: ModelSource, arch_name: str, volume: Volume, mask: Volume | None, chunks: Coord, params: PredictParams) -> tuple[dict, str]:
-    """What the output's bytes depend on, and its hash (stored in the output; resume compares it)."""
-    identity = {
-        "format": PREDICT_FORMAT,
-        "model_sha256": source.sha256,
-        "architecture": arch_name,
-        "input": {"spec": volume.spec, "shape": list(volume.shape), "dtype": str(volume.dtype), "offset": list(volume.offset)},
-        "mask": None if mask is None else mask.spec,
-        "chunks": list(chunks),
-        **params.as_dict(),
-    }
-    return identity, hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def _raise_if_failed(result: PredictResult) -> None:
-    if result.failed:
-        shown = "; ".join(f"{roi}: {err}" for roi, err in result.failed[:3])
-        raise CleftchunkError(
-            f"{len(result.failed)} of {result.blocks} blocks failed ({shown}{'; ...' if len(result.failed) > 3 else ''}): "
-            "fix the cause and re-run the same command to finish them"
-        )
-
-
-# -- checks and set-up --------------------------------------------------------------------
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 def _open_input(input_volume: Any, scale: float | None = None) -> Volume:
@@ -301,14 +313,6 @@ def _module_sha256(module: Any) -> str:
     return h.hexdigest()
 
 
-def _resolve_precision(precision: str, device: str) -> str:
-    if precision not in PRECISIONS:
-        raise CleftchunkError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if device == "cuda" else "fp32"
-    return precision
-
-
 def _warn_if_small(volume: Volume, params: PredictParams, log: Callable[[str], None]) -> None:
     before, after = frame_padding(volume.shape, params.window, params.pad)
     short = [a for a, (s, w) in enumerate(zip(volume.shape, params.window)) if s < w]
@@ -320,21 +324,6 @@ def _warn_if_small(volume: Volume, params: PredictParams, log: Callable[[str], N
         )
 
 
-def _check_block_shape(block_shape: Sequence[int] | None, chunks: Coord, shape: Sequence[int], default: Coord = DEFAULT_BLOCK_SHAPE) -> Coord:
-    if block_shape is None:
-        block_shape = tuple(max(c, (b // c) * c) for b, c in zip(default, chunks))
-    block_shape = tuple(int(b) for b in block_shape)
-    if len(block_shape) != 3 or any(b <= 0 for b in block_shape):
-        raise CleftchunkError(f"block shape {block_shape} must be 3 positive extents z,y,x")
-    bad = [a for a, (b, c, s) in enumerate(zip(block_shape, chunks, shape)) if b % c and b < s]
-    if bad:
-        fixed = tuple(max(c, round(b / c) * c) for b, c in zip(block_shape, chunks))
-        raise CleftchunkError(
-            f"block shape {block_shape} is not a multiple of the output chunks {chunks}: use --block-shape {','.join(map(str, fixed))}"
-        )
-    return tuple(min(b, s) for b, s in zip(block_shape, shape))
-
-
 def _versions() -> dict:
     import importlib.metadata as md
 
@@ -343,56 +332,6 @@ def _versions() -> dict:
         with contextlib.suppress(md.PackageNotFoundError):
             out[name] = md.version(name)
     return out
-
-
-def _open_output(
-    spec: str | os.PathLike, volume: Volume, chunks: Coord, identity: dict, identity_hash: str, run_info: dict, overwrite: bool,
-    scratch: str | os.PathLike | None = None,
-    postprocess: dict | None = None,
-) -> tuple[Volume, bool]:
-    """Create the output, or reopen it to resume when it was started with the same identity."""
-    resuming = False
-    if volume_exists(spec) and not overwrite:
-        previous = _previous_identity(spec)
-        if previous is None:
-            raise CleftchunkError(f"{spec} exists and is not a cleftchunk prediction: pass --overwrite to replace it, or choose another output")
-        if previous.get("identity_hash") != identity_hash:
-            changed = sorted(k for k in set(identity) | set(previous.get("identity", {})) if identity.get(k) != previous.get("identity", {}).get(k))
-            raise CleftchunkError(
-                f"{spec} exists, predicted with other parameters ({', '.join(changed) or 'model'} differ): "
-                "pass --overwrite to replace it, or choose another output"
-            )
-        resuming = True
-    if overwrite and volume_exists(spec):
-        _remove_scratch_dirs(spec, scratch)
-    provenance = {
-        "identity": identity,
-        "identity_hash": identity_hash,
-        "run": run_info,
-        "versions": _versions(),
-        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "complete": False,
-    }
-    if postprocess is not None:
-        provenance["postprocess"] = postprocess
-    output = create_like(
-        spec,
-        volume,
-        np.uint8,
-        chunks=chunks,
-        attrs=None if resuming else {ATTR: provenance},
-        overwrite=overwrite,
-        exist_ok=resuming,
-    )
-    return output, resuming
-
-
-def _previous_identity(spec: str | os.PathLike) -> dict | None:
-    try:
-        previous = open_volume(spec)
-        return dict(previous.array.attrs).get(ATTR)
-    except CleftchunkError:
-        return None
 
 
 def _scratch_dir(output: Volume, identity_hash: str, scratch: str | os.PathLike | None = None) -> Path:
@@ -435,13 +374,3 @@ def _scratch_base(container: Any, scratch: str | os.PathLike | None) -> Path:
 def _scratch_prefix(container: Any, image: str | None) -> str:
     name = str(container).rstrip("/").rpartition("/")[2]
     return f".{name}.{image.replace('/', '_')}.predict-" if image else f".{name}.predict-"
-
-
-def _mark_complete(output: Volume, result: PredictResult) -> None:
-    attrs = dict(output.array.attrs).get(ATTR, {})
-    attrs.update(
-        complete=True,
-        finished=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        tiles={"in_grid": result.tiles_in_grid, "run": result.tiles_run, "empty": result.tiles_skipped, "reused": result.tiles_reused},
-    )
-    output.array.attrs[ATTR] = attrs

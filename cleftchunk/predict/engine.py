@@ -1,6 +1,7 @@
 """The driver of a prediction: declare its two tasks per block to the executor
-(:mod:`cleftchunk.run.executor`), run them, and turn the executor's report into a
-:class:`PredictResult`. Spills are dropped as soon as every block that needs them is over."""
+(:mod:`cleftchunk.run.executor`), run them as the operation's one recorded pass, and turn the
+executor's report into a :class:`PredictResult`. Spills are dropped as soon as every block that
+needs them is over."""
 
 from __future__ import annotations
 
@@ -9,14 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
 from cleftchunk.predict.params import GpuOutOfMemory
-from cleftchunk.predict.plan import Plan
+from cleftchunk.predict.plan import TileLayout
 from cleftchunk.predict.runner import ModelSource
 from cleftchunk.predict.tasks import Job, blend_block, run_block_tiles
-from cleftchunk.run.executor import BlockwiseTask, run_blockwise
-from cleftchunk.run.records import BlockRecord
-
+from cleftchunk.run.executor import BlockwiseTask
 
 
 # -- the result ---------------------------------------------------------------------------
@@ -53,22 +53,23 @@ class PredictResult:
         )
 
 
-def _execute(client: Any, job: Job, plan: Plan, source: ModelSource, record: BlockRecord, retries: int, progress: bool, result: PredictResult) -> None:
-    """Run the blocks not recorded done through the executor; fill ``result`` from its report."""
+def run_blocks(running: Any, job: Job, layout: TileLayout, source: ModelSource, result: PredictResult) -> None:
+    """Run the blocks not recorded done (``running``: :class:`cleftchunk.run.operation.Running`);
+    fill ``result`` from the executor's report; failed blocks fail the command, naming them."""
+    client = running.client
     source_arg = client.scatter(source, broadcast=True, hash=False) if source.module is not None else source
     task = BlockwiseTask(
         "predict",
-        plan,
+        layout,
         functools.partial(blend_block, job),
-        record=record,
         prepare=functools.partial(run_block_tiles, job),
         prepare_args=(source_arg,),
-        uses=lambda index: [d for d, _ in plan.block_deps(index)],
-        users=plan.users,
+        uses=lambda index: [d for d, _ in layout.block_deps(index)],
+        users=layout.users,
         release=job.scratch.drop_spill,
         fatal=(GpuOutOfMemory,),
     )
-    report = run_blockwise(client, task, retries=retries, progress=progress)
+    report = running.run(task, recorded=True, check=False)
     counts = report.counts
     result.blocks_already_done = report.already_done
     result.blocks_written = report.written
@@ -80,3 +81,9 @@ def _execute(client: Any, job: Job, plan: Plan, source: ModelSource, record: Blo
     result.spill_bytes += counts["spill_bytes"]
     result.spill_memory_bytes += counts["spill_memory_bytes"]
     result.first_block_seconds = report.first_block_seconds
+    if result.failed:
+        shown = "; ".join(f"{roi}: {err}" for roi, err in result.failed[:3])
+        raise CleftchunkError(
+            f"{len(result.failed)} of {result.blocks} blocks failed ({shown}{'; ...' if len(result.failed) > 3 else ''}): "
+            "fix the cause and re-run the same command to finish them"
+        )

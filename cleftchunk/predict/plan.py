@@ -2,7 +2,8 @@
 owns (the block holding the tile's clamped start), and the blocks whose tile sums each needs.
 
 Blocks and tiles are both products of per-axis grids, so everything is computed per axis and
-stored per axis: a :class:`Plan` holds a few tables of length "blocks along one axis" and
+stored per axis: a :class:`TileLayout` (the layout of a prediction's blocks: its
+:class:`~cleftchunk.run.operation.Plan`'s ``layout``, and the executor's) holds a few tables of length "blocks along one axis" and
 generates each :class:`BlockWork` on demand. Nothing proportional to the number of tiles or of
 blocks is ever held, so a plan over 10^9 blocks is created and described in milliseconds.
 
@@ -71,8 +72,8 @@ class AxisPlan:
     deps: tuple[tuple[int, ...], ...]  # blocks whose tiles reach this block (ascending)
     users: tuple[tuple[int, ...], ...]  # blocks that this block's tiles reach (ascending)
 
-    @property
-    def n_blocks(self) -> int:
+    def __len__(self) -> int:
+        """Blocks along this axis."""
         return len(self.owned)
 
     def write(self, j: int) -> tuple[int, int]:
@@ -88,14 +89,14 @@ class AxisPlan:
 
 def axis_plan(starts: Sequence[int], window: int, begin: int, size: int, block: int) -> AxisPlan:
     """Per-axis tables in O(tiles + blocks) along this axis (see the module docstring)."""
-    n_blocks = -(-size // block)
+    count = -(-size // block)
     owner = [(min(max(s, begin), begin + size - 1) - begin) // block for s in starts]
-    first = [bisect.bisect_left(owner, j) for j in range(n_blocks + 1)]
-    owned = tuple(range(first[j], first[j + 1]) for j in range(n_blocks))
+    first = [bisect.bisect_left(owner, j) for j in range(count + 1)]
+    owned = tuple(range(first[j], first[j + 1]) for j in range(count))
     extent = tuple((starts[r[0]], starts[r[-1]] + window) if r else (0, 0) for r in owned)
     deps: list[tuple[int, ...]] = []
-    users: list[list[int]] = [[] for _ in range(n_blocks)]
-    for j in range(n_blocks):
+    users: list[list[int]] = [[] for _ in range(count)]
+    for j in range(count):
         lo, hi = begin + j * block, min(begin + (j + 1) * block, begin + size)
         t0, t1 = bisect.bisect_right(starts, lo - window), bisect.bisect_left(starts, hi)
         # owners of the tiles reaching block j: a contiguous range, less blocks that own no tile
@@ -107,28 +108,25 @@ def axis_plan(starts: Sequence[int], window: int, begin: int, size: int, block: 
 
 
 @dataclass(frozen=True)
-class Plan:
-    """The whole computation as a lazy value: inspect it (``describe``) before running it.
+class TileLayout:
+    """The blocks of a prediction over ``roi`` (the volume) and the tiles each owns, as a lazy
+    value: inspect it (``describe``) before running it. ``len()`` is the block count.
 
     Blocks are generated in raster order by :meth:`blocks`; :meth:`block` builds one by index.
     """
 
     grid: TileGrid
-    volume_roi: Roi
+    roi: Roi
     block_shape: Coord
     axes: tuple[AxisPlan, ...]
 
     @property
     def shape(self) -> Coord:
         """Blocks along each axis."""
-        return tuple(a.n_blocks for a in self.axes)
+        return tuple(len(a) for a in self.axes)
 
     def __len__(self) -> int:
         return math.prod(self.shape)
-
-    @property
-    def n_blocks(self) -> int:
-        return len(self)
 
     def block(self, index: Sequence[int]) -> BlockWork:
         index = tuple(int(i) for i in index)
@@ -154,7 +152,7 @@ class Plan:
     def tiles_roi(self, index: Coord) -> Roi:
         ext = [a.extent[j] for a, j in zip(self.axes, index)]
         if any(hi <= lo for lo, hi in ext):
-            return Roi(self.volume_roi.offset, (0,) * len(index))
+            return Roi(self.roi.offset, (0,) * len(index))
         return Roi.from_bounds([e[0] for e in ext], [e[1] for e in ext])
 
     def block_deps(self, index: Coord) -> Iterator[tuple[Coord, Roi]]:
@@ -177,7 +175,7 @@ class Plan:
     def spill_voxels(self) -> int:
         """Voxels of tile sums outside their block's write region, summed over blocks: what goes
         through scratch (the rest stays with its block)."""
-        inside = math.prod(sum(a.extent[j][1] - a.extent[j][0] - a.spill(j) for j in range(a.n_blocks)) for a in self.axes)
+        inside = math.prod(sum(a.extent[j][1] - a.extent[j][0] - a.spill(j) for j in range(len(a))) for a in self.axes)
         return self.tiles_voxels() - inside
 
     def owners(self) -> int:
@@ -191,26 +189,19 @@ class Plan:
 
     def describe(self) -> str:
         return (
-            f"{len(self)} blocks of {self.block_shape} over {self.volume_roi}; "
+            f"{len(self)} blocks of {self.block_shape} over {self.roi}; "
             f"{self.grid.count} tiles of {self.grid.window} (stride {self.grid.stride}) over frame {self.grid.frame}, "
             f"run by {self.owners()} blocks; each block blends the partials of at most {self.max_deps()} blocks"
         )
 
 
-def make_plan(grid: TileGrid, volume_roi: Roi, block_shape: Sequence[int]) -> Plan:
+def tile_layout(grid: TileGrid, volume_roi: Roi, block_shape: Sequence[int]) -> TileLayout:
     """Blocks aligned to ``block_shape``; tile ownership and dependencies per axis (lazy)."""
     block_shape = as_coord(block_shape, 3)
     axes = tuple(
         axis_plan(grid.starts[a], grid.window[a], volume_roi.offset[a], volume_roi.shape[a], block_shape[a]) for a in range(3)
     )
-    return Plan(grid, volume_roi, block_shape, axes)
-
-
-def record_identity(identity_hash: str, plan: Plan) -> str:
-    """What a completion record of this plan must match: the output's identity and the layout."""
-    from cleftchunk.run.records import identity_hash as hash_of
-
-    return hash_of("predict", identity_hash, plan.block_shape, plan.volume_roi.offset, plan.volume_roi.shape)
+    return TileLayout(grid, volume_roi, block_shape, axes)
 
 
 def _bytes(n: float) -> str:
@@ -221,32 +212,31 @@ def _bytes(n: float) -> str:
     return ""
 
 
-def describe_run(plan: Plan, volume, mask, params, spec) -> str:
-    """The plan as a user checks it before submitting: blocks, tiles, tasks, scratch bytes,
-    memory per worker and output bytes, all from the per-axis tables (nothing is materialized)."""
-    n, voxels = len(plan), plan.volume_roi.size
-    sums_type = sums_dtype(plan.grid)
-    sums = sums_type.itemsize  # bytes of a voxel's sums (int32 up to overlap 0.75)
-    spill = sums * plan.spill_voxels()  # before compression
-    layers = max(1, plan.shape[0])
-    tiles_shape = plan.max_tiles_shape()
-    tiles_vox = math.prod(tiles_shape)
-    block_vox = math.prod(plan.block_shape)
-    in_bytes = volume.dtype.itemsize + (1 if mask is not None else 0)
-    window_vox = math.prod(params.window)
-    # the sums and the input of the largest block's tiles, one batch of tiles in float32 (in and
-    # out, per TTA variant), and the blend (the block's own sums, its denominator, output uint8)
-    memory = tiles_vox * (sums + in_bytes) + 8 * window_vox * params.batch_size * params.tta + block_vox * (2 * sums + 1)
-    workers = spec.n_workers if not spec.scheduler else "the cluster's"
-    lines = [
-        f"plan: {plan.describe()}",
+def describe_lines(layout: TileLayout, volume, mask, params, in_this_process: bool) -> tuple[str, ...]:
+    """Predict's lines of the ``--dry-run`` plan (after the common ones): volume and output, tiles
+    and scratch bytes, all from the per-axis tables (nothing is
+    materialized)."""
+    voxels = layout.roi.size
+    sums_type = sums_dtype(layout.grid)
+    spill = sums_type.itemsize * layout.spill_voxels()  # before compression
+    layers = max(1, layout.shape[0])
+    return (
         f"  volume {volume.shape} {volume.dtype} ({_bytes(voxels * volume.dtype.itemsize)}); output uint8 {_bytes(voxels)} before compression",
-        f"  tasks: {2 * n} ({n} tiles + {n} blend), streamed in raster order, at most 4 per worker thread in flight ({workers} workers)",
-        f"  tiles: {plan.grid.count} in the grid, {plan.owners()} blocks own some; largest block's tiles span {tiles_shape}",
+        f"  tiles: {layout.grid.count} of {layout.grid.window} (stride {layout.grid.stride}) over frame {layout.grid.frame}, "
+        f"{layout.owners()} blocks own some; largest block's tiles span {layout.max_tiles_shape()}; "
+        f"each block blends the partials of at most {layout.max_deps()} blocks",
         f"  scratch: {_bytes(spill)} written in all ({spill / max(voxels, 1):.2f} bytes per output voxel, {sums_type} before compression), "
         f"about {_bytes(2 * spill / layers)} at once (two layers of blocks)"
-        + ("; here in memory instead (task threads of one process), up to a quarter of the available memory (at most 4 GiB)" if spec.in_process and not spec.scheduler else ""),
-        f"  memory per worker task thread: about {_bytes(memory)} (plus the model)",
-        "  nothing was run and nothing was created (--dry-run)",
-    ]
-    return "\n".join(lines)
+        + ("; here in memory instead (task threads of one process), up to a quarter of the available memory (at most 4 GiB)" if in_this_process else ""),
+    )
+
+
+def task_memory(layout: TileLayout, volume, mask, params) -> int:
+    """Bytes a worker task thread holds: the sums and the input of the largest block's tiles, one
+    batch of tiles in float32 (in and out, per TTA variant), and the blend (the block's own sums,
+    its denominator, output uint8); the model comes on top."""
+    sums = sums_dtype(layout.grid).itemsize  # bytes of a voxel's sums (int32 up to overlap 0.75)
+    in_bytes = volume.dtype.itemsize + (1 if mask is not None else 0)
+    window = math.prod(params.window)
+    return (math.prod(layout.max_tiles_shape()) * (sums + in_bytes) + 8 * window * params.batch_size * params.tta
+            + math.prod(layout.block_shape) * (2 * sums + 1))

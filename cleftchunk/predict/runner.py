@@ -1,20 +1,18 @@
 """Running a model over tiles: fixed-shape batches, flip TTA, autocast, and the fixed-point
-accumulation of a block's tiles; the model each worker loads once and keeps (a bounded cache)."""
+accumulation of a block's tiles; the model to run (:class:`ModelSource`). A worker keeps the
+models it loaded in its :class:`cleftchunk.predict.worker.WorkerState`."""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 import math
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from cleftchunk.intensity import FULL_SCALE, check_unit_range
-from cleftchunk.backend import configure_torch
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Coord
 from cleftchunk.predict.tiling import blended_uint8_of_parts_torch, fixed_scaled
@@ -310,75 +308,6 @@ class ModelSource:
 
             module = copy.deepcopy(module).to(device)
         return module.eval()
-
-
-#: Models kept per worker process: a few, least recently used dropped first (each may hold GPU memory).
-MODEL_CACHE_SIZE = 2
-
-
-class ModelCache:
-    """The models a worker has loaded, keyed by (model sha256, device, precision, compile), at
-    most ``size`` of them: the least recently used is dropped first."""
-
-    def __init__(self, size: int = MODEL_CACHE_SIZE):
-        self.size = size
-        self._models: OrderedDict[tuple, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, source: "ModelSource", device: Any, params: PredictParams) -> Any:
-        # A shipped module is one object per worker (scattered once): run that very object (its
-        # hooks, its counters), not an equal one loaded before; hence its id beside the sha256.
-        model_key = source.sha256 if source.module is None else (source.sha256, id(source.module))
-        key = (model_key, str(device), params.precision, params.compile)
-        with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-            model = source.load(device)
-            if params.compile:
-                import torch
-
-                model = torch.compile(model)
-            self._models[key] = model
-            while len(self._models) > self.size:
-                self._models.popitem(last=False)
-            return model
-
-    def __len__(self) -> int:
-        return len(self._models)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._models.clear()
-
-
-MODELS = ModelCache()
-
-
-def _runner_for(source: ModelSource, params: PredictParams, torch_threads: int | None) -> TileRunner:
-    """A runner of the worker's model (loaded once per key and kept in :data:`MODELS`).
-
-    ``torch_threads``: torch threads for this worker process (None: leave torch's setting).
-    """
-    device = _worker_device(params.device)
-    configure_torch(torch_threads, cudnn_deterministic=True if device.type == "cuda" else None)
-    return TileRunner(MODELS.get(source, device, params), params, device)
-
-
-def _worker_device(kind: str):
-    import torch
-
-    if kind == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise CleftchunkError("a Dask worker has no usable GPU: start GPU workers, or run with --gpus 0")
-    index = 0
-    with contextlib.suppress(Exception):  # several GPUs visible to one worker: spread by worker name
-        from distributed import get_worker
-
-        name = get_worker().name
-        index = (int(str(name).rsplit("-", 1)[-1]) if str(name).rsplit("-", 1)[-1].isdigit() else 0) % torch.cuda.device_count()
-    return torch.device("cuda", index)
 
 
 def _as_unit_float32(tile: np.ndarray, full: int | None, scale: float | None) -> np.ndarray:

@@ -66,26 +66,35 @@ class _MemorySpills:
             self.held -= sum(piece.nbytes for piece in kept.values())
 
 
-#: Spills kept in memory, by scratch root, while an in-process run of that root goes on.
-_MEMORY: dict[str, _MemorySpills] = {}
-
-
-@dataclass(frozen=True)
 class Scratch:
-    root: str
+    """The scratch folder ``root`` of one prediction, and (within :meth:`in_memory`) the spills
+    this process keeps in memory instead. A copy sent to another process carries the folder only."""
+
+    def __init__(self, root: str):
+        self.root = str(root)
+        self._spills: _MemorySpills | None = None
+
+    def __getstate__(self) -> dict:
+        return {"root": self.root}  # spills in memory never leave their process
+
+    def __setstate__(self, state: dict) -> None:
+        self.root, self._spills = state["root"], None
+
+    def __repr__(self) -> str:
+        return f"Scratch({self.root!r})"
 
     @contextlib.contextmanager
     def in_memory(self, budget: int):
         """Keep this process's spills in memory, up to ``budget`` bytes, until the block ends
         (see the module docstring: for runs whose tasks are all threads of this process)."""
-        _MEMORY[self.root] = _MemorySpills(budget)
+        self._spills = _MemorySpills(budget)
         try:
-            yield
+            yield self
         finally:
-            _MEMORY.pop(self.root, None)
+            self._spills = None
 
     def _memory(self) -> _MemorySpills | None:
-        return _MEMORY.get(self.root)
+        return self._spills
 
     def _path(self, *parts: str) -> Path:
         return Path(self.root, *parts)

@@ -12,7 +12,7 @@ the host, and the own part stays there as a tensor — the blend task's input, s
 run the blend on that worker (moving it would cost its bytes; if it does move, the tensor travels
 pickled and lands on the other worker's GPU) — and the blend adds the pieces into it, divides and
 rounds on the device: only the uint8 block comes back. Not yet run on a GPU (none was lent); the
-same torch code is tested on the CPU (``_TORCH_PATH_ON_CPU``).
+same torch code is tested on the CPU (:attr:`Job.sums_as_tensors`).
 
 See :mod:`cleftchunk.predict` for why the result does not depend on the block shape.
 """
@@ -20,8 +20,7 @@ See :mod:`cleftchunk.predict` for why the result does not depend on the block sh
 from __future__ import annotations
 
 import sys
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -38,24 +37,32 @@ from cleftchunk.predict.tiling import (
 from cleftchunk.io.volumes import Volume
 from cleftchunk.predict.params import PredictParams
 from cleftchunk.predict.plan import BlockWork
-from cleftchunk.predict.runner import ModelSource, _runner_for, is_empty_tile
+from cleftchunk.predict.runner import ModelSource, is_empty_tile
 from cleftchunk.predict.scratch import Scratch
+from cleftchunk.predict.worker import WorkerState, state_of
 
 
 
 # -- the two kinds of tasks (run on the workers) ------------------------------------------
 @dataclass(frozen=True)
 class Job:
-    """What every task needs; small and picklable (volumes reopen lazily on each worker)."""
+    """What every task needs; small and picklable (volumes reopen lazily on each worker).
+
+    ``sums_as_tensors``: keep a block's sums as torch tensors and blend them in torch (the GPU
+    path; on a CPU only to test that path). ``state``: the run's worker state when its tasks are
+    threads of this process (None in worker processes: each keeps its own, see
+    :mod:`cleftchunk.predict.worker`)."""
 
     input: Volume
     output: Volume
     mask: Volume | None
     params: PredictParams
     grid: TileGrid
-    volume_roi: Roi
+    roi: Roi
     scratch: Scratch
     torch_threads: int | None = None
+    sums_as_tensors: bool = False
+    state: WorkerState | None = field(default=None, compare=False, repr=False)
 
 
 def run_block_tiles(job: Job, work: BlockWork, own: bool, source: ModelSource) -> tuple[dict, np.ndarray | None]:
@@ -71,22 +78,23 @@ def run_block_tiles(job: Job, work: BlockWork, own: bool, source: ModelSource) -
     if saved is not None and not own:
         return {"tiles": saved["tiles"], "reused": saved["tiles"]}, None
     roi = work.tiles_roi
-    raw = reflect_read(job.input.read, job.volume_roi, roi)
-    mask = None if job.mask is None else reflect_read(job.mask.read, job.volume_roi, roi)
+    raw = reflect_read(job.input.read, job.roi, roi)
+    mask = None if job.mask is None else reflect_read(job.mask.read, job.roi, roi)
     tiles = [job.grid.tile(t).relative_to(roi).to_slices() for t in work.tiles]
     to_run = [s for s in tiles if not is_empty_tile(raw[s], None if mask is None else mask[s])]
     counts = {"tiles": len(tiles), "run": 0, "skipped": len(tiles) - len(to_run)}
     partial = None
     if to_run:
-        runner = _runner_for(source, job.params, job.torch_threads)
+        state = state_of(job.state)
+        runner = state.runner(source, job.params, job.torch_threads)
         before = runner.tiles_run
         weights = weights_for(job.params.window, job.params.blend)
         dtype = sums_dtype(job.grid)
-        if runner.cuda or _TORCH_PATH_ON_CPU:  # the sums stay on the device (see blend_block)
+        if runner.cuda or job.sums_as_tensors:  # the sums stay on the device (see blend_block)
             partial = runner.accumulate_tensor((raw[s] for s in to_run), to_run, roi.shape, weights, dtype)
         else:
             partial = runner.accumulate((raw[s] for s in to_run), to_run, roi.shape, weights, dtype=dtype,
-                                        out=_workspace("sums", roi.shape, dtype))
+                                        out=state.workspace("sums", roi.shape, dtype))
         counts["run"] = runner.tiles_run - before
     if saved is None:
         pieces = {} if partial is None else {
@@ -130,11 +138,6 @@ def blend_block(job: Job, work: BlockWork, prepared: tuple[dict, np.ndarray | No
     return {**counts, "voxels": write.size}
 
 
-#: Run the GPU code path (sums kept as torch tensors, the blend in torch) on the CPU: for tests,
-#: which have no GPU. Its arithmetic is the numpy path's, operation for operation.
-_TORCH_PATH_ON_CPU = False
-
-
 def _is_tensor(value) -> bool:
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(value, torch.Tensor)
@@ -143,19 +146,3 @@ def _is_tensor(value) -> bool:
 def _on_host(sums):
     """A spill piece as a numpy array (copied from the device when it is a tensor there)."""
     return sums.cpu().numpy() if _is_tensor(sums) else sums
-
-
-_WORKSPACE = threading.local()
-
-
-def _workspace(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """A block-sized scratch array of this task thread, reused by its next task of that shape
-    (a fresh one costs a page fault per page: measured as a third of the engine's CPU time, in
-    the kernel). Its contents are garbage; nothing may keep it beyond the task."""
-    cache = getattr(_WORKSPACE, "arrays", None)
-    if cache is None:
-        cache = _WORKSPACE.arrays = {}
-    array = cache.get(name)
-    if array is None or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
-        array = cache[name] = np.empty(tuple(shape), dtype=dtype)
-    return array

@@ -77,7 +77,8 @@ class Plan:
 @dataclass
 class Running:
     """What an operation's :meth:`Operation.execute` gets: the client, the options, the record of
-    the writing pass, and :meth:`run` to run one pass on the executor."""
+    the writing pass (``trusted``: it was kept from an earlier run of this identity and block
+    layout, not created afresh), and :meth:`run` to run one pass on the executor."""
 
     client: Any
     options: RunOptions
@@ -85,11 +86,13 @@ class Running:
     log: Log
     already_done: int = 0
     reports: list[RunReport] = field(default_factory=list)
+    trusted: bool = False
 
-    def run(self, task: BlockwiseTask, recorded: bool = False, in_flight: int | None = None) -> RunReport:
+    def run(self, task: BlockwiseTask, recorded: bool = False, in_flight: int | None = None, check: bool = True) -> RunReport:
         """Run one pass; ``recorded``: the pass that writes, whose blocks go to the record. A pass
-        with failed blocks fails the command (naming them) after the others are done.
-        ``in_flight``: at most this many blocks open at once (results the client collects)."""
+        with failed blocks fails the command (naming them) after the others are done (``check``
+        False: the caller reports them, from the report it gets back). ``in_flight``: at most this
+        many blocks open at once (results the client collects)."""
         import dataclasses
 
         if recorded and self.record is not None:
@@ -98,8 +101,7 @@ class Running:
         self.reports.append(report)
         if recorded:
             self.already_done += report.already_done
-        raise_if_failed(report)
-        return report
+        return raise_if_failed(report) if check else report
 
 
 def raise_if_failed(report: RunReport) -> RunReport:
@@ -117,10 +119,12 @@ class Operation:
     """A block-wise stage as a declaration; :func:`run_operation` runs it (see the module docstring).
 
     A subclass sets ``stage`` and ``output`` (the output's spec), and defines :meth:`identity`,
-    :meth:`plan`, :meth:`execute` and how its output is created (:meth:`create`); a Zarr image
-    output in the frame of an input needs only :meth:`create` via :func:`create_image`. Outputs
-    that are not one Zarr array (HDF5, JSON, several images) override :meth:`read_state`,
-    :meth:`write_state` and :meth:`exists`.
+    :meth:`plan`, :meth:`execute` and how its output is created (:meth:`create`). Where the
+    lifecycle's state, record and lock live depends on the output's storage: a volume output
+    inherits them from :class:`cleftchunk.io.outputs.VolumeOperation` (whose ``create_image``
+    makes a Zarr image in an input's frame); outputs that are not one Zarr array (an HDF5 file,
+    several images) override :meth:`read_state`, :meth:`write_state` and :meth:`exists` there.
+    An operation with no ``output`` (evaluate) runs its passes with no lifecycle.
     """
 
     stage: ClassVar[str] = "operation"
@@ -128,6 +132,10 @@ class Operation:
     format: ClassVar[int] = 1
     output: str = ""  # empty: the operation writes no volume (e.g. evaluate); no lifecycle is kept
     inputs: tuple = ()
+    #: What refusals call an output of this stage, and one written with other parameters
+    #: (default: "a cleftchunk <stage> output", "written by <stage>").
+    output_name: ClassVar[str] = ""
+    written_by: ClassVar[str] = ""
 
     # -- what the stage declares ---------------------------------------------------------------
     def identity(self) -> dict:
@@ -136,6 +144,11 @@ class Operation:
 
     def plan(self, options: RunOptions) -> Plan:
         raise NotImplementedError
+
+    def full_identity(self) -> tuple[dict, str]:
+        """The identity stored in the output (with the format) and its hash."""
+        identity = {"format": f"cleftchunk-{self.stage}/{self.format}", **self.identity()}
+        return identity, identity_hash(identity)
 
     def create(self, state: dict, overwrite: bool) -> Any:
         """Create the output (replacing one when ``overwrite``), storing ``state``; return a handle."""
@@ -196,8 +209,7 @@ def run_operation(operation: Operation, options: RunOptions | None = None, log: 
         with _client(options, client) as c:
             return operation.execute(Running(c, options, None, log), None)
     with operation.guard(log):
-        identity = {"format": f"cleftchunk-{operation.stage}/{operation.format}", **operation.identity()}
-        digest = identity_hash(identity)
+        identity, digest = operation.full_identity()
         handle, state = _open(operation, identity, digest, options.overwrite)
         if state.get("complete"):
             log(f"{operation.output} is already complete with these parameters: nothing to do (--overwrite to redo it)")
@@ -206,7 +218,7 @@ def run_operation(operation: Operation, options: RunOptions | None = None, log: 
         record_identity = identity_hash(digest, list(layout.roi.shape), list(layout.block_shape))
         record, trusted = BlockRecord.open(operation.record_path(), len(layout), record_identity, fresh=state.get("fresh", False))
         with _client(options, client) as c:
-            running = Running(c, options, record, log)
+            running = Running(c, options, record, log, trusted=trusted)
             result = operation.execute(running, handle)
         state = {k: v for k, v in state.items() if k != "fresh"}
         state.update(complete=True, finished=now())
@@ -227,13 +239,13 @@ def _open(operation: Operation, identity: dict, digest: str, overwrite: bool) ->
         stored = operation.read_state()
         if stored is None:
             raise CleftchunkError(
-                f"{operation.output} exists and is not a cleftchunk {operation.stage} output: "
+                f"{operation.output} exists and is not {operation.output_name or f'a cleftchunk {operation.stage} output'}: "
                 "pass --overwrite to replace it, or choose another output"
             )
         if stored["identity_hash"] != digest:
             changed = differing_keys(identity, stored.get("identity", {}))
             raise CleftchunkError(
-                f"{operation.output} exists, written by {operation.stage} with other parameters "
+                f"{operation.output} exists, {operation.written_by or f'written by {operation.stage}'} with other parameters "
                 f"({', '.join(changed) or 'format'} differ): pass --overwrite to replace it, or choose another output"
             )
         return operation.reopen(), stored
