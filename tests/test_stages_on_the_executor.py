@@ -137,6 +137,32 @@ def test_convert_dry_run_of_a_terabyte_returns_at_once_and_writes_nothing(tmp_pa
     assert files_under(tmp_path) == before
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("command", ["predict", "segment", "evaluate", "threshold", "export", "convert"])
+def test_every_command_plans_a_plain_terabyte_in_seconds_and_creates_nothing(tmp_path, run_cli, command):
+    """A plain uint8 Zarr array (no kind, no voxel size stated): no command reads it whole to plan."""
+    from cleftchunk.model import arch_spec, build_model, save_checkpoint
+
+    spec = virtual_tb(tmp_path)
+    if command == "predict":
+        net = build_model("unetv0", preset="small")
+        save_checkpoint(tmp_path / "small.pth", net, arch_spec(net), (8, 64, 64))
+    before = files_under(tmp_path)
+    args = {
+        "predict": ("predict", spec, tmp_path / "out/p.zarr/pred", "-pm", tmp_path / "small.pth"),
+        "segment": ("segment", spec, "-o", tmp_path / "out/s.zarr/ids"),
+        "evaluate": ("evaluate", spec, spec, "--voxel-size", "40,4,4", "--json", tmp_path / "out/m.json"),
+        "threshold": ("threshold", spec, "-o", tmp_path / "out/m.zarr"),
+        "export": ("export", spec, tmp_path / "out/c.hdf"),
+        "convert": ("convert", spec, tmp_path / "out/c.zarr/raw", "--voxel-size", "40,4,4"),
+    }[command]
+    started = time.perf_counter()
+    result = run_cli(*args, "--dry-run")
+    assert time.perf_counter() - started < 30
+    assert "plan: " in result.output and "nothing was run and nothing was created" in result.output
+    assert files_under(tmp_path) == before
+
+
 def test_synth_dry_run_of_a_terabyte_returns_at_once_and_writes_nothing(tmp_path, run_cli):
     started = time.perf_counter()
     result = run_cli("synth", tmp_path / "big.zarr", "--shape", ",".join(map(str, TB)), "--dry-run")

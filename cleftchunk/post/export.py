@@ -74,7 +74,7 @@ def export_cremi(clefts: Volume | str, out: str | os.PathLike, raw: Volume | str
 
     Slabs are read (and converted) on the executor, where ``run`` says, and written by this
     process (HDF5 has one writer) as they arrive; at most two slabs are in flight."""
-    operation = Export(clefts, out, raw, offset, crop, kind)
+    operation = Export(clefts, out, raw, offset, crop, kind, read=not (run is not None and run.dry_run))
     run_operation(operation, run, log)
     return operation.info()
 
@@ -84,10 +84,11 @@ class Export(VolumeOperation):
 
     stage = "export"
 
-    def __init__(self, clefts, out, raw=None, offset=None, crop: Roi | None = None, kind: str = "auto"):
+    def __init__(self, clefts, out, raw=None, offset=None, crop: Roi | None = None, kind: str = "auto", read: bool = True):
         source = as_volume(clefts)
-        self.kind = resolve_label_kind(source, kind)
-        if self.kind not in ("ids", "main"):
+        # read=False (a dry run): no voxel is read; a kind only the values could tell is decided when run
+        self.kind = resolve_label_kind(source, kind, read=read)
+        if self.kind is not None and self.kind not in ("ids", "main"):
             raise CleftchunkError(
                 f"{source.spec} holds a {self.kind}, not cleft ids: run `cleftchunk segment` on it first and export the result"
             )
