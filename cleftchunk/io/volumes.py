@@ -46,7 +46,7 @@ from cleftchunk.io.specs import (  # noqa: F401  (re-exported: the spec rules ar
     split_spec,
 )
 from cleftchunk.io.stores import Location
-from cleftchunk.io.ome import AXES, compressor_codecs, multiscale_level0, ome_multiscales, read_frame
+from cleftchunk.io.ome import AXES, compressor_codecs, multiscale_level0, ome_multiscales, read_frame, zarr_group
 
 #: Default chunk shape of written volumes: 1 MiB for uint8, thin in z to follow EM anisotropy
 #: (40 nm sections vs 4 nm pixels), and a divisor of the default prediction block so that blocks
@@ -369,8 +369,12 @@ def _open_zarr(volume: Volume) -> Any:
             f"{volume.spec}: no Zarr array or group there, so neither an image (out.zarr, multiscales at its root) "
             f"nor a container of images (out.zarr/name); check the path ({type(e).__name__})"
         ) from e
-    except Exception as e:  # zarr raises several types for missing/invalid metadata
-        raise CleftchunkError(f"{volume.spec} is not a readable Zarr node ({type(e).__name__}: {e})") from e
+    except stores.storage_errors() as e:
+        if not stores.is_url(volume.container):
+            raise  # a local OSError (permissions, a full disk) speaks for itself
+        raise stores.explain(e, volume.spec) from e
+    except ValueError as e:  # zarr's metadata errors (and JSON that does not parse) are ValueErrors
+        raise CleftchunkError(f"{volume.spec} is not a readable Zarr node ({type(e).__name__}: {e}): repair or re-create its metadata") from e
     if isinstance(node, zarr.Group):
         level0 = multiscale_level0(node)
         if level0 is None:
@@ -508,16 +512,13 @@ def _exists_message(spec: str | os.PathLike) -> str:
 def container_refusal(spec: str | os.PathLike) -> str | None:
     """For an output given as ``out.zarr`` that is a container of images: why it is refused and
     what to write instead. None for anything else."""
-    import zarr
-
     container, inner = split_spec(spec)
     if inner is not None or is_hdf5(container):
         return None
-    try:
-        root = zarr.open_group(stores.zarr_store(container, "r"), mode="r")
-        members = sorted(k for k, _ in root.members())
-    except Exception:
+    root = zarr_group(container)
+    if root is None:
         return None
+    members = sorted(k for k, _ in root.members())
     if multiscale_level0(root) is not None or not members:
         return None
     return (

@@ -92,12 +92,10 @@ class RunReport:
 
 
 def n_threads(client: Any) -> int:
-    """Task threads of the cluster (at least 1)."""
-    try:
-        workers = client.scheduler_info()["workers"].values()
-        return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
-    except Exception:  # an unusual client: assume one
-        return 1
+    """Task threads of the cluster (at least 1): a ``distributed.Client`` or a
+    :class:`~cleftchunk.run.local.ThreadClient`, both of which describe their workers."""
+    workers = client.scheduler_info()["workers"].values()
+    return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
 
 
 def run_blockwise(
