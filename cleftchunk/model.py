@@ -207,11 +207,6 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"unetv0": UNetV0}
 DEFAULT_PRESET = {"unetv0": "default"}
 
 
-def register_architecture(name: str, builder: Callable[..., nn.Module], default_preset: str = "default") -> None:
-    ARCHITECTURES[name] = builder
-    DEFAULT_PRESET[name] = default_preset
-
-
 def resolve_filters(arch: str = "unetv0", preset: str | None = None, filters: Sequence[int] | None = None) -> tuple[int, ...]:
     """Filter widths from explicit ``filters``, else a preset name, else the architecture's default."""
     if filters is not None:
