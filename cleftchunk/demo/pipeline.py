@@ -271,7 +271,7 @@ class Demo:
             from cleftchunk.train.config import TrainConfig
 
             layout = measure_cpu_layout(TrainConfig.from_dict({**config, "output": str(self.folder / "calibration")}))
-            config.update(threads=layout["threads"], workers=layout["workers"])
+            config.update(threads=layout["threads"], loader_workers=layout["workers"])
             detail["cpu_layout"] = layout
             self.log(f"   measured: {layout['threads']} torch threads + {layout['workers']} loader workers "
                      f"({layout['seconds_per_iteration']:.2f} s per iteration)")
@@ -313,11 +313,11 @@ class Demo:
             "iteration_total": s.iterations,
             "iteration_save": max(s.iterations // 4, 1),
             "batch_size": s.batch_size,
-            "workers": 0 if s.loader_workers is None else s.loader_workers,
+            "loader_workers": 0 if s.loader_workers is None else s.loader_workers,
             "threads": s.threads,
             "lr": s.lr,
             "optimizer": s.optimizer,
-            "scheduler": s.scheduler,
+            "lr_schedule": s.scheduler,
             "dice": s.dice,
             "max_weight": s.max_weight,
             "output_prior": s.output_prior,
