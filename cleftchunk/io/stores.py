@@ -178,6 +178,7 @@ def check_reachable(location: Location) -> None:
 _LIBRARY_ERRORS = {
     "botocore.exceptions": ("BotoCoreError", "ClientError"),
     "google.auth.exceptions": ("GoogleAuthError",),
+    "gcsfs.retry": ("HttpError",),
     "aiohttp": ("ClientError",),
 }
 
@@ -228,13 +229,13 @@ __all__ = [
     "check_url",
     "exists",
     "explain",
-    "storage_errors",
     "filesystem",
     "is_url",
     "known_scheme",
     "join",
     "local_only",
     "resolved",
+    "storage_errors",
     "storage_options",
     "url_scheme",
     "zarr_store",
