@@ -19,6 +19,7 @@ import math
 
 import errno
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -206,11 +207,6 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"unetv0": UNetV0}
 DEFAULT_PRESET = {"unetv0": "default"}
 
 
-def register_architecture(name: str, builder: Callable[..., nn.Module], default_preset: str = "default") -> None:
-    ARCHITECTURES[name] = builder
-    DEFAULT_PRESET[name] = default_preset
-
-
 def resolve_filters(arch: str = "unetv0", preset: str | None = None, filters: Sequence[int] | None = None) -> tuple[int, ...]:
     """Filter widths from explicit ``filters``, else a preset name, else the architecture's default."""
     if filters is not None:
@@ -345,9 +341,8 @@ def _write_atomically(path: Path, state: dict) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:  # after the rename there is nothing left to remove; after any failure, the partial file
         Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -361,7 +356,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     _check_checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except PermissionError:  # about this user, not the file's bytes: the command line says so
+        raise
+    # What torch.load raises for bytes that are no loadable checkpoint: UnpicklingError (refused or
+    # foreign pickles), RuntimeError (a damaged zip archive), EOFError (empty), OSError (a zip cut
+    # short: "Invalid argument" on seeking), KeyError and ValueError (other formats). MemoryError passes.
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
         raise CleftchunkError(f"{path} is not a readable cleftchunk checkpoint ({_load_problem(e)}): use a file written by cleftchunk train") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CleftchunkError(f"{path} is not a cleftchunk checkpoint (no format {CHECKPOINT_FORMAT!r}): use a file written by cleftchunk train")
@@ -389,7 +389,7 @@ def _check_checkpoint_path(path: Path) -> None:
         raise CleftchunkError(f"checkpoint {path} is empty (0 bytes): it was not written completely, use another one")
 
 
-def _load_problem(error: Exception) -> str:
+def _load_problem(error: BaseException) -> str:
     """What went wrong in torch.load, in a few words, without torch's unsafe-loading advice."""
     text = str(error)
     if "unsupported global" in text.lower():  # a pickled class or function: running it could do anything

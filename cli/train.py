@@ -31,6 +31,17 @@ def _kv_pairs(values: tuple[str, ...], what: str) -> dict:
     return out
 
 
+def _renamed(old: str, new: str, what: str, elsewhere: str):
+    """A click callback for a retired spelling of train: a one-line error naming the new one (the
+    old one means something else on the block-wise commands: ``elsewhere``)."""
+
+    def refuse(ctx: click.Context, param: click.Parameter, value: object) -> None:
+        if value is not None:
+            raise CleftchunkError(f"train {old} is now {new}, {what}: on the block-wise commands {old} is {elsewhere}")
+
+    return refuse
+
+
 @click.command("train", epilog=EPILOG, context_settings={"max_content_width": 100})
 @click.option("-t", "--root", help="Root folder of the -dn/-ln volumes (the tutorial's -t).")
 @click.option("-dn", "--images", help="Image volumes joined by @ (relative to -t): Zarr, HDF5, TIFF, ...")
@@ -41,7 +52,8 @@ def _kv_pairs(values: tuple[str, ...], what: str) -> dict:
 @click.option("--iteration-save", type=int, help="Save a checkpoint every N iterations (and at the end) [10000].")
 @click.option("-mi", "--model-input", "input_size", help="Model input size z,y,x: z even, y and x multiples of 32 [8,256,256].")
 @click.option("-g", "--gpus", type=int, help="GPUs (DistributedDataParallel, one process each); 0 = CPU [1 if CUDA else 0].")
-@click.option("-c", "--workers", type=int, help="Data loader worker processes [1].")
+@click.option("-c", "--loader-workers", "loader_workers", type=int, help="Data loader worker processes [1] (-c as in the tutorial).")
+@click.option("--workers", hidden=True, expose_value=False, callback=_renamed("--workers", "--loader-workers (-c)", "the data loader processes", "the number of Dask worker processes"))
 @click.option("--cache-mb", type=float, help="Decoded-chunk cache per loader process, MiB (0: none) [512].")
 @click.option("--threads", type=int, help="Torch threads for CPU training [cores minus loader workers].")
 @click.option("-b", "--batch-size", type=int, help="Global batch size, split over the GPUs [8].")
@@ -52,7 +64,8 @@ def _kv_pairs(values: tuple[str, ...], what: str) -> dict:
 @click.option("--seed", type=int, help="Seed of the initialisation and of the crop stream [0].")
 @click.option("--label-mode", type=click.Choice(["auto", "cremi", "nonzero", "zero-background"]), help="What the labels hold: cremi (uint64 ids, background 0xFF..FF), nonzero / zero-background (0 = background) [auto: the label rule of every stage, from the metadata, the name and a few sampled boxes].")
 @click.option("--optimizer", type=click.Choice(["adam", "adamw"]), help="adam (amsgrad, original) or adamw [adam].")
-@click.option("--scheduler", type=click.Choice(["plateau", "cosine", "constant"]), help="Learning-rate schedule [plateau].")
+@click.option("--lr-schedule", "lr_schedule", type=click.Choice(["plateau", "cosine", "constant"]), help="Learning-rate schedule [plateau].")
+@click.option("--scheduler", hidden=True, expose_value=False, callback=_renamed("--scheduler", "--lr-schedule", "the learning-rate schedule", "the address of a Dask scheduler"))
 @click.option("--ema", type=float, help="EMA decay of the weights saved for inference (e.g. 0.999); 0 = off [0].")
 @click.option("--dice", type=float, help="Weight of a Dice term added to the weighted BCE [0].")
 @click.option("--output-prior", type=float, help="Initial output probability of a fresh model, e.g. 0.01 with --max-weight 1 [0.5, the original's].")

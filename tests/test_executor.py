@@ -97,51 +97,43 @@ KILLED_RUN = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from pathlib import Path
     from distributed import Client, LocalCluster
+    from stop_at_block import install
     from test_executor import _task
     from cleftchunk.run.executor import run_blockwise
     if __name__ == "__main__":
+        install({stop_after})
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=":0", scheduler_port=0) as cluster, Client(cluster) as c:
-            _, task = _task(Path({tmp!r}), (4, 64, 64), (1, 16, 16), delay={delay})
-            r = run_blockwise(c, task, progress=False)
-            print("SUMMARY", r.already_done, r.written, r.blocks)
+            _, task = _task(Path({tmp!r}), (4, 64, 64), (1, 16, 16))
+            run_blockwise(c, task, progress=False)
     """
 )
 
 
-def recorded(tmp_path) -> int:
-    try:
-        return int(zarr.open_array(str(tmp_path / "record.zarr"), mode="r")[:].sum())
-    except Exception:  # not created yet
-        return 0
-
-
 @pytest.mark.slow
 def test_the_record_never_says_done_for_unwritten_data_and_resume_finishes_after_a_kill(tmp_path):
+    """Killed (SIGKILL) after 8 blocks, then after 24 more, then run to the end: each kill leaves a
+    record of exactly the blocks written so far, the data of every recorded block is there, and the
+    last run does only what is left."""
     from pathlib import Path
 
-    code = KILLED_RUN.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), delay=0.15)
-    for attempt in range(3):  # kill twice, then let it finish
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        if attempt == 2:
-            out, _ = proc.communicate(timeout=120)
-            assert proc.returncode == 0, out
-            already, now, total = map(int, out.split("SUMMARY")[1].split())
-            assert already > 0 and already + now == total == 64
-            break
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None and recorded(tmp_path) < 8 + 24 * attempt:
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.stdout.read()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    from stop_at_block import recorded, summary
+
+    layout = GridLayout(Roi.from_shape((4, 64, 64)), (1, 16, 16))
+    for stop_after, expect_done in ((8, 8), (24, 32), (0, 64)):
+        code = KILLED_RUN.format(tests=str(Path(__file__).parent), tmp=str(tmp_path), stop_after=stop_after)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, start_new_session=True)
         done = zarr.open_array(str(tmp_path / "record.zarr"))[:]
         got = zarr.open_array(str(tmp_path / "out.zarr"))[:]
-        layout = GridLayout(Roi.from_shape((4, 64, 64)), (1, 16, 16))
-        assert 0 < done.sum() < 64
+        assert done.sum() == expect_done, proc.stdout + proc.stderr
         for block in layout.blocks():
             if done[layout.order(block.index)]:
                 s = block.write_roi.to_slices()
                 np.testing.assert_array_equal(got[s], expected_of((4, 64, 64))[s])
+        if stop_after:
+            assert proc.returncode == -signal.SIGKILL and recorded(proc.stdout) == expect_done, proc.stdout + proc.stderr
+        else:
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert summary(proc.stdout) == (32, 32, 64)
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "out.zarr"))[:], expected_of((4, 64, 64)))
 
 
@@ -259,3 +251,35 @@ def test_a_thread_client_starts_queued_tasks_highest_priority_first(threads):
             queue.next_batch()
         assert [f.result() for f in queued + [urgent]] == ["low0", "low1", "low2", "urgent"]
     assert started[len(busy):] == ["urgent", "low0", "low1", "low2"]
+
+
+# -- where blocks run: GPUs and schedulers ----------------------------------------------------------
+def test_a_broken_cuda_is_an_error_not_a_silent_cpu_run(monkeypatch):
+    """torch only warns when CUDA is there but does not start, and reports no GPU; the run says so."""
+    import warnings
+
+    import torch
+
+    from cleftchunk.errors import CleftchunkError
+    from cleftchunk.run.cluster import resolve_gpus
+
+    def broken() -> bool:
+        warnings.warn("CUDA initialization: The NVIDIA driver on your system is too old (found version 11040).")
+        return False
+
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", broken)
+    with pytest.raises(CleftchunkError, match=r"CUDA is installed but does not start \(CUDA initialization: The NVIDIA driver .* too old .*\): .* gpus=0"):
+        resolve_gpus(None)
+    assert resolve_gpus(0) == 0  # the CPU was asked for: CUDA is not consulted
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no driver at all: no GPU, no error
+    assert resolve_gpus(None) == 0
+
+
+def test_a_malformed_scheduler_address_is_named_not_reported_as_a_bug():
+    from cleftchunk.errors import CleftchunkError
+    from cleftchunk.run.cluster import ClusterSpec, dask_client
+
+    with pytest.raises(CleftchunkError, match=r"--scheduler nonsense::x is not a scheduler address \(invalid address"):
+        with dask_client(ClusterSpec(scheduler="nonsense::x")):
+            pass

@@ -97,3 +97,13 @@ def test_info_of_a_volume_with_no_stored_chunk(tmp_path, run_cli):
     [info] = describe(tmp_path / "o.zarr/empty")
     assert info.stored_bytes == 0 and info.ratio == 0 and info.value_min == info.value_max == 7
     assert "no chunk stored" in run_cli("info", tmp_path / "o.zarr/empty").output
+
+
+def test_info_says_when_the_levels_metadata_is_unreadable(tmp_path, run_cli):
+    """The levels beside an image level come from its group: damaged, that is an error, not "no levels"."""
+    create_volume(tmp_path / "o.zarr/raw", (2, 8, 8), "uint8", chunks=(2, 8, 8), voxel_size=(40, 4, 4))
+    [info] = describe(tmp_path / "o.zarr/raw/s0")
+    assert info.levels == ["s0"]
+    (tmp_path / "o.zarr/raw/zarr.json").write_text("{not json")  # the level keeps its own voxel_size
+    result = run_cli("info", tmp_path / "o.zarr/raw/s0", expect=2)
+    assert "unreadable Zarr metadata" in result.output and result.output.count("\n") == 1

@@ -20,7 +20,7 @@ import pytest
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.volumes import create_volume, open_volume
 from s3_server import environment, free_port, s3_server
-from test_predict import CHUNKS, SLOW_RUN, WINDOW, make_slow_model, recorded, tissue, write_volume
+from test_predict import CHUNKS, WINDOW, make_slow_model, tissue, write_volume
 
 # servers, clusters and subprocesses: part of the full suite, not of the quick loop
 pytestmark = pytest.mark.slow
@@ -99,40 +99,43 @@ def test_info_on_s3_lists_a_container_and_describes_an_image(tmp_path, run_cli, 
 
 
 # -- predict, killed and resumed -------------------------------------------------------------------
+STOP = Path(__file__).parent / "stop_at_block.py"
+
+
 @pytest.mark.slow
-def test_predict_from_and_to_s3_resumes_after_a_kill_with_the_bytes_of_a_local_run(tmp_path, bucket):
+def test_predict_from_and_to_s3_resumes_after_a_kill_with_the_bytes_of_a_local_run(tmp_path, bucket, run_cli):
+    """Killed (SIGKILL, at a known block: tests/stop_at_block.py) after 3 blocks and resumed."""
+    import torch
+
+    from cleftchunk.model import arch_spec, build_model, save_checkpoint
+    from stop_at_block import recorded, summary
+
+    torch.manual_seed(0)
+    net = build_model("unetv0", preset="small")
+    checkpoint = save_checkpoint(tmp_path / "small.pth", net, arch_spec(net), (4, 32, 32))
     raw = tissue((8, 48, 48), seed=3)
     local_in = write_volume(tmp_path / "in.zarr" / "raw", raw)
     remote_in = write_volume(f"{bucket}/in.zarr", raw)
     local_out, remote_out = str(tmp_path / "local.zarr" / "pred"), f"{bucket}/pred.zarr"
-    local = subprocess.run([sys.executable, "-c", _slow_run(0.0, local_in, local_out)], capture_output=True, text=True, timeout=120)
-    assert local.returncode == 0, local.stdout + local.stderr
+    common = ("--checkpoint", str(checkpoint), "--chunks", ",".join(map(str, CHUNKS)), "--block-shape", "4,16,16", "--workers", "0", "--no-progress")
+    run_cli("predict", local_in, local_out, *common)
 
     work = tmp_path / "work"  # the current directory receives a URL output's scratch
     work.mkdir()
-    code = _slow_run(0.04, remote_in, remote_out)
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    record = work / ".pred.zarr.predict-done.zarr"  # the completion record of a URL output: in the scratch folder
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None:
-        if recorded(record) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be interrupted: " + proc.stdout.read()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    written = recorded(record)
-    again = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=180)
+
+    def remote(stop_after: int) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(STOP), str(stop_after), "predict", remote_in, remote_out, *common],
+                              cwd=work, capture_output=True, text=True, timeout=180, start_new_session=True)
+
+    killed = remote(3)
+    assert killed.returncode == -signal.SIGKILL and recorded(killed.stdout) == 3, killed.stdout + killed.stderr
+    again = remote(0)
     assert again.returncode == 0, again.stdout + again.stderr
-    already, now, total = map(int, again.stdout.split("SUMMARY")[1].split())
-    assert already >= written and already + now == total and now > 0
+    already, now, total = summary(again.stdout)
+    assert already == 3 and already + now == total and now > 0
     np.testing.assert_array_equal(open_volume(remote_out)[:], open_volume(local_out)[:])
     assert chunk_bytes_s3(f"{remote_out}/s0") == chunk_bytes_local(Path(local_out) / "s0")
     assert not list(work.glob(".pred.zarr.predict-*")), "the scratch is removed when the run completes"
-
-
-def _slow_run(delay: float, spec: str, out: str) -> str:
-    return SLOW_RUN.format(tests=str(Path(__file__).parent), delay=delay, spec=spec, out=out, window=WINDOW, chunks=CHUNKS)
 
 
 def test_predict_scratch_option_is_used_for_an_s3_output(tmp_path, bucket):

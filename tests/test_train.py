@@ -54,7 +54,7 @@ def data(tmp_path_factory):
 def config(data, out, **overrides) -> dict:
     values = {
         "root": str(data), "images": "d.zarr/raw", "labels": "d.zarr/clefts", "output": str(out),
-        "input_size": MI, "preset": "small", "batch_size": 2, "workers": 0, "iteration_total": 4,
+        "input_size": MI, "preset": "small", "batch_size": 2, "loader_workers": 0, "iteration_total": 4,
         "iteration_save": 2, "progress": False, "threads": 1, "log_dir": str(out) + "-runs", "rejection": {"keep_p": 0.5},
     }
     values.update(overrides)
@@ -195,7 +195,7 @@ def stop_at(iteration):
 
 @pytest.mark.slow
 def test_interrupted_adamw_cosine_ema_run_resumes_exactly(data, tmp_path):
-    options = {"optimizer": "adamw", "scheduler": "cosine", "warmup": 1, "ema": 0.9, "dice": 0.5, "iteration_save": 2}
+    options = {"optimizer": "adamw", "lr_schedule": "cosine", "warmup": 1, "ema": 0.9, "dice": 0.5, "iteration_save": 2}
     whole = train(config(data, tmp_path / "whole", iteration_total=5, **options))
     with pytest.raises(Interrupt):
         train(config(data, tmp_path / "cut", iteration_total=5, **options), hooks=[stop_at(3)])
@@ -345,6 +345,40 @@ def test_cli_bad_input_is_a_one_line_error(data, tmp_path, run_cli, args, messag
     result = run_cli(*base, *args, expect=2)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert lines[-1].startswith("error: ") and message in lines[-1], result.output
+
+
+@pytest.mark.parametrize(
+    "old, printed",
+    [
+        (["--scheduler", "cosine"], "error: train --scheduler is now --lr-schedule, the learning-rate schedule: "
+                                    "on the block-wise commands --scheduler is the address of a Dask scheduler"),
+        (["--workers", "2"], "error: train --workers is now --loader-workers (-c), the data loader processes: "
+                             "on the block-wise commands --workers is the number of Dask worker processes"),
+    ],
+)
+def test_retired_flags_name_their_new_spelling(data, tmp_path, run_cli, old, printed):
+    """--scheduler and --workers mean Dask schedulers and workers on the block-wise commands."""
+    result = run_cli("train", "-t", data, "-dn", "d.zarr/raw", "-ln", "d.zarr/clefts", "-o", tmp_path / "o", *old, expect=2)
+    assert result.output == printed + "\n"
+    assert not (tmp_path / "o").exists()
+
+
+def test_loader_workers_and_lr_schedule_flags_and_older_stored_names(data, tmp_path, run_cli):
+    """-c is --loader-workers (the tutorial's -c); --lr-schedule sets the schedule; a config stored
+    by an older version (``workers``, ``scheduler``) still loads, under the new names."""
+    import yaml
+
+    out = tmp_path / "o"
+    run_cli("train", "-t", data, "-dn", "d.zarr/raw", "-ln", "d.zarr/clefts", "-o", out, "-mi", "4,64,64", "--preset", "small",
+            "-b", "2", "--loader-workers", "0", "--lr-schedule", "cosine", "--iteration-total", "1", "--no-progress",
+            "--log-dir", tmp_path / "r", "--threads", "1")
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["loader_workers"] == 0 and resolved["lr_schedule"] == "cosine"
+    assert "workers" not in resolved and "scheduler" not in resolved
+    stored = {k: v for k, v in config(data, out).items() if k != "loader_workers"} | {"workers": 2, "scheduler": "constant"}
+    older = TrainConfig.from_dict(stored)
+    assert (older.loader_workers, older.lr_schedule) == (2, "constant")
+    assert TrainConfig.from_dict(stored | {"loader_workers": 1}).loader_workers == 1  # the new name wins
 
 
 def test_cli_guards_an_existing_run(data, tmp_path, run_cli):

@@ -271,3 +271,45 @@ def test_missing_and_corrupt_files(tmp_path):
     (tmp_path / "bad.n5" / "attributes.json").write_text(json.dumps({"n5": "2.0.0"}))
     with pytest.raises(CleftchunkError, match="not an N5 dataset"):
         open_volume(tmp_path / "bad.n5")
+
+
+def test_damaged_frame_metadata_is_an_error_not_an_unknown_voxel_size(tmp_path):
+    """An image's level read directly takes its frame from the image group's multiscales: when that
+    metadata cannot be read, the voxel size is not silently unknown (1,1,1) but an error naming it."""
+    create_volume(tmp_path / "o.zarr" / "raw", (2, 8, 8), "uint8", chunks=(2, 8, 8), voxel_size=(40, 4, 4))
+    level = tmp_path / "o.zarr" / "raw" / "s0"
+    array_meta = json.loads((level / "zarr.json").read_text())
+    array_meta["attributes"] = {}  # as other OME-Zarr writers do: the frame only in the multiscales
+    (level / "zarr.json").write_text(json.dumps(array_meta))
+    assert open_volume(level).voxel_size == (40.0, 4.0, 4.0)
+    group = tmp_path / "o.zarr" / "raw" / "zarr.json"
+    meta = json.loads(group.read_text())
+    for transform in meta["attributes"]["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]:
+        del transform["type"]  # NGFF requires it
+    group.write_text(json.dumps(meta))
+    with pytest.raises(CleftchunkError, match="malformed OME multiscales metadata .*repair the metadata"):
+        open_volume(level)
+    group.write_text("{not json")
+    with pytest.raises(CleftchunkError, match=r"o.zarr/raw: unreadable Zarr metadata \(JSONDecodeError"):
+        open_volume(level)
+
+
+def test_a_file_that_cannot_be_read_is_not_called_corrupt(tmp_path, monkeypatch):
+    """Permission and memory errors are what they are, not "corrupt or truncated"."""
+    np.save(tmp_path / "d.npy", ramp((2, 4, 4)))
+
+    def refuse(error):
+        def load(*args, **kwargs):
+            raise error
+        return load
+
+    monkeypatch.setattr(np, "load", refuse(PermissionError(13, "Permission denied")))
+    with pytest.raises(CleftchunkError, match="d.npy: permission denied: give this user read access") as caught:
+        open_volume(tmp_path / "d.npy")
+    assert "corrupt" not in str(caught.value)
+    monkeypatch.setattr(np, "load", refuse(MemoryError()))
+    with pytest.raises(MemoryError):
+        open_volume(tmp_path / "d.npy")
+    monkeypatch.setattr(np, "load", refuse(ValueError("cannot reshape array")))
+    with pytest.raises(CleftchunkError, match=r"cannot read .npy array .*d.npy \(ValueError: cannot reshape array\): the file is corrupt or truncated"):
+        open_volume(tmp_path / "d.npy")

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from cleftchunk.demo.baseline import best_baseline_threshold, write_threshold_baseline
 from cleftchunk.errors import CleftchunkError
 
 MARKER = "demo.json"
@@ -274,7 +275,7 @@ class Demo:
             from cleftchunk.train.config import TrainConfig
 
             layout = measure_cpu_layout(TrainConfig.from_dict({**config, "output": str(self.folder / "calibration")}))
-            config.update(threads=layout["threads"], workers=layout["workers"])
+            config.update(threads=layout["threads"], loader_workers=layout["workers"])
             detail["cpu_layout"] = layout
             self.log(f"   measured: {layout['threads']} torch threads + {layout['workers']} loader workers "
                      f"({layout['seconds_per_iteration']:.2f} s per iteration)")
@@ -316,11 +317,11 @@ class Demo:
             "iteration_total": s.iterations,
             "iteration_save": max(s.iterations // 4, 1),
             "batch_size": s.batch_size,
-            "workers": 0 if s.loader_workers is None else s.loader_workers,
+            "loader_workers": 0 if s.loader_workers is None else s.loader_workers,
             "threads": s.threads,
             "lr": s.lr,
             "optimizer": s.optimizer,
-            "scheduler": s.scheduler,
+            "lr_schedule": s.scheduler,
             "dice": s.dice,
             "max_weight": s.max_weight,
             "output_prior": s.output_prior,
@@ -394,44 +395,6 @@ class Demo:
 
         path = write_demo_report(self)
         detail["report"] = str(path)
-
-
-# -- the baseline -----------------------------------------------------------------------
-BASELINE_THRESHOLDS = (20, 35, 50, 65, 80, 95)
-
-
-def best_baseline_threshold(sample: Path) -> int:
-    """The dark-voxel threshold t (cleft := raw <= t) with the best CREMI score on a training sample.
-
-    Chosen on the training sample only, so that the held-out comparison is fair to the baseline.
-    The whole sample, not the model's 16 validation sections: those hold 3 clefts, on which the
-    best threshold is raw ≤ 20 (against 95 on the whole sample), a weaker baseline on the test
-    sample than the one we beat.
-    """
-    from cleftchunk.post.metrics import cremi_metrics_reference
-    from cleftchunk.labels import CREMI_BACKGROUND
-    from cleftchunk.io.volumes import open_volume
-
-    raw_volume = open_volume(sample / "raw")
-    raw = raw_volume[:]
-    gt = open_volume(sample / "clefts")[:] != CREMI_BACKGROUND
-    scores = {}
-    for t in BASELINE_THRESHOLDS:
-        result = cremi_metrics_reference(raw <= t, gt, raw_volume.voxel_size)
-        score = result.get("cremi_score")
-        scores[t] = float("inf") if score is None or not np.isfinite(score) else float(score)
-    return min(scores, key=lambda t: (scores[t], t))
-
-
-def write_threshold_baseline(raw_spec: Path, out: Path, threshold: int) -> None:
-    """Write ``raw <= threshold`` as a 0/1 uint8 volume, chunk by chunk."""
-    from cleftchunk.geometry import ChunkGrid
-    from cleftchunk.io.volumes import create_like, open_volume
-
-    raw = open_volume(raw_spec)
-    target = create_like(out, raw, np.uint8, overwrite=True)
-    for _, roi in ChunkGrid(raw.roi, raw.chunks).chunks():
-        target.write(roi, (raw.read(roi) <= threshold).astype(np.uint8))
 
 
 def _plain(value: Any) -> Any:

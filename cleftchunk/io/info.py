@@ -17,6 +17,7 @@ import numpy as np
 from cleftchunk.io import sources, stores
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import ChunkGrid, Roi
+from cleftchunk.io.ome import zarr_group
 from cleftchunk.io.volumes import Volume, list_hdf5_datasets, open_volume, source_kind, split_spec
 
 SAMPLE_CHUNKS = 8
@@ -93,13 +94,8 @@ def container_members(container: Path, inner: str | None) -> list[str] | None:
 
 
 def zarr_members(container: Path, inner: str | None) -> list[str] | None:
-    import zarr
-
-    try:
-        node = zarr.open(stores.zarr_store(container, "r"), mode="r", path=inner or "")
-    except Exception:
-        return None  # open_volume reports it properly
-    if not isinstance(node, zarr.Group) or _is_image(node):
+    node = zarr_group(container, inner or "")
+    if node is None or _is_image(node):  # nothing there, or an array: open_volume says which
         return None
     found: list[str] = []
     _walk_images(node, inner or "", found)
@@ -132,15 +128,16 @@ def member_info(container: Path, inner: str) -> VolumeInfo:
 
 
 def _raw_shape(container: Path, inner: str) -> tuple[tuple[int, ...] | None, str | None]:
-    try:
-        if source_kind(container) == "hdf5":
-            import h5py
+    """Shape and dtype of an HDF5 dataset that is no volume (a table, say); (None, None) otherwise."""
+    if source_kind(container) != "hdf5":
+        return None, None
+    import h5py
 
-            with h5py.File(container, "r") as f:
-                return tuple(f[inner].shape), str(f[inner].dtype)
-    except Exception:
-        pass
-    return None, None
+    with h5py.File(container, "r") as f:
+        node = f[inner]
+        if not isinstance(node, h5py.Dataset):  # a group: it has no shape of its own
+            return None, None
+        return tuple(node.shape), str(node.dtype)
 
 
 def volume_info(volume: Volume) -> VolumeInfo:
@@ -198,13 +195,10 @@ def _tree_size(root: Path, skip: str, also_skip: tuple[str, ...] = ()) -> int:
 def _levels(volume: Volume) -> list[str]:
     if not volume.is_zarr or not volume.inner:
         return []
-    import zarr
-
-    parent = volume.inner.rpartition("/")[0]
-    try:
-        attrs = dict(zarr.open_group(stores.zarr_store(volume.container, "r"), mode="r", path=parent).attrs)
-    except Exception:
+    group = zarr_group(volume.container, volume.inner.rpartition("/")[0])
+    if group is None:  # the array is the root of its store: no levels beside it
         return []
+    attrs = dict(group.attrs)
     ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales") or []
     return [d["path"] for d in ms[0]["datasets"]] if ms else []
 

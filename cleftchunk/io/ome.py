@@ -48,24 +48,47 @@ def _ome_frame(volume: Any, off: Any) -> tuple[Any, Any]:
     if not volume.inner:
         return None, off
     parent_path, _, name = (volume.inner or "").rpartition("/")
-    try:
-        parent = zarr.open_group(zarr_store(volume.container, "r"), mode="r", path=parent_path)
-    except Exception:
+    parent = zarr_group(volume.container, parent_path)
+    if parent is None:  # an array at the root of its store: no multiscales can describe it
         return None, off
     attrs = dict(parent.attrs)
     ms = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
     if not ms:
         return None, off
-    for ds in ms[0]["datasets"]:
-        if ds["path"] == name:
-            scale = translation = None
-            for t in ds.get("coordinateTransformations", []):
-                if t["type"] == "scale":
-                    scale = t["scale"]
-                elif t["type"] == "translation":
-                    translation = t["translation"]
-            return scale, (off if off is not None else translation)
+    try:
+        for ds in ms[0]["datasets"]:
+            if ds["path"] == name:
+                scale = translation = None
+                for t in ds.get("coordinateTransformations", []):
+                    if t["type"] == "scale":
+                        scale = t["scale"]
+                    elif t["type"] == "translation":
+                        translation = t["translation"]
+                return scale, (off if off is not None else translation)
+    except (KeyError, IndexError, TypeError) as e:  # a multiscales entry without the fields NGFF requires
+        raise CleftchunkError(
+            f"{volume.container}/{parent_path}: malformed OME multiscales metadata ({type(e).__name__}: {e}), so the voxel size "
+            "is unknown: repair the metadata (or re-convert the image)"
+        ) from e
     return None, off
+
+
+def zarr_group(location: Any, path: str = "") -> Any | None:
+    """The Zarr group at ``path`` of ``location``; None where there is none (nothing, or an array).
+
+    Metadata that is there but does not parse is an error naming the node, never "no group": a
+    damaged ``zarr.json`` must not make a voxel size silently unknown.
+    """
+    import zarr
+    from zarr.errors import ContainsArrayError
+
+    try:
+        return zarr.open_group(zarr_store(location, "r"), mode="r", path=path)
+    except (FileNotFoundError, ContainsArrayError):  # zarr's GroupNotFoundError is a FileNotFoundError
+        return None
+    except ValueError as e:  # JSON that does not parse, metadata zarr refuses
+        where = f"{location}/{path}" if path else str(location)
+        raise CleftchunkError(f"{where}: unreadable Zarr metadata ({type(e).__name__}: {e}): the store is damaged, repair or re-create it") from e
 
 
 def compressor_codecs(name: str | None) -> list:

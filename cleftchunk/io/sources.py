@@ -12,78 +12,26 @@ storage units (pages, blocks) it overlaps.
 - :class:`ImageFolder`: a folder of per-section TIFF/PNG images, sorted naturally (``2.png``
   before ``10.png``), one section per file.
 - :class:`NpyArray`: a ``.npy`` file, memory-mapped (``np.load(mmap_mode="r")``).
-- :class:`N5Array`: an N5 dataset (zarr 3 no longer reads N5). N5 lists dimensions, block sizes,
-  block indices and resolutions x-first; they are reversed here to (z, y, x). Blocks are
-  big-endian, carry a small header (mode, ndim, actual block size), and may be compressed with
-  raw, gzip, zlib, bzip2, xz, zstd or blosc; a block that is missing on disk reads as 0.
+- :class:`~cleftchunk.io.n5.N5Array`: an N5 dataset (in :mod:`cleftchunk.io.n5`, re-exported here).
+
+A file that cannot be decoded is reported as corrupt or truncated; a file this process may not
+read, or memory running out, is reported as what it is (:func:`cleftchunk.io.access.reading`).
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import json
-import lzma
-import re
-import struct
 import threading
-import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.geometry import ChunkGrid, Roi
+from cleftchunk.io.access import damaged_file_errors, drop_axes, natural_key, normalize_key, reading, roi_of
+from cleftchunk.io.n5 import N5_DTYPES, N5Array, decode_n5_block, is_n5, n5_attributes, n5_datasets  # noqa: F401  (re-exported)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
-N5_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float32", "float64")
-
-
-# -- indexing helpers ---------------------------------------------------------------------
-def normalize_key(key: Any, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[int, ...]]:
-    """Expand ``key`` to one step-1 slice per axis; also return the axes indexed by an int.
-
-    Sources read boxes, so this accepts what the volume layer and dask pass: slices with
-    step 1, ints and Ellipsis.
-    """
-    key = key if isinstance(key, tuple) else (key,)
-    if any(k is Ellipsis for k in key):
-        i = next(i for i, k in enumerate(key) if k is Ellipsis)
-        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1 :]
-    key = key + (slice(None),) * (len(shape) - len(key))
-    if len(key) != len(shape):
-        raise IndexError(f"too many indices for an array of shape {tuple(shape)}")
-    slices, dropped = [], []
-    for axis, (k, n) in enumerate(zip(key, shape)):
-        if isinstance(k, (int, np.integer)):
-            k = int(k) + (n if k < 0 else 0)
-            if not 0 <= k < n:
-                raise IndexError(f"index {k} out of range for axis {axis} of size {n}")
-            slices.append(slice(k, k + 1))
-            dropped.append(axis)
-        elif isinstance(k, slice):
-            start, stop, step = k.indices(n)
-            if step != 1:
-                raise IndexError("sources only support contiguous slices (step 1)")
-            slices.append(slice(start, max(start, stop)))
-        else:
-            raise IndexError(f"unsupported index {k!r}: use slices or ints")
-    return tuple(slices), tuple(dropped)
-
-
-def roi_of(slices: Sequence[slice]) -> Roi:
-    return Roi.from_bounds([s.start for s in slices], [s.stop for s in slices])
-
-
-def _drop_axes(data: np.ndarray, axes: Sequence[int]) -> np.ndarray:
-    return data.squeeze(axis=tuple(axes)) if axes else data
-
-
-def natural_key(name: str) -> list:
-    """Sort key under which ``s2.png`` comes before ``s10.png``."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
 class _LazyFile:
@@ -125,10 +73,8 @@ class TiffStack(_LazyFile):
         if self._local is None:
             self._local = threading.local()
         if getattr(self._local, "tif", None) is None:
-            try:
+            with reading(self.path, "TIFF file"):
                 self._local.tif = tifffile.TiffFile(self.path)
-            except Exception as e:
-                raise CleftchunkError(f"{self.path} is not a readable TIFF file ({e}): check that it is complete") from e
         return self._local.tif
 
     def _series(self):
@@ -139,16 +85,9 @@ class TiffStack(_LazyFile):
 
     def __getitem__(self, key: Any) -> np.ndarray:
         slices, dropped = normalize_key(key, self.shape)
-        try:
-            if self.contiguous:
-                data = self._mapped()[slices]
-            else:
-                data = self._read_pages(slices)
-        except CleftchunkError:
-            raise
-        except Exception as e:  # tifffile/numpy raise many kinds for damaged files
-            raise CleftchunkError(f"cannot read {self.path} ({type(e).__name__}: {e}): the file is corrupt or truncated") from e
-        return _drop_axes(np.array(data), dropped)
+        with reading(self.path, "TIFF file"):
+            data = self._mapped()[slices] if self.contiguous else self._read_pages(slices)
+        return drop_axes(np.array(data), dropped)
 
     def _mapped(self) -> np.ndarray:
         import tifffile
@@ -229,7 +168,7 @@ class ImageFolder:
                 )
 
     def _read_file(self, path: Path) -> np.ndarray:
-        try:
+        with reading(path, "image"):
             if path.suffix.lower() in TIFF_SUFFIXES:
                 import tifffile
 
@@ -238,8 +177,6 @@ class ImageFolder:
 
             with Image.open(path) as image:
                 return np.asarray(image)
-        except Exception as e:
-            raise CleftchunkError(f"cannot read image {path} ({type(e).__name__}: {e}): the file is corrupt or truncated") from e
 
     def __getitem__(self, key: Any) -> np.ndarray:
         slices, dropped = normalize_key(key, self.shape)
@@ -252,7 +189,7 @@ class ImageFolder:
                     f"{self.section_shape} {self.dtype}: all sections of a folder must match"
                 )
             out[i] = section[slices[1:]]
-        return _drop_axes(out, dropped)
+        return drop_axes(out, dropped)
 
 
 def _image_header_shape(path: Path) -> tuple[int, ...] | None:
@@ -268,7 +205,7 @@ def _image_header_shape(path: Path) -> tuple[int, ...] | None:
         with Image.open(path) as image:
             bands = len(image.getbands())
             return (image.height, image.width) + ((bands,) if bands > 1 else ())
-    except Exception:  # a damaged file is reported with its reason when it is read
+    except damaged_file_errors():  # a damaged file is reported with its reason when it is read
         return None
 
 
@@ -302,163 +239,16 @@ class NpyArray(_LazyFile):
 
     def _mapped(self) -> np.ndarray:
         if self._memmap is None:
-            try:
+            with reading(self.path, ".npy array"):
                 self._memmap = np.load(self.path, mmap_mode="r", allow_pickle=False)
-            except Exception as e:  # ValueError for pickled/object or truncated files, OSError...
-                raise CleftchunkError(f"{self.path} is not a readable .npy array ({e}): check that it is complete") from e
         return self._memmap
 
     def __getitem__(self, key: Any) -> np.ndarray:
         return np.array(self._mapped()[key])
 
 
-# -- N5 -----------------------------------------------------------------------------------
-def is_n5(path: Path) -> bool:
-    """A directory that is (or is inside) an N5 container."""
-    path = Path(path)
-    if path.suffix.lower() == ".n5":
-        return True
-    attrs = path / "attributes.json"
-    if path.is_dir() and attrs.exists():
-        try:
-            meta = json.loads(attrs.read_text())
-        except (OSError, ValueError):
-            return False
-        return "n5" in meta or "dimensions" in meta
-    return False
-
-
-def n5_attributes(path: Path) -> dict:
-    file = Path(path) / "attributes.json"
-    if not file.exists():
-        return {}
-    try:
-        return json.loads(file.read_text())
-    except ValueError as e:
-        raise CleftchunkError(f"{file} is not valid JSON ({e}): the N5 container is damaged") from e
-
-
-def n5_datasets(container: Path) -> list[str]:
-    """Paths of the datasets below an N5 container (directories whose attributes name dimensions)."""
-    out = []
-    for attrs in sorted(Path(container).rglob("attributes.json")):
-        if "dimensions" in n5_attributes(attrs.parent):
-            out.append(attrs.parent.relative_to(container).as_posix())
-    return out
-
-
-class N5Array:
-    """An N5 dataset read block by block, presented in (z, y, x) order."""
-
-    def __init__(self, container: Path, inner: str | None):
-        self.container = Path(container)
-        self.inner = (inner or "").strip("/")
-        self.path = self.container / self.inner if self.inner else self.container
-        meta = n5_attributes(self.path)
-        if "dimensions" not in meta:
-            found = n5_datasets(self.container)
-            raise CleftchunkError(
-                f"{self.path} is not an N5 dataset; the container has: {', '.join(found) or 'no datasets'} "
-                f"(name one, e.g. {self.container}/{found[0] if found else 'raw'})"
-            )
-        self.shape = tuple(int(d) for d in reversed(meta["dimensions"]))
-        self.chunks = tuple(int(b) for b in reversed(meta["blockSize"]))
-        dtype = meta.get("dataType")
-        if dtype not in N5_DTYPES:
-            raise CleftchunkError(f"{self.path}: N5 data type {dtype!r} is not supported: use one of {', '.join(N5_DTYPES)}")
-        self.dtype = np.dtype(dtype)
-        self.compression = _n5_compression(meta)
-        self.attrs = _n5_frame_attrs(meta)
-        self.grid = ChunkGrid(Roi.from_shape(self.shape), self.chunks)
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        slices, dropped = normalize_key(key, self.shape)
-        want = roi_of(slices)
-        out = np.zeros(want.shape, dtype=self.dtype)
-        for index in self.grid.indices_overlapping(want):
-            block_roi = self.grid.chunk_roi(index)
-            block = self.read_block(index, block_roi.shape)
-            if block is None:
-                continue  # missing blocks read as 0
-            overlap = block_roi.intersect(want)
-            out[overlap.to_slices(want.offset)] = block[overlap.to_slices(block_roi.offset)]
-        return _drop_axes(out, dropped)
-
-    def block_path(self, index: Sequence[int]) -> Path:
-        return self.path.joinpath(*(str(i) for i in reversed(index)))
-
-    def read_block(self, index: Sequence[int], expected: Sequence[int]) -> np.ndarray | None:
-        """The block at grid ``index`` (z, y, x) as an array of ``expected`` shape, or None if missing."""
-        path = self.block_path(index)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            return decode_n5_block(raw, self.dtype, self.compression, expected)
-        except Exception as e:
-            raise CleftchunkError(f"N5 block {path} is corrupt or truncated ({type(e).__name__}: {e}): re-copy the dataset") from e
-
-
-def _n5_compression(meta: dict) -> dict:
-    comp = meta.get("compression")
-    if comp is None:  # N5 before 1.0: "compressionType": "gzip"
-        comp = {"type": meta.get("compressionType", "raw")}
-    kind = comp.get("type", "raw")
-    if kind not in ("raw", "gzip", "bzip2", "xz", "zstd", "blosc"):
-        raise CleftchunkError(f"N5 compression {kind!r} is not supported: recompress with raw, gzip, bzip2, xz, zstd or blosc")
-    return comp
-
-
-def _n5_frame_attrs(meta: dict) -> dict:
-    """N5 attributes with the frame (resolution, offset) reversed to z, y, x under our own names."""
-    attrs = {k: v for k, v in meta.items() if k not in ("dimensions", "blockSize", "dataType", "compression")}
-    resolution = meta.get("resolution")
-    pixel = meta.get("pixelResolution")
-    if resolution is None and pixel is not None:
-        resolution = pixel["dimensions"] if isinstance(pixel, dict) else pixel
-    for key in ("resolution", "pixelResolution", "offset"):
-        attrs.pop(key, None)
-    if resolution is not None:
-        attrs["voxel_size"] = [float(v) for v in reversed(resolution)]
-    if meta.get("offset") is not None:
-        attrs["offset"] = [float(v) for v in reversed(meta["offset"])]
-    return attrs
-
-
-def decode_n5_block(raw: bytes, dtype: np.dtype, compression: dict, expected: Sequence[int]) -> np.ndarray:
-    """Parse one N5 block: header, decompression, big-endian data in (z, y, x) order."""
-    mode, ndim = struct.unpack(">HH", raw[:4])
-    if mode not in (0, 1):
-        raise ValueError(f"unsupported N5 block mode {mode}")
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    start = 4 + 4 * ndim + (4 if mode == 1 else 0)
-    shape = tuple(reversed(dims))
-    payload = _n5_decompress(raw[start:], compression)
-    count = int(np.prod(shape))
-    data = np.frombuffer(payload, dtype=dtype.newbyteorder(">"), count=count).reshape(shape)
-    block = np.zeros(tuple(expected), dtype=dtype)
-    # Edge blocks may be stored at their cropped size or at full block size: copy the overlap.
-    common = tuple(slice(0, min(a, b)) for a, b in zip(shape, expected))
-    block[common] = data[common]
-    return block
-
-
-def _n5_decompress(payload: bytes, compression: dict) -> bytes:
-    kind = compression.get("type", "raw")
-    if kind == "raw":
-        return payload
-    if kind == "gzip":
-        # N5 writes gzip streams by default and zlib streams with "useZlib": true.
-        return zlib.decompress(payload) if compression.get("useZlib") else gzip.decompress(payload)
-    if kind == "bzip2":
-        return bz2.decompress(payload)
-    if kind == "xz":
-        return lzma.decompress(payload)
-    if kind == "zstd":
-        from numcodecs import Zstd
-
-        return bytes(Zstd().decode(payload))
-    from numcodecs import Blosc
-
-    return bytes(Blosc().decode(payload))
+__all__ = [
+    "IMAGE_SUFFIXES", "N5_DTYPES", "N5Array", "TIFF_SUFFIXES", "ImageFolder", "NpyArray", "TiffStack",
+    "damaged_file_errors", "decode_n5_block", "drop_axes", "image_files", "is_image_folder", "is_n5",
+    "n5_attributes", "n5_datasets", "natural_key", "normalize_key", "reading", "roi_of", "tiff_frame_attrs",
+]

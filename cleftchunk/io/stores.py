@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,7 @@ def zarr_store(location: Location, mode: str = "r") -> Any:
     scheme = check_url(str(location), write=mode != "r")
     try:
         return FsspecStore.from_url(str(location).rstrip("/"), storage_options=storage_options(scheme), read_only=mode == "r")
-    except CleftchunkError:
-        raise
-    except Exception as e:
+    except storage_errors() as e:
         raise explain(e, str(location)) from e
 
 
@@ -149,7 +148,7 @@ def exists(location: Location) -> bool:
             # No listings over HTTP: a Zarr node exists when its metadata document does.
             return any(fs.exists(f"{path.rstrip('/')}/{name}") for name in ("zarr.json", ".zgroup", ".zarray"))
         return bool(fs.exists(path))
-    except Exception as e:
+    except storage_errors() as e:
         raise explain(e, str(location)) from e
 
 
@@ -169,8 +168,33 @@ def check_reachable(location: Location) -> None:
         raise CleftchunkError(
             f"{location}: bucket {bucket!r} does not exist{_endpoint_note()}: create it (e.g. aws s3 mb s3://{bucket}) or check the name"
         ) from e
-    except Exception as e:
+    except storage_errors() as e:
         raise explain(e, str(location)) from e
+
+
+#: Exception classes of the object-store libraries that reach callers untranslated (s3fs and
+#: gcsfs turn most service errors into OSError, but not missing credentials or a refused
+#: connection): module -> class names.
+_LIBRARY_ERRORS = {
+    "botocore.exceptions": ("BotoCoreError", "ClientError"),
+    "google.auth.exceptions": ("GoogleAuthError",),
+    "gcsfs.retry": ("HttpError",),
+    "aiohttp": ("ClientError",),
+}
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What reading or listing a store can raise for an unreachable, forbidden or missing object:
+    OSError (TimeoutError and ConnectionError included) and the object-store libraries' own errors.
+
+    A library's errors are only looked up once it is imported, as only then can it have raised
+    them; anything else (a bug) is not caught with them.
+    """
+    errors: list[type[BaseException]] = [OSError]
+    for module, names in _LIBRARY_ERRORS.items():
+        if module in sys.modules:
+            errors.extend(getattr(sys.modules[module], name) for name in names if hasattr(sys.modules[module], name))
+    return tuple(errors)
 
 
 def explain(error: BaseException, url: str) -> CleftchunkError:
@@ -211,6 +235,7 @@ __all__ = [
     "join",
     "local_only",
     "resolved",
+    "storage_errors",
     "storage_options",
     "url_scheme",
     "zarr_store",

@@ -46,19 +46,21 @@ from cleftchunk.io.specs import (  # noqa: F401  (re-exported: the spec rules ar
     split_spec,
 )
 from cleftchunk.io.stores import Location
-from cleftchunk.io.ome import AXES, compressor_codecs, multiscale_level0, ome_multiscales, read_frame
+from cleftchunk.io.ome import AXES, compressor_codecs, multiscale_level0, ome_multiscales, read_frame, zarr_group
+from cleftchunk.io.formats import (  # noqa: F401  (re-exported: callers import them from here)
+    SUPPORTED_DTYPE_KINDS,
+    channel_axis,
+    check_3d,
+    check_dtype,
+    list_hdf5_datasets,
+    open_array,
+)
 
 #: Default chunk shape of written volumes: 1 MiB for uint8, thin in z to follow EM anisotropy
 #: (40 nm sections vs 4 nm pixels), and a divisor of the default prediction block so that blocks
 #: stay aligned to chunks. 256 px in-plane matches the model window.
 DEFAULT_CHUNKS = (16, 256, 256)
 DEFAULT_VOXEL_SIZE = (40.0, 4.0, 4.0)
-
-#: CREMI label conventions.
-
-
-#: dtype kinds every stage can handle: bool, signed/unsigned integers, floats.
-SUPPORTED_DTYPE_KINDS = "biuf"
 
 
 # -- the Volume type ----------------------------------------------------------------------
@@ -82,7 +84,7 @@ class Volume:
     def array(self) -> Any:
         """The underlying array (zarr.Array, h5py.Dataset or a source), opened on first use."""
         if self._array is None:
-            array = _open_array(self)
+            array = open_array(self)
             self._array = array if self.channel is None else ChannelView(array, self.channel, str(self))
         return self._array
 
@@ -224,11 +226,6 @@ class ChannelView:
         return data.squeeze(axis=dropped) if dropped else data
 
 
-def channel_axis(shape: Sequence[int]) -> int:
-    """The channel axis of a 4-D shape: last if it is small (RGB-like) and the first is not, else first."""
-    return 3 if shape[3] <= 4 and shape[0] > 4 else 0
-
-
 class _LazyReader:
     """Array-like for dask over an HDF5 dataset: opens the file in each worker process."""
 
@@ -278,112 +275,6 @@ def open_volume(
             f"{volume.spec}: voxel size {volume.voxel_size} / offset {volume.offset_nm} do not match its {ndim} axes"
         )
     return volume
-
-
-def check_3d(array: Any, volume: Volume) -> None:
-    shape = tuple(int(s) for s in array.shape)
-    if len(shape) == 3:
-        return
-    if len(shape) == 4:
-        axis = channel_axis(shape)
-        raise CleftchunkError(
-            f"{volume} is 4-D {shape}; a volume is 3-D (z, y, x): pick one of its {shape[axis]} channels "
-            f"(axis {axis}) with --channel K"
-        )
-    if len(shape) < 3:
-        raise CleftchunkError(
-            f"{volume} is {len(shape)}-D {shape}; a volume is 3-D (z, y, x): give a stack of sections "
-            "(multi-page TIFF, a folder of images, or a 3-D dataset)"
-        )
-    raise CleftchunkError(f"{volume} is {len(shape)}-D {shape}; only 3-D data, or 4-D with --channel K, can be read: extract a 3-D volume first")
-
-
-def check_dtype(dtype: np.dtype, volume: Volume) -> None:
-    if dtype.kind not in SUPPORTED_DTYPE_KINDS or dtype.fields is not None:
-        raise CleftchunkError(
-            f"{volume} has data type {dtype}, which cleftchunk does not handle: store it as an integer or float type"
-        )
-
-
-def _open_array(volume: Volume) -> Any:
-    kind = volume.kind
-    if kind == "hdf5":
-        return _open_hdf5(volume)
-    if kind == "zarr":
-        return _open_zarr(volume)
-    if kind == "n5":
-        return sources.N5Array(volume.container, volume.inner)
-    if volume.inner:
-        raise CleftchunkError(f"{volume.container} is a {kind} file with no datasets inside; drop {volume.inner!r} from the path")
-    if kind == "tiff":
-        return sources.TiffStack(volume.container)
-    if kind == "npy":
-        return sources.NpyArray(volume.container)
-    return sources.ImageFolder(volume.container)
-
-
-def _open_hdf5(volume: Volume) -> Any:
-    import h5py
-
-    try:
-        f = h5py.File(volume.container, "r" if volume.mode == "r" else "a")
-    except OSError as e:
-        raise CleftchunkError(f"{volume.container} is not a readable HDF5 file ({e}): check that it is complete") from e
-    volume._h5file = f
-    datasets = list_hdf5_datasets(f)
-    inner = volume.inner
-    if inner is None:
-        if len(datasets) == 1:
-            inner = volume.inner = datasets[0]
-        elif not datasets:
-            raise CleftchunkError(f"{volume.container} holds no datasets")
-        else:
-            raise CleftchunkError(
-                f"{volume.container} holds several datasets ({', '.join(datasets)}): pick one with --dataset or FILE:DATASET"
-            )
-    if inner not in f or not isinstance(f[inner], h5py.Dataset):
-        raise CleftchunkError(
-            f"{volume.container} has no dataset {inner!r}; it has: {', '.join(datasets) or 'none'}"
-        )
-    return f[inner]
-
-
-def list_hdf5_datasets(f: Any) -> list[str]:
-    import h5py
-
-    names: list[str] = []
-    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
-    return names
-
-
-def _open_zarr(volume: Volume) -> Any:
-    import zarr
-
-    mode = "r" if volume.mode == "r" else "r+"
-    try:
-        node = zarr.open(stores.zarr_store(volume.container, mode), mode=mode, path=volume.inner or "")
-    except CleftchunkError:
-        raise
-    except (FileNotFoundError, KeyError) as e:
-        raise CleftchunkError(
-            f"{volume.spec}: no Zarr array or group there, so neither an image (out.zarr, multiscales at its root) "
-            f"nor a container of images (out.zarr/name); check the path ({type(e).__name__})"
-        ) from e
-    except Exception as e:  # zarr raises several types for missing/invalid metadata
-        raise CleftchunkError(f"{volume.spec} is not a readable Zarr node ({type(e).__name__}: {e})") from e
-    if isinstance(node, zarr.Group):
-        level0 = multiscale_level0(node)
-        if level0 is None:
-            arrays = sorted(k for k, _ in node.arrays())
-            groups = sorted(k for k, _ in node.groups())
-            raise CleftchunkError(
-                f"{volume.spec} is a container of images, not an image (no multiscales at its root): "
-                f"name one inside it, e.g. {volume.spec}/{(arrays + groups + ['raw'])[0]} "
-                f"(it holds: {', '.join(arrays + groups) or 'nothing'})"
-            )
-        volume.inner = "/".join(p for p in (volume.inner, level0) if p)
-        node = node[level0]
-    return node
 
 
 # -- creating -----------------------------------------------------------------------------
@@ -508,16 +399,13 @@ def _exists_message(spec: str | os.PathLike) -> str:
 def container_refusal(spec: str | os.PathLike) -> str | None:
     """For an output given as ``out.zarr`` that is a container of images: why it is refused and
     what to write instead. None for anything else."""
-    import zarr
-
     container, inner = split_spec(spec)
     if inner is not None or is_hdf5(container):
         return None
-    try:
-        root = zarr.open_group(stores.zarr_store(container, "r"), mode="r")
-        members = sorted(k for k, _ in root.members())
-    except Exception:
+    root = zarr_group(container)
+    if root is None:
         return None
+    members = sorted(k for k, _ in root.members())
     if multiscale_level0(root) is not None or not members:
         return None
     return (

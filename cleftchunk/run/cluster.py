@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 import socket
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -66,21 +67,38 @@ class ClusterSpec:
 
 
 def available_gpus() -> int:
-    try:
-        import torch
+    """GPUs this process can use: 0 where torch has no CUDA or the machine no NVIDIA driver.
 
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # a broken CUDA install means: no GPUs
+    A CUDA that is there but fails to start (a driver too old for the wheel, a broken install) is
+    an error saying so: torch only warns and reports no GPU, and the run would silently go to the CPU.
+    """
+    import torch
+
+    if not torch.backends.cuda.is_built():  # the CPU wheel
         return 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if available:
+        return torch.cuda.device_count()
+    failed = [str(w.message) for w in caught if "CUDA initialization" in str(w.message)]
+    if failed:
+        raise CleftchunkError(
+            f"CUDA is installed but does not start ({failed[0].splitlines()[0][:200]}): fix the NVIDIA driver "
+            "or the torch CUDA build, or run on the CPU with gpus=0"
+        )
+    return 0
 
 
 def resolve_gpus(requested: int | None) -> int:
     """``None`` means: all GPUs of this machine (0 without CUDA)."""
+    if requested is not None and requested < 0:
+        raise CleftchunkError(f"--gpus {requested} must be 0 or more")
+    if requested == 0:  # the CPU was asked for: whether CUDA works does not matter
+        return 0
     have = available_gpus()
     if requested is None:
         return have
-    if requested < 0:
-        raise CleftchunkError(f"--gpus {requested} must be 0 or more")
     if requested > have:
         raise CleftchunkError(f"--gpus {requested} asked, but this machine has {have} usable GPU(s): use --gpus {have}")
     return requested
@@ -164,11 +182,11 @@ def _remote_client(spec: ClusterSpec) -> Iterator[object]:
             )
     try:
         client = Client(spec.scheduler, timeout="20s", security=security)
-    except (OSError, TimeoutError) as e:
-        hint = "check --scheduler and the TLS certificates" if spec.scheduler.startswith("tls://") else "check --scheduler"
-        raise CleftchunkError(f"no Dask scheduler answers at {spec.scheduler} ({_first_line(e)}): {hint}") from None
-    except Exception as e:  # ssl errors, a tcp:// client refused by a TLS scheduler, ...
-        raise CleftchunkError(f"cannot connect to the Dask scheduler at {spec.scheduler} ({type(e).__name__}: {_first_line(e)}): check --scheduler and the TLS options") from None
+    except OSError as e:  # refused, timed out, or closed in the TLS handshake (CommClosedError, ssl errors)
+        hint = "check --scheduler and the TLS certificates" if spec.scheduler.startswith("tls://") else "check --scheduler (and the TLS options, if the scheduler uses TLS)"
+        raise CleftchunkError(f"cannot connect to the Dask scheduler at {spec.scheduler} ({type(e).__name__}: {_first_line(e)}): {hint}") from None
+    except ValueError as e:  # an address distributed cannot parse
+        raise CleftchunkError(f"--scheduler {spec.scheduler} is not a scheduler address ({_first_line(e)}): use tcp://host:port or tls://host:port") from None
     with client:
         yield client
 

@@ -86,26 +86,21 @@ class RunReport:
     written: int = 0
     failed: list[tuple[Roi, str]] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
-    seconds: float = 0.0
-    first_block_seconds: float | None = None
-    dashboard: str | None = None
+    first_block_seconds: float | None = None  # from the run's start to the first block done (benchmarks)
 
 
 def n_threads(client: Any) -> int:
-    """Task threads of the cluster (at least 1)."""
-    try:
-        workers = client.scheduler_info()["workers"].values()
-        return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
-    except Exception:  # an unusual client: assume one
-        return 1
+    """Task threads of the cluster (at least 1): a ``distributed.Client`` or a
+    :class:`~cleftchunk.run.local.ThreadClient`, both of which describe their workers."""
+    workers = client.scheduler_info()["workers"].values()
+    return max(1, sum(int(w.get("nthreads", 1)) for w in workers))
 
 
 def run_blockwise(
     client: Any, task: BlockwiseTask, *, retries: int = 2, progress: bool = True, in_flight: int | None = None
 ) -> RunReport:
     """Run every block of ``task`` not recorded done; return what happened (failures included)."""
-    started = time.perf_counter()
-    report = RunReport(task.name, len(task.layout), dashboard=getattr(client, "dashboard_link", None))
+    report = RunReport(task.name, len(task.layout))
     threads = n_threads(client)
     # enough batches to keep every thread busy (a batch is one Dask task)
     batch = max(1, min(task.batch, len(task.layout) // (8 * threads)))
@@ -119,7 +114,6 @@ def run_blockwise(
         run.close()
         if task.record is not None:
             task.record.flush()
-    report.seconds = time.perf_counter() - started
     return report
 
 

@@ -106,7 +106,7 @@ def _with_retries(function: Callable, args: tuple, kwargs: dict, retries: int) -
     for attempt in range(retries + 1):
         try:
             return function(*map(_resolved, args), **kwargs)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure is retried, as Dask retries a task (``retries``)
             if attempt == retries:
                 raise
 

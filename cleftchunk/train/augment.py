@@ -372,13 +372,6 @@ def apply_flips(arrays: list[np.ndarray], flips: Sequence[bool]) -> list[np.ndar
     return out
 
 
-def config_summary(config: AugmentConfig) -> str:
-    on = [f.name[:-2] for f in fields(config) if f.name.endswith("_p") and getattr(config, f.name) > 0]
-    if config.label_smoothing:
-        on.append("label_smoothing")
-    return ", ".join(on) or "none"
-
-
 __all__ = [
     "AugmentConfig",
     "Augmenter",

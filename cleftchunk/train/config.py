@@ -33,7 +33,7 @@ class TrainConfig:
     iteration_save: int = 10_000
     input_size: list[int] = field(default_factory=lambda: [8, 256, 256])  # -mi
     gpus: int | None = None  # -g; None: 1 if CUDA is available, else the CPU
-    workers: int = 1  # -c
+    loader_workers: int = 1  # -c, --loader-workers: data loader processes
     cache_mb: float = 512  # decoded-chunk cache of each loader process (0: none)
     batch_size: int = 8  # -b, global over all processes
     arch: str = "unetv0"  # -ac
@@ -45,7 +45,7 @@ class TrainConfig:
     rejection: dict = field(default_factory=dict)  # RejectionConfig fields
     optimizer: str = "adam"  # adam (amsgrad, the original) | adamw
     weight_decay: float | None = None  # None: 1e-6 for adam, 1e-2 for adamw
-    scheduler: str = "plateau"  # plateau (the original) | cosine | constant
+    lr_schedule: str = "plateau"  # plateau (the original) | cosine | constant
     warmup: int = 0  # linear warm-up iterations (cosine)
     min_lr: float = 1e-7
     plateau_patience: int = 1000  # scheduler steps of 10 iterations each
@@ -67,10 +67,18 @@ class TrainConfig:
 
     #: Keys that control one invocation and are not stored with the run.
     RUN_ONLY = ("resume", "overwrite")
+    #: Earlier names of settings: the configs stored in older checkpoints (and YAML files written
+    #: for them) still load. ``workers`` and ``scheduler`` mean Dask workers and schedulers on the
+    #: block-wise commands, so training's own settings were renamed.
+    RENAMED = {"workers": "loader_workers", "scheduler": "lr_schedule"}
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "TrainConfig":
         values = {k.replace("-", "_"): v for k, v in dict(values or {}).items() if k not in cls.RUN_ONLY}
+        for old, new in cls.RENAMED.items():
+            if old in values:
+                values.setdefault(new, values[old])
+                del values[old]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -97,14 +105,14 @@ class TrainConfig:
         for name in ("iteration_total", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise CleftchunkError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if int(self.iteration_save) < 0 or int(self.workers) < 0:
-            raise CleftchunkError("iteration-save and the number of workers -c must not be negative")
+        if int(self.iteration_save) < 0 or int(self.loader_workers) < 0:
+            raise CleftchunkError("iteration-save and the loader workers (-c, --loader-workers) must not be negative")
         if not float(self.lr) > 0:
             raise CleftchunkError(f"learning rate -lr {self.lr} must be positive")
         if self.optimizer not in ("adam", "adamw"):
             raise CleftchunkError(f"unknown optimizer {self.optimizer!r}: use adam or adamw")
-        if self.scheduler not in ("plateau", "cosine", "constant"):
-            raise CleftchunkError(f"unknown scheduler {self.scheduler!r}: use plateau, cosine or constant")
+        if self.lr_schedule not in ("plateau", "cosine", "constant"):
+            raise CleftchunkError(f"unknown lr-schedule {self.lr_schedule!r}: use plateau, cosine or constant")
         if not 0 <= float(self.ema) < 1:
             raise CleftchunkError(f"ema decay {self.ema} must lie in [0, 1) (0 switches it off; 0.999 is typical)")
         if self.max_weight is not None and not self.max_weight > 0:

@@ -117,7 +117,7 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     per_process = config.batch_size // dist.world_size
     stream = CropStream(sampler, per_process, config.seed, start=trainer.iteration, rank=dist.rank, world_size=dist.world_size)
     logger = Logger(config, dist, trainer.iteration)
-    batches = iter(make_loader(stream, config.workers))
+    batches = iter(make_loader(stream, config.loader_workers))
     threads = torch.get_num_threads()
     if dist.device.type == "cpu":
         configure_torch(cpu_threads(config, dist.world_size))
@@ -151,7 +151,7 @@ def cpu_threads(config: TrainConfig, processes: int = 1) -> int:
     torch's parallel kernels spin-wait and slows a step by several times."""
     if config.threads:
         return int(config.threads)
-    return max(1, usable_cores() // processes - config.workers)
+    return max(1, usable_cores() // processes - config.loader_workers)
 
 
 def should_save(iteration: int, config: TrainConfig) -> bool:

@@ -24,11 +24,11 @@ def make_optimizer(params: Iterable[nn.Parameter], config: TrainConfig) -> torch
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> Any:
-    if config.scheduler == "plateau":
+    if config.lr_schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=0.1, patience=config.plateau_patience, threshold=1e-4, min_lr=config.min_lr
         )
-    if config.scheduler == "cosine":
+    if config.lr_schedule == "cosine":
         floor = min(config.min_lr / config.lr, 1.0)
         total, warmup = config.iteration_total, config.warmup
 

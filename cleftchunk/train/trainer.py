@@ -86,7 +86,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        if self.config.scheduler == "plateau":
+        if self.config.lr_schedule == "plateau":
             self.window.add(self.scheduler, value)
         else:
             self.scheduler.step()

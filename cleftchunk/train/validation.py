@@ -1,6 +1,7 @@
 """Validation during training, with the predictor users run (:func:`cleftchunk.predict.predict_reference`)
 and the CREMI metrics of :mod:`cleftchunk.post.metrics`, so a validation score is what ``predict``
-followed by ``evaluate`` gives."""
+followed by ``evaluate`` gives in fp32 (predict's default on the CPU; on a GPU predict defaults to
+bf16 autocast, which ``--precision fp32`` turns off)."""
 
 from __future__ import annotations
 
@@ -51,9 +52,13 @@ def parse_roi(text: str | None, shape: Sequence[int]) -> tuple[slice, ...]:
 
 
 def predict_validation(net: nn.Module, image: np.ndarray, window: Sequence[int], device: torch.device) -> np.ndarray:
-    """uint8 probabilities (p·255) over the held-out region, computed exactly as ``cleftchunk
-    predict`` with its defaults computes them (:func:`cleftchunk.predict.predict_reference`:
-    50 % overlap, Gaussian blending), so that a validation score is what a user will get."""
+    """uint8 probabilities (p·255) over the held-out region, computed as ``cleftchunk predict``
+    computes them in fp32 (:func:`cleftchunk.predict.predict_reference`: 50 % overlap, Gaussian
+    blending): on the CPU, exactly predict's defaults.
+
+    Always fp32, also on a GPU where predict's default is bf16 autocast: validation scores then do
+    not depend on the device that trained, and compare across runs; bf16 moves some voxels of a
+    prediction by a step or two of 1/255."""
     from cleftchunk.predict import predict_reference
 
     model = nn.Sequential(net, nn.Sigmoid())  # the training net gives logits; predict reads probabilities
