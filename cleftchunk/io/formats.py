@@ -4,7 +4,7 @@ OME-Zarr groups, HDF5, and the read-only sources), and what is refused: data tha
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -12,9 +12,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.io import sources, stores
 from cleftchunk.io.ome import multiscale_level0
 
-if TYPE_CHECKING:
-    from cleftchunk.io.volumes import Volume
-
+# ``Volume`` in annotations is cleftchunk.io.volumes.Volume, not imported: volumes imports this module.
 #: dtype kinds every stage can handle: bool, signed/unsigned integers, floats.
 SUPPORTED_DTYPE_KINDS = "biuf"
 

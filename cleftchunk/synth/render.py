@@ -4,7 +4,6 @@ vesicle clouds and mitochondria, each drawn only into its bounding box (see :mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,8 +25,7 @@ from cleftchunk.synth.tissue import (
     warp_fields,
 )
 
-if TYPE_CHECKING:
-    from cleftchunk.synth.generate import SynthParams
+# ``SynthParams`` in annotations is cleftchunk.synth.generate.SynthParams, not imported: generate imports this module.
 
 #: Half-thickness of the cleft label around the contact face, px (the label is ~10 px thick).
 CLEFT_HALF_PX = 5.0
