@@ -7,7 +7,6 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.labels import DEFAULT_THRESHOLD, KIND_ATTRIBUTE, cleft_mask
 from cleftchunk.io.outputs import MapOperation, create_image
-from cleftchunk.run.operation import run_operation
 
 
 class Threshold(MapOperation):
@@ -37,4 +36,4 @@ class Threshold(MapOperation):
 
 def threshold(pred, output, threshold: float = DEFAULT_THRESHOLD, chunks=None, run=None, log=None):
     """Write the mask; the executor's report (None for a dry run or an output already complete)."""
-    return run_operation(Threshold(pred, output, threshold, chunks), run, log)
+    return Threshold(pred, output, threshold, chunks).run(run, log)

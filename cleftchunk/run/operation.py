@@ -194,6 +194,10 @@ class Operation:
         """More provenance to store with the state (not part of the identity)."""
         return {}
 
+    def run(self, options: RunOptions | None = None, log: Log | None = None) -> Any:
+        """Run this operation: :func:`run_operation`."""
+        return run_operation(self, options, log)
+
 
 def run_operation(operation: Operation, options: RunOptions | None = None, log: Log | None = None, client: Any = None) -> Any:
     """Run ``operation`` with ``options`` (see the module docstring); None for a dry run.
