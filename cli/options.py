@@ -144,8 +144,22 @@ def _run_decorators(gpus: bool) -> list:
         click.option("--overwrite", is_flag=True, help=RUN_HELP["overwrite"]),
         click.option("--progress/--no-progress", default=None, help=RUN_HELP["progress"]),
         click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True, help=RUN_HELP["retries"]),
+        # spellings of earlier releases: a one-line error naming today's flag (see CHANGELOG.md)
+        click.option("--processes", is_flag=True, hidden=True, expose_value=False, callback=_gone("--processes", "--workers N (N worker processes)")),
+        click.option("--quiet", is_flag=True, hidden=True, expose_value=False, callback=_gone("--quiet", "--no-progress")),
     ]
     return options
+
+
+def _gone(flag: str, instead: str):
+    """A click callback refusing a removed flag, naming what replaced it."""
+
+    def refuse(ctx, param, value):
+        if value:
+            raise CleftchunkError(f"{flag} is gone: use {instead} (see CHANGELOG.md)")
+        return value
+
+    return refuse
 
 
 def run_options(gpus: bool = False):

@@ -133,7 +133,13 @@ def test_run_options_refuse_invalid_values(bad):
         RunOptions(**bad)
 
 
-@pytest.mark.parametrize("address", ["threads", "processes", "host:8786", "tcp://", "http://host:8786"])
+@pytest.mark.parametrize("address", ["host:8786", "tcp://", "http://host:8786"])
 def test_a_scheduler_is_an_address(address):
     with pytest.raises(CleftchunkError, match="is not the address of a Dask scheduler"):
         check_scheduler_address(address)
+
+
+@pytest.mark.parametrize("place", ["threads", "processes"])
+def test_the_old_local_scheduler_names_are_refused_naming_workers(place):
+    with pytest.raises(CleftchunkError, match=r"is gone: threads of this process are workers=0 .* worker processes workers=N"):
+        check_scheduler_address(place)

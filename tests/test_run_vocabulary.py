@@ -31,9 +31,17 @@ def test_gpus_only_where_a_model_runs():
     assert [n for n in BLOCKWISE if "gpus" in _options(n)] == ["predict"]
 
 
-def test_no_command_has_its_own_processes_or_quiet_flag():
-    for name in BLOCKWISE:
-        assert not {"processes", "quiet", "cpus_scheduler"} & set(_options(name)), name
+@pytest.mark.parametrize("name", BLOCKWISE)
+@pytest.mark.parametrize("flag, instead", [("--processes", "--workers N"), ("--quiet", "--no-progress")])
+def test_removed_flags_are_hidden_and_name_their_replacement(run_cli, name, flag, instead):
+    assert all(p.hidden for p in cli.get_command(None, name).params if p.opts == [flag])
+    result = run_cli(name, "x", "-o" if name in ("segment", "threshold") else "y", "y.zarr", flag, expect=2)
+    assert f"error: {flag} is gone: use {instead}" in result.output
+
+
+def test_scheduler_threads_or_processes_names_workers(run_cli):
+    result = run_cli("convert", "a.zarr", "b.zarr", "--scheduler", "processes", expect=2)
+    assert "--scheduler processes is gone" in result.output and "--workers N" in result.output
 
 
 def test_train_has_no_scheduler_option_in_its_help(run_cli):

@@ -35,6 +35,11 @@ def check_scheduler_address(address: str | None) -> str | None:
     if address is None:
         return None
     text = str(address)
+    if text in ("threads", "processes"):
+        raise CleftchunkError(
+            f"scheduler={text} is gone: threads of this process are workers=0 (the default), worker processes workers=N; "
+            "the scheduler is only ever the address of a running Dask scheduler"
+        )
     if not text.startswith(SCHEDULER_SCHEMES) or not text.split("://", 1)[1]:
         raise CleftchunkError(
             f"scheduler={text} is not the address of a Dask scheduler: give tcp://HOST:PORT or tls://HOST:PORT "
