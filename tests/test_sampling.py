@@ -1,0 +1,226 @@
+"""Sampling that never reads what it does not need (issue 24, items 2 and 3): cleft tables stored
+beside the labels, computed block-wise and resumably; crops only from annotated space; a
+terabyte volume with a few annotated cubes starts in seconds; S3 training volumes."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+
+from cleftchunk.errors import CleftchunkError
+from cleftchunk.geometry import Roi
+from cleftchunk.io.tables import NOT_ANNOTATED, CleftCounts, cleft_table, count_in_memory, load_table, stored_unit_indices, table_spec, write_cleft_table
+from cleftchunk.io.volumes import create_volume, open_volume
+from cleftchunk.run.executor import BLOCK_DONE_HOOKS
+from cleftchunk.run.options import RunOptions
+from cleftchunk.train.augment import AugmentConfig
+from cleftchunk.train.data import CropSampler, RejectionConfig, TrainingVolume
+from cleftchunk.train.config import TrainConfig
+from cleftchunk.train.sampling import parse_train_rois
+
+OUT = (4, 64, 64)
+CHUNKS = (8, 64, 64)
+#: A virtual terabyte: 4096 × 16384 × 16384 uint8 voxels, 1 MiB chunks (1,048,576 of them).
+TB_SHAPE = (4096, 16384, 16384)
+TB_CHUNKS = (16, 256, 256)
+CUBES = [Roi((1024, 4096, 4096), (32, 512, 512)), Roi((3008, 12288, 512), (32, 512, 512))]
+
+
+def blobs(shape, seed=0, clefts=12):
+    """uint8 0/1 labels with a few cleft blobs."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros(shape, np.uint8)
+    for _ in range(clefts):
+        z, y, x = (int(rng.integers(0, s - 4)) for s in (shape[0], shape[1] - 8, shape[2] - 8))
+        out[z : z + 2, y : y + 8, x : x + 8] = 1
+    return out
+
+
+def zarr_labels(path, data, chunks=CHUNKS):
+    volume = create_volume(str(path), data.shape, data.dtype, chunks=chunks, voxel_size=(40, 4, 4), attrs={"cleft_kind": "mask"})
+    volume.write(Roi.from_shape(data.shape), data)
+    return open_volume(str(path))
+
+
+# -- the table ---------------------------------------------------------------------------------------
+def test_table_counts_equal_an_in_memory_count_and_are_stored_beside_the_labels(tmp_path):
+    data = blobs((32, 192, 128))
+    labels = zarr_labels(tmp_path / "l.zarr/clefts", data)
+    table = cleft_table(labels, "nonzero", CHUNKS, annotated="whole")
+    assert table_spec(labels).endswith("clefts/s0_cleft_counts")
+    expected = count_in_memory(data, "nonzero", CHUNKS)
+    assert np.array_equal(table.counts, expected.counts) and table.clefts == int(data.sum())
+    # reused: a second run reads it, counting nothing
+    before = (tmp_path / "l.zarr/clefts/s0_cleft_counts").stat().st_mtime_ns
+    assert np.array_equal(cleft_table(labels, "nonzero", CHUNKS, annotated="whole").counts, table.counts)
+    assert (tmp_path / "l.zarr/clefts/s0_cleft_counts").stat().st_mtime_ns == before
+
+
+def test_stored_annotation_is_found_by_listing_and_unwritten_chunks_are_not_annotated(tmp_path):
+    labels = create_volume(str(tmp_path / "l.zarr/clefts"), (64, 256, 256), np.uint8, chunks=CHUNKS, voxel_size=(40, 4, 4))
+    cube = Roi((8, 64, 0), (16, 128, 64))
+    data = np.zeros(cube.shape, np.uint8)
+    data[::8, ::64, 5] = 1  # a cleft voxel in each chunk: Zarr stores no chunk that is all fill value
+    labels.write(cube, data)
+    labels = open_volume(str(tmp_path / "l.zarr/clefts"))
+    assert stored_unit_indices(labels.array) == [(1, 1, 0), (1, 2, 0), (2, 1, 0), (2, 2, 0)]
+    table = cleft_table(labels, "nonzero", CHUNKS)  # auto: another tool's labels -> stored
+    annotated = {tuple(int(i) for i in ix) for ix in zip(*np.nonzero(table.counts != NOT_ANNOTATED))}
+    assert annotated == {(1, 1, 0), (1, 2, 0), (2, 1, 0), (2, 2, 0)}
+    assert table.clefts == int(np.asarray(labels[cube.to_slices()]).sum())
+
+
+def test_counting_resumes_after_an_interruption_to_the_same_table(tmp_path):
+    data = blobs((64, 256, 256), clefts=30)
+    labels = zarr_labels(tmp_path / "l.zarr/clefts", data)
+    op = CleftCounts(labels, "main", "whole")
+    op.table_chunks = (1, 1, 2)  # several blocks, so that the run can stop after the first
+
+    class Stop(Exception):
+        pass
+
+    def stop(task, block, report):
+        raise Stop
+
+    from cleftchunk.run.operation import run_operation
+
+    BLOCK_DONE_HOOKS.append(stop)
+    try:
+        with pytest.raises(Stop):
+            run_operation(op, RunOptions(threads=1))
+    finally:
+        BLOCK_DONE_HOOKS.remove(stop)
+    assert not op.read_state()["complete"]
+    report = run_operation(op, RunOptions(threads=1))
+    assert report.already_done >= 1 and op.read_state()["complete"]
+    assert np.array_equal(load_table(op.output, data.shape).counts, count_in_memory(data, "main", CHUNKS).counts)
+
+
+def test_convert_and_segment_write_the_table_of_the_labels_they_write(tmp_path, run_cli):
+    data = blobs((16, 128, 128), clefts=6)
+    np.save(tmp_path / "clefts.npy", data)
+    run_cli("convert", tmp_path / "clefts.npy", tmp_path / "out.zarr/clefts", "--voxel-size", "40,4,4", "--chunks", "8,64,64", "--mask", "--no-progress")
+    labels = open_volume(str(tmp_path / "out.zarr/clefts"))
+    table = load_table(table_spec(labels), labels.shape)
+    assert table.everywhere and table.clefts == int(data.sum())
+    run_cli("segment", tmp_path / "out.zarr/clefts", "-o", tmp_path / "out.zarr/ids", "--no-progress")
+    ids = open_volume(str(tmp_path / "out.zarr/ids"))
+    assert load_table(table_spec(ids), ids.shape).clefts == int(data.sum())
+
+
+# -- annotated space -----------------------------------------------------------------------------------
+def test_train_roi_parsing_names_the_volume_and_refuses_bad_boxes():
+    shapes = [(32, 256, 256), (16, 128, 128)]
+    regions = parse_train_rois(["0:16,0:128,0:128", "1=0:8,:,64:"], shapes)
+    assert regions[0] == [Roi((0, 0, 0), (16, 128, 128))] and regions[1] == [Roi((0, 0, 64), (8, 128, 64))]
+    for bad, words in [("2=0:8,0:8,0:8", "names volume 2"), ("0:8,0:8", "z0:z1"), ("x=0:8,0:8,0:8", "position"),
+                       ("100:200,0:8,0:8", "outside")]:
+        with pytest.raises(CleftchunkError, match=words):
+            parse_train_rois([bad], shapes)
+
+
+def test_crops_come_only_from_the_regions_and_outside_voxels_are_invalid():
+    image = np.zeros((32, 256, 256), np.uint8)
+    labels = np.ones((32, 256, 256), np.uint8)
+    region = Roi((8, 64, 64), (8, 96, 96))
+    sampler = CropSampler([TrainingVolume(image, labels)], OUT, AugmentConfig.off(), RejectionConfig(keep_p=1.0, near_cleft=0.0),
+                          regions=[[region]])
+    for seed in range(40):
+        s = sampler.sample(np.random.default_rng(seed))
+        assert region.contains(Roi(s["offset"], OUT))
+    # a region smaller than the crop: the crop covers it, and the voxels outside it are masked
+    small = Roi((10, 100, 100), (4, 16, 16))
+    sampler = CropSampler([TrainingVolume(image, labels)], OUT, AugmentConfig.off(), RejectionConfig(keep_p=1.0, near_cleft=0.0),
+                          regions=[[small]])
+    s = sampler.sample(np.random.default_rng(0))
+    assert Roi(s["offset"], OUT).contains(small) and s["mask"].sum() == small.size == s["label"].sum()
+
+
+def test_default_sampling_keeps_a_crop_in_at_most_1_2_tries():
+    image = np.zeros((32, 512, 512), np.uint8)
+    labels = blobs((32, 512, 512), clefts=10)
+    rejection = RejectionConfig.from_dict(TrainConfig.from_dict({}).rejection)  # what `cleftchunk train` uses
+    sampler = CropSampler([TrainingVolume(image, labels)], OUT, AugmentConfig.off(), rejection)
+    tries = [sampler.sample(np.random.default_rng(seed))["tries"] for seed in range(200)]
+    assert np.mean(tries) <= 1.2, np.mean(tries)
+
+
+def test_known_empty_candidates_are_not_read_and_the_stream_is_unchanged():
+    image = np.zeros((32, 512, 512), np.uint8)
+    labels = blobs((32, 512, 512), clefts=4)
+    volume = TrainingVolume(image, labels)
+    table = count_in_memory(labels, "nonzero", (16, 256, 256))
+    with_table = CropSampler([volume], OUT, AugmentConfig.off(), RejectionConfig(near_cleft=0.0), tables=[table], cache_mb=0)
+    without = CropSampler([volume], OUT, AugmentConfig.off(), RejectionConfig(near_cleft=0.0), cache_mb=0)
+    for seed in range(20):
+        a, b = with_table.sample(np.random.default_rng(seed)), without.sample(np.random.default_rng(seed))
+        assert a["offset"] == b["offset"] and a["tries"] == b["tries"] and np.array_equal(a["label"], b["label"])
+
+
+# -- a virtual terabyte ------------------------------------------------------------------------------------
+def virtual_terabyte(tmp_path):
+    """A 1 TB image and label volume; only two cubes of labels are written (by "another tool")."""
+    image = create_volume(str(tmp_path / "tb.zarr/raw"), TB_SHAPE, np.uint8, chunks=TB_CHUNKS, voxel_size=(40, 4, 4))
+    labels = create_volume(str(tmp_path / "tb.zarr/clefts"), TB_SHAPE, np.uint8, chunks=TB_CHUNKS, voxel_size=(40, 4, 4))
+    for cube in CUBES:
+        labels.write(cube, blobs(cube.shape, seed=cube.offset[0], clefts=40))
+    return str(tmp_path / "tb.zarr/raw"), str(tmp_path / "tb.zarr/clefts")
+
+
+def test_a_terabyte_volume_with_a_few_cubes_starts_in_seconds_and_draws_only_inside_them(tmp_path):
+    image, labels = virtual_terabyte(tmp_path)
+    start = time.perf_counter()
+    volume = TrainingVolume(open_volume(image), open_volume(labels), "nonzero")
+    table = cleft_table(volume.labels, volume.label_mode, TB_CHUNKS)
+    rejection = RejectionConfig.from_dict(TrainConfig.from_dict({}).rejection)
+    sampler = CropSampler([volume], (8, 128, 128), AugmentConfig(), rejection, tables=[table], cache_mb=64)
+    samples = [sampler.sample(np.random.default_rng(seed)) for seed in range(16)]
+    elapsed = time.perf_counter() - start
+    assert elapsed < 30, elapsed
+    for s in samples:
+        crop = Roi(s["offset"], (8, 128, 128))
+        assert any(cube.contains(crop) for cube in CUBES), crop
+        assert s["mask"].sum() > 0
+    assert np.mean([s["tries"] for s in samples]) <= 1.5
+    assert sampler.cache.hits + sampler.cache.misses > 0
+
+
+@pytest.mark.slow
+def test_training_on_a_terabyte_volume_takes_its_first_steps_from_the_cubes(tmp_path):
+    from cleftchunk.train import train
+
+    image, labels = virtual_terabyte(tmp_path)
+    start = time.perf_counter()
+    train({"images": [image], "labels": [labels], "output": str(tmp_path / "run"), "log_dir": str(tmp_path / "tb"),
+           "iteration_total": 2, "iteration_save": 2, "input_size": [4, 64, 64], "batch_size": 2, "preset": "small",
+           "loader_workers": 0, "progress": False, "image_every": 0, "label_mode": "nonzero"})
+    assert time.perf_counter() - start < 120
+    assert (tmp_path / "tb.zarr/clefts/s0_cleft_counts").exists()
+
+
+# -- S3 --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_training_volumes_on_s3_are_sampled_and_get_their_table(tmp_path):
+    pytest.importorskip("moto", reason="the S3 test server needs moto")
+    import s3fs
+
+    from s3_server import s3_server
+
+    with s3_server():
+        s3fs.S3FileSystem().mkdir("train")
+        data = blobs((16, 128, 128), clefts=8)
+        raw = create_volume("s3://train/v.zarr/raw", data.shape, np.uint8, chunks=CHUNKS, voxel_size=(40, 4, 4))
+        raw.write(Roi.from_shape(data.shape), (data * 200).astype(np.uint8))
+        lab = create_volume("s3://train/v.zarr/clefts", data.shape, np.uint8, chunks=CHUNKS, voxel_size=(40, 4, 4))
+        lab.write(Roi((0, 0, 0), (8, 128, 128)), data[:8])  # half the volume annotated
+        volume = TrainingVolume(open_volume("s3://train/v.zarr/raw"), open_volume("s3://train/v.zarr/clefts"), "nonzero")
+        table = cleft_table(volume.labels, "nonzero", CHUNKS)
+        assert s3fs.S3FileSystem().exists("train/v.zarr/clefts/s0_cleft_counts/zarr.json")
+        assert table.clefts == int(data[:8].sum()) and (table.counts[1] == NOT_ANNOTATED).all()
+        sampler = CropSampler([volume], OUT, AugmentConfig.off(), tables=[table]).reopen()
+        for seed in range(6):
+            s = sampler.sample(np.random.default_rng(seed))
+            assert s["offset"][0] + OUT[0] <= 8
