@@ -167,6 +167,7 @@ def virtual_terabyte(tmp_path):
     labels = create_volume(str(tmp_path / "tb.zarr/clefts"), TB_SHAPE, np.uint8, chunks=TB_CHUNKS, voxel_size=(40, 4, 4))
     for cube in CUBES:
         labels.write(cube, blobs(cube.shape, seed=cube.offset[0], clefts=40))
+        image.write(cube, np.random.default_rng(cube.offset[0]).integers(0, 256, cube.shape, dtype=np.uint8))
     return str(tmp_path / "tb.zarr/raw"), str(tmp_path / "tb.zarr/clefts")
 
 
@@ -224,3 +225,45 @@ def test_training_volumes_on_s3_are_sampled_and_get_their_table(tmp_path):
         for seed in range(6):
             s = sampler.sample(np.random.default_rng(seed))
             assert s["offset"][0] + OUT[0] <= 8
+
+
+# -- the stream: exact whatever the workers, resumable by index ------------------------------------
+def test_a_stream_from_tables_is_the_same_for_any_number_of_workers_and_resumes_by_index(tmp_path):
+    from test_data import take
+
+    from cleftchunk.train.data import CropStream
+
+    shape = (32, 256, 256)
+    image = create_volume(str(tmp_path / "d.zarr/raw"), shape, np.uint8, chunks=CHUNKS, voxel_size=(40, 4, 4))
+    image.write(image.roi, np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8))
+    labels = create_volume(str(tmp_path / "d.zarr/clefts"), shape, np.uint8, chunks=CHUNKS, voxel_size=(40, 4, 4))
+    cube = Roi((8, 0, 64), (16, 192, 128))
+    data = blobs(cube.shape, clefts=20)
+    data[::8, ::64, ::64] = 1  # every chunk of the cube is stored (Zarr keeps no chunk of fill value only)
+    labels.write(cube, data)
+    volume = TrainingVolume(open_volume(str(tmp_path / "d.zarr/raw")), open_volume(str(tmp_path / "d.zarr/clefts")), "nonzero")
+    table = cleft_table(volume.labels, "nonzero", CHUNKS)
+    rejection = RejectionConfig.from_dict(TrainConfig.from_dict({}).rejection)
+    sampler = CropSampler([volume], OUT, AugmentConfig(), rejection, tables=[table], cache_mb=16)
+    in_process = take(CropStream(sampler, batch_size=2, seed=5), 4, workers=0)
+    two_workers = take(CropStream(sampler, batch_size=2, seed=5), 4, workers=2)
+    resumed = take(CropStream(sampler, batch_size=2, seed=5, start=2), 2, workers=0)
+    for a, b in itertools.chain(zip(in_process, two_workers), zip(in_process[2:], resumed)):
+        for key in ("image", "label", "mask", "tries"):
+            assert np.array_equal(a[key].numpy(), b[key].numpy()), key
+    # every voxel a crop learns from lies in the written cube (the rest is masked out)
+    for batch in in_process:
+        assert float(batch["mask"].sum()) > 0
+    hits, misses, held = (int(v) for v in in_process[-1]["cache"])
+    assert hits > 0 and misses > 0 and 0 < held <= 16 * 2**20
+
+
+def test_train_takes_train_roi_regions_from_the_command_line(tmp_path, run_cli):
+    from cleftchunk.train.config import resolve_config
+
+    config = resolve_config({"train_roi": ("0:8,0:64,0:64", "1=0:4,:,:")})
+    assert config.train_roi == ["0:8,0:64,0:64", "1=0:4,:,:"]
+    with pytest.raises(CleftchunkError, match="annotated"):
+        TrainConfig.from_dict({"annotated": "everything"})
+    result = run_cli("train", "--help")
+    assert "--train-roi" in result.output
