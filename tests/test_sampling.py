@@ -106,6 +106,11 @@ def test_convert_and_segment_write_the_table_of_the_labels_they_write(tmp_path, 
     labels = open_volume(str(tmp_path / "out.zarr/clefts"))
     table = load_table(table_spec(labels), labels.shape)
     assert table.everywhere and table.clefts == int(data.sum())
+    # training finds that table (its label mode is another name for the same rule) and counts nothing
+    stamp = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out.zarr/clefts/s0_cleft_counts").rglob("*"))
+    mode = TrainingVolume(np.zeros(labels.shape, np.uint8), labels).label_mode
+    assert cleft_table(labels, mode, CHUNKS).clefts == int(data.sum())
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "out.zarr/clefts/s0_cleft_counts").rglob("*")) == stamp
     run_cli("segment", tmp_path / "out.zarr/clefts", "-o", tmp_path / "out.zarr/ids", "--no-progress")
     ids = open_volume(str(tmp_path / "out.zarr/ids"))
     assert load_table(table_spec(ids), ids.shape).clefts == int(data.sum())
@@ -267,3 +272,17 @@ def test_train_takes_train_roi_regions_from_the_command_line(tmp_path, run_cli):
         TrainConfig.from_dict({"annotated": "everything"})
     result = run_cli("train", "--help")
     assert "--train-roi" in result.output
+
+
+def test_labels_on_a_store_that_cannot_be_written_are_counted_for_the_run_only(tmp_path, monkeypatch, capsys):
+    import cleftchunk.io.tables as tables
+
+    labels = create_volume(str(tmp_path / "l.zarr/clefts"), (32, 128, 128), np.uint8, chunks=CHUNKS, voxel_size=(40, 4, 4))
+    data = blobs((16, 64, 64), clefts=5)
+    data[::8, ::64, ::64] = 1
+    labels.write(Roi((8, 64, 0), data.shape), data)
+    labels = open_volume(str(tmp_path / "l.zarr/clefts"))
+    monkeypatch.setattr(tables, "writable_beside", lambda volume: False)  # root may write anywhere: say read-only
+    table = cleft_table(labels, "nonzero", CHUNKS)
+    assert not (tmp_path / "l.zarr/clefts/s0_cleft_counts").exists() and "not stored" in capsys.readouterr().err
+    assert table.clefts == int(data.sum()) and int((table.counts >= 0).sum()) == 2  # the 2 chunks written

@@ -356,10 +356,48 @@ def cleft_table(labels: Any, kind: str, cell: Sequence[int], annotated: str = "a
                 log: Any = None) -> CleftTable:
     """The table of ``labels`` for training: the stored one when it matches, else built (and
     stored beside Zarr labels; counted in memory, in cells of ``cell``, for other sources)."""
-    op = write_cleft_table(labels, kind, annotated, (run or RunOptions()).but(dry_run=False), log)
-    if op is None:
+    if table_spec(labels) is None:
         return count_in_memory(labels, kind, cell)
+    if not writable_beside(labels):
+        return count_unstored(CleftCounts(labels, kind, annotated), log)
+    from cleftchunk.io import stores
+
+    try:
+        op = write_cleft_table(labels, kind, annotated, (run or RunOptions()).but(dry_run=False), log)
+    except stores.storage_errors() as e:  # a read-only bucket: the table cannot be kept, only used
+        (log or _stderr)(f"cannot store the cleft table beside {labels} ({type(e).__name__}): counted for this run only")
+        return count_unstored(CleftCounts(labels, kind, annotated), log)
     return load_table(op.output, labels.shape)
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+def writable_beside(labels: Any) -> bool:
+    """Whether a table can be written beside local labels (object stores: tried, see cleft_table)."""
+    import os
+    from pathlib import Path
+
+    from cleftchunk.io import stores
+
+    if stores.is_url(labels.container):
+        return True
+    container = Path(str(labels.container))
+    return os.access(container, os.W_OK) and os.access(container.parent, os.W_OK)
+
+
+def count_unstored(op: "CleftCounts", log: Any = None) -> CleftTable:
+    """The table ``op`` would store, counted in this process and kept in memory only (labels on a
+    store this user cannot write): the same blocks (listed units only), the same counts."""
+    (log or _stderr)(f"{op.labels} is read-only here: its cleft table is counted for this run only (not stored)")
+    counts = np.full(op.grid.grid_shape, NOT_ANNOTATED, np.int64)
+    stored = None if op.annotated == "whole" else frozenset(op.listed())
+    for block in op.layout().blocks():
+        _count_block(op.labels, op.kind, op.cell, op.table_chunks, stored, counts, block)
+    return CleftTable(counts, op.cell, tuple(op.labels.shape))
 
 
 def count_written_labels(volume: Any, running: Running) -> None:

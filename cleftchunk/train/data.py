@@ -8,10 +8,8 @@
   the augmentations (:mod:`cleftchunk.train.augment`); rejection sampling keeps a crop whose label has more
   than ``min_voxels`` cleft voxels, and otherwise keeps it with probability ``keep_p``.
 - ``near_cleft`` (a fraction in [0, 1]) of the draws instead centre the crop on a cleft voxel taken
-  uniformly from all cleft voxels of all volumes: clefts are ~0.5 % of the voxels, so most uniform
-  draws are rejected (4 tries per kept crop in the demo) and the kept ones rarely show a cleft in
-  the middle. The draw uses :class:`CleftIndex` (cleft voxels per label chunk, counted once) and
-  then the chunk itself, so nothing the size of a volume is held in memory.
+  uniformly from all cleft voxels of all volumes, drawn from the cleft tables (io/tables.py);
+  crops come only from annotated space (train/sampling.py).
 - Reproducibility: sample ``j`` of batch ``b`` is drawn from ``np.random.default_rng([seed, b, g])``
   with ``g = rank * per_rank_batch + j`` its index in the global batch. The stream of batches is
   therefore the same for any number of loader workers, and the same global batch is seen for any
@@ -61,10 +59,8 @@ class RejectionConfig:
     max_tries: int = 10_000  # then the last candidate is taken, so a label-free volume cannot hang
     near_cleft: float = 0.0  # fraction of draws centred on a cleft voxel (kept without rejection)
 
-    #: What a training run uses unless told otherwise (``cleftchunk train``, :class:`TrainConfig`):
-    #: most crops centred on a cleft voxel drawn from the cleft tables, so that a kept crop costs
-    #: at most 1 / 0.85 ≈ 1.18 tries whatever the labels (the rest: uniform draws with rejection,
-    #: as in the original pipeline, which the dataclass's own defaults keep for the library).
+    #: ``cleftchunk train``'s defaults: most crops centred on a cleft from the tables, so a kept crop
+    #: costs <= 1/0.85 ≈ 1.18 tries (the fields' defaults stay the original's pure rejection).
     TRAINING: ClassVar[dict] = {"near_cleft": 0.85}
 
     @classmethod
