@@ -286,3 +286,13 @@ def test_labels_on_a_store_that_cannot_be_written_are_counted_for_the_run_only(t
     table = cleft_table(labels, "nonzero", CHUNKS)
     assert not (tmp_path / "l.zarr/clefts/s0_cleft_counts").exists() and "not stored" in capsys.readouterr().err
     assert table.clefts == int(data.sum()) and int((table.counts >= 0).sum()) == 2  # the 2 chunks written
+
+
+def test_labels_any_cleftchunk_stage_wrote_are_annotated_whole(tmp_path, run_cli):
+    """synth stores no chunk of background only; its labels are annotated everywhere all the same."""
+    from cleftchunk.io.tables import resolve_annotated
+
+    run_cli("synth", tmp_path / "s.zarr", "--shape", "16,128,128", "--chunks", "8,64,64", "--no-progress")
+    labels = open_volume(str(tmp_path / "s.zarr/clefts"))
+    assert resolve_annotated(labels, "auto") == "whole"
+    assert cleft_table(labels, "cremi", CHUNKS).everywhere

@@ -15,7 +15,7 @@ is a few MiB at most and is reused by every run.
   listing would miss background units); ``stored`` — only the units the store holds, found by
   LISTING it (labels another tool wrote into a few cubes: a unit never written reads as the fill
   value, which is not background but "unknown"). ``auto``: ``whole`` for outputs of cleftchunk's
-  convert and segment, else ``stored``.
+  stages (convert, segment, synth, threshold, predict: their provenance attribute says so), else ``stored``.
 - **Where**: the Zarr array ``<labels array>_cleft_counts`` beside the label array in its group
   (``out.zarr/clefts/s0`` → ``out.zarr/clefts/s0_cleft_counts``; a label array at a store's root:
   the store ``<root>_cleft_counts``). Its state (identity, completion) is the attribute
@@ -51,8 +51,6 @@ SUFFIX = "_cleft_counts"
 #: Label bytes one block (one table chunk) covers at most: a task reads at most this much.
 BLOCK_LABEL_BYTES = 256 * 2**20
 ANNOTATED = ("auto", "whole", "stored")
-#: Stages whose label outputs are whole (every unit annotated, background units not stored).
-WHOLE_WRITERS = ("cleftchunk_convert", "cleftchunk_segment")
 
 
 @dataclass
@@ -121,8 +119,9 @@ def resolve_annotated(labels: Any, annotated: str) -> str:
         raise CleftchunkError(f"annotated={annotated} is not one of {', '.join(ANNOTATED)}")
     if annotated != "auto":
         return annotated
-    attrs = labels.attrs
-    written = any(isinstance(attrs.get(k), dict) for k in WHOLE_WRITERS)
+    # any stage of cleftchunk (convert, segment, synth, threshold, predict) writes its output whole,
+    # and says so in its provenance attribute (Zarr then stores no unit of fill value only)
+    written = any(k.startswith("cleftchunk_") and isinstance(v, dict) for k, v in labels.attrs.items())
     return "whole" if written else "stored"
 
 
