@@ -296,3 +296,22 @@ def test_labels_any_cleftchunk_stage_wrote_are_annotated_whole(tmp_path, run_cli
     labels = open_volume(str(tmp_path / "s.zarr/clefts"))
     assert resolve_annotated(labels, "auto") == "whole"
     assert cleft_table(labels, "cremi", CHUNKS).everywhere
+
+
+def test_voxels_outside_annotated_cells_read_as_invalid():
+    from cleftchunk.io.tables import CleftTable
+    from cleftchunk.labels import INVALID_BIT
+    from cleftchunk.train.sampling import AnnotatedCodes, Space
+
+    counts = np.full((4, 4, 4), NOT_ANNOTATED, np.int64)
+    counts[1:3, 1:3, 1] = 5
+    table = CleftTable(counts, (4, 8, 8), (16, 32, 30))  # the last cells are cut by the volume's end
+    reference = np.repeat(np.repeat(np.repeat(counts >= 0, 4, 0), 8, 1), 8, 2)[:16, :32, :30]
+    for roi in (Roi((0, 0, 0), (16, 32, 30)), Roi((3, 5, 7), (6, 20, 9)), Roi((4, 8, 8), (8, 16, 8))):
+        mask = table.annotated_mask(roi)
+        expect = reference[roi.to_slices()]
+        assert (mask is None and expect.all()) or np.array_equal(mask, expect)
+    codes = np.ones((16, 32, 30), np.uint8)
+    space = Space((16, 32, 30), ((0, 12), (0, 24), (0, 22)), (4, 8, 8), table=table)
+    read = AnnotatedCodes(codes, space)[0:16, 0:32, 0:30]
+    assert np.array_equal(read, np.where(reference, 1, INVALID_BIT))

@@ -83,13 +83,12 @@ class CleftTable:
         cells = self.counts[box] >= 0
         if cells.all():
             return None
-        full = cells
-        for axis, c in enumerate(self.cell):
-            full = np.repeat(full, c, axis=axis)
-        start = [roi.begin[a] - box[a].start * self.cell[a] for a in range(3)]
         mask = np.zeros(roi.shape, bool)
-        inner = tuple(slice(0, min(full.shape[a] - start[a], roi.shape[a])) for a in range(3))
-        mask[inner] = full[tuple(slice(s, s + i.stop) for s, i in zip(start, inner))]
+        for local in zip(*np.nonzero(cells)):  # only the annotated cells of the box (a few)
+            index = tuple(int(i) + s.start for i, s in zip(local, box))
+            part = self.grid.chunk_roi(index).intersect(roi)
+            if not part.empty:
+                mask[part.relative_to(roi).to_slices()] = True
         return mask
 
 
