@@ -315,3 +315,27 @@ def test_voxels_outside_annotated_cells_read_as_invalid():
     space = Space((16, 32, 30), ((0, 12), (0, 24), (0, 22)), (4, 8, 8), table=table)
     read = AnnotatedCodes(codes, space)[0:16, 0:32, 0:30]
     assert np.array_equal(read, np.where(reference, 1, INVALID_BIT))
+
+
+# -- the command ---------------------------------------------------------------------------------------
+def test_count_clefts_command_dry_run_then_run_on_the_shared_run_options(tmp_path, run_cli):
+    from test_run_vocabulary import SHARED, _options
+
+    from cleftchunk_cli.options import RUN_HELP
+
+    options = _options("count-clefts")
+    assert all(options[key].help == RUN_HELP[key] for key in SHARED) and "gpus" not in options
+    labels = create_volume(str(tmp_path / "l.zarr/clefts"), (32, 256, 256), np.uint8, chunks=CHUNKS, voxel_size=(40, 4, 4))
+    data = blobs((16, 128, 128), clefts=6)
+    data[::8, ::64, ::64] = 1
+    labels.write(Roi((8, 64, 64), data.shape), data)
+    spec = str(tmp_path / "l.zarr/clefts")
+    dry = run_cli("count-clefts", spec, "--dry-run", "--no-progress")
+    assert "count clefts" in dry.output and not (tmp_path / "l.zarr/clefts/s0_cleft_counts").exists()
+    done = run_cli("count-clefts", spec, "--threads", "2", "--no-progress")
+    assert f"{int(data.sum())} cleft voxels in 8 annotated chunks of 64 (stored)" in done.output
+    again = run_cli("count-clefts", spec, "--annotated", "whole", "--block-shape", "32,256,256", "--no-progress")
+    assert f"{int(data.sum())} cleft voxels in 64 annotated chunks of 64 (whole)" in again.output
+    np.save(tmp_path / "l.npy", data)
+    refused = run_cli("count-clefts", tmp_path / "l.npy", expect=None)
+    assert refused.exit_code != 0 and "not a Zarr array" in refused.output and "Traceback" not in refused.output

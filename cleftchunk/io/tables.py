@@ -199,25 +199,31 @@ class CleftCounts(Operation):
         return {"shape": list(self.labels.shape), "dtype": str(self.labels.dtype), "cell": list(self.cell),
                 "kind": self.kind, "annotated": self.annotated, "table_chunks": list(self.table_chunks)}
 
-    def base_layout(self) -> GridLayout:
-        return GridLayout(Roi.from_shape(self.labels.shape), tuple(t * c for t, c in zip(self.table_chunks, self.cell)))
+    def base_layout(self, options: RunOptions | None = None) -> GridLayout:
+        """Blocks of whole table chunks (one by default; ``--block-shape``: a multiple of them)."""
+        from cleftchunk.run.options import block_shape_for
+
+        unit = tuple(t * c for t, c in zip(self.table_chunks, self.cell))
+        given = options.block_shape if options is not None else None
+        return GridLayout(Roi.from_shape(self.labels.shape), block_shape_for(given, unit, self.labels.shape, unit))
 
     def listed(self) -> list[Coord]:
         if self._listed is None:
             self._listed = stored_unit_indices(self.labels.array)
         return self._listed
 
-    def layout(self) -> Any:
-        base = self.base_layout()
+    def layout(self, options: RunOptions | None = None) -> Any:
+        base = self.base_layout(options)
         if self.annotated == "whole":
             return base
-        blocks = sorted({tuple(i // t for i, t in zip(index, self.table_chunks)) for index in self.listed()})
+        per_block = [b // c for b, c in zip(base.block_shape, self.cell)]
+        blocks = sorted({tuple(i // t for i, t in zip(index, per_block)) for index in self.listed()})
         return SubsetLayout(base, blocks)
 
     def plan(self, options: RunOptions) -> Plan:
-        layout = self.layout()
+        layout = self.layout(options)
         cells = math.prod(self.grid.grid_shape)
-        return Plan(f"count clefts of {self.labels} ({self.annotated} annotation) -> {self.output}", self.base_layout(),
+        return Plan(f"count clefts of {self.labels} ({self.annotated} annotation) -> {self.output}", self.base_layout(options),
                     len(layout), cells * 8, math.prod(self.cell) * self.labels.dtype.itemsize * 2)
 
     # -- storage (a plain Zarr array; its state in its attributes) --------------------------------
@@ -277,8 +283,8 @@ class CleftCounts(Operation):
 
     def execute(self, running: Running, handle: Any) -> Any:
         stored = None if self.annotated == "whole" else frozenset(self.listed())
-        process = functools.partial(_count_block, self.labels, self.kind, self.cell, self.table_chunks, stored, handle)
-        return running.run(BlockwiseTask(self.stage, self.layout(), process), recorded=True)
+        process = functools.partial(_count_block, self.labels, self.kind, self.cell, stored, handle)
+        return running.run(BlockwiseTask(self.stage, self.layout(running.options), process), recorded=True)
 
 
 def _box_of(cells: int, grid: Sequence[int]) -> tuple[int, ...]:
@@ -292,11 +298,12 @@ def _box_of(cells: int, grid: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def _count_block(labels: Any, kind: str, cell: Sequence[int], table_chunks: Sequence[int], stored: frozenset | None,
-                 table: Any, block: Any, _prepared: Any = None) -> dict:
+def _count_block(labels: Any, kind: str, cell: Sequence[int], stored: frozenset | None, table: Any, block: Any,
+                 _prepared: Any = None) -> dict:
+    """Count the cells of one block (whole table chunks) and write its part of the table."""
     grid = ChunkGrid(Roi.from_shape(labels.shape), tuple(cell))
     first = tuple(b // c for b, c in zip(block.write_roi.begin, cell))
-    last = tuple(min(n, f + t) for f, t, n in zip(first, table_chunks, grid.grid_shape))
+    last = tuple(min(n, -(-e // c)) for e, c, n in zip(block.write_roi.end, cell, grid.grid_shape))
     out = np.full(tuple(l - f for f, l in zip(first, last)), NOT_ANNOTATED, np.int64)
     cells = [i for i in itertools.product(*(range(f, l) for f, l in zip(first, last))) if stored is None or i in stored]
     counts = count_cells(lambda r: np.asarray(labels[r.to_slices()]), kind, grid, cells)
@@ -338,15 +345,16 @@ def write_cleft_table(labels: Any, kind: str = "auto", annotated: str = "auto", 
     op = CleftCounts(volume, resolve_label_kind(volume, kind, scan=False) or "main", annotated)
     run = run or RunOptions()
     if run.dry_run:
+        run_operation(op, run, log)  # the plan, in words
         return None
     state = op.read_state() if op.exists() else None
     digest = op.full_identity()[1]
-    if state is not None and state.get("identity_hash") == digest and state.get("complete"):
+    if not run.overwrite and state is not None and state.get("identity_hash") == digest and state.get("complete"):
         return op
     if op.exists() and state is None:
         raise CleftchunkError(f"{op.output} exists and is not a cleft count table: move it away, the table of {volume} goes there")
     stale = state is not None and state.get("identity_hash") != digest
-    run_operation(op, run.but(overwrite=stale), log or (lambda message: None), client)
+    run_operation(op, run.but(overwrite=run.overwrite or stale), log or (lambda message: None), client)
     return op
 
 
@@ -394,7 +402,7 @@ def count_unstored(op: "CleftCounts", log: Any = None) -> CleftTable:
     counts = np.full(op.grid.grid_shape, NOT_ANNOTATED, np.int64)
     stored = None if op.annotated == "whole" else frozenset(op.listed())
     for block in op.layout().blocks():
-        _count_block(op.labels, op.kind, op.cell, op.table_chunks, stored, counts, block)
+        _count_block(op.labels, op.kind, op.cell, stored, counts, block)
     return CleftTable(counts, op.cell, tuple(op.labels.shape))
 
 
@@ -406,4 +414,4 @@ def count_written_labels(volume: Any, running: Running) -> None:
 
     kind = volume.attrs.get(KIND_ATTRIBUTE)
     if kind in ("ids", "main", "mask"):
-        write_cleft_table(volume, kind, "whole", running.options.but(overwrite=True, dry_run=False), running.log, running.client)
+        write_cleft_table(volume, kind, "whole", running.options.but(overwrite=True, dry_run=False, block_shape=None), running.log, running.client)
