@@ -230,6 +230,13 @@ def test_training_volumes_on_s3_are_sampled_and_get_their_table(tmp_path):
         for seed in range(6):
             s = sampler.sample(np.random.default_rng(seed))
             assert s["offset"][0] + OUT[0] <= 8
+        # a training run whose spawned loader worker opens the bucket itself
+        from cleftchunk.train import train
+
+        last = train({"images": ["s3://train/v.zarr/raw"], "labels": ["s3://train/v.zarr/clefts"], "output": str(tmp_path / "run"),
+                      "log_dir": str(tmp_path / "tb"), "iteration_total": 2, "iteration_save": 2, "input_size": [4, 64, 64],
+                      "batch_size": 2, "preset": "small", "loader_workers": 1, "progress": False, "image_every": 0})
+        assert last.is_file()
 
 
 # -- the stream: exact whatever the workers, resumable by index ------------------------------------

@@ -431,9 +431,9 @@ class CropStream(IterableDataset):
 
 
 def loader_context() -> str:
-    import multiprocessing
-
-    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    """spawn rather than forkserver: a worker then sees this process's environment as it is now
+    (storage endpoints and credentials), not as it was when a forkserver was first started."""
+    return "spawn"
 
 
 def make_loader(stream: CropStream, workers: int = 0, prefetch: int = 2) -> DataLoader:
@@ -442,7 +442,7 @@ def make_loader(stream: CropStream, workers: int = 0, prefetch: int = 2) -> Data
         raise CleftchunkError(f"-c {workers}: the number of loader workers must be 0 or more")
     kwargs: dict[str, Any] = {"batch_size": None, "num_workers": workers}
     if workers > 0:
-        # Workers are started fresh (forkserver, else spawn), never forked: zarr's event loop,
+        # Workers are started fresh (spawn), never forked: zarr's event loop,
         # fsspec's sessions and HDF5 handles of this process are not fork-safe. Each worker
         # unpickles the sampler, whose volumes reopen their stores there (see CropStream).
         kwargs.update(prefetch_factor=prefetch, persistent_workers=False, pin_memory=torch.cuda.is_available(),
