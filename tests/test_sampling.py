@@ -12,7 +12,7 @@ import pytest
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
-from cleftchunk.io.tables import NOT_ANNOTATED, CleftCounts, cleft_table, count_in_memory, load_table, stored_unit_indices, table_spec, write_cleft_table
+from cleftchunk.io.tables import NOT_ANNOTATED, CleftCounts, cleft_table, count_in_memory, load_table, stored_unit_indices, table_spec
 from cleftchunk.io.volumes import create_volume, open_volume
 from cleftchunk.run.executor import BLOCK_DONE_HOOKS
 from cleftchunk.run.options import RunOptions
