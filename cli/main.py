@@ -12,7 +12,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk_cli.options import in_flags
 
 #: Sub-command modules of this package; each defines a click command named ``command``.
-COMMANDS = ["convert", "info", "synth", "train", "predict", "segment", "threshold", "export", "evaluate", "view", "demo"]
+COMMANDS = ["convert", "info", "synth", "train", "count_clefts", "predict", "segment", "threshold", "export", "evaluate", "view", "demo"]
 
 
 class ErrorReportingGroup(click.Group):

@@ -73,6 +73,7 @@ def _renamed(old: str, new: str, what: str, elsewhere: str):
 @click.option("--augment", "augment", multiple=True, metavar="NAME=VALUE", help="Augmentation setting, repeatable (e.g. rotation_p=0).")
 @click.option("--no-augment", is_flag=True, default=None, help="Switch every augmentation off.")
 @click.option("--reject", "rejection", multiple=True, metavar="NAME=VALUE", help="Rejection sampling: min_voxels=100, keep_p=0.1.")
+@click.option("--train-roi", "train_roi", multiple=True, metavar="[N=]Z0:Z1,Y0:Y1,X0:X1", help="Region of volume N (its place in -dn, from 0) crops come from; repeatable [Zarr labels: the chunks their store holds].")
 @click.option("--log-dir", help="TensorBoard folder [runs/<output folder name>].")
 @click.option("--validate-image", help="Held-out image volume (relative to -t); a training volume too if --validate-roi holds a region out.")
 @click.option("--validate-labels", help="Labels of the held-out volume.")
@@ -86,7 +87,7 @@ def command(config_file, augment, no_augment, rejection, no_progress, resume, ov
     from cleftchunk.train import train
     from cleftchunk.train.augment import AugmentConfig
 
-    values = {k: v for k, v in flags.items() if v is not None}
+    values = {k: v for k, v in flags.items() if v is not None and v != ()}
     if no_augment:
         values["augment"] = AugmentConfig.off().to_dict()
     if augment:

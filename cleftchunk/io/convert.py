@@ -324,6 +324,9 @@ class Convert(VolumeOperation):
         group = _image_group(handle)
         pyramid.build_levels(group, image_name(handle.container, group.path or None), c.levels, c.level_method, c.voxel_size,
                              c.offset_nm, running, block_shape=running.options.block_shape)
+        from cleftchunk.io.tables import count_written_labels
+
+        count_written_labels(handle, running)  # labels: their cleft table, for training (io/tables.py)
         return ConversionResult(c, self.status, report.units, report.written, report.bytes_read)
 
     def finished(self, handle: Volume, result: object) -> "ConversionResult":

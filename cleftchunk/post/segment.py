@@ -193,6 +193,9 @@ class Segment(VolumeOperation):
         task = BlockwiseTask("segment-write", layout, functools.partial(_relabel_task, labelling, handle, layout.order),
                              process_args=shared)
         report = running.run(task, recorded=True)
+        from cleftchunk.io.tables import count_written_labels
+
+        count_written_labels(handle, running)  # its cleft table, for training (io/tables.py)
         kept = comp_sizes >= max(self.min_size, 1)
         return SegmentResult(int(kept.sum()), int((~kept).sum()), int(comp_sizes[kept].sum()), len(layout), self.threshold,
                              self.min_size, report.already_done)

@@ -61,6 +61,8 @@ class TrainConfig:
     validate_labels: str | None = None
     validate_roi: str | None = None  # "z0:z1,y0:y1,x0:x1" voxels of the validation volume
     validate_every: int = 0
+    train_roi: list[str] = field(default_factory=list)  # "[N=]z0:z1,y0:y1,x0:x1" regions crops come from (train/sampling.py)
+    annotated: str = "auto"  # annotated space of Zarr labels without regions: auto | stored | whole (io/tables.py)
     progress: bool = True
     threads: int | None = None  # torch threads on the CPU; None: cores left over by the loader workers
     cpu_processes: int = 0  # DDP on the CPU (gloo) to exercise the multi-process path
@@ -101,7 +103,7 @@ class TrainConfig:
         if self.filters is not None:
             self.filters = parse_ints(self.filters, "--filters")
         self.augment = AugmentConfig.from_dict(self.augment).to_dict()
-        self.rejection = RejectionConfig.from_dict(self.rejection).to_dict()
+        self.rejection = RejectionConfig.from_dict({**RejectionConfig.TRAINING, **dict(self.rejection or {})}).to_dict()
         for name in ("iteration_total", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise CleftchunkError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -119,6 +121,9 @@ class TrainConfig:
             raise CleftchunkError(f"max-weight {self.max_weight} must be positive (1: plain BCE; 5: the demo's)")
         if self.output_prior is not None and not 0 < self.output_prior < 1:
             raise CleftchunkError(f"output-prior {self.output_prior} must lie strictly between 0 and 1, e.g. 0.01")
+        self.train_roi = [self.train_roi] if isinstance(self.train_roi, str) else [str(r) for r in self.train_roi or []]
+        if self.annotated not in ("auto", "stored", "whole"):
+            raise CleftchunkError(f"annotated={self.annotated!r}: use auto, stored (the label chunks the store holds) or whole")
         if bool(self.validate_image) != bool(self.validate_labels):
             raise CleftchunkError("validation needs both --validate-image and --validate-labels")
         resolve_filters(self.arch, self.preset, self.filters)  # unknown presets fail now, not later

@@ -8,10 +8,8 @@
   the augmentations (:mod:`cleftchunk.train.augment`); rejection sampling keeps a crop whose label has more
   than ``min_voxels`` cleft voxels, and otherwise keeps it with probability ``keep_p``.
 - ``near_cleft`` (a fraction in [0, 1]) of the draws instead centre the crop on a cleft voxel taken
-  uniformly from all cleft voxels of all volumes: clefts are ~0.5 % of the voxels, so most uniform
-  draws are rejected (4 tries per kept crop in the demo) and the kept ones rarely show a cleft in
-  the middle. The draw uses :class:`CleftIndex` (cleft voxels per label chunk, counted once) and
-  then the chunk itself, so nothing the size of a volume is held in memory.
+  uniformly from all cleft voxels of all volumes, drawn from the cleft tables (io/tables.py);
+  crops come only from annotated space (train/sampling.py).
 - Reproducibility: sample ``j`` of batch ``b`` is drawn from ``np.random.default_rng([seed, b, g])``
   with ``g = rank * per_rank_batch + j`` its index in the global batch. The stream of batches is
   therefore the same for any number of loader workers, and the same global batch is seen for any
@@ -32,7 +30,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import partial
 from itertools import count
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +43,8 @@ from cleftchunk.intensity import image_scale
 from cleftchunk.labels import label_codes, resolve_label_kind
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.io.volumes import open_volume
+from cleftchunk.train.sampling import AnnotatedCodes, CleftIndex, Space, known_empty
+from cleftchunk.io.tables import CleftTable, count_in_memory
 
 #: Accepted by ``label_mode`` (see :mod:`cleftchunk.labels`).
 LABEL_MODES = ("auto", "cremi", "nonzero", "zero-background")
@@ -58,6 +58,10 @@ class RejectionConfig:
     keep_p: float = 0.1
     max_tries: int = 10_000  # then the last candidate is taken, so a label-free volume cannot hang
     near_cleft: float = 0.0  # fraction of draws centred on a cleft voxel (kept without rejection)
+
+    #: ``cleftchunk train``'s defaults: most crops centred on a cleft from the tables, so a kept crop
+    #: costs <= 1/0.85 ≈ 1.18 tries (the fields' defaults stay the original's pure rejection).
+    TRAINING: ClassVar[dict] = {"near_cleft": 0.85}
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "RejectionConfig":
@@ -257,44 +261,6 @@ class Converted:
 
 
 # -- sampling ----------------------------------------------------------------------------------------
-class CleftIndex:
-    """How many cleft voxels each label chunk of each volume holds, counted once by reading the
-    labels chunk by chunk; a draw picks a cleft voxel uniformly over all volumes (a chunk ∝ its
-    count, then the voxel within the re-read, usually cached, chunk). Small: one count per chunk."""
-
-    def __init__(self, codes: Sequence[Any], labels: Sequence[Any]):
-        self.grids: list[ChunkGrid] = []
-        self.chunk_ids: list[np.ndarray] = []  # per volume, the chunks holding clefts (C-order numbers)
-        counts: list[np.ndarray] = []
-        for code, label in zip(codes, labels):
-            grid = code.grid if isinstance(code, ChunkedView) else ChunkGrid(Roi.from_shape(code.shape), cache_chunk_shape(label))
-            numbers, found = [], []
-            for number, (_, roi) in enumerate(grid.chunks()):
-                n = int(np.count_nonzero(np.asarray(code[roi.to_slices()]) & 1))
-                if n:
-                    numbers.append(number)
-                    found.append(n)
-            self.grids.append(grid)
-            self.chunk_ids.append(np.array(numbers, dtype=np.int64))
-            counts.append(np.array(found, dtype=np.int64))
-        self.volume_of = np.concatenate([np.full(len(c), i) for i, c in enumerate(counts)] + [np.zeros(0, np.int64)]).astype(np.int64)
-        self.chunk_of = np.concatenate(self.chunk_ids + [np.zeros(0, np.int64)])
-        self.cumulative = np.cumsum(np.concatenate(counts + [np.zeros(0, np.int64)]))
-        self.total = int(self.cumulative[-1]) if self.cumulative.size else 0
-
-    def draw(self, rng: np.random.Generator, codes: Sequence[Any]) -> tuple[int, tuple[int, int, int]]:
-        """(volume, voxel) of a cleft voxel drawn uniformly over all cleft voxels."""
-        k = int(rng.integers(self.total))
-        entry = int(np.searchsorted(self.cumulative, k, side="right"))
-        within = k - (int(self.cumulative[entry - 1]) if entry else 0)
-        volume, number = int(self.volume_of[entry]), int(self.chunk_of[entry])
-        grid = self.grids[volume]
-        roi = grid.chunk_roi(tuple(int(i) for i in np.unravel_index(number, grid.grid_shape)))
-        flat = np.flatnonzero(np.asarray(codes[volume][roi.to_slices()]) & 1)[within]
-        local = np.unravel_index(flat, roi.shape)
-        return volume, tuple(int(o + v) for o, v in zip(roi.offset, local))  # type: ignore[return-value]
-
-
 class CropSampler:
     """Draws augmented, rejection-sampled training crops of ``input_size`` from ``volumes``."""
 
@@ -306,6 +272,8 @@ class CropSampler:
         rejection: RejectionConfig | None = None,
         cache_mb: float = 512,
         holdout: Sequence[Roi | None] | None = None,
+        tables: Sequence[CleftTable] | None = None,
+        regions: Sequence[Sequence[Roi] | None] | None = None,
     ):
         if not volumes:
             raise CleftchunkError("no training volumes given")
@@ -313,21 +281,31 @@ class CropSampler:
         # Regions (local voxels) of each volume that no training crop's source box may touch.
         self.holdout = list(holdout) if holdout is not None else [None] * len(self.volumes)
         self.cache = ChunkCache(int(cache_mb * 2**20))
+        self.augmenter = Augmenter(input_size, augment)
+        self.rejection = rejection or RejectionConfig()
+        # Cleft tables (io/tables.py): given (a training run builds them once, stored beside the
+        # labels), else counted in memory on the first near-cleft draw. Annotated space: regions
+        # given, else what the tables say is annotated, else the whole volume (train/sampling.py).
+        self.tables: list[CleftTable] | None = list(tables) if tables is not None else None
+        self.cleft_index: CleftIndex | None = None
+        self.ranges = [v.offset_range(self.augmenter) for v in self.volumes]
+        regions = list(regions) if regions is not None else [None] * len(self.volumes)
+        self.spaces = [
+            Space(v.shape, r, self.input_size, regions[i], self.tables[i] if self.tables else None, v.name)
+            for i, (v, r) in enumerate(zip(self.volumes, self.ranges))
+        ]
         self.images: list[Any] = []
         self.codes: list[Any] = []
         for i, v in enumerate(self.volumes):
             convert = partial(label_codes, kind=v.label_mode)
             if cache_mb > 0:
                 self.images.append(ChunkedView(v.image, self.cache, f"image{i}"))
-                self.codes.append(ChunkedView(v.labels, self.cache, f"labels{i}", convert))
+                codes: Any = ChunkedView(v.labels, self.cache, f"labels{i}", convert)
             else:
                 self.images.append(v.image)
-                self.codes.append(Converted(v.labels, convert))
-        self.augmenter = Augmenter(input_size, augment)
-        self.rejection = rejection or RejectionConfig()
-        self.cleft_index: CleftIndex | None = None  # built on the first near-cleft draw
-        self.ranges = [v.offset_range(self.augmenter) for v in self.volumes]
-        counts = np.array([v.num_positions(self.augmenter) for v in self.volumes], dtype=np.float64)
+                codes = Converted(v.labels, convert)
+            self.codes.append(codes if self.spaces[i].mode == "whole" else AnnotatedCodes(codes, self.spaces[i]))
+        counts = np.array([s.weight for s in self.spaces], dtype=np.float64)
         self.weights = counts / counts.sum()
 
     @property
@@ -343,7 +321,7 @@ class CropSampler:
         before, after = self.augmenter.source_context()
         for _ in range(max_draws):
             index = int(rng.choice(len(self.volumes), p=self.weights))
-            offset = tuple(int(rng.integers(lo, hi + 1)) for lo, hi in self.ranges[index])
+            offset = self.spaces[index].draw(rng)
             held = self.holdout[index]
             if held is None or Roi(offset, self.input_size).grow(before, after).intersect(held).empty:
                 return index, offset  # type: ignore[return-value]
@@ -356,7 +334,9 @@ class CropSampler:
         to the valid offsets, away from held-out regions; None when the volumes have no clefts or
         ``max_draws`` draws all touched a held-out region (the caller then draws uniformly)."""
         if self.cleft_index is None:
-            self.cleft_index = CleftIndex(self.codes, [v.labels for v in self.volumes])
+            if self.tables is None:  # counted once, in memory (cell by cell)
+                self.tables = [count_in_memory(v.labels, v.label_mode, cache_chunk_shape(v.labels)) for v in self.volumes]
+            self.cleft_index = CleftIndex(self.tables)
         if self.cleft_index.total == 0:
             return None
         before, after = self.augmenter.source_context()
@@ -365,6 +345,7 @@ class CropSampler:
             offset = tuple(
                 int(min(max(c - o // 2, lo), hi)) for c, o, (lo, hi) in zip(voxel, self.input_size, self.ranges[index])
             )
+            offset = self.spaces[index].settle(voxel, offset)  # inside annotated space where it fits
             held = self.holdout[index]
             if held is None or Roi(offset, self.input_size).grow(before, after).intersect(held).empty:
                 return index, offset  # type: ignore[return-value]
@@ -380,12 +361,20 @@ class CropSampler:
             index, offset = centred if centred is not None else self.draw_position(rng)
             plan = self.augmenter.draw(rng)
             keep_anyway = rng.random() < r.keep_p or centred is not None
+            if not keep_anyway and tries < r.max_tries and self._known_empty(index, offset):
+                continue  # cannot pass the test: not read (the random stream is the same)
             base = self.augmenter.base_coordinates(plan)
             label, mask = self._labels(index, offset, plan, base)
             if (label * mask).sum() > r.min_voxels or keep_anyway or tries == r.max_tries:
                 image = self._image(index, offset, plan, base)
                 return {"image": image, "label": label, "mask": mask, "tries": tries, "volume": index, "offset": offset}
         raise AssertionError("unreachable")
+
+    def _known_empty(self, index: int, offset: Sequence[int]) -> bool:
+        if self.tables is None or self.rejection.min_voxels < 0:
+            return False
+        before, after = self.augmenter.source_context()
+        return known_empty(self.tables[index], Roi(offset, self.input_size).grow(before, after))
 
     def _labels(self, index: int, offset: Sequence[int], plan: Any, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         extent = Roi.from_shape(self.volumes[index].shape)
@@ -408,6 +397,8 @@ class CropSampler:
             "mask": stack("mask"),
             "tries": torch.tensor([s["tries"] for s in samples]),
             "index": torch.tensor(batch_index),
+            # this loader worker's decoded-chunk cache so far (its hit rate goes to the log)
+            "cache": torch.tensor([self.cache.hits, self.cache.misses, self.cache.bytes]),
         }
 
 
@@ -439,11 +430,21 @@ class CropStream(IterableDataset):
             yield sampler.batch(self.seed, b, self.batch_size, first)
 
 
+def loader_context() -> str:
+    """spawn rather than forkserver: a worker then sees this process's environment as it is now
+    (storage endpoints and credentials), not as it was when a forkserver was first started."""
+    return "spawn"
+
+
 def make_loader(stream: CropStream, workers: int = 0, prefetch: int = 2) -> DataLoader:
     """A DataLoader over ``stream`` with ``workers`` processes (0: in this process)."""
     if workers < 0:
         raise CleftchunkError(f"-c {workers}: the number of loader workers must be 0 or more")
     kwargs: dict[str, Any] = {"batch_size": None, "num_workers": workers}
     if workers > 0:
-        kwargs.update(prefetch_factor=prefetch, persistent_workers=False, pin_memory=torch.cuda.is_available())
+        # Workers are started fresh (spawn), never forked: zarr's event loop,
+        # fsspec's sessions and HDF5 handles of this process are not fork-safe. Each worker
+        # unpickles the sampler, whose volumes reopen their stores there (see CropStream).
+        kwargs.update(prefetch_factor=prefetch, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                      multiprocessing_context=loader_context())
     return DataLoader(stream, **kwargs)

@@ -24,6 +24,12 @@ def section_panels(image: torch.Tensor, label: torch.Tensor, logits: torch.Tenso
     return torch.cat(rows, dim=0).clamp(0, 1)[None]
 
 
+def cache_hit_rate(batch: dict) -> float:
+    """Hit rate of the decoded-chunk cache of the loader worker that made ``batch`` (so far)."""
+    hits, misses = (int(v) for v in batch["cache"][:2])
+    return hits / (hits + misses) if hits + misses else 0.0
+
+
 class Logger:
     """TensorBoard (main process only) and the progress bar."""
 
@@ -56,12 +62,15 @@ class Logger:
             return
         it = trainer.iteration
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{self.rate():.2f}", refresh=False)
+        cache = {"cache_hits": f"{cache_hit_rate(batch):.0%}"} if "cache" in batch else {}
+        self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{self.rate():.2f}", **cache, refresh=False)
         if it % self.config.log_every == 0 or it == self.config.iteration_total:
             self.writer.add_scalar("loss/train", float(np.mean(self.losses)), it)
             self.writer.add_scalar("lr", trainer.lr, it)
             self.writer.add_scalar("samples_per_s", self.rate(), it)
             self.writer.add_scalar("loader/mean_tries", float(batch["tries"].float().mean()), it)
+            if "cache" in batch:
+                self.writer.add_scalar("loader/cache_hit_rate", cache_hit_rate(batch), it)
             self.losses = []
         if self.config.image_every and (it % self.config.image_every == 0 or it == 1):
             self.writer.add_image("sections/input|label|prediction", section_panels(batch["image"], batch["label"], logits), it)

@@ -19,6 +19,7 @@ from cleftchunk.model import (
     load_checkpoint,
 )
 from cleftchunk.train.config import resolve_config, TrainConfig
+from cleftchunk.train.sampling import parse_train_rois
 from cleftchunk.train.distributed import Dist, free_port, init_distributed, requested_processes, under_torchrun
 from cleftchunk.train.logger import Logger
 from cleftchunk.train.outputs import check_output, check_resumable, clear_output, write_config
@@ -95,9 +96,11 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     # A validation region is held out of training even when it is not scored during training
     # (validate_every 0): the demo chooses its operating point there after training.
     validator = Validator(config) if config.validate_image else None
+    regions = parse_train_rois(config.train_roi, [v.shape for v in volumes])
+    tables = cleft_tables(volumes, config, dist)
     sampler = CropSampler(
         volumes, config.input_size, AugmentConfig.from_dict(config.augment), RejectionConfig.from_dict(config.rejection),
-        cache_mb=config.cache_mb, holdout=validator.holdout_for(volumes) if validator else None,
+        cache_mb=config.cache_mb, holdout=validator.holdout_for(volumes) if validator else None, tables=tables, regions=regions,
     )
     hooks = list(hooks) + ([validator] if validator and config.validate_every else [])
     dist.barrier()  # every process has checked before the main one changes anything
@@ -144,6 +147,23 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
         configure_torch(threads)
     dist.barrier()
     return last
+
+
+def cleft_tables(volumes: Sequence, config: TrainConfig, dist: Dist) -> list:
+    """The cleft table of each training volume (io/tables.py): read from beside Zarr labels,
+    or built there once (the main process builds, the others wait and read); counted in memory
+    for other sources."""
+    from cleftchunk.run.options import RunOptions
+    from cleftchunk.io.tables import cleft_table
+    from cleftchunk.train.data import cache_chunk_shape
+
+    def build() -> list:
+        run = RunOptions(progress=config.progress and dist.main)
+        return [cleft_table(v.labels, v.label_mode, cache_chunk_shape(v.labels), config.annotated, run) for v in volumes]
+
+    tables = build() if dist.main else None
+    dist.barrier()
+    return tables if tables is not None else build()
 
 
 def cpu_threads(config: TrainConfig, processes: int = 1) -> int:
