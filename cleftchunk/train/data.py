@@ -380,12 +380,15 @@ class CropSampler:
             index, offset = centred if centred is not None else self.draw_position(rng)
             plan = self.augmenter.draw(rng)
             keep_anyway = rng.random() < r.keep_p or centred is not None
-            base = self.augmenter.base_coordinates(plan)
-            label, mask = self._labels(index, offset, plan, base)
-            if (label * mask).sum() > r.min_voxels or keep_anyway or tries == r.max_tries:
-                image = self._image(index, offset, plan, base)
-                return {"image": image, "label": label, "mask": mask, "tries": tries, "volume": index, "offset": offset}
+            cleft_voxels, finish = self.judge(index, offset, plan)
+            if cleft_voxels > r.min_voxels or keep_anyway or tries == r.max_tries:
+                return {**finish(), "tries": tries, "volume": index, "offset": offset}
         raise AssertionError("unreachable")
+
+    def judge(self, index: int, offset: Sequence[int], plan: Any) -> tuple[float, Any]:  # device_batches replaces it
+        base = self.augmenter.base_coordinates(plan)
+        label, mask = self._labels(index, offset, plan, base)
+        return float((label * mask).sum()), lambda: {"image": self._image(index, offset, plan, base), "label": label, "mask": mask}
 
     def _labels(self, index: int, offset: Sequence[int], plan: Any, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         extent = Roi.from_shape(self.volumes[index].shape)
