@@ -104,6 +104,16 @@ def test_boxes_beyond_the_volume_are_mirrored_like_the_numpy_path():
     assert_paths_agree(reference, device, augment, seeds=range(4))
 
 
+def test_the_chunk_cache_gives_the_same_batches():
+    volume = cremi_volume(seed=4)
+    plain = SourceSampler([volume], OUT, AugmentConfig(), RejectionConfig(keep_p=0.3), cache_mb=0)
+    cached = SourceSampler([volume], OUT, AugmentConfig(), RejectionConfig(keep_p=0.3), cache_mb=16)
+    for b in range(3):
+        x, y = plain.batch(1, b, 2), cached.batch(1, b, 2)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert cached.cache.hits > 0
+
+
 def test_float_images_cross_scaled_and_agree():
     reference, device, augment = both(cremi_volume(seed=3, dtype=np.float32), AugmentConfig())
     batch = device.batch(0, 0, 2)
@@ -127,12 +137,16 @@ def test_both_paths_draw_the_same_positions_and_plans():
 
 
 def test_rejection_on_the_device_path_counts_the_unwarped_footprint():
+    from cleftchunk.geometry import Roi
+
     volume = cremi_volume()
     device = SourceSampler([volume], OUT, AugmentConfig(), RejectionConfig(min_voxels=200, keep_p=0.0), cache_mb=0)
     m = device.augmenter.margin_yx
     for seed in range(4):
         sample = device.sample(np.random.default_rng(seed))
-        footprint = sample["codes"][np.asarray(sample["plan"].z_keep), m : m + OUT[1], m : m + OUT[2]]
+        index, box = sample["source"]
+        codes = read_box(device.codes[index], Roi.from_shape(volume.shape), box)
+        footprint = codes[np.asarray(sample["plan"].z_keep), m : m + OUT[1], m : m + OUT[2]]
         assert np.count_nonzero(footprint == 1) > 200 or sample["tries"] == device.rejection.max_tries
 
 
@@ -153,6 +167,9 @@ def test_read_box_mirrors_like_reflect_padding():
     box = Roi((-3, -4, 2), (12, 9, 20))
     padded = np.pad(data, ((3, 4), (4, 0), (0, 13)), mode="reflect")
     np.testing.assert_array_equal(read_box(data, Roi.from_shape(data.shape), box), padded[:, :9, 2:22])
+    out = np.zeros(box.shape, data.dtype)
+    assert read_box(data, Roi.from_shape(data.shape), box, out) is out
+    np.testing.assert_array_equal(out, padded[:, :9, 2:22])
 
 
 def test_prefetcher_yields_the_stream_in_order_augmented():

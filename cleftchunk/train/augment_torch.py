@@ -110,7 +110,7 @@ class TorchAugmenter:
         m = self.augmenter.margin_yx
         cy, cx = self.centre
         a = plans["matrix"].to(self.device, torch.float32)[:, :, :, None, None]  # (B, 2, 2, 1, 1)
-        elastic = torch.einsum("hg,bcgk,wk->bchw", self.upsample_y, plans["elastic"].to(self.device), self.upsample_x)
+        elastic = self.upsample_y @ plans["elastic"].to(self.device) @ self.upsample_x.T  # (B, 2, H, W)
         y = a[:, 0, 0] * self.dy + a[:, 0, 1] * self.dx + elastic[:, 0] + (cy + m)  # (B, H, W)
         x = a[:, 1, 0] * self.dy + a[:, 1, 1] * self.dx + elastic[:, 1] + (cx + m)
         base = torch.stack([y, x], dim=-1)[:, None]  # (B, 1, H, W, 2)
@@ -167,17 +167,25 @@ class TorchAugmenter:
         b, z, h, w = label.shape
         x = label[chosen].reshape(len(chosen) * z, 1, h, w).float()
         if x.device.type == "cpu":
-            # On a CPU only slices holding a label cost anything (the others stay 0); on a GPU
-            # the check would wait for the device, and the convolutions are cheap there anyway.
-            occupied = x.flatten(1).any(dim=1).nonzero().flatten()
-            if occupied.numel() == 0:
-                return label
-            smoothed = torch.zeros_like(x, dtype=torch.bool)
-            smoothed[occupied] = self._smooth_slices(x[occupied])
+            smoothed = self._smooth_boxes(x)
         else:
-            smoothed = self._smooth_slices(x)
+            smoothed = self._smooth_slices(x)  # on a GPU: all slices at once, nothing waits
         out = label.clone()
         out[chosen] = smoothed.reshape(len(chosen), z, h, w)
+        return out
+
+    def _smooth_boxes(self, x: torch.Tensor) -> torch.Tensor:
+        """On a CPU, as the numpy path: each slice's label bounding box grown by the filters' reach
+        (beyond it every value is 0), so empty slices and empty space cost nothing."""
+        out = torch.zeros_like(x, dtype=torch.bool)
+        n, _, h, w = x.shape
+        reach = 1 + (self.kernel.numel() - 1) // 2 + 1 + 2  # dilation, Gaussian, dilation, spare
+        rows, cols = x[:, 0].any(dim=2), x[:, 0].any(dim=1)  # (n, H), (n, W)
+        for k in rows.any(dim=1).nonzero().flatten().tolist():
+            r, c = rows[k].nonzero().flatten(), cols[k].nonzero().flatten()
+            y0, y1 = max(int(r[0]) - reach, 0), min(int(r[-1]) + 1 + reach, h)
+            x0, x1 = max(int(c[0]) - reach, 0), min(int(c[-1]) + 1 + reach, w)
+            out[k, :, y0:y1, x0:x1] = self._smooth_slices(x[k : k + 1, :, y0:y1, x0:x1])[0]
         return out
 
     def _smooth_slices(self, x: torch.Tensor) -> torch.Tensor:

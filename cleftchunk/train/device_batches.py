@@ -26,7 +26,7 @@ from cleftchunk.geometry import Roi
 from cleftchunk.labels import CLEFT_BIT, INVALID_BIT
 from cleftchunk.predict.tiling import reflect_index
 from cleftchunk.train.augment_torch import TorchAugmenter, pack_plans
-from cleftchunk.train.data import CropSampler
+from cleftchunk.train.data import ChunkedView, CropSampler
 
 AUGMENT_ON = ("auto", "cpu", "device")
 
@@ -40,16 +40,32 @@ def resolve_augment_on(choice: str, device: torch.device) -> str:
     return choice
 
 
-def read_box(view: Any, extent: Roi, box: Roi) -> np.ndarray:
+def read_box(view: Any, extent: Roi, box: Roi, out: np.ndarray | None = None) -> np.ndarray:
     """``box`` (local voxels, possibly beyond ``extent``) of ``view``, mirrored at the volume edges
-    as the numpy path's ``map_coordinates(mode="mirror")`` and ``reflect_index`` do."""
-    have = box.intersect(extent)
-    if have == box:
-        return np.asarray(view[box.to_slices()])
+    as the numpy path's ``map_coordinates(mode="mirror")`` and ``reflect_index`` do; into ``out``
+    when given (a batch's buffer: one copy from the decoded chunks, no fresh pages per box)."""
+    if box.intersect(extent) == box:
+        return np.asarray(view[box.to_slices()]) if out is None else read_inside(view, box, out)
     index = [reflect_index(np.arange(b, e), n) for b, e, n in zip(box.begin, box.end, extent.shape)]
     read = Roi.from_bounds([int(i.min()) for i in index], [int(i.max()) + 1 for i in index])
-    data = np.asarray(view[read.to_slices()])
-    return data[np.ix_(*[i - o for i, o in zip(index, read.offset)])]
+    picked = np.asarray(view[read.to_slices()])[np.ix_(*[i - o for i, o in zip(index, read.offset)])]
+    if out is None:
+        return picked
+    out[...] = picked
+    return out
+
+
+def read_inside(view: Any, box: Roi, out: np.ndarray) -> np.ndarray:
+    """``box`` (inside the volume) into ``out``: chunk by chunk from a cached view, else one read."""
+    if not isinstance(view, ChunkedView):
+        out[...] = np.asarray(view[box.to_slices()])
+        return out
+    for index in view.grid.indices_overlapping(box):
+        chunk_roi = view.grid.chunk_roi(index)
+        data = view.cache.get((view.name, index), lambda r=chunk_roi: view._load(r))
+        part = chunk_roi.intersect(box)
+        out[part.relative_to(box).to_slices()] = data[part.relative_to(chunk_roi).to_slices()]
+    return out
 
 
 class SourceSampler(CropSampler):
@@ -65,29 +81,31 @@ class SourceSampler(CropSampler):
         return Roi(tuple(int(o) for o in offset), self.input_size).grow(before, after)
 
     def judge(self, index: int, offset: Sequence[int], plan: Any) -> tuple[float, Any]:
+        """Counts on the footprint only (the plan's slices, the crop's y–x): rejected tries read no more."""
         extent = Roi.from_shape(self.volumes[index].shape)
         box = self.source_box(offset)
-        codes = read_box(self.codes[index], extent, box)
         m = self.augmenter.margin_yx
-        z, h, w = self.input_size
-        footprint = codes[np.asarray(plan.z_keep), m : m + h, m : m + w]
-        cleft = np.count_nonzero((footprint & (CLEFT_BIT | INVALID_BIT)) == CLEFT_BIT)
+        footprint = Roi((box.offset[0], box.offset[1] + m, box.offset[2] + m), (box.shape[0], *self.input_size[1:]))
+        codes = read_box(self.codes[index], extent, footprint)[np.asarray(plan.z_keep)]
+        cleft = np.count_nonzero((codes & (CLEFT_BIT | INVALID_BIT)) == CLEFT_BIT)
+        return float(cleft), lambda: {"source": (index, box), "plan": plan}
 
-        def finish() -> dict[str, Any]:
-            image = read_box(self.images[index], extent, box)
-            if not self.image_uint8:
-                image = image.astype(np.float32) * np.float32(self.volumes[index].scale)
-            return {"image": image, "codes": codes, "plan": plan}
-
-        return float(cleft), finish
+    def read_sample(self, source: tuple[int, Roi], image: np.ndarray, codes: np.ndarray) -> None:
+        index, box = source
+        extent = Roi.from_shape(self.volumes[index].shape)
+        read_box(self.codes[index], extent, box, codes)
+        if self.image_uint8:
+            read_box(self.images[index], extent, box, image)
+        else:
+            image[...] = read_box(self.images[index], extent, box).astype(np.float32) * np.float32(self.volumes[index].scale)
 
     def collate(self, samples: list[dict[str, Any]], batch_index: int) -> dict[str, torch.Tensor]:
-        out = {
-            "image": torch.from_numpy(np.stack([s["image"] for s in samples])),
-            "codes": torch.from_numpy(np.stack([s["codes"] for s in samples])),
-            "tries": torch.tensor([s["tries"] for s in samples]),
-            "index": torch.tensor(batch_index),
-        }
+        shape = (len(samples), *self.augmenter.source_shape)
+        image = torch.empty(shape, dtype=torch.uint8 if self.image_uint8 else torch.float32)
+        codes = torch.empty(shape, dtype=torch.uint8)
+        for i, s in enumerate(samples):
+            self.read_sample(s["source"], image[i].numpy(), codes[i].numpy())
+        out = {"image": image, "codes": codes, "tries": torch.tensor([s["tries"] for s in samples]), "index": torch.tensor(batch_index)}
         out.update(pack_plans([s["plan"] for s in samples], self.augmenter))
         return out
 
