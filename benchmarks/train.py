@@ -90,15 +90,16 @@ kind = SourceSampler if args["device"] else CropSampler
 sampler = kind(volumes, args["input"], augment, RejectionConfig(keep_p=args["keep_p"]), cache_mb=args["cache_mb"])
 if args["sequential"]:
     sampler.augmenter.__class__ = SequentialWarps
-batches = iter(make_loader(CropStream(sampler, batch_size=1, seed=args["seed"]), args["workers"]))
+batches = iter(make_loader(CropStream(sampler, batch_size=args["batch"], seed=args["seed"]), args["workers"]))
 for _ in range(args["warmup"]):
     next(batches)
+n = -(-args["crops"] // args["batch"])
 t0 = time.perf_counter()
 tries = 0
-for _ in range(args["crops"]):
+for _ in range(n):
     tries += int(next(batches)["tries"].sum())
 seconds = time.perf_counter() - t0
-print(json.dumps({{"crops_s": args["crops"] / seconds, "tries": tries / args["crops"]}}))
+print(json.dumps({{"crops_s": n * args["batch"] / seconds, "tries": tries / (n * args["batch"])}}))
 """
 
 BREAKDOWN = """
@@ -190,7 +191,7 @@ def run_json(code: str) -> dict:
 #: The rows the issue names, then the others of the fragment.
 NAMED = {
     "numpy-augment": {},
-    "device-augment-loader": {"device": True},
+    "device-augment-loader": {"device": True, "batch": 4},  # batches of 4, as the device augments them
     "device-augment-torch-cpu": {"torch": True},
     "no-augment": {"augment": False},
 }
@@ -206,7 +207,7 @@ OTHERS = {
 def loader_runs(quick: bool) -> list[dict]:
     """One dict per row, with the keys --json prints."""
     base = {"data": str(DATA), "input": list(INPUT), "augment": True, "keep_p": 0.1, "cache_mb": 512, "device": False,
-            "torch": False, "sequential": False, "workers": 1, "warmup": 3, "crops": 10 if quick else 30, "seed": 0,
+            "torch": False, "sequential": False, "workers": 1, "warmup": 3, "crops": 10 if quick else 30, "seed": 0, "batch": 1,
             "batches": 2 if quick else 6}
     repeats = 1 if quick else 3
     rows = []
@@ -269,7 +270,8 @@ Input {INPUT[0]}×{INPUT[1]}×{INPUT[2]} crops (oversized box 10×512×512) from
 {SHAPE[0]}×{SHAPE[1]}×{SHAPE[2]} Zarr volume (chunks 16×256×256, Blosc-zstd), batch 1, medians of
 {1 if quick else 3} run(s) of {10 if quick else 30} crops after a warm-up; each run a fresh process.
 "needed" = how many such loaders it would take to reach {TARGET_CROPS_S} crops/s.
-device-augment-torch-cpu: batches of 4 already read, torch with 1 thread on this CPU.
+device-augment-loader: batches of 4 (what the device then augments at once); the other loaders
+batch 1. device-augment-torch-cpu: batches of 4 already read, torch with 1 thread on this CPU.
 {"(--quick run: one repeat, few crops — indicative only.)" if quick else ""}
 
 {markdown_table(["loader", "workers", "crops/s", "crops/s per worker", "ms per crop", "tries per kept crop", "needed for 250/s"], rows)}
