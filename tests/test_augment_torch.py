@@ -254,3 +254,12 @@ def test_resume_with_device_augmentation_is_exact(data, tmp_path):
     resumed = train(train_config(data, tmp_path / "part"), resume=True)
     a, b = load_checkpoint(whole)["model"], load_checkpoint(resumed)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_device_augmentation(data, tmp_path):
+    from cleftchunk.model import load_checkpoint
+    from cleftchunk.train import train
+
+    last = train(train_config(data, tmp_path / "ddp", cpu_processes=2, iteration_total=2))
+    assert load_checkpoint(last)["iteration"] == 2
