@@ -93,7 +93,8 @@ def training_section(device, quick: bool, work: Path) -> str:
     sampler = SourceSampler(volumes, input_size, AugmentConfig(), RejectionConfig())
     augment = TorchAugmenter(sampler.augmenter, device)
     sources = [sampler.batch(0, b, batch) for b in range(3)]
-    on_device_sources = [{k: v.to(device) for k, v in s.items()} for s in sources]
+    # Boxes on the device, plans on the host: as the prefetcher hands them over (control flow reads plans there).
+    on_device_sources = [{k: v.to(device) if k in ("image", "codes") else v for k, v in s.items()} for s in sources]
     augment(on_device_sources[0])
     synchronize(device)
     start = time.perf_counter()

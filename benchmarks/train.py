@@ -225,7 +225,7 @@ def loader_runs(quick: bool) -> list[dict]:
 
 def step_runs(quick: bool) -> list:
     rows = []
-    settings = [("small", 1), ("default", 1)] if quick else [("small", 1), ("small", 2), ("default", 1), ("default", 2)]
+    settings = [("small", 1)] if quick else [("small", 1), ("small", 2), ("default", 1), ("default", 2)]
     for preset, threads in settings:
         steps = 1 if quick else (2 if preset == "default" else 3)
         result = run_json(STEP.format(threads=threads, preset=preset, input=INPUT, steps=steps))

@@ -102,6 +102,8 @@ class TorchAugmenter:
         yy = torch.arange(h, dtype=torch.float32, device=self.device) - cy
         xx = torch.arange(w, dtype=torch.float32, device=self.device) - cx
         self.dy, self.dx = yy[:, None], xx[None, :]
+        _, hs, ws = augmenter.source_shape  # the boxes' y–x: pixels to grid_sample's [-1, 1]
+        self.norm = torch.tensor([2.0 / max(hs - 1, 1), 2.0 / max(ws - 1, 1)], device=self.device)
 
     # -- geometry ------------------------------------------------------------------------------------
     def coordinates(self, plans: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -109,12 +111,12 @@ class TorchAugmenter:
         rescale about the crop centre, the upsampled elastic field, the misalignment shift."""
         m = self.augmenter.margin_yx
         cy, cx = self.centre
-        a = plans["matrix"].to(self.device, torch.float32)[:, :, :, None, None]  # (B, 2, 2, 1, 1)
-        elastic = self.upsample_y @ plans["elastic"].to(self.device) @ self.upsample_x.T  # (B, 2, H, W)
+        a = plans["matrix"].to(self.device, torch.float32, non_blocking=True)[:, :, :, None, None]  # (B, 2, 2, 1, 1)
+        elastic = self.upsample_y @ plans["elastic"].to(self.device, non_blocking=True) @ self.upsample_x.T  # (B, 2, H, W)
         y = a[:, 0, 0] * self.dy + a[:, 0, 1] * self.dx + elastic[:, 0] + (cy + m)  # (B, H, W)
         x = a[:, 1, 0] * self.dy + a[:, 1, 1] * self.dx + elastic[:, 1] + (cx + m)
         base = torch.stack([y, x], dim=-1)[:, None]  # (B, 1, H, W, 2)
-        return base + plans["shifts"].to(self.device)[:, :, None, None, :]  # + the per-slice shift
+        return base + plans["shifts"].to(self.device, non_blocking=True)[:, :, None, None, :]  # + the per-slice shift
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``batch``: "image" (B, Zs, Hs, Ws) uint8 (or float32 already scaled), "codes" (B, Zs, Hs, Ws)
@@ -126,11 +128,10 @@ class TorchAugmenter:
         b, zs, hs, ws = image_box.shape
         z, h, w = self.augmenter.out_shape
         # The source slice of every output slice, as a row of the boxes flattened to (B·Zs, Hs, Ws).
-        rows = (plans["z_keep"].to(self.device) + torch.arange(b, device=self.device)[:, None] * zs).reshape(-1)
+        rows = (plans["z_keep"].to(self.device, non_blocking=True) + torch.arange(b, device=self.device)[:, None] * zs).reshape(-1)
         coords = self.coordinates(plans).reshape(b * z, h, w, 2)
         # grid_sample wants (x, y) normalised to [-1, 1] (align_corners=True: -1 and 1 are the edge voxels' centres).
-        norm = torch.tensor([2.0 / max(hs - 1, 1), 2.0 / max(ws - 1, 1)], device=self.device)
-        grid = (coords * norm - 1.0).flip(-1)
+        grid = (coords * self.norm - 1.0).flip(-1)
         source = image_box.reshape(b * zs, 1, hs, ws).index_select(0, rows).float()
         image = F.grid_sample(source, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
         image = image.reshape(b, z, h, w)
@@ -202,9 +203,9 @@ class TorchAugmenter:
         """Per slice: ×contrast, +brightness, clip [0, 1], ^gamma — only where the plan has it."""
         if not bool(plans["has_gray"].any()):
             return image
-        gray = plans["gray"].to(self.device)[:, :, :, None, None]  # (B, Z, 3, 1, 1)
+        gray = plans["gray"].to(self.device, non_blocking=True)[:, :, :, None, None]  # (B, Z, 3, 1, 1)
         changed = torch.clamp(image * gray[:, :, 0] + gray[:, :, 1], 0.0, 1.0).pow(gray[:, :, 2])
-        has = plans["has_gray"].to(self.device)[:, None, None, None]
+        has = plans["has_gray"].to(self.device, non_blocking=True)[:, None, None, None]
         return torch.where(has, changed, image)
 
     def missing_part(self, image: torch.Tensor, plans: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -213,13 +214,13 @@ class TorchAugmenter:
         if not chosen:
             return image
         b, z, h, w = image.shape
-        part = plans["part"][chosen].to(self.device)  # float64, as numpy computes the band
-        k = plans["part"][chosen, 0].long().to(self.device)
+        part = plans["part"][chosen].to(self.device, non_blocking=True)  # float64, as numpy computes the band
+        k = plans["part"][chosen, 0].long().to(self.device, non_blocking=True)
         cy, cx, angle, width = (part[:, i, None, None] for i in range(1, 5))
         yy = torch.arange(h, dtype=torch.float64, device=self.device)[None, :, None]
         xx = torch.arange(w, dtype=torch.float64, device=self.device)[None, None, :]
         band = torch.abs((yy - cy) * torch.cos(angle) - (xx - cx) * torch.sin(angle)) <= width / 2
-        index = torch.tensor(chosen, device=self.device)
+        index = torch.as_tensor(chosen).to(self.device, non_blocking=True)
         slices = image[index, k]  # (n, H, W)
         mean = slices.mean(dim=(1, 2), keepdim=True)
         out = image.clone()

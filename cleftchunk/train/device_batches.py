@@ -3,10 +3,12 @@ prefetch in the training process.
 
 - :class:`SourceSampler` is :class:`~cleftchunk.train.data.CropSampler` with the same draws
   (positions, plans, rejection coins from the same per-sample seed), but a kept sample is the
-  oversized uint8 box and its uint8 label codes, read with the volume edges mirrored, plus its
-  plan; nothing is warped on the CPU. The rejection test counts the valid cleft voxels of the
-  plan's output slices in the crop's *unwarped* footprint: the warps keep the area within the
-  rescale's ±20 %, and warping labels only to count them would cost what the device saves.
+  oversized uint8 box and its uint8 label codes (only the slices its plan keeps), read with the
+  volume edges mirrored, plus its plan; nothing is warped on the CPU. The rejection test counts
+  the valid cleft voxels of the plan's output slices in the crop's *unwarped* footprint: the
+  warps keep the area within the rescale's ±20 %, and warping labels only to count them would
+  cost what the device saves. So the two paths keep slightly different crops from the same
+  candidates; each stream is still a pure function of (seed, batch index).
 - :class:`DevicePrefetcher` runs in the training process (a CUDA context per loader worker is
   what breaks other attempts): while the model steps on batch n, batch n+1 is copied
   (non-blocking, from pinned memory) and augmented on a side stream.
@@ -83,7 +85,10 @@ def batch_buffer(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     would otherwise copy it into to hand it over (a third of a worker's time at 10×512×512)."""
     if get_worker_info() is None:
         return torch.empty(tuple(shape), dtype=dtype)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)  # what share_memory_() itself calls
+    if new_shared is None:
+        return torch.empty(tuple(shape), dtype=dtype).share_memory_()
+    storage = new_shared(math.prod(shape) * torch.empty(0, dtype=dtype).element_size())
     return torch.empty(0, dtype=dtype).set_(storage).view(tuple(shape))
 
 
