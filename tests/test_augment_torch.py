@@ -185,6 +185,12 @@ def test_prefetcher_yields_the_stream_in_order_augmented():
             assert torch.equal(got[key], want[key])
 
 
+def test_prefetcher_hands_out_every_batch_of_a_finite_source():
+    _, device, augment = both(cremi_volume(), AugmentConfig.off())
+    sources = [device.batch(0, b, 1) for b in range(3)]
+    assert [int(b["index"]) for b in DevicePrefetcher(iter(sources), augment)] == [0, 1, 2]
+
+
 def test_augment_on_choices():
     assert resolve_augment_on("auto", torch.device("cpu")) == "cpu"
     assert resolve_augment_on("auto", torch.device("cuda", 0)) == "device"

@@ -178,7 +178,10 @@ class DevicePrefetcher:
             for value in current.values():
                 if value.is_cuda:
                     value.record_stream(main)  # made on the side stream, used on the main one
-        self.ahead = self._prepare()
+        try:
+            self.ahead = self._prepare()
+        except StopIteration:  # a finite source: hand out what is ready, stop on the next call
+            self.ahead = None
         return current
 
 
