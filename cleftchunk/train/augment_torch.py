@@ -103,20 +103,20 @@ class TorchAugmenter:
         xx = torch.arange(w, dtype=torch.float32, device=self.device) - cx
         self.dy, self.dx = yy[:, None], xx[None, :]
         _, hs, ws = augmenter.source_shape  # the boxes' y–x: pixels to grid_sample's [-1, 1]
-        self.norm = torch.tensor([2.0 / max(hs - 1, 1), 2.0 / max(ws - 1, 1)], device=self.device)
+        self.norm = (2.0 / max(hs - 1, 1), 2.0 / max(ws - 1, 1))
 
     # -- geometry ------------------------------------------------------------------------------------
-    def coordinates(self, plans: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(B, Z, H, W, 2) source (y, x) of each output voxel in box pixels, float32: rotation and
-        rescale about the crop centre, the upsampled elastic field, the misalignment shift."""
+    def coordinates(self, plans: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, x), each (B, Z, H, W) float32: the source of each output voxel in box pixels —
+        rotation and rescale about the crop centre, the upsampled elastic field, the shift."""
         m = self.augmenter.margin_yx
         cy, cx = self.centre
         a = plans["matrix"].to(self.device, torch.float32, non_blocking=True)[:, :, :, None, None]  # (B, 2, 2, 1, 1)
         elastic = self.upsample_y @ plans["elastic"].to(self.device, non_blocking=True) @ self.upsample_x.T  # (B, 2, H, W)
         y = a[:, 0, 0] * self.dy + a[:, 0, 1] * self.dx + elastic[:, 0] + (cy + m)  # (B, H, W)
         x = a[:, 1, 0] * self.dy + a[:, 1, 1] * self.dx + elastic[:, 1] + (cx + m)
-        base = torch.stack([y, x], dim=-1)[:, None]  # (B, 1, H, W, 2)
-        return base + plans["shifts"].to(self.device, non_blocking=True)[:, :, None, None, :]  # + the per-slice shift
+        shifts = plans["shifts"].to(self.device, non_blocking=True)[:, :, :, None, None]  # (B, Z, 2, 1, 1)
+        return y[:, None] + shifts[:, :, 0], x[:, None] + shifts[:, :, 1]
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``batch``: "image" (B, Zs, Hs, Ws) uint8 (or float32 already scaled), "codes" (B, Zs, Hs, Ws)
@@ -129,15 +129,16 @@ class TorchAugmenter:
         z, h, w = self.augmenter.out_shape
         # The source slice of every output slice, as a row of the boxes flattened to (B·Zs, Hs, Ws).
         rows = (plans["z_keep"].to(self.device, non_blocking=True) + torch.arange(b, device=self.device)[:, None] * zs).reshape(-1)
-        coords = self.coordinates(plans).reshape(b * z, h, w, 2)
+        y, x = self.coordinates(plans)
         # grid_sample wants (x, y) normalised to [-1, 1] (align_corners=True: -1 and 1 are the edge voxels' centres).
-        grid = (coords * self.norm - 1.0).flip(-1)
+        grid = torch.stack([x * self.norm[1] - 1.0, y * self.norm[0] - 1.0], dim=-1).reshape(b * z, h, w, 2)
         source = image_box.reshape(b * zs, 1, hs, ws).index_select(0, rows).float()
         image = F.grid_sample(source, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
         image = image.reshape(b, z, h, w)
         if image_box.dtype == torch.uint8:
             image = image * (1.0 / 255)
-        codes = self.nearest(codes_box.reshape(b * zs, hs, ws), rows, coords).reshape(b, z, h, w)
+        codes = self.nearest(codes_box.reshape(b * zs, hs, ws), rows, y.reshape(b * z, h, w), x.reshape(b * z, h, w))
+        codes = codes.reshape(b, z, h, w)
         label = (codes & CLEFT_BIT) > 0
         valid = (codes & INVALID_BIT) == 0
         label = self.smooth(label, plans["smooth"])
@@ -149,15 +150,16 @@ class TorchAugmenter:
         return out
 
     @staticmethod
-    def nearest(codes: torch.Tensor, rows: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    def nearest(codes: torch.Tensor, rows: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Label codes at the nearest source voxel: a gather of uint8, what ``grid_sample(mode=
-        "nearest")`` gives without turning the codes into floats. The box holds every coordinate
-        a plan reaches (``Augmenter.margin_yx``), so the clamp only guards rounding at its edge."""
+        "nearest")`` gives without turning the codes into floats. The index within a slice
+        (< 2**24 voxels) is exact in float32. The box holds every coordinate a plan reaches
+        (``Augmenter.margin_yx``); the clamp only keeps a rounding slip inside the slice."""
         n, hs, ws = codes.shape
-        iy = torch.round(coords[..., 0]).to(torch.int32).clamp_(0, hs - 1)
-        ix = torch.round(coords[..., 1]).to(torch.int32).clamp_(0, ws - 1)
-        flat = (rows.to(torch.int32)[:, None, None] * hs + iy) * ws + ix
-        return codes.reshape(-1)[flat]
+        within = torch.add(x.round(), y.round(), alpha=ws).to(torch.int32).clamp_(0, hs * ws - 1)
+        flat = within + (rows.to(torch.int32) * (hs * ws))[:, None, None]
+        # index_select, not codes[flat]: advanced indexing is ~20× slower on a CPU (measured).
+        return codes.reshape(-1).index_select(0, flat.reshape(-1)).reshape(flat.shape)
 
     # -- labels --------------------------------------------------------------------------------------
     def smooth(self, label: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
