@@ -86,7 +86,7 @@ def training_section(device, quick: bool, work: Path) -> str:
         trainer.step(on_device)  # its loss.item() waits for the step: each one is timed whole
     synchronize(device)
     step_s = (time.perf_counter() - start) / steps
-    lines.append(f"data on the device: {1000 * step_s:.1f} ms a step of {batch} crops, {batch / step_s:.0f} crops/s")
+    lines.append(f"data on the device: {1000 * step_s:.1f} ms a step of {batch} crops, {batch / step_s:.1f} crops/s")
 
     # 2. the device augmentation alone
     volumes = open_training_volumes([raw], [labels], label_mode="nonzero")
@@ -124,7 +124,7 @@ def training_section(device, quick: bool, work: Path) -> str:
     del batches
     fed_s = statistics.median(totals)
     lines.append(
-        f"fed by {workers} loader workers + device augmentation: {steps * batch / elapsed:.0f} crops/s; "
+        f"fed by {workers} loader workers + device augmentation: {steps * batch / elapsed:.1f} crops/s; "
         f"median iteration {1000 * fed_s:.1f} ms = {fed_s / step_s:.3f}× the data-on-device step (goal ≤ 1.05×); "
         f"waiting for data {100 * sum(waits) / sum(totals):.1f} % of the time"
     )
