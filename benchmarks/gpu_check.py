@@ -15,8 +15,11 @@
    GPU job, and how far each is from the other.
 3. Correctness on the device: the GPU prediction of a small volume in fp32 against the CPU
    reference (max uint8 difference), and byte-identity of two GPU runs with different block shapes.
+4. Training (benchmarks/_gpu_train.py, about 3 minutes): the step with data on the device, the
+   device augmentation alone, the same step fed by the loader (crops/s, fraction waiting for
+   data), DDP over the GPUs found. ``--sections training`` runs only this one.
 
-Writes ``benchmarks/results/predict-gpu.md`` when run on CUDA (not for --device cpu). Without a
+Writes ``benchmarks/results/predict-gpu.md`` (and ``train-gpu.md``) when run on CUDA (not for --device cpu). Without a
 GPU it says so at once and exits 0 (nothing to measure). The full run takes about 5 minutes.
 """
 
@@ -157,13 +160,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (to exercise the script)")
+    parser.add_argument("--sections", default="predict,training", help="comma-separated: predict, training [both]")
     args = parser.parse_args()
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if not sections or sections - {"predict", "training"}:
+        parser.error(f"--sections {args.sections!r}: use predict, training or both")
 
     import torch
-
-    from cleftchunk.model import arch_spec, build_model, load_model, save_checkpoint
-    from cleftchunk.predict import predict_reference
-    from cleftchunk.io.volumes import open_volume
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no GPU: torch sees no CUDA device, so there is nothing to measure here "
@@ -171,6 +174,25 @@ def main() -> None:
         return
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     WORK.mkdir(parents=True, exist_ok=True)
+    if "predict" in sections:
+        predict_sections(args, device)
+    if "training" in sections:
+        from _gpu_train import training_section
+
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        body = f"Device: {name}, torch {torch.__version__}.\n\n" + training_section(device, args.quick, WORK / "train")
+        print(body, flush=True)
+        if device.type == "cuda":
+            print(f"wrote {write_fragment('train-gpu', 'Training on a GPU', body)}")
+
+
+def predict_sections(args, device) -> None:
+    import torch
+
+    from cleftchunk.model import arch_spec, build_model, load_model, save_checkpoint
+    from cleftchunk.predict import predict_reference
+    from cleftchunk.io.volumes import open_volume
+
     preset = "small" if args.quick else "default"
     window = (8, 64, 64) if args.quick else (8, 256, 256)
     shape = (16, 128, 128) if args.quick else (64, 2048, 2048)

@@ -1,23 +1,28 @@
-"""Training throughput: the crop loader (augmented 8×256×256 crops/s) and the step time per preset.
+"""Training throughput: the crop loader (augmented 8×256×256 crops/s), device augmentation, step time.
 
 Loader contenders, each in a fresh subprocess, repeated, medians (crops/s counted inside the
-process after a warm-up, so interpreter start-up is excluded):
+process after a warm-up, so interpreter start-up is excluded). The rows the issue names:
 
-- cleftchunk's sampler with 1 and 2 DataLoader worker processes (all augmentations, rejection
-  sampling, decoded-chunk cache), and with 0 workers (in the main process);
-- the same without the chunk cache (every read decodes its Zarr chunks again);
-- "sequential warps": the same crops, but rotation, rescale, elastic deformation and misalignment
-  applied one after the other to the whole oversized box, each with its own resampling (how the
-  original pipeline's augmentors compose), instead of one combined resampling of the output;
-- no augmentation at all (reads + rejection only): the floor set by storage.
+- ``numpy-augment``: today's loader, all augmentations with numpy on 1 DataLoader worker;
+- ``device-augment-loader``: 1 worker doing what is left for it when augmentation runs on the
+  model's device (draw plans, reject, read the oversized uint8 box and label codes);
+- ``device-augment-torch-cpu``: the device augmentation run by torch on this CPU, 1 thread,
+  batches of 4, ``ms_per_crop`` per crop (the loader's work excluded);
+- ``no-augment``: 1 worker, reads + rejection only: the floor set by storage.
+
+And, for the markdown fragment: 2 workers, in-process, no chunk cache, "sequential warps" (each warp
+resampling the whole oversized box in turn, how the original pipeline's augmentors compose) and
+no rejection.
 
 Step time: one optimisation step (forward, backward, Adam) at batch 1, 8×256×256, for the small and
 the default preset, with 1 and 2 torch threads.
 
 The data is a synthetic CREMI-like volume (``cleftchunk synth``, 32×1024×1024) under benchmarks/_data.
 
-    python benchmarks/train.py            # about 8 minutes on 2 cores
-    python benchmarks/train.py --quick    # about 2 minutes
+    python benchmarks/train.py            # about 10 minutes on 2 cores
+    python benchmarks/train.py --quick    # the same rows, one repeat, few crops: under 5 minutes
+    python benchmarks/train.py --json     # also one JSON object per row: name, workers, crops_per_s,
+                                          # crops_per_s_per_worker, ms_per_crop, tries_per_kept_crop
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from cleftchunk.train.augment import AugmentConfig, Augmenter
 from cleftchunk.train.data import CropSampler, CropStream, RejectionConfig, make_loader, open_training_volumes
+from cleftchunk.train.device_batches import SourceSampler
 from cleftchunk.geometry import Roi
 
 class SequentialWarps(Augmenter):
@@ -80,18 +86,20 @@ class SequentialWarps(Augmenter):
 args = json.loads({args!r})
 augment = AugmentConfig() if args["augment"] else AugmentConfig.off()
 volumes = open_training_volumes([args["data"] + "/raw"], [args["data"] + "/clefts"])
-sampler = CropSampler(volumes, args["input"], augment, RejectionConfig(keep_p=args["keep_p"]), cache_mb=args["cache_mb"])
+kind = SourceSampler if args["device"] else CropSampler
+sampler = kind(volumes, args["input"], augment, RejectionConfig(keep_p=args["keep_p"]), cache_mb=args["cache_mb"])
 if args["sequential"]:
     sampler.augmenter.__class__ = SequentialWarps
-batches = iter(make_loader(CropStream(sampler, batch_size=1, seed=args["seed"]), args["workers"]))
+batches = iter(make_loader(CropStream(sampler, batch_size=args["batch"], seed=args["seed"]), args["workers"]))
 for _ in range(args["warmup"]):
     next(batches)
+n = -(-args["crops"] // args["batch"])
 t0 = time.perf_counter()
 tries = 0
-for _ in range(args["crops"]):
+for _ in range(n):
     tries += int(next(batches)["tries"].sum())
 seconds = time.perf_counter() - t0
-print(json.dumps({{"crops_s": args["crops"] / seconds, "tries": tries / args["crops"]}}))
+print(json.dumps({{"crops_s": n * args["batch"] / seconds, "tries": tries / (n * args["batch"])}}))
 """
 
 BREAKDOWN = """
@@ -120,6 +128,27 @@ out = {{
     "grayscale + missing parts + flips": cum("finish_image", "augment.py"),
 }}
 print(json.dumps({{k: v / {n} if k not in ("tries",) else v / {n} for k, v in out.items()}}))
+"""
+
+TORCH = """
+import json, time, torch
+torch.set_num_threads(1)
+from cleftchunk.train.augment import AugmentConfig
+from cleftchunk.train.augment_torch import TorchAugmenter
+from cleftchunk.train.data import RejectionConfig, open_training_volumes
+from cleftchunk.train.device_batches import SourceSampler
+args = json.loads({args!r})
+volumes = open_training_volumes([args["data"] + "/raw"], [args["data"] + "/clefts"])
+sampler = SourceSampler(volumes, args["input"], AugmentConfig(), RejectionConfig(keep_p=args["keep_p"]))
+augment = TorchAugmenter(sampler.augmenter, "cpu")
+batches = [sampler.batch(args["seed"], b, 4) for b in range(args["batches"] + 1)]  # drawn first: not timed
+augment(batches[0])  # warm-up
+t0 = time.perf_counter()
+for batch in batches[1:]:
+    augment(batch)
+seconds = time.perf_counter() - t0
+crops = 4 * args["batches"]
+print(json.dumps({{"crops_s": crops / seconds, "tries": sum(int(b["tries"].sum()) for b in batches[1:]) / crops}}))
 """
 
 STEP = """
@@ -159,39 +188,49 @@ def run_json(code: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def loader_runs(quick: bool) -> tuple[list, dict]:
-    base = {"data": str(DATA), "input": list(INPUT), "augment": True, "keep_p": 0.1, "cache_mb": 512,
-            "sequential": False, "workers": 1, "warmup": 3, "crops": 10 if quick else 30, "seed": 0}
-    contenders = {
-        "combined warps, cache, 1 worker": {},
-        "combined warps, cache, 2 workers": {"workers": 2},
-        "combined warps, cache, in-process": {"workers": 0},
-        "combined warps, no cache, 1 worker": {"cache_mb": 0},
-        "sequential warps (original style), cache, 1 worker": {"sequential": True},
-        "no augmentation, cache, 1 worker": {"augment": False},
-        "combined warps, cache, 1 worker, no rejection": {"keep_p": 1.0},
-    }
+#: The rows the issue names, then the others of the fragment.
+NAMED = {
+    "numpy-augment": {},
+    "device-augment-loader": {"device": True, "batch": 4},  # batches of 4, as the device augments them
+    "device-augment-torch-cpu": {"torch": True},
+    "no-augment": {"augment": False},
+}
+OTHERS = {
+    "numpy-augment, 2 workers": {"workers": 2},
+    "numpy-augment, in-process": {"workers": 0},
+    "numpy-augment, no cache": {"cache_mb": 0},
+    "sequential warps (original style), 1 worker": {"sequential": True},
+    "numpy-augment, no rejection": {"keep_p": 1.0},
+}
+
+
+def loader_runs(quick: bool) -> list[dict]:
+    """One dict per row, with the keys --json prints."""
+    base = {"data": str(DATA), "input": list(INPUT), "augment": True, "keep_p": 0.1, "cache_mb": 512, "device": False,
+            "torch": False, "sequential": False, "workers": 1, "warmup": 3, "crops": 10 if quick else 30, "seed": 0, "batch": 1,
+            "batches": 2 if quick else 6}
     repeats = 1 if quick else 3
-    rows, rates = [], {}
-    for name, change in contenders.items():
-        results = [run_json(LOADER.format(args=json.dumps({**base, **change, "seed": r}))) for r in range(repeats)]
+    rows = []
+    for name, change in {**NAMED, **OTHERS}.items():
+        settings = {**base, **change}
+        script = TORCH if settings["torch"] else LOADER
+        results = [run_json(script.format(args=json.dumps({**settings, "seed": r}))) for r in range(repeats)]
         rate = median([r["crops_s"] for r in results])
-        tries = median([r["tries"] for r in results])
-        workers = {**base, **change}["workers"]
-        rates[name] = rate
-        rows.append([name, workers, f"{rate:.2f}", f"{rate / max(workers, 1):.2f}", f"{tries:.1f}", f"{TARGET_CROPS_S / rate:.0f}×"])
-        print(f"{name}: {rate:.2f} crops/s ({tries:.1f} tries per crop)", flush=True)
-    return rows, rates
+        workers = settings["workers"]
+        rows.append({"name": name, "workers": workers, "crops_per_s": rate, "crops_per_s_per_worker": rate / max(workers, 1),
+                     "ms_per_crop": 1000 / rate, "tries_per_kept_crop": median([r["tries"] for r in results])})
+        print(f"{name}: {rate:.2f} crops/s ({rows[-1]['tries_per_kept_crop']:.1f} tries per crop)", file=sys.stderr, flush=True)
+    return rows
 
 
 def step_runs(quick: bool) -> list:
     rows = []
-    settings = [("small", 1), ("default", 1)] if quick else [("small", 1), ("small", 2), ("default", 1), ("default", 2)]
+    settings = [("small", 1)] if quick else [("small", 1), ("small", 2), ("default", 1), ("default", 2)]
     for preset, threads in settings:
         steps = 1 if quick else (2 if preset == "default" else 3)
         result = run_json(STEP.format(threads=threads, preset=preset, input=INPUT, steps=steps))
         rows.append([preset, threads, f"{result['step_s']:.2f}", f"{1 / result['step_s']:.2f}"])
-        print(f"step {preset} threads={threads}: {result['step_s']:.2f} s", flush=True)
+        print(f"step {preset} threads={threads}: {result['step_s']:.2f} s", file=sys.stderr, flush=True)
     return rows
 
 
@@ -200,23 +239,28 @@ RAW = DATA_DIR / "train_results.json"
 
 def measure_all(quick: bool) -> dict:
     ensure_data()
-    rows, rates = loader_runs(quick)
+    rows = loader_runs(quick)
     breakdown = run_json(BREAKDOWN.format(data=str(DATA), input=INPUT, n=4 if quick else 10))
     steps = step_runs(quick)
-    results = {"quick": quick, "rows": rows, "rates": rates, "breakdown": breakdown, "steps": steps,
+    results = {"quick": quick, "loader": rows, "breakdown": breakdown, "steps": steps,
                "load": os.getloadavg()[0], "cores": os.cpu_count()}
     RAW.write_text(json.dumps(results))
     return results
 
 
 def render(results: dict) -> str:
-    quick, rows, rates, breakdown, steps = (results[k] for k in ("quick", "rows", "rates", "breakdown", "steps"))
-    one = rates["combined warps, cache, 1 worker"]
-    two = rates["combined warps, cache, 2 workers"]
-    seq = rates["sequential warps (original style), cache, 1 worker"]
-    nocache = rates["combined warps, no cache, 1 worker"]
-    floor = rates["no augmentation, cache, 1 worker"]
-    free = rates["combined warps, cache, 1 worker, no rejection"]
+    quick, loader, breakdown, steps = (results[k] for k in ("quick", "loader", "breakdown", "steps"))
+    rates = {r["name"]: r["crops_per_s"] for r in loader}
+    one = rates["numpy-augment"]
+    two = rates["numpy-augment, 2 workers"]
+    seq = rates["sequential warps (original style), 1 worker"]
+    nocache = rates["numpy-augment, no cache"]
+    floor = rates["no-augment"]
+    free = rates["numpy-augment, no rejection"]
+    device_loader = rates["device-augment-loader"]
+    torch_ms = 1000 / rates["device-augment-torch-cpu"]
+    rows = [[r["name"], r["workers"], f"{r['crops_per_s']:.2f}", f"{r['crops_per_s_per_worker']:.2f}", f"{r['ms_per_crop']:.1f}",
+             f"{r['tries_per_kept_crop']:.1f}", f"{TARGET_CROPS_S / r['crops_per_s']:.0f}×"] for r in loader]
     parts = "\n".join(f"| {k} | {1000 * v:.0f} |" for k, v in breakdown.items() if k not in ("total", "tries"))
     return f"""
 Load average when the run ended: {results['load']:.1f} on {results['cores']} cores (the machine is
@@ -226,9 +270,15 @@ Input {INPUT[0]}×{INPUT[1]}×{INPUT[2]} crops (oversized box 10×512×512) from
 {SHAPE[0]}×{SHAPE[1]}×{SHAPE[2]} Zarr volume (chunks 16×256×256, Blosc-zstd), batch 1, medians of
 {1 if quick else 3} run(s) of {10 if quick else 30} crops after a warm-up; each run a fresh process.
 "needed" = how many such loaders it would take to reach {TARGET_CROPS_S} crops/s.
+device-augment-loader: batches of 4 (what the device then augments at once); the other loaders
+batch 1. device-augment-torch-cpu: batches of 4 already read, torch with 1 thread on this CPU.
 {"(--quick run: one repeat, few crops — indicative only.)" if quick else ""}
 
-{markdown_table(["loader", "workers", "crops/s", "crops/s per worker", "tries per kept crop", "needed for 250/s"], rows)}
+{markdown_table(["loader", "workers", "crops/s", "crops/s per worker", "ms per crop", "tries per kept crop", "needed for 250/s"], rows)}
+
+Augmentation on the model's device: a CPU worker then makes {device_loader:.1f} crops/s (goal ≥ 60;
+numpy-augment {one:.1f}), and torch on this CPU augments a crop in {torch_ms:.1f} ms (goal ≤ 40;
+the numpy path's whole crop {1000 / one:.0f} ms).
 
 Where the time of one kept crop goes (in-process, profiled, ms; rejected tries included):
 
@@ -254,12 +304,11 @@ Reading the numbers:
   cap the scaling, not the loader (samples are independent; workers share nothing). At
   {one:.1f} crops/s per worker process, 16 cores would give about {16 * one:.0f} crops/s,
   {TARGET_CROPS_S / (16 * one):.1f}× short of the ~{TARGET_CROPS_S} crops/s a GPU consumes.
-- Closing the gap: the warps (map_coordinates above), the label smoothing (two small filters) and
-  the elastic field are per-voxel gathers and stencils that `torch.nn.functional.grid_sample` and
-  convolutions do on the GPU in well under a millisecond per crop. Leaving only chunk reads,
-  decoding and rejection on the CPU workers would bring each worker near the "no augmentation"
-  row, about {16 * floor:.0f} crops/s on 16 cores. Sampling positions near known clefts instead of
-  rejecting would remove most rejected tries.
+- Closing the gap: with augmentation on the model's device (`--augment-on device`, the default
+  on a GPU) a worker only draws plans, rejects and reads the oversized uint8 box and its label
+  codes: {device_loader:.1f} crops/s per worker here, about {16 * device_loader:.0f} crops/s on 16
+  cores; the warps, smoothing and the rest run batch-wise with torch ({torch_ms:.1f} ms a crop on one
+  CPU thread, far less on a GPU) while the model steps on the previous batch.
 - On this CPU one training step takes seconds (the small preset) to tens of seconds (the default),
   so a single loader worker keeps up; the loader only matters once the model runs on a GPU. Two
   torch threads were slower than one here because the other jobs kept both cores busy.
@@ -310,12 +359,16 @@ model's reachable quality; a GPU run is needed for that.
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer crops, one repeat, fewer step settings")
+    parser.add_argument("--quick", action="store_true", help="the same rows: fewer crops, one repeat, fewer step settings")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per loader row on stdout")
     parser.add_argument("--render", action="store_true", help=f"only rewrite the fragment from {RAW.name}")
     args = parser.parse_args()
     results = json.loads(RAW.read_text()) if args.render else measure_all(args.quick)
+    if args.json:
+        for row in results["loader"]:
+            print(json.dumps(row), flush=True)
     path = write_fragment("train", "Training: loader throughput and step time", render(results))
-    print(f"wrote {path}")
+    print(f"wrote {path}", file=sys.stderr if args.json else sys.stdout)
 
 
 if __name__ == "__main__":

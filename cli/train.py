@@ -71,6 +71,7 @@ def _renamed(old: str, new: str, what: str, elsewhere: str):
 @click.option("--output-prior", type=float, help="Initial output probability of a fresh model, e.g. 0.01 with --max-weight 1 [0.5, the original's].")
 @click.option("--max-weight", type=float, help="Cap of the BCE's positive-class weight; 1 = plain BCE [none: the original's rebalancing].")
 @click.option("--augment", "augment", multiple=True, metavar="NAME=VALUE", help="Augmentation setting, repeatable (e.g. rotation_p=0).")
+@click.option("--augment-on", "augment_on", type=click.Choice(["auto", "cpu", "device"]), help="Where crops are augmented: cpu (loader workers) or device (the model's, batch-wise with torch, overlapping the step) [auto: device on a GPU].")
 @click.option("--no-augment", is_flag=True, default=None, help="Switch every augmentation off.")
 @click.option("--reject", "rejection", multiple=True, metavar="NAME=VALUE", help="Rejection sampling: min_voxels=100, keep_p=0.1.")
 @click.option("--train-roi", "train_roi", multiple=True, metavar="[N=]Z0:Z1,Y0:Y1,X0:X1", help="Region of volume N (its place in -dn, from 0) crops come from; repeatable [Zarr labels: the chunks their store holds].")

@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     label_mode: str = "auto"
     augment: dict = field(default_factory=dict)  # AugmentConfig fields
+    augment_on: str = "auto"  # cpu (loader workers, numpy) | device (the model's, torch) | auto: device on a GPU
     rejection: dict = field(default_factory=dict)  # RejectionConfig fields
     optimizer: str = "adam"  # adam (amsgrad, the original) | adamw
     weight_decay: float | None = None  # None: 1e-6 for adam, 1e-2 for adamw
@@ -111,6 +112,8 @@ class TrainConfig:
             raise CleftchunkError("iteration-save and the loader workers (-c, --loader-workers) must not be negative")
         if not float(self.lr) > 0:
             raise CleftchunkError(f"learning rate -lr {self.lr} must be positive")
+        if self.augment_on not in ("auto", "cpu", "device"):
+            raise CleftchunkError(f"unknown augment-on {self.augment_on!r}: use auto, cpu or device")
         if self.optimizer not in ("adam", "adamw"):
             raise CleftchunkError(f"unknown optimizer {self.optimizer!r}: use adam or adamw")
         if self.lr_schedule not in ("plateau", "cosine", "constant"):

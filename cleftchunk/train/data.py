@@ -363,11 +363,9 @@ class CropSampler:
             keep_anyway = rng.random() < r.keep_p or centred is not None
             if not keep_anyway and tries < r.max_tries and self._known_empty(index, offset):
                 continue  # cannot pass the test: not read (the random stream is the same)
-            base = self.augmenter.base_coordinates(plan)
-            label, mask = self._labels(index, offset, plan, base)
-            if (label * mask).sum() > r.min_voxels or keep_anyway or tries == r.max_tries:
-                image = self._image(index, offset, plan, base)
-                return {"image": image, "label": label, "mask": mask, "tries": tries, "volume": index, "offset": offset}
+            cleft_voxels, finish = self.judge(index, offset, plan)
+            if cleft_voxels > r.min_voxels or keep_anyway or tries == r.max_tries:
+                return {**finish(), "tries": tries, "volume": index, "offset": offset}
         raise AssertionError("unreachable")
 
     def _known_empty(self, index: int, offset: Sequence[int]) -> bool:
@@ -375,6 +373,11 @@ class CropSampler:
             return False
         before, after = self.augmenter.source_context()
         return known_empty(self.tables[index], Roi(offset, self.input_size).grow(before, after))
+
+    def judge(self, index: int, offset: Sequence[int], plan: Any) -> tuple[float, Any]:  # device_batches replaces it
+        base = self.augmenter.base_coordinates(plan)
+        label, mask = self._labels(index, offset, plan, base)
+        return float((label * mask).sum()), lambda: {"image": self._image(index, offset, plan, base), "label": label, "mask": mask}
 
     def _labels(self, index: int, offset: Sequence[int], plan: Any, base: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         extent = Roi.from_shape(self.volumes[index].shape)

@@ -13,6 +13,7 @@ import torch
 from cleftchunk.backend import usable_cores
 from cleftchunk.train.augment import AugmentConfig
 from cleftchunk.train.data import CropSampler, CropStream, RejectionConfig, make_loader, open_training_volumes
+from cleftchunk.train.device_batches import DevicePrefetcher, SourceSampler, resolve_augment_on
 from cleftchunk.backend import configure_torch
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.model import (
@@ -98,7 +99,8 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     validator = Validator(config) if config.validate_image else None
     regions = parse_train_rois(config.train_roi, [v.shape for v in volumes])
     tables = cleft_tables(volumes, config, dist)
-    sampler = CropSampler(
+    augment_on = resolve_augment_on(config.augment_on, dist.device)
+    sampler = (SourceSampler if augment_on == "device" else CropSampler)(
         volumes, config.input_size, AugmentConfig.from_dict(config.augment), RejectionConfig.from_dict(config.rejection),
         cache_mb=config.cache_mb, holdout=validator.holdout_for(volumes) if validator else None, tables=tables, regions=regions,
     )
@@ -121,6 +123,13 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     stream = CropStream(sampler, per_process, config.seed, start=trainer.iteration, rank=dist.rank, world_size=dist.world_size)
     logger = Logger(config, dist, trainer.iteration)
     batches = iter(make_loader(stream, config.loader_workers))
+    if augment_on == "device":
+        from cleftchunk.train.augment_torch import TorchAugmenter
+
+        batches = DevicePrefetcher(batches, TorchAugmenter(sampler.augmenter, dist.device))
+    if dist.main:
+        where = f"on the model's device ({dist.device.type}, torch)" if augment_on == "device" else "in the loader workers (cpu, numpy)"
+        logger.message(f"augmentation {where}: --augment-on {config.augment_on}")
     threads = torch.get_num_threads()
     if dist.device.type == "cpu":
         configure_torch(cpu_threads(config, dist.world_size))
