@@ -144,6 +144,9 @@ def plan_conversion(
     dtype = "uint8" if mask else source.dtype.newbyteorder("=").name  # big-endian sources are stored native
     if 0 in source.shape:
         raise CleftchunkError(f"{source.spec} has shape {source.shape}, with an axis of length 0: there is nothing to convert; check the dataset")
+    most = pyramid.max_levels(source.shape)
+    if levels > most:
+        raise CleftchunkError(f"--levels {levels}: {source.spec} {source.shape} is down to 1 voxel in y or x at level s{most - 1}: give --levels {most} or fewer")
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, source.shape))
     if len(chunks) != 3 or any(c <= 0 for c in chunks):
         raise CleftchunkError(f"chunk shape {chunks} must be 3 positive sizes Z,Y,X")
