@@ -16,7 +16,7 @@ from cleftchunk_cli.options import count
     show_default=True,
     help="quick: a one-minute check; cpu: < 15 min on 2 cores; gpu: default unetv0, longer training. auto: gpu if CUDA is available, else cpu.",
 )
-@click.option("--iterations", type=click.IntRange(min=1), help="Training iterations (overrides the size's).")
+@click.option("--iterations", type=count(1), help="Training iterations (overrides the size's).")
 @click.option("--seed", type=count(0), help="Seed of the training sample (the test sample uses seed + 1).")
 @click.option("--overwrite", is_flag=True, help="Start again in a folder that holds an earlier demo.")
 def command(folder: str, size: str, iterations: int | None, seed: int | None, overwrite: bool) -> None:

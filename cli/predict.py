@@ -17,7 +17,7 @@ import click
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.volumes import split_spec
 from cleftchunk.predict import PRECISIONS, TTA_CHOICES, OutputOptions, WindowOptions, predict
-from cleftchunk_cli.options import amount, ignore_frame_option, parse_fraction, positive_zyx, run_options
+from cleftchunk_cli.options import amount, count, ignore_frame_option, parse_fraction, positive_zyx, run_options
 
 
 @click.command("predict")
@@ -35,7 +35,7 @@ from cleftchunk_cli.options import amount, ignore_frame_option, parse_fraction, 
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model on each worker.")
 @click.option("--mask", help="Volume whose zero voxels are not predicted (written 0; tiles without any mask voxel are not run); "
               "placed by its voxel size and offset, it must cover INPUT (or see --ignore-frame).")
-@click.option("--cpus", "-c", type=click.IntRange(min=1), help="CPU cores predict uses in all (default: all): task threads with --workers 0, "
+@click.option("--cpus", "-c", type=count(1), help="CPU cores predict uses in all (default: all): task threads with --workers 0, "
               "else torch threads of each worker process = cores / workers (-c as in the tutorial).")
 @click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
 @click.option("--root", "-t", type=click.Path(file_okay=False), help="Directory the -dn inputs are relative to.")

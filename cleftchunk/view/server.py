@@ -59,7 +59,6 @@ def _volume(spec: Any) -> Volume:
 
 def build_viewer(layers: ViewLayers, port: int = 0) -> Any:
     """A neuroglancer Viewer serving ``layers`` on 127.0.0.1:``port`` (0: any free port)."""
-    ng = _neuroglancer()
     volumes = layers.volumes()
     image = volumes["image"]
     offsets = {}
@@ -69,6 +68,7 @@ def build_viewer(layers: ViewLayers, port: int = 0) -> Any:
               fix="give volumes at one resolution")
         framed = not layers.ignore_frame and image.voxel_size_known and volume.voxel_size_known
         offsets[name] = list(volume.offset if framed else image.offset)
+    ng = _neuroglancer()
     ng.set_server_bind_address("127.0.0.1", bind_port=int(port))
     viewer = ng.Viewer()
     space = ng.CoordinateSpace(names=["z", "y", "x"], units="nm", scales=list(image.voxel_size))
