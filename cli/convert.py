@@ -26,8 +26,8 @@ from cleftchunk_cli.options import count, parse_zyx, positive_zyx, run_options
 @click.option("--levels", type=count(1, example="4"), default=1, show_default=True, help="OME-Zarr pyramid levels, each (1,2,2) smaller.")
 @click.option("--downsample", type=click.Choice(["auto", "mean", "stride", "mode"]), default="auto", show_default=True,
               help="How levels are made: mean for images, stride for labels and masks (auto); mode for labels.")
-@click.option("--task-mb", type=count(1, example="256"), default=DEFAULT_TASK_BYTES // 2**20, show_default=True,
-              help="Source MiB per task when --block-shape is not given (memory ≈ task threads × 3 × this).")
+@click.option("--task-mb", type=count(0, example="256"), default=DEFAULT_TASK_BYTES // 2**20, show_default=True,
+              help="Source MiB per task when --block-shape is not given (memory ≈ task threads × 3 × this; 0: one storage unit per task).")
 @click.option("--verify", "do_verify", is_flag=True, help="Afterwards compare every chunk with SRC and report mismatches.")
 @run_options()
 def command(src, dst, dataset, channel, chunks, compressor, shards, voxel_size, offset, mask, background, levels,
