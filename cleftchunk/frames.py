@@ -8,7 +8,8 @@ and mask, clefts and raw, the viewer's layers) are used together by :func:`align
 - the same voxel size, offsets differing by whole voxels: placed by their offsets. A command that
   can use a part (``mode="overlap"``: training; ``mode="cover"``: evaluate, predict's mask) uses
   the overlap and says which in one line (:attr:`Alignment.note`); one that cannot
-  (``mode="same"``: export's raw) refuses;
+  (``mode="same"``) refuses. Where shapes differ but the offsets are equal (often both the
+  default 0), nothing says where the smaller lies: evaluate and training refuse (``placed``);
 - different voxel sizes, or offsets a fraction of a voxel apart: refused, naming both frames and
   the fixes (resample one, or ``--ignore-frame`` for the user who knows the metadata is wrong).
 
@@ -98,11 +99,14 @@ class Alignment:
         return self.note is None
 
 
-def align(a: Frame, b: Frame, ignore: bool = False, mode: str = "same", fix: str = "give volumes at one resolution (resample one)") -> Alignment:
+def align(a: Frame, b: Frame, ignore: bool = False, mode: str = "same", fix: str = "give volumes at one resolution (resample one)",
+          placed: str | None = None) -> Alignment:
     """How ``a`` and ``b`` line up (module docstring). ``mode``: ``same`` (the frames must be
     equal), ``cover`` (``a`` must cover ``b``; ``a`` is cropped to it) or ``overlap`` (both are
     cropped to their overlap). ``fix``: what to do about different voxel sizes, in the
-    command's words."""
+    command's words. ``placed``: volumes of different shapes must have different offsets (equal
+    ones, usually the default 0, place nothing: a crop of unknown position would be used as if
+    it were at the corner); the text is the fix."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of {MODES}")
     if len(a.shape) != len(b.shape):
@@ -125,6 +129,11 @@ def align(a: Frame, b: Frame, ignore: bool = False, mode: str = "same", fix: str
     if whole_a == whole_b:
         return Alignment(Roi.from_shape(a.shape), Roi.from_shape(b.shape))
     differ = "shapes differ" if a.shape != b.shape else "offsets differ"
+    if placed is not None and a.offset_nm == b.offset_nm:
+        raise CleftchunkError(
+            f"shapes differ: {a} and {b} start at the same offset, which places neither inside the other: {placed}, "
+            f"or pass {IGNORE_FLAG} to use their first voxels"
+        )
     if mode == "same":
         raise CleftchunkError(
             f"{differ}: {a} and {b} do not cover the same region: give volumes of one frame, or pass "
@@ -218,11 +227,12 @@ def crop(volume: Any, box: Roi) -> Any:
 
 
 def paired(a: Any, b: Any, ignore: bool = False, mode: str = "overlap", log: Any = print,
-           names: tuple[str, str] = ("image", "labels")) -> tuple[Any, Any]:
+           names: tuple[str, str] = ("image", "labels"),
+           placed: str | None = "give labels covering exactly the image, or record where they lie in their offset") -> tuple[Any, Any]:
     """``a`` and ``b`` cropped to the part :func:`align` uses (logging its note): for commands
     that read both voxel for voxel (training's image and labels)."""
     frames = (Frame.of(v, f"{n} {getattr(v, 'spec', v)}") for v, n in zip((a, b), names))
-    alignment = align(*frames, ignore=ignore, mode=mode)
+    alignment = align(*frames, ignore=ignore, mode=mode, placed=placed)
     if alignment.note and log is not None:
         log(alignment.note)
     return crop(a, alignment.a), crop(b, alignment.b)

@@ -65,6 +65,14 @@ def test_cover_crops_the_first_to_the_second_and_refuses_a_part():
         align(frame(name="pred"), frame(offset=(0, 0, 400), name="gt"), mode="cover")
 
 
+def test_other_shapes_at_one_offset_are_refused_where_the_offsets_must_place_them():
+    big, small = frame(shape=(8, 64, 64), name="pred"), frame(shape=(2, 8, 8), name="gt")
+    assert align(big, small, mode="cover").a == Roi.from_shape((2, 8, 8))  # a mask may start where the input does
+    with pytest.raises(CleftchunkError, match="same offset, which places neither inside the other: record it, or pass --ignore-frame"):
+        align(big, small, mode="cover", placed="record it")
+    assert align(big, frame(offset=(40, 0, 0), shape=(2, 8, 8)), mode="cover", placed="record it").a == Roi((1, 0, 0), (2, 8, 8))
+
+
 def test_same_refuses_any_shift_or_other_shape():
     with pytest.raises(CleftchunkError, match="offsets differ: .* do not cover the same region"):
         align(frame(), frame(offset=(40, 0, 0)))

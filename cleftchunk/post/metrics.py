@@ -422,7 +422,8 @@ def evaluated_region(pred: Volume, gt: Volume, voxel_size: Sequence[float] | Non
     prediction's (e.g. the labelled region of a padded CREMI sample), which must cover it.
     ``voxel_size`` (``--voxel-size``) replaces both volumes' recorded ones."""
     frames = Frame.of(pred, f"prediction {pred.spec}", voxel_size), Frame.of(gt, f"ground truth {gt.spec}", voxel_size)
-    alignment = align(*frames, ignore=ignore_frame, mode="cover", fix="resample one, or force one with --voxel-size")
+    alignment = align(*frames, ignore=ignore_frame, mode="cover", fix="resample one, or force one with --voxel-size",
+                      placed="crop or pad one to the other's frame, or record the ground truth's offset")
     return alignment.a, alignment.note
 
 
