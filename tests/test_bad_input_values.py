@@ -293,3 +293,21 @@ def test_info_prints_each_frame(wv, run_cli):
 def test_convert_accepts_the_most_levels_it_names(wv, run_cli, tmp_path):
     run_cli("convert", wv / "in.zarr/raw", tmp_path / "o.zarr/raw", "--levels", "6", "--no-progress")
     assert "s5" in run_cli("info", tmp_path / "o.zarr/raw").output
+
+
+def test_predict_places_a_mask_by_its_offset_or_takes_it_voxel_for_voxel(wv, run_cli, tmp_path):
+    base = ("-pm", wv / "model.pth", "--workers", "0", "--no-progress")
+    run_cli("predict", wv / "in.zarr/raw", tmp_path / "plain.zarr/pred", *base)
+    run_cli("predict", wv / "in.zarr/raw", tmp_path / "coarse.zarr/pred", *base, "--mask", wv / "coarse.zarr/mask", "--ignore-frame")
+    mask = np.zeros((4, 32, 48), np.uint8)
+    mask[:, :, 16:] = 1  # the input's voxels: it starts 16 voxels (64 nm) before the input along x
+    put(tmp_path / "m.zarr/mask", mask, attrs={"cleft_kind": "mask"}, offset_nm=(0, 0, -64))
+    run_cli("predict", wv / "in.zarr/raw", tmp_path / "placed.zarr/pred", *base, "--mask", tmp_path / "m.zarr/mask")
+    plain = open_volume(tmp_path / "plain.zarr/pred")[:]
+    np.testing.assert_array_equal(open_volume(tmp_path / "coarse.zarr/pred")[:], plain)
+    np.testing.assert_array_equal(open_volume(tmp_path / "placed.zarr/pred")[:], plain)
+    # the test can tell: the same mask without its offset blanks 16 columns
+    put(tmp_path / "n.zarr/mask", mask[:, :, :32], attrs={"cleft_kind": "mask"})
+    run_cli("predict", wv / "in.zarr/raw", tmp_path / "unplaced.zarr/pred", *base, "--mask", tmp_path / "n.zarr/mask")
+    unplaced = open_volume(tmp_path / "unplaced.zarr/pred")[:]
+    assert (unplaced[:, :, :16] == 0).all() and plain[:, :, :16].any()
