@@ -86,7 +86,9 @@ class Number(click.ParamType):
 
     def describe(self) -> str:
         parts = []
-        if self.low is not None:
+        if self.low == 0:
+            parts.append("positive" if self.open_low else "non-negative")
+        elif self.low is not None:
             parts.append(("above " if self.open_low else "at least ") + f"{self.low:g}")
         if self.high is not None:
             parts.append(("below " if self.open_high else "at most ") + f"{self.high:g}")
