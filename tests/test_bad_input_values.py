@@ -105,6 +105,10 @@ CASES = [
     ("train-labels-half-a-voxel-off", train_with(labels="{ws}/frac.h5:clefts"), FRACTION_MESSAGE),
     ("train-image-400nm-off", train_with(image="{ws}/shifted.zarr/raw"), r"offsets differ: image .*shifted.*does not overlap"),
     ("train-image-coarser", train_with(image="{ws}/coarse.zarr/raw"), r"voxel sizes differ: image .*\(40.0, 8.0, 8.0\) nm, labels .*\(40.0, 4.0, 4.0\) nm.*--ignore-frame"),
+    ("train-validation-labels-40nm-off", train_with("--validate-image", "{ws}/in.zarr/raw", "--validate-labels", "{ws}/near.zarr/clefts",
+                                                    "--validate-roi", "0:4,0:32,0:32"), r"offsets differ: validation image .* do not cover the same region"),
+    ("train-validation-labels-coarser", train_with("--validate-image", "{ws}/in.zarr/raw", "--validate-labels", "{ws}/coarse.zarr/clefts",
+                                                   "--validate-roi", "0:4,0:32,0:32"), VOXEL_SIZES_DIFFER),
     # evaluate (prediction and ground truth)
     ("evaluate-pred-400nm-off", evaluate_with("{ws}/shifted.zarr/pred"), r"offsets differ: prediction .* does not cover ground truth"),
     ("evaluate-pred-40nm-off", evaluate_with("{ws}/near.zarr/pred"), r"offsets differ: prediction .*\(0.0, 0.0, 40.0\) nm.* does not cover"),
