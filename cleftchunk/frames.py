@@ -162,8 +162,7 @@ def _voxel_for_voxel(a: Frame, b: Frame, ignore: bool, mode: str) -> Alignment:
         if mode == "cover" and shape != b.shape:
             raise CleftchunkError(f"{a} is smaller than {b}: with {IGNORE_FLAG} it must have at least the other's shape")
         box = Roi.from_shape(shape)
-        note = None if box == Roi.from_shape(a.shape) == Roi.from_shape(b.shape) else f"{IGNORE_FLAG}: using the first {_x(shape)} voxels of {a.name} and {b.name}"
-        return Alignment(box, box, note)
+        return Alignment(box, box, f"{IGNORE_FLAG}: using the first {_x(shape)} voxels of {a.name} and {b.name}")
     why = f"{' and '.join(unknown)} records no voxel size, so" if unknown and not ignore else f"with {IGNORE_FLAG}"
     raise CleftchunkError(
         f"shapes differ: {a} and {b}; {why} they are used voxel for voxel and need one shape: "

@@ -11,13 +11,13 @@ from cleftchunk.io.guard import refuse_overlap
 from cleftchunk.post.metrics import THETA_NM, evaluate, format_table, to_json
 from cleftchunk.post.segment import DEFAULT_THRESHOLD
 
-from cleftchunk_cli.options import KIND_CHOICE, THRESHOLD, check_threshold, ignore_frame_option, parse_zyx, positive_zyx, run_options
+from cleftchunk_cli.options import KIND_CHOICE, THRESHOLD, amount, check_threshold, ignore_frame_option, parse_zyx, positive_zyx, run_options
 
 
 @click.command("evaluate")
 @click.argument("pred")
 @click.argument("gt")
-@click.option("--theta", type=float, default=THETA_NM, show_default=True, help="Distance threshold θ (nm) for FP/FN (strict >).")
+@click.option("--theta", type=amount(0, message="θ = {number} nm must be a finite distance >= 0 (CREMI uses 200): fix --theta"), default=THETA_NM, show_default=True, help="Distance threshold θ (nm) for FP/FN (strict >).")
 @click.option("--threshold", type=THRESHOLD, default=DEFAULT_THRESHOLD, show_default=True,
               help="Probability volumes: cleft voxels are >= this (of 255).")
 @click.option("--voxel-size", help="Z,Y,X in nm, overriding the metadata of both volumes.")

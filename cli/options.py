@@ -77,11 +77,13 @@ def check_threshold(threshold: float) -> float:
 # -- numeric options: every one has a range, checked here -------------------------------------------
 class Number(click.ParamType):
     """An int or float option within [low, high] (``open_low``/``open_high``: the bound itself is
-    refused), always finite. The message names the flag, the value and the range."""
+    refused), always finite. The message names the flag, the value and the range (``message``:
+    the library's own wording of the same rule, formatted with ``number``)."""
 
     def __init__(self, cast: type = int, low: float | None = None, high: float | None = None, open_low: bool = False,
-                 open_high: bool = False, example: str | None = None):
+                 open_high: bool = False, example: str | None = None, message: str | None = None):
         self.cast, self.low, self.high, self.open_low, self.open_high, self.example = cast, low, high, open_low, open_high, example
+        self.message = message
         self.name = "integer" if cast is int else "number"
 
     def describe(self) -> str:
@@ -106,18 +108,19 @@ class Number(click.ParamType):
         below = self.low is not None and (number <= self.low if self.open_low else number < self.low)
         above = self.high is not None and (number >= self.high if self.open_high else number > self.high)
         if not math.isfinite(number) or below or above:
-            raise CleftchunkError(f"{flag} {value}: must be {self.describe()}{example}")
+            raise CleftchunkError(self.message.format(number=number) if self.message else f"{flag} {value}: must be {self.describe()}{example}")
         return number
 
 
-def count(low: int = 1, high: int | None = None, example: str | None = None) -> Number:
+def count(low: int = 1, high: int | None = None, example: str | None = None, message: str | None = None) -> Number:
     """A whole number of things (iterations, threads, voxels, ...): at least ``low`` (default 1)."""
-    return Number(int, low, high, example=example)
+    return Number(int, low, high, example=example, message=message)
 
 
-def amount(low: float = 0, high: float | None = None, open_low: bool = False, open_high: bool = False, example: str | None = None) -> Number:
+def amount(low: float = 0, high: float | None = None, open_low: bool = False, open_high: bool = False, example: str | None = None,
+           message: str | None = None) -> Number:
     """A finite real number in a range (rates, sizes in MiB, weights, ...)."""
-    return Number(float, low, high, open_low, open_high, example)
+    return Number(float, low, high, open_low, open_high, example, message)
 
 
 #: Probability thresholds of uint8 probabilities (p*255), for segment, threshold and evaluate.

@@ -28,7 +28,7 @@ from cleftchunk_cli.options import amount, count, ignore_frame_option, parse_fra
 @click.option("--overlap", type=amount(0, 1, open_high=True, example="0.5"), default=0.5, show_default=True, help="Fraction of a window shared by neighbouring tiles: stride = int(W·(1−overlap)).")
 @click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True, help="Weights of overlapping tiles.")
 @click.option("--pad/--no-pad", default=False, show_default=True, help="Reflect-pad the volume by half a window (as the original pipeline).")
-@click.option("--batch-size", "-b", type=int, help="Tiles per forward pass (default 1 on CPU, 4 on GPU).")
+@click.option("--batch-size", "-b", type=count(1, message="batch size {number} must be at least 1: fix --batch-size"), help="Tiles per forward pass (default 1 on CPU, 4 on GPU).")
 @click.option("--tta", type=click.Choice([str(n) for n in TTA_CHOICES]), default="1", show_default=True, help="Flip test-time augmentation: mean over 1, 4, 8 or 16 variants.")
 @click.option("--scale", help="Float images: multiply by this to reach [0, 1], e.g. 1/255 for a float copy of 0..255 data.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: fp32 on CPU, bf16 autocast on GPU.")

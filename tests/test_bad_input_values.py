@@ -171,6 +171,8 @@ CASES = [
     ("train-validate-every-negative", train_with("--validate-every", "-1"), r"--validate-every -1: must be non-negative"),
     ("train-seed-negative", train_with("--seed", "-1"), r"--seed -1: must be non-negative"),
     ("train-seed-fraction", train_with("--seed", "1.5"), r"--seed '1.5' must be a whole number"),
+    ("predict-batch-size-text", with_(P, "--batch-size", "four"), r"--batch-size 'four' must be a whole number"),
+    ("evaluate-theta-inf", with_(E, "--theta", "inf"), r"θ = inf nm must be a finite distance"),
     ("predict-retries-negative", with_(P, "--retries", "-1"), r"--retries"),
     ("predict-threads-0", with_(P, "--threads", "0"), r"--threads"),
     ("predict-cpus-0", with_(P, "--cpus", "0"), r"--cpus 0: must be at least 1"),
