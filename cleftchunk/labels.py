@@ -7,8 +7,10 @@ Kinds (the ``cleft_kind`` attribute of a volume written by cleftchunk):
 - ``main``: 0-background ids or masks, as in PyTorch Connectomics' ``main`` datasets: non-zero is
   a cleft voxel.
 - ``mask``: 0/1 (or bool): non-zero is a cleft voxel.
-- ``prob``: cleft probabilities, uint8 (p·255, what ``cleftchunk predict`` writes) or float in
-  [0, 1]; a cleft voxel is one at or above a threshold.
+- ``prob``: cleft probabilities, uint8 (p·255, what ``cleftchunk predict`` writes), uint16
+  (p·65535) or float in [0, 1] (or in [0, ``prob_max``] when the volume's ``prob_max`` attribute
+  states another full scale, e.g. 255); a cleft voxel is one at or above a threshold, given of
+  255 whatever the dtype (:func:`prob_scale`).
 - ``image`` and ``neurons``: EM intensities and neuron ids. They are not cleft labels, and a stage
   that reads labels refuses them instead of counting every voxel as a cleft.
 
@@ -19,7 +21,10 @@ name; and only then a look at a bounded number of chunk-sized boxes spread over 
 (:func:`sampled_range`, :func:`detect_uint64_kind`), so deciding costs the same for a gigabyte
 and a petabyte; a dry run reads none (``read=False``). When the boxes cannot tell CREMI ids from
 0-background ids, or a uint8 mask from probabilities, it is an error that names the override —
-never a guess that turns every voxel into a cleft.
+never a guess that turns every voxel into a cleft. A volume read as cleft labels
+(:func:`resolve_label_kind`) whose kind was guessed from the dtype and values (not stated) and
+under which most sampled voxels would be clefts is refused too (:func:`check_sparse`): clefts
+are sparse, and such a volume holds probabilities or neuron ids.
 
 This module knows nothing of storage: it works on anything with ``dtype``, ``shape``, ``attrs``,
 ``inner`` (the path inside its container) and numpy-style slicing.
@@ -37,6 +42,12 @@ from cleftchunk.errors import CleftchunkError
 KIND_ATTRIBUTE = "cleft_kind"
 #: Provenance attribute of `cleftchunk predict` outputs (uint8 probabilities).
 PREDICT_ATTRIBUTE = "cleftchunk_predict"
+#: The stored value of probability 1 when it is not the dtype's (float probabilities of 0..255).
+PROB_MAX_ATTRIBUTE = "prob_max"
+#: Full scale of probabilities by dtype (floats: 1, unless ``prob_max`` says otherwise).
+PROB_FULL_SCALE = {np.dtype(np.uint8): 255, np.dtype(np.uint16): 65535}
+#: A guessed label kind under which more than this share of the sampled voxels are clefts is refused.
+MOST = 0.5
 
 #: Kinds that hold clefts (what ``--kind`` accepts).
 KINDS = ("ids", "main", "mask", "prob")
@@ -73,7 +84,7 @@ def check_fits(dtype: Any, kind: str, where: str) -> None:
         "ids": dtype == np.uint64,
         "main": dtype.kind in "biu",
         "mask": dtype.kind in "biu",
-        "prob": dtype == np.uint8 or dtype.kind == "f",
+        "prob": dtype in PROB_FULL_SCALE or dtype.kind == "f",
         "image": dtype.kind in "uif",
         "neurons": dtype.kind in "iu",
     }[kind]
@@ -86,7 +97,7 @@ def declared_kind(attrs: dict) -> str | None:
     declared = attrs.get(KIND_ATTRIBUTE)
     if declared in KINDS + OTHER_KINDS:
         return declared
-    if PREDICT_ATTRIBUTE in attrs:
+    if PREDICT_ATTRIBUTE in attrs or PROB_MAX_ATTRIBUTE in attrs:
         return "prob"
     if "background" in attrs:
         try:
@@ -157,10 +168,27 @@ def resolve_kind(volume: Any, kind: str = "auto", value_range: Any = None, scan:
     if 0 <= low and high <= 1:
         return "prob"
     sampled = "" if whole else " where sampled"
+    scale = f"; probabilities of 0..255 need the attribute {PROB_MAX_ATTRIBUTE}: 255" if 0 <= low and high <= 255 else ""
     raise CleftchunkError(
         f"{where}: {dtype} values span [{low:g}, {high:g}]{sampled}, neither probabilities in [0, 1] "
-        "nor ids/masks: convert it to uint8 probabilities or uint64 CREMI ids"
+        f"nor ids/masks: convert it to uint8 probabilities or uint64 CREMI ids{scale}"
     )
+
+
+def check_sparse(volume: Any, kind: str, where: str, boxes: int | None = None) -> str:
+    """``kind`` (guessed, not stated) unless most voxels of the sampled boxes would be clefts
+    under it: clefts are sparse, so such a volume holds probabilities (or neuron ids), and reading
+    it as labels would make one cleft of nearly everything."""
+    cleft = total = 0
+    for box in sample_boxes(volume, boxes or SAMPLE_CHUNKS)[0]:
+        data = np.asarray(volume[box])
+        cleft, total = cleft + int((label_codes(data, kind) & CLEFT_BIT).sum()), total + data.size  # CREMI's invalid: not clefts
+    if total and cleft > MOST * total:
+        raise CleftchunkError(
+            f"{where}: read as {kind} labels, {cleft / total:.0%} of the sampled voxels would be clefts: it looks like "
+            "probabilities: --kind prob (or neuron ids, which are not cleft labels; evaluate: --pred-kind/--gt-kind)"
+        )
+    return kind
 
 
 def _uint8_kind(where: str, high: float, whole: bool) -> str:
@@ -191,6 +219,11 @@ def known_kind(volume: Any) -> str | None:
 def resolve_label_kind(volume: Any, kind: str = "auto", value_range: Any = None, scan: bool = True, read: bool = True) -> str | None:
     """:func:`resolve_kind` for a volume read as cleft labels: images and neuron ids are refused."""
     resolved = resolve_kind(volume, kind, value_range, scan, read)
+    guessed = canonical(kind) == "auto" and np.dtype(volume.dtype) != np.bool_ and not (
+        declared_kind(dict(getattr(volume, "attrs", None) or {})) or kind_from_name(volume))
+    # volumes opened from storage (arrays handed to the library are taken as the caller says)
+    if guessed and read and resolved in ("ids", "main", "mask") and getattr(volume, "spec", None):
+        check_sparse(volume, resolved, volume.spec)
     if resolved in OTHER_KINDS:
         what = "an EM image" if resolved == "image" else "neuron ids"
         raise CleftchunkError(
@@ -226,17 +259,61 @@ def detect_uint64_kind(labels: Any, boxes: int = 4) -> str:
     )
 
 
-def cleft_mask(data: np.ndarray, kind: str, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+def prob_scale(volume: Any) -> float:
+    """The stored value of probability 1: 255 (uint8), 65535 (uint16), 1 for floats, unless the
+    ``prob_max`` attribute states another (e.g. 255 for float copies of uint8 maps)."""
+    stated = dict(getattr(volume, "attrs", None) or {}).get(PROB_MAX_ATTRIBUTE)
+    if stated is not None:
+        try:
+            value = float(stated)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not (np.isfinite(value) and value > 0):
+            raise CleftchunkError(f"{getattr(volume, 'spec', volume)}: attribute {PROB_MAX_ATTRIBUTE}={stated!r} must be a positive number")
+        return value
+    return float(PROB_FULL_SCALE.get(np.dtype(volume.dtype), 1))
+
+
+def probability_scale(volume: Any, read: bool = True) -> float:
+    """:func:`prob_scale` of a volume that must hold probabilities: uint8, uint16 or float, and
+    (``read``: from the sampled boxes) floats within [0, scale], so that 0..255 floats are never
+    compared with threshold/255 and taken as all clefts."""
+    spec = getattr(volume, "spec", volume)
+    if np.dtype(volume.dtype) not in PROB_FULL_SCALE and np.dtype(volume.dtype).kind != "f":
+        raise CleftchunkError(f"{spec} holds {volume.dtype}, not probabilities: give uint8, uint16 or float probabilities")
+    scale = prob_scale(volume)
+    if read and np.dtype(volume.dtype).kind == "f":
+        low, high, _ = sampled_range(volume)
+        if not (0 <= low and high <= scale):
+            raise CleftchunkError(
+                f"{spec}: float values span [{low:g}, {high:g}], not probabilities in [0, {scale:g}]: "
+                f"give probabilities in [0, 1] (or record their full scale in the attribute {PROB_MAX_ATTRIBUTE})"
+            )
+    return scale
+
+
+def checked_threshold(threshold: float) -> float:
+    """A cleft threshold, of 255 whatever the probabilities' dtype."""
+    if not 0 < threshold <= 255:
+        raise CleftchunkError(f"threshold={threshold:g} is outside (0, 255]: it applies to uint8 probabilities (p*255)")
+    return float(threshold)
+
+
+def cleft_mask(data: np.ndarray, kind: str, threshold: float = DEFAULT_THRESHOLD, scale: float | None = None) -> np.ndarray:
     """Boolean mask of cleft voxels (CREMI's invalid value counts as a cleft here; see
-    :func:`invalid_mask`)."""
+    :func:`invalid_mask`). ``threshold`` is of 255 whatever the dtype; ``scale``: the stored
+    value of probability 1 (:func:`prob_scale`; default the dtype's)."""
     if kind == "ids":
         return data != CREMI_BACKGROUND
     if kind in ("main", "mask"):
         return data != 0
     if kind == "prob":
-        if data.dtype.kind == "f":
-            return data >= threshold / 255.0
-        return data >= threshold
+        full = float(PROB_FULL_SCALE.get(data.dtype, 1)) if scale is None else float(scale)
+        if data.dtype == np.uint8 and full == 255:
+            return data >= threshold  # exact, as predict writes them
+        if data.dtype == np.uint16 and full == 65535:
+            return data >= threshold * 257  # 65535 / 255 = 257 exactly
+        return data >= threshold / 255.0 * full
     raise ValueError(f"not a cleft kind: {kind!r}")
 
 

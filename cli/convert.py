@@ -7,14 +7,14 @@ import click
 from cleftchunk.io import convert as conv
 from cleftchunk.run.chunks import DEFAULT_TASK_BYTES
 from cleftchunk.errors import CleftchunkError
-from cleftchunk_cli.options import parse_zyx, positive_zyx, run_options
+from cleftchunk_cli.options import count, parse_zyx, positive_zyx, run_options
 
 
 @click.command("convert")
 @click.argument("src")
 @click.argument("dst")
 @click.option("--dataset", help="Dataset inside SRC (HDF5/Zarr/N5), e.g. volumes/raw; or write SRC as FILE:DATASET.")
-@click.option("--channel", type=int, help="For 4-D data: the channel K to convert (channel axis first, or last if it has ≤ 4 entries).")
+@click.option("--channel", type=count(0), help="For 4-D data: the channel K to convert (channel axis first, or last if it has ≤ 4 entries).")
 @click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
 @click.option("--compressor", default="zstd", show_default=True, help="zstd (Blosc-zstd), lz4, gzip or none.")
 @click.option("--shards", help="Zarr v3 shard shape Z,Y,X, a multiple of --chunks (for volumes with millions of chunks).")
@@ -23,11 +23,11 @@ from cleftchunk_cli.options import parse_zyx, positive_zyx, run_options
 @click.option("--mask", is_flag=True, help="Write a uint8 0/1 cleft mask instead of the label values.")
 @click.option("--background", help="With --mask: the not-cleft value (an integer, or 'cremi' for 0xFF..FF/0xFF..FE). "
               "Default: SRC's 'background' attribute, else 'cremi' for uint64 clefts (volumes/... or *clefts*), else 0.")
-@click.option("--levels", default=1, show_default=True, help="OME-Zarr pyramid levels, each (1,2,2) smaller.")
+@click.option("--levels", type=count(1, example="4"), default=1, show_default=True, help="OME-Zarr pyramid levels, each (1,2,2) smaller.")
 @click.option("--downsample", type=click.Choice(["auto", "mean", "stride", "mode"]), default="auto", show_default=True,
               help="How levels are made: mean for images, stride for labels and masks (auto); mode for labels.")
-@click.option("--task-mb", default=DEFAULT_TASK_BYTES // 2**20, show_default=True,
-              help="Source MiB per task when --block-shape is not given (memory ≈ task threads × 3 × this).")
+@click.option("--task-mb", type=count(0, example="256"), default=DEFAULT_TASK_BYTES // 2**20, show_default=True,
+              help="Source MiB per task when --block-shape is not given (memory ≈ task threads × 3 × this; 0: one storage unit per task).")
 @click.option("--verify", "do_verify", is_flag=True, help="Afterwards compare every chunk with SRC and report mismatches.")
 @run_options()
 def command(src, dst, dataset, channel, chunks, compressor, shards, voxel_size, offset, mask, background, levels,
@@ -67,7 +67,9 @@ def _summary(result: conv.ConversionResult) -> str:
 
 
 def _verify(plan: conv.ConversionPlan, run) -> None:
-    mismatches = conv.verify(plan, run)
+    from cleftchunk.io.verify import verify
+
+    mismatches = verify(plan, run)
     if mismatches:
         for m in mismatches[:20]:
             click.echo(f"mismatch: {plan.dst} {m}", err=True)

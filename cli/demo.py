@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from cleftchunk_cli.options import count
+
 
 @click.command("demo")
 @click.argument("folder", default="demo-output", type=click.Path(file_okay=False))
@@ -14,8 +16,8 @@ import click
     show_default=True,
     help="quick: a one-minute check; cpu: < 15 min on 2 cores; gpu: default unetv0, longer training. auto: gpu if CUDA is available, else cpu.",
 )
-@click.option("--iterations", type=click.IntRange(min=1), help="Training iterations (overrides the size's).")
-@click.option("--seed", type=int, help="Seed of the training sample (the test sample uses seed + 1).")
+@click.option("--iterations", type=count(1), help="Training iterations (overrides the size's).")
+@click.option("--seed", type=count(0), help="Seed of the training sample (the test sample uses seed + 1).")
 @click.option("--overwrite", is_flag=True, help="Start again in a folder that holds an earlier demo.")
 def command(folder: str, size: str, iterations: int | None, seed: int | None, overwrite: bool) -> None:
     """Synthesize, convert, train, predict, segment, evaluate and report in FOLDER.

@@ -11,22 +11,23 @@ from cleftchunk.io.guard import refuse_overlap
 from cleftchunk.post.metrics import THETA_NM, evaluate, format_table, to_json
 from cleftchunk.post.segment import DEFAULT_THRESHOLD
 
-from cleftchunk_cli.options import KIND_CHOICE, check_threshold, parse_zyx, positive_zyx, run_options
+from cleftchunk_cli.options import KIND_CHOICE, THRESHOLD, amount, check_threshold, ignore_frame_option, parse_zyx, positive_zyx, run_options
 
 
 @click.command("evaluate")
 @click.argument("pred")
 @click.argument("gt")
-@click.option("--theta", type=float, default=THETA_NM, show_default=True, help="Distance threshold θ (nm) for FP/FN (strict >).")
-@click.option("--threshold", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+@click.option("--theta", type=amount(0, message="θ = {number} nm must be a finite distance >= 0 (CREMI uses 200): fix --theta"), default=THETA_NM, show_default=True, help="Distance threshold θ (nm) for FP/FN (strict >).")
+@click.option("--threshold", type=THRESHOLD, default=DEFAULT_THRESHOLD, show_default=True,
               help="Probability volumes: cleft voxels are >= this (of 255).")
 @click.option("--voxel-size", help="Z,Y,X in nm, overriding the metadata of both volumes.")
 @click.option("--pred-kind", type=KIND_CHOICE, default="auto", show_default=True, help="What PRED holds.")
 @click.option("--gt-kind", type=KIND_CHOICE, default="auto", show_default=True, help="What GT holds.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics to this JSON file.")
 @click.option("--halo", help="Context around each block, Z,Y,X voxels (default θ); speed only, never the result.")
+@ignore_frame_option
 @run_options()
-def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_path, halo, run):
+def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_path, halo, ignore_frame, run):
     """CREMI synaptic-cleft metrics of PRED against the ground truth GT.
 
     \b
@@ -41,9 +42,10 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
     Values are looked at in up to 64 chunks spread over the volume (every chunk of a
     smaller one), never the whole of a large volume, and not at all with --dry-run;
     sampled uint8 chunks holding only 0 are an error that asks for --pred-kind/--gt-kind.
-    Volumes of the same shape are compared voxel for voxel. A ground truth smaller than the
-    prediction (e.g. the labelled region of a padded CREMI sample) is placed by the offsets
-    of both; the prediction must contain it.
+    Volumes of one frame (voxel size, offset, shape) are compared voxel for voxel. A ground
+    truth smaller than the prediction (e.g. the labelled region of a padded CREMI sample) is
+    placed by the offsets of both; the prediction must cover it. Different voxel sizes are
+    refused; --ignore-frame compares the volumes voxel for voxel whatever their metadata say.
     Empty prediction or ground truth: undefined averages are n/a (null in JSON), distances to an
     empty set are infinite ("inf" in JSON); see the cleftchunk.post.metrics documentation.
     """
@@ -62,6 +64,7 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
         halo=parse_zyx(halo, "--halo", minimum=0),
         run=run,
         log=click.echo,
+        ignore_frame=ignore_frame,
     )
     if result is None:  # a dry run: the plan was printed, nothing is written
         return

@@ -74,6 +74,70 @@ def check_threshold(threshold: float) -> float:
     return threshold
 
 
+# -- numeric options: every one has a range, checked here -------------------------------------------
+class Number(click.ParamType):
+    """An int or float option within [low, high] (``open_low``/``open_high``: the bound itself is
+    refused), always finite. The message names the flag, the value and the range (``message``:
+    the library's own wording of the same rule, formatted with ``number``)."""
+
+    def __init__(self, cast: type = int, low: float | None = None, high: float | None = None, open_low: bool = False,
+                 open_high: bool = False, example: str | None = None, message: str | None = None):
+        self.cast, self.low, self.high, self.open_low, self.open_high, self.example = cast, low, high, open_low, open_high, example
+        self.message = message
+        self.name = "integer" if cast is int else "number"
+
+    def describe(self) -> str:
+        parts = []
+        if self.low == 0:
+            parts.append("positive" if self.open_low else "non-negative")
+        elif self.low is not None:
+            parts.append(("above " if self.open_low else "at least ") + f"{self.low:g}")
+        if self.high is not None:
+            parts.append(("below " if self.open_high else "at most ") + f"{self.high:g}")
+        return " and ".join(parts) or "finite"
+
+    def convert(self, value, param, ctx):
+        flag = max(param.opts, key=len) if param is not None and param.opts else "value"
+        example = f", e.g. {flag} {self.example}" if self.example else ""
+        try:
+            number = self.cast(value)
+            if self.cast is int and isinstance(value, float) and number != value:
+                raise ValueError
+        except (TypeError, ValueError):
+            raise CleftchunkError(f"{flag} {value!r} must be {'a whole number' if self.cast is int else 'a number'}{example}") from None
+        below = self.low is not None and (number <= self.low if self.open_low else number < self.low)
+        above = self.high is not None and (number >= self.high if self.open_high else number > self.high)
+        if not math.isfinite(number) or below or above:
+            raise CleftchunkError(self.message.format(number=number) if self.message else f"{flag} {value}: must be {self.describe()}{example}")
+        return number
+
+
+def count(low: int = 1, high: int | None = None, example: str | None = None, message: str | None = None) -> Number:
+    """A whole number of things (iterations, threads, voxels, ...): at least ``low`` (default 1)."""
+    return Number(int, low, high, example=example, message=message)
+
+
+def amount(low: float = 0, high: float | None = None, open_low: bool = False, open_high: bool = False, example: str | None = None,
+           message: str | None = None) -> Number:
+    """A finite real number in a range (rates, sizes in MiB, weights, ...)."""
+    return Number(float, low, high, open_low, open_high, example, message)
+
+
+#: Probability thresholds of uint8 probabilities (p*255), for segment, threshold and evaluate.
+THRESHOLD = amount(0, 255, open_low=True, example="128")
+#: Shares in [0, 1] (rates, difficulty, overlap...).
+SHARE = amount(0, 1, example="0.5")
+
+
+IGNORE_FRAME_HELP = ("Use the volumes voxel for voxel from their first voxels, whatever voxel sizes and offsets their "
+                     "metadata state (default: they must share a voxel size and are placed by their offsets).")
+
+
+def ignore_frame_option(function):
+    """``--ignore-frame``: for commands that combine volumes (cleftchunk.frames)."""
+    return click.option("--ignore-frame", is_flag=True, help=IGNORE_FRAME_HELP)(function)
+
+
 #: Library parameter names whose command-line option is named differently.
 LIBRARY_NAMES = {"window": "model_input", "compile": "compile_model", "input_size": "input_size", "kind": "pred_kind"}
 

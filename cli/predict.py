@@ -17,7 +17,7 @@ import click
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.volumes import split_spec
 from cleftchunk.predict import PRECISIONS, TTA_CHOICES, OutputOptions, WindowOptions, predict
-from cleftchunk_cli.options import parse_fraction, positive_zyx, run_options
+from cleftchunk_cli.options import amount, count, ignore_frame_option, parse_fraction, positive_zyx, run_options
 
 
 @click.command("predict")
@@ -25,16 +25,17 @@ from cleftchunk_cli.options import parse_fraction, positive_zyx, run_options
 @click.argument("output_spec", metavar="OUTPUT", required=False)
 @click.option("--checkpoint", "-pm", "checkpoint", help="Checkpoint file written by cleftchunk train (-pm as in the tutorial).")
 @click.option("--model-input", "-mi", "model_input", help="Window Z,Y,X (default: the size the checkpoint was trained with).")
-@click.option("--overlap", default=0.5, show_default=True, help="Fraction of a window shared by neighbouring tiles: stride = int(W·(1−overlap)).")
+@click.option("--overlap", type=amount(0, 1, open_high=True, example="0.5"), default=0.5, show_default=True, help="Fraction of a window shared by neighbouring tiles: stride = int(W·(1−overlap)).")
 @click.option("--blend", type=click.Choice(["gaussian", "constant"]), default="gaussian", show_default=True, help="Weights of overlapping tiles.")
 @click.option("--pad/--no-pad", default=False, show_default=True, help="Reflect-pad the volume by half a window (as the original pipeline).")
-@click.option("--batch-size", "-b", type=int, help="Tiles per forward pass (default 1 on CPU, 4 on GPU).")
+@click.option("--batch-size", "-b", type=count(1, message="batch size {number} must be at least 1: fix --batch-size"), help="Tiles per forward pass (default 1 on CPU, 4 on GPU).")
 @click.option("--tta", type=click.Choice([str(n) for n in TTA_CHOICES]), default="1", show_default=True, help="Flip test-time augmentation: mean over 1, 4, 8 or 16 variants.")
 @click.option("--scale", help="Float images: multiply by this to reach [0, 1], e.g. 1/255 for a float copy of 0..255 data.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True, help="auto: fp32 on CPU, bf16 autocast on GPU.")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model on each worker.")
-@click.option("--mask", help="Volume whose zero voxels are not predicted (written 0; tiles without any mask voxel are not run).")
-@click.option("--cpus", "-c", type=click.IntRange(min=1), help="CPU cores predict uses in all (default: all): task threads with --workers 0, "
+@click.option("--mask", help="Volume whose zero voxels are not predicted (written 0; tiles without any mask voxel are not run); "
+              "placed by its voxel size and offset, it must cover INPUT (or see --ignore-frame).")
+@click.option("--cpus", "-c", type=count(1), help="CPU cores predict uses in all (default: all): task threads with --workers 0, "
               "else torch threads of each worker process = cores / workers (-c as in the tutorial).")
 @click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
 @click.option("--root", "-t", type=click.Path(file_okay=False), help="Directory the -dn inputs are relative to.")
@@ -43,9 +44,10 @@ from cleftchunk_cli.options import parse_fraction, positive_zyx, run_options
 @click.option("--architecture", "-ac", help="Expected architecture of the checkpoint (e.g. unetv0); a mismatch is an error.")
 @click.option("--load-model", "-lm", hidden=True, help="Accepted for the tutorial's command line; the checkpoint is always loaded.")
 @click.option("--scratch", type=click.Path(file_okay=False), help="Folder for per-block partial results, on a filesystem all workers see (default: beside a local OUTPUT; for an s3:// or gs:// OUTPUT, the current directory, in .<name>.predict-<hash>).")
+@ignore_frame_option
 @run_options(gpus=True)
 def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pad, batch_size, tta, scale, precision, compile_model,
-            mask, cpus, chunks, root, inputs, output_dir, architecture, load_model, scratch, run):
+            mask, cpus, chunks, root, inputs, output_dir, architecture, load_model, scratch, ignore_frame, run):
     """Predict cleft probabilities of INPUT into OUTPUT (e.g. out.zarr/pred) as uint8 OME-Zarr.
 
     The result does not depend on block shape, worker count or interruptions: re-running the
@@ -56,7 +58,7 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
         raise CleftchunkError("no model given: pass --checkpoint CKPT (or -pm CKPT), a file written by cleftchunk train")
     window = WindowOptions(positive_zyx(model_input, "--model-input"), overlap, blend, pad, batch_size, int(tta),
                            parse_fraction(scale, "--scale"), precision, compile_model)
-    out = OutputOptions(positive_zyx(chunks, "--chunks"), mask, scratch, cpus)
+    out = OutputOptions(positive_zyx(chunks, "--chunks"), mask, scratch, cpus, ignore_frame=ignore_frame)
     log = click.echo if run.dry_run else (lambda message: click.echo(message, err=True))
     for src, dst in input_output_pairs(input_spec, output_spec, root, inputs, output_dir):
         result = predict(checkpoint, src, dst, window, run, out, architecture=architecture, log=log)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import click
 
 from cleftchunk.post.segment import DEFAULT_THRESHOLD, segment
-from cleftchunk_cli.options import KIND_CHOICE, check_threshold, positive_zyx, run_options
+from cleftchunk_cli.options import KIND_CHOICE, THRESHOLD, check_threshold, count, positive_zyx, run_options
 
 
 @click.command("segment")
 @click.argument("pred")
 @click.option("-o", "--output", required=True, help="Output Zarr image for uint64 cleft ids, e.g. out.zarr/clefts.")
-@click.option("--threshold", type=float, default=None,
+@click.option("--threshold", type=THRESHOLD, default=None,
               help="Cleft voxels are probabilities >= this (of 255; floats in [0, 1] are compared with it / 255). "
               f"Default: the threshold chosen at training that predict recorded in PRED, else {DEFAULT_THRESHOLD}.")
-@click.option("--min-size", type=int, default=None,
+@click.option("--min-size", type=count(0), default=None,
               help="Drop components with fewer voxels than this. Default: the one recorded in PRED, else 0.")
 @click.option("--connectivity", type=click.Choice(["6", "26"]), default="26", show_default=True,
               help="Neighbours that connect: 6 (faces) or 26 (faces, edges and corners).")

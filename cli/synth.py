@@ -6,22 +6,22 @@ import click
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.synth.generate import DEFAULT_SHAPE
-from cleftchunk_cli.options import positive_zyx, run_options
+from cleftchunk_cli.options import SHARE, count, positive_zyx, run_options
 
 
 @click.command("synth")
 @click.argument("dst", type=click.Path())
 @click.option("--shape", default=",".join(map(str, DEFAULT_SHAPE)), show_default=True,
               help="Volume extent Z,Y,X in voxels (40x4x4 nm).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Random seed: same seed, same volume.")
-@click.option("--difficulty", default=0.5, show_default=True, type=float,
+@click.option("--seed", default=0, show_default=True, type=count(0), help="Random seed: same seed, same volume.")
+@click.option("--difficulty", default=0.5, show_default=True, type=SHARE,
               help="0..1: noise, blur, section changes, distractors, missing/misaligned sections.")
 @click.option("--format", "fmt", default=None,
               help="zarr: DST.zarr/{raw,clefts,neuron_ids}; cremi: one CREMI-layout HDF5 file DST.hdf "
                    "[default: cremi for .hdf/.h5/.hdf5 names, else zarr].")
 @click.option("--chunks", default=None, help="Chunk shape Z,Y,X [default: 16,256,256]; the work block is --block-shape (default: one chunk).")
-@click.option("--missing-rate", default=None, type=float, help="Share of missing sections [default: 0.02*difficulty].")
-@click.option("--misalign-rate", default=None, type=float, help="Share of shifted sections [default: 0.02*difficulty].")
+@click.option("--missing-rate", default=None, type=SHARE, help="Share of missing sections [default: 0.02*difficulty].")
+@click.option("--misalign-rate", default=None, type=SHARE, help="Share of shifted sections [default: 0.02*difficulty].")
 @click.option("--preview", default=None, type=click.Path(), help="Also write a PNG of a few sections with clefts overlaid.")
 @run_options()
 def command(dst, shape, seed, difficulty, fmt, chunks, missing_rate, misalign_rate, preview, run):

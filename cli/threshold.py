@@ -4,13 +4,13 @@ import click
 
 from cleftchunk.labels import DEFAULT_THRESHOLD
 from cleftchunk.post.threshold import threshold
-from cleftchunk_cli.options import positive_zyx, run_options
+from cleftchunk_cli.options import THRESHOLD, positive_zyx, run_options
 
 
 @click.command("threshold")
 @click.argument("pred")
 @click.option("-o", "--output", required=True, help="Output Zarr image for the uint8 mask, e.g. out.zarr/mask.")
-@click.option("--threshold", "level", type=float, default=DEFAULT_THRESHOLD, show_default=True,
+@click.option("--threshold", "level", type=THRESHOLD, default=DEFAULT_THRESHOLD, show_default=True,
               help="Cleft voxels are probabilities >= this (of 255; floats in [0, 1] are compared with it / 255).")
 @click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
 @run_options()

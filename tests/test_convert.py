@@ -12,6 +12,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
+from cleftchunk.io.verify import verify
 import tifffile
 import zarr
 from PIL import Image
@@ -247,7 +249,7 @@ def test_output_independent_of_workers_and_task_size(tmp_path, workers, schedule
     result = conv.convert(plan, run, task_bytes=task_bytes)
     assert result.written == result.units == 5 * 5 * 3
     np.testing.assert_array_equal(stored(tmp_path / "o.zarr", "d"), data)
-    assert conv.verify(plan, run) == []
+    assert verify(plan, run) == []
 
 
 def tasks_of(grid, itemsize, budget, align=None):
@@ -408,7 +410,7 @@ def test_verify_reports_damaged_chunks(tmp_path, run_cli):
     assert "1 chunks differ" in result.output
     assert "mismatch: " in result.output and "chunk (1, 1, 0)" in result.output
     plan = conv.plan_conversion(tmp_path / "d.npy", tmp_path / "o.zarr/d", voxel_size=(40, 4, 4), chunks=(2, 16, 16))
-    [m] = conv.verify(plan)
+    [m] = verify(plan)
     assert m.chunk == (1, 1, 0) and m.roi == Roi((2, 16, 0), (2, 16, 16)) and m.voxels == np.count_nonzero(data[2:4, 16:32, 0:16])
 
 

@@ -144,6 +144,9 @@ def plan_conversion(
     dtype = "uint8" if mask else source.dtype.newbyteorder("=").name  # big-endian sources are stored native
     if 0 in source.shape:
         raise CleftchunkError(f"{source.spec} has shape {source.shape}, with an axis of length 0: there is nothing to convert; check the dataset")
+    most = pyramid.max_levels(source.shape)
+    if levels > most:
+        raise CleftchunkError(f"--levels {levels}: {source.spec} {source.shape} is down to 1 voxel in y or x at level s{most - 1}: give --levels {most} or fewer")
     chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, source.shape))
     if len(chunks) != 3 or any(c <= 0 for c in chunks):
         raise CleftchunkError(f"chunk shape {chunks} must be 3 positive sizes Z,Y,X")
@@ -361,28 +364,6 @@ def _image_group(volume: Volume) -> Any:
     return zarr.open_group(stores.zarr_store(volume.container, "r+"), mode="r+", path=parent)
 
 
-# -- verifying ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Mismatch:
-    chunk: tuple[int, ...]
-    roi: Roi
-    voxels: int
-
-    def __str__(self) -> str:
-        return f"chunk {self.chunk} ({self.roi}): {self.voxels} voxels differ"
-
-
-def verify(plan: ConversionPlan, run: RunOptions | None = None) -> list[Mismatch]:
-    """Compare every chunk of the output's level 0 with the source, on ``run``'s client; the
-    chunks that differ."""
-    output = open_volume(f"{plan.dst}/s0")
-    if output.shape != plan.shape:
-        return [Mismatch((), Roi.from_shape(plan.shape), int(np.prod(plan.shape)))]
-    found = chunkwrite.compare(output.array, SourceReader(plan.source, plan.not_cleft), run,
-                               name=f"verify {_label(plan.dst)}", align=source_chunking(plan.source))
-    return [Mismatch(index, roi, n) for index, roi, n in found]
-
-
 # -- one call for any source ---------------------------------------------------------------
 def convert_path(src: str | os.PathLike, dst: str | os.PathLike, *, dataset: str | None = None, mask: bool = False,
                  run: RunOptions | None = None, task_bytes: int = chunkwrite.DEFAULT_TASK_BYTES, log: Any = None,
@@ -446,5 +427,5 @@ def is_whole_file_request(src: str | os.PathLike, dataset: str | None, dst: str 
     return is_hdf5(container) and inner is None and dst_inner is None and stores.exists(container)
 
 
-__all__ = ["ConversionPlan", "ConversionResult", "Convert", "Mismatch", "convert", "convert_cremi_file", "convert_path",
-           "cremi_volumes", "mask_rule", "plan_conversion", "verify"]
+__all__ = ["ConversionPlan", "ConversionResult", "Convert", "convert", "convert_cremi_file", "convert_path",
+           "cremi_volumes", "mask_rule", "plan_conversion"]

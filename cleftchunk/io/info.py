@@ -53,6 +53,8 @@ class VolumeInfo:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["compression_ratio"] = self.ratio
+        known = self.voxel_size_known and None not in (self.voxel_size, self.offset_nm, self.shape)
+        out["frame_end_nm"] = [o + s * v for o, s, v in zip(self.offset_nm, self.shape, self.voxel_size)] if known else None
         for key in ("value_min", "value_max"):
             if isinstance(out[key], np.generic):
                 out[key] = out[key].item()
@@ -238,10 +240,20 @@ def format_info(info: VolumeInfo) -> str:
         ("chunks", str(info.chunks)),
         ("voxel size", vs),
         ("offset", f"{_nums(info.offset_nm)} nm"),
+        ("frame", _frame(info)),
         ("stored", ratio),
         ("values", f"{_value(info.value_min)} .. {_value(info.value_max)} (sampled {info.sampled_chunks} of {info.total_chunks} chunks)"),
     ]
     return "\n".join([f"{info.spec} [{info.kind}{levels}]"] + [f"  {k:<11} {v}" for k, v in rows])
+
+
+def _frame(info: VolumeInfo) -> str:
+    """Where the volume lies (cleftchunk.frames): what two volumes used together must share."""
+    from cleftchunk.frames import Frame
+
+    if info.voxel_size is None or info.offset_nm is None or info.shape is None or len(info.shape) != len(info.voxel_size):
+        return "unknown"
+    return Frame(info.voxel_size, info.offset_nm, info.shape, known=info.voxel_size_known).extent()
 
 
 def _nums(values) -> str:

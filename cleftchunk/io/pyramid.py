@@ -14,6 +14,8 @@ block-wise executor), one pass per level, each resuming from the chunks it has s
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,13 @@ def scale(coord) -> tuple[int, ...]:
 
 def level_shape(shape) -> tuple[int, ...]:
     return tuple(-(-s // f) for s, f in zip(shape, FACTOR))
+
+
+def max_levels(shape) -> int:
+    """Levels (s0 included) until the smaller of y and x is down to 1 voxel: more would only
+    repeat 1-voxel sections."""
+    smallest = min(int(s) for s, f in zip(shape, FACTOR) if f > 1)
+    return 1 + max(0, math.ceil(math.log2(max(1, smallest))))
 
 
 def mean_2x2(data: np.ndarray) -> np.ndarray:

@@ -94,8 +94,12 @@ class CleftTable:
 
 # -- where a table lives ----------------------------------------------------------------------
 def table_spec(labels: Any) -> str | None:
-    """The table's Zarr spec for a Zarr label Volume; None for other sources (counted in memory)."""
-    if not getattr(labels, "is_zarr", False) or getattr(labels, "channel", None) is not None:
+    """The table's Zarr spec for a Zarr label Volume; None for other sources (counted in memory),
+    and for a part of a volume (frames.Cropped: labels placed by their offset), whose cells would
+    not be the stored table's."""
+    from cleftchunk.frames import Cropped
+
+    if isinstance(labels, Cropped) or not getattr(labels, "is_zarr", False) or getattr(labels, "channel", None) is not None:
         return None
     container = str(labels.container).rstrip("/")
     return f"{container}/{labels.inner}{SUFFIX}" if labels.inner else f"{container}{SUFFIX}"

@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.frames import Frame, align
 from cleftchunk.geometry import Roi
 from cleftchunk.io.cremi import hdf5_state
 from cleftchunk.io.guard import refuse_overlap
@@ -68,13 +69,15 @@ def parse_crop(text: str) -> Roi:
 
 def export_cremi(clefts: Volume | str, out: str | os.PathLike, raw: Volume | str | None = None,
                  offset: Sequence[int] | None = None, crop: Roi | None = None, kind: str = "auto",
-                 run: RunOptions | None = None, log: Any = None) -> dict:
+                 run: RunOptions | None = None, log: Any = None, ignore_frame: bool = False) -> dict:
     """Write ``clefts`` (CREMI ids, or labels with 0 = background) as a CREMI HDF5 file; what
     was (or, with ``run.dry_run``, would be) written.
 
     Slabs are read (and converted) on the executor, where ``run`` says, and written by this
-    process (HDF5 has one writer) as they arrive; at most two slabs are in flight."""
-    operation = Export(clefts, out, raw, offset, crop, kind, read=not (run is not None and run.dry_run))
+    process (HDF5 has one writer) as they arrive; at most two slabs are in flight. ``raw`` must
+    share the frame of ``clefts`` (:mod:`cleftchunk.frames`; ``ignore_frame``: the same shape is
+    enough)."""
+    operation = Export(clefts, out, raw, offset, crop, kind, read=not (run is not None and run.dry_run), ignore_frame=ignore_frame)
     run_operation(operation, run, log)
     return operation.info()
 
@@ -84,7 +87,8 @@ class Export(VolumeOperation):
 
     stage = "export"
 
-    def __init__(self, clefts, out, raw=None, offset=None, crop: Roi | None = None, kind: str = "auto", read: bool = True):
+    def __init__(self, clefts, out, raw=None, offset=None, crop: Roi | None = None, kind: str = "auto", read: bool = True,
+                 ignore_frame: bool = False):
         source = as_volume(clefts)
         # read=False (a dry run): no voxel is read; a kind only the values could tell is decided when run
         self.kind = resolve_label_kind(source, kind, read=read)
@@ -104,12 +108,14 @@ class Export(VolumeOperation):
         offset = tuple(offset) if offset is not None else tuple(o + b for o, b in zip(source.offset, region.begin))
         if len(offset) != 3:
             raise CleftchunkError(f"--offset {offset} must have three values, Z,Y,X voxels")
+        if any(o < 0 for o in offset):  # CREMI places a sample's labels at offsets >= 0 in its frame
+            raise CleftchunkError(f"offset {tuple(offset)} voxels is negative: give --offset Z,Y,X of 0 or more")
         raw_volume = as_volume(raw) if raw is not None else None
-        if raw_volume is not None and tuple(raw_volume.voxel_size) != tuple(source.voxel_size):
-            raise CleftchunkError(
-                f"voxel sizes differ: raw {raw_volume.spec} has {raw_volume.voxel_size} nm, clefts {source.spec} "
-                f"has {source.voxel_size} nm: export a raw volume of the same resolution"
-            )
+        if raw_volume is not None:
+            # the file records each dataset's offset, so readers place raw and clefts by them: one
+            # resolution, offsets whole voxels apart, an overlap, and (below) the same extent
+            align(Frame.of(source, f"clefts {source.spec}"), Frame.of(raw_volume, f"raw {raw_volume.spec}"), ignore_frame, "overlap",
+                  fix="export a raw volume of the same resolution")
         if raw_volume is not None and tuple(raw_volume.shape) != tuple(source.shape):
             raise CleftchunkError(
                 f"raw {raw_volume.spec} has shape {raw_volume.shape}, clefts {source.spec} {source.shape}: "

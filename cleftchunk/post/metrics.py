@@ -21,8 +21,10 @@ Empty sets, reported explicitly rather than crashing (None is ``null`` in JSON):
 - both empty: every distance statistic, the score, precision, recall and F1 are None; FP = FN = 0.
   A score of None means "nothing to score", not "perfect".
 
-Frames: volumes of the same shape are compared voxel for voxel; a smaller ground truth is placed
-inside the prediction by the offsets of both (:func:`evaluated_region`).
+Frames (:mod:`cleftchunk.frames`): the ground truth is scored whole, against the part of the
+prediction its frame covers (the same frame: all of it; a smaller ground truth, e.g. the labelled
+region of a padded CREMI sample, placed by the offsets of both); different voxel sizes, or a
+prediction that does not cover the ground truth, are refused (:func:`evaluated_region`).
 
 Block-wise exactness (:func:`evaluate`). For each block B holding query voxels (P, to measure
 d_Q; then Q, to measure d_P) the target mask is read in G = B grown by a halo (clipped to the
@@ -60,9 +62,10 @@ from typing import Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.geometry import Roi, voxels_from_nm
+from cleftchunk.frames import Frame, align
+from cleftchunk.geometry import Roi
 from cleftchunk.io.volumes import Volume
-from cleftchunk.labels import CREMI_INVALID, DEFAULT_THRESHOLD, cleft_mask, resolve_label_kind
+from cleftchunk.labels import CREMI_INVALID, DEFAULT_THRESHOLD, cleft_mask, prob_scale, resolve_label_kind
 from cleftchunk.post.segment import as_volume
 from cleftchunk.run.executor import BlockwiseTask
 from cleftchunk.run.layout import GridLayout, SubsetLayout
@@ -129,13 +132,14 @@ class Pair:
     gt_kind: str
     threshold: float
     pred_origin: tuple = (0, 0, 0)  # where the ground truth's first voxel lies in the prediction
+    scales: tuple = (None, None)  # stored values of probability 1 (labels.prob_scale) of both
 
     def read(self, roi: Roi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """P, Q and I (``roi`` local to the ground truth) as boolean arrays."""
         g = self.gt[roi.to_slices()]
         invalid = g == CREMI_INVALID if self.gt_kind == "ids" else np.zeros(g.shape, dtype=bool)
-        p = cleft_mask(self.pred[roi.shift(self.pred_origin).to_slices()], self.pred_kind, self.threshold) & ~invalid
-        q = cleft_mask(g, self.gt_kind, self.threshold) & ~invalid
+        p = cleft_mask(self.pred[roi.shift(self.pred_origin).to_slices()], self.pred_kind, self.threshold, self.scales[0]) & ~invalid
+        q = cleft_mask(g, self.gt_kind, self.threshold, self.scales[1]) & ~invalid
         return p, q, invalid
 
     def sets(self, roi: Roi, direction: str) -> tuple[np.ndarray, np.ndarray]:
@@ -267,18 +271,14 @@ def nearest_far(
 
 
 def common_voxel_size(pred: Volume, gt: Volume, voxel_size: Sequence[float] | None) -> tuple[float, ...]:
-    """The explicit voxel size, else the metadata's (which must agree), else an error."""
+    """The explicit voxel size, else the metadata's (:func:`cleftchunk.frames.align` has checked
+    that both agree), else an error."""
     if voxel_size is not None:
         vs = tuple(float(v) for v in voxel_size)
-        if len(vs) != 3 or any(v <= 0 for v in vs):
+        if len(vs) != 3 or any(not (math.isfinite(v) and v > 0) for v in vs):
             raise CleftchunkError(f"voxel size {vs} must be three positive numbers (z, y, x) in nm")
         return vs
     known = [v for v in (pred, gt) if v.voxel_size_known]
-    if len(known) == 2 and tuple(pred.voxel_size) != tuple(gt.voxel_size):
-        raise CleftchunkError(
-            f"voxel sizes differ: prediction {pred.spec} has {tuple(pred.voxel_size)} nm, ground truth {gt.spec} "
-            f"has {tuple(gt.voxel_size)} nm: resample one, or force one with --voxel-size"
-        )
     if not known:
         raise CleftchunkError(
             f"neither {pred.spec} nor {gt.spec} records a voxel size: pass --voxel-size Z,Y,X (e.g. 40,4,4 for CREMI)"
@@ -297,17 +297,23 @@ def evaluate(
     halo: Sequence[int] | None = None,
     run: RunOptions | None = None,
     log=print,
+    ignore_frame: bool = False,
 ) -> dict | None:
     """The CREMI cleft metrics of ``pred`` against ``gt``, block-wise on the executor, exact.
 
     ``halo`` (voxels per axis, default ceil(θ / voxel size)) only trades reading and nearest-target
     work in the grown block against the far-voxel search; the result does not depend on it, nor
-    on the block shape or the workers. ``run`` says where and how
+    on the block shape or the workers. The ground truth is scored whole, on the part of the
+    prediction its frame covers (:func:`evaluated_region`); ``ignore_frame``: voxel for voxel from
+    the first voxels, whatever the metadata say. ``run`` says where and how
     (:class:`~cleftchunk.run.options.RunOptions`; its ``block_shape`` defaults to 32,256,256).
     A dry run logs the plan, reads no voxel and returns None.
     """
     run = run or RunOptions()
-    return run_operation(Evaluate(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, halo, read=not run.dry_run), run, log)
+    operation = Evaluate(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, halo, read=not run.dry_run, ignore_frame=ignore_frame)
+    if operation.note:
+        log(operation.note)
+    return run_operation(operation, run, log)
 
 
 class Evaluate(Operation):
@@ -318,16 +324,16 @@ class Evaluate(Operation):
     stage = "evaluate"
 
     def __init__(self, pred, gt, theta=THETA_NM, threshold=DEFAULT_THRESHOLD, voxel_size=None, pred_kind="auto", gt_kind="auto",
-                 halo=None, read=True):
+                 halo=None, read=True, ignore_frame=False):
         pred, gt = as_volume(pred), as_volume(gt)
         if len(pred.shape) != 3 or len(gt.shape) != 3:
             raise CleftchunkError(f"{pred.spec} and {gt.spec} must both be 3-D (z, y, x) volumes")
         if not (math.isfinite(theta) and theta >= 0):
             raise CleftchunkError(f"θ = {theta} nm must be a finite distance >= 0 (CREMI uses 200): fix --theta")
         self.voxel_size = common_voxel_size(pred, gt, voxel_size)
-        self.region = evaluated_region(pred, gt, self.voxel_size)
+        self.region, self.note = evaluated_region(pred, gt, voxel_size, ignore_frame)
         kinds = resolve_label_kind(pred, pred_kind, read=read), resolve_label_kind(gt, gt_kind, read=read)
-        self.pair = Pair(pred, gt, *kinds, threshold, self.region.offset)
+        self.pair = Pair(pred, gt, *kinds, threshold, self.region.offset, (prob_scale(pred), prob_scale(gt)))
         self.halo = tuple(halo) if halo is not None else default_halo(theta, self.voxel_size)
         if len(self.halo) != 3 or any(int(h) != h or h < 0 for h in self.halo):
             raise CleftchunkError(f"halo {self.halo} must be 3 whole numbers of voxels >= 0 (it changes speed only, never the result)")
@@ -410,27 +416,15 @@ def _evaluate(running: Running, op: Evaluate, layout: GridLayout) -> dict:
     return assemble(stats["pred_to_gt"], stats["gt_to_pred"], beyond["pred_to_gt"], beyond["gt_to_pred"], inputs)
 
 
-def evaluated_region(pred: Volume, gt: Volume, voxel_size: Sequence[float]) -> Roi:
-    """The prediction's voxels (array-local) compared with the ground truth's, voxel for voxel.
-
-    Same shapes: all of it (offsets are not used). Different shapes: the ground truth's region,
-    placed by the offsets (nm) of both, e.g. the labelled part of a padded CREMI sample; it must
-    lie inside the prediction, and the offsets must differ (equal offsets place nothing).
-    """
-    if pred.shape == gt.shape:
-        return Roi.from_shape(pred.shape)
-    difference = [g - p for g, p in zip(gt.offset_nm, pred.offset_nm)]
-    try:
-        region = Roi(voxels_from_nm(difference, voxel_size), gt.shape)
-    except ValueError:
-        region = None
-    if region is None or not any(region.offset) or not Roi.from_shape(pred.shape).contains(region):
-        raise CleftchunkError(
-            f"shapes differ: prediction {pred.spec} is {pred.shape} at {tuple(pred.offset_nm)} nm, ground truth "
-            f"{gt.spec} is {gt.shape} at {tuple(gt.offset_nm)} nm, and their offsets do not place the ground truth "
-            "inside the prediction: crop or pad one to the other's frame"
-        )
-    return region
+def evaluated_region(pred: Volume, gt: Volume, voxel_size: Sequence[float] | None = None, ignore_frame: bool = False) -> tuple[Roi, str | None]:
+    """The prediction's voxels (array-local) compared with the whole ground truth, voxel for
+    voxel, and the line that says so when it is a part: the ground truth's frame placed in the
+    prediction's (e.g. the labelled region of a padded CREMI sample), which must cover it.
+    ``voxel_size`` (``--voxel-size``) replaces both volumes' recorded ones."""
+    frames = Frame.of(pred, f"prediction {pred.spec}", voxel_size), Frame.of(gt, f"ground truth {gt.spec}", voxel_size)
+    alignment = align(*frames, ignore=ignore_frame, mode="cover", fix="resample one, or force one with --voxel-size",
+                      placed="crop or pad one to the other's frame, or record the ground truth's offset")
+    return alignment.a, alignment.note
 
 
 def default_halo(theta: float, voxel_size: Sequence[float]) -> tuple[int, ...]:

@@ -54,7 +54,7 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, open_volume
-from cleftchunk.labels import CREMI_BACKGROUND, DEFAULT_THRESHOLD, KIND_ATTRIBUTE, cleft_mask, resolve_label_kind
+from cleftchunk.labels import CREMI_BACKGROUND, DEFAULT_THRESHOLD, KIND_ATTRIBUTE, cleft_mask, prob_scale, resolve_label_kind
 from cleftchunk.post.components import (  # noqa: F401  (connected_components_reference: re-exported)
     SeamLayout,
     canonical_ids,
@@ -127,7 +127,7 @@ class Labelling:
     def label(self, roi: Roi):
         from scipy import ndimage
 
-        mask = cleft_mask(self.source[roi.to_slices()], self.kind, self.threshold)
+        mask = cleft_mask(self.source[roi.to_slices()], self.kind, self.threshold, prob_scale(self.source))
         return ndimage.label(mask, structure=structure(self.connectivity))
 
 

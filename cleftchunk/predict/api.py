@@ -13,6 +13,7 @@ the run's settings, library versions, the checkpoint's operating point (``postpr
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import numpy as np
 
 from cleftchunk.backend import tune_malloc, usable_cores
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.frames import Frame, align
 from cleftchunk.geometry import Coord, as_coord
 from cleftchunk.intensity import check_image_dtype, check_scale, check_unit_range
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, open_volume
@@ -103,7 +105,7 @@ class Predict(VolumeOperation):
         if run.scheduler is None:  # this machine's GPUs (a cluster's workers have their own)
             run = run.but(gpus=resolve_gpus(run.gpus))
         self.params = window.resolve(window_shape, "cuda" if run.gpus else "cpu")
-        self.mask = _open_mask(out.mask, self.volume)
+        self.mask = _open_mask(out.mask, self.volume, out.ignore_frame)
         self.grid = self.params.grid(self.volume.roi)
         check_fixed_headroom(self.grid)
         _warn_if_small(self.volume, self.params, log)
@@ -260,17 +262,18 @@ def _open_input(input_volume: Any, scale: float | None = None) -> Volume:
     return volume
 
 
-def _open_mask(mask: Any, volume: Volume) -> Volume | None:
+def _open_mask(mask: Any, volume: Volume, ignore_frame: bool = False) -> Volume | None:
+    """The mask, placed by its frame: it must cover the input (cleftchunk.frames); with
+    ``ignore_frame`` it is taken in the input's frame, voxel for voxel."""
     if mask is None:
         return None
     mask_volume = mask if isinstance(mask, Volume) else open_volume(mask)
-    if tuple(mask_volume.voxel_size) != tuple(volume.voxel_size):
-        raise CleftchunkError(
-            f"mask {mask_volume.spec} has voxel size {mask_volume.voxel_size}, the input {volume.voxel_size}: "
-            "give a mask at the input's resolution"
-        )
-    if not mask_volume.roi.contains(volume.roi):
-        raise CleftchunkError(f"mask {mask_volume.spec} ({mask_volume.roi}) does not cover the input ({volume.roi}): give a mask covering it")
+    align(Frame.of(mask_volume, f"mask {mask_volume.spec}"), Frame.of(volume, f"the input {volume.spec}"), ignore_frame, "cover",
+          fix="give a mask at the input's resolution")
+    if ignore_frame or not (mask_volume.voxel_size_known and volume.voxel_size_known):
+        # used voxel for voxel (align checked the shapes), but read by world position: give it the input's frame
+        mask_volume = copy.copy(mask_volume)
+        mask_volume.voxel_size, mask_volume.offset_nm = volume.voxel_size, volume.offset_nm
     return mask_volume
 
 

@@ -118,6 +118,7 @@ class OutputOptions:
     scratch: str | os.PathLike | None = None
     cores: int | None = None
     memory_spills: int | None = None
+    ignore_frame: bool = False  # the mask in the input's frame, voxel for voxel (cleftchunk.frames)
 
     def __post_init__(self) -> None:
         from cleftchunk.run.options import check_count

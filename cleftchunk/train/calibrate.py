@@ -38,7 +38,7 @@ def measure_cpu_layout(config: TrainConfig, steps: int = 3) -> dict:
     from cleftchunk.train.trainer import Trainer
 
     cores = available_cores()
-    volumes = open_training_volumes(config.images, config.labels, config.root, config.label_mode)
+    volumes = open_training_volumes(config.images, config.labels, config.root, config.label_mode, config.ignore_frame)
     sampler = CropSampler(
         volumes, config.input_size, AugmentConfig.from_dict(config.augment), RejectionConfig.from_dict(config.rejection),
         cache_mb=config.cache_mb,

@@ -41,6 +41,7 @@ class TrainConfig:
     filters: list[int] | None = None
     seed: int = 0
     label_mode: str = "auto"
+    ignore_frame: bool = False  # images and labels voxel for voxel, whatever their frames (cleftchunk.frames)
     augment: dict = field(default_factory=dict)  # AugmentConfig fields
     augment_on: str = "auto"  # cpu (loader workers, numpy) | device (the model's, torch) | auto: device on a GPU
     rejection: dict = field(default_factory=dict)  # RejectionConfig fields

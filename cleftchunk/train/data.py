@@ -41,6 +41,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.intensity import image_scale
 from cleftchunk.labels import label_codes, resolve_label_kind
 from cleftchunk.geometry import Roi
+from cleftchunk.frames import paired
 from cleftchunk.io.volumes import open_volume
 from cleftchunk.train.sampling import AnnotatedCodes, CleftIndex, Space, known_empty
 from cleftchunk.io.tables import CleftTable, count_in_memory
@@ -134,7 +135,7 @@ class TrainingVolume:
 
 
 def open_training_volumes(
-    images: Sequence[str], labels: Sequence[str], root: str | Path | None = None, label_mode: str = "auto"
+    images: Sequence[str], labels: Sequence[str], root: str | Path | None = None, label_mode: str = "auto", ignore_frame: bool = False
 ) -> list[TrainingVolume]:
     """Open image/label pairs; relative specs are taken relative to ``root`` (the tutorial's -t)."""
     images, labels = list(images), list(labels)
@@ -146,7 +147,7 @@ def open_training_volumes(
     for image_spec, label_spec in zip(images, labels):
         image = open_volume(under_root(image_spec, root))
         label = open_volume(under_root(label_spec, root))
-        pairs.append(TrainingVolume(image, label, label_mode, name=str(image)))
+        pairs.append(TrainingVolume(*paired(image, label, ignore_frame), label_mode, name=str(image)))  # frames: cleftchunk.frames
     return pairs
 
 

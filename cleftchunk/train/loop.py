@@ -93,7 +93,7 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     ckpt = load_checkpoint(last) if resume else None
     if ckpt is not None:
         check_resumable(ckpt, config, last)
-    volumes = open_training_volumes(config.images, config.labels, config.root, config.label_mode)
+    volumes = open_training_volumes(config.images, config.labels, config.root, config.label_mode, config.ignore_frame)
     # A validation region is held out of training even when it is not scored during training
     # (validate_every 0): the demo chooses its operating point there after training.
     validator = Validator(config) if config.validate_image else None

@@ -73,14 +73,15 @@ class Validator:
     """
 
     def __init__(self, config: TrainConfig):
+        from cleftchunk.frames import Frame, align
         from cleftchunk.intensity import image_scale
         from cleftchunk.train.data import under_root, resolve_label_mode
         from cleftchunk.io.volumes import open_volume
 
         image = open_volume(under_root(config.validate_image, config.root))
         labels = open_volume(under_root(config.validate_labels, config.root))
-        if image.shape != labels.shape:
-            raise CleftchunkError(f"validation image {image} {image.shape} and labels {labels} {labels.shape} differ in shape")
+        # --validate-roi is in the image's voxels and also holds training crops out: one frame, not an overlap
+        align(Frame.of(image, f"validation image {image.spec}"), Frame.of(labels, f"labels {labels.spec}"), config.ignore_frame, "same")
         roi = parse_roi(config.validate_roi, image.shape)
         self.volume = image
         self.whole_volume = not config.validate_roi

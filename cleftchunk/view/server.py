@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.frames import Frame, align
 from cleftchunk.io.volumes import Volume, open_volume
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "chrome")
@@ -37,6 +38,7 @@ class ViewLayers:
     image: Any
     prediction: Any = None
     clefts: Any = None
+    ignore_frame: bool = False  # show every layer in the image's frame, voxel for voxel
 
     def volumes(self) -> dict[str, Volume]:
         named = {"image": self.image, "prediction": self.prediction, "clefts": self.clefts}
@@ -57,21 +59,23 @@ def _volume(spec: Any) -> Volume:
 
 def build_viewer(layers: ViewLayers, port: int = 0) -> Any:
     """A neuroglancer Viewer serving ``layers`` on 127.0.0.1:``port`` (0: any free port)."""
-    ng = _neuroglancer()
     volumes = layers.volumes()
     image = volumes["image"]
+    offsets = {}
     for name, volume in volumes.items():
-        if tuple(volume.voxel_size) != tuple(image.voxel_size):
-            raise CleftchunkError(
-                f"{name} {volume} has voxel size {volume.voxel_size}, the image {image.voxel_size}: give volumes at one resolution"
-            )
+        # neuroglancer places each layer by its offset: one resolution, and an overlap with the image
+        align(Frame.of(image, f"image {image.spec}"), Frame.of(volume, f"{name} {volume.spec}"), layers.ignore_frame, "overlap",
+              fix="give volumes at one resolution")
+        framed = not layers.ignore_frame and image.voxel_size_known and volume.voxel_size_known
+        offsets[name] = list(volume.offset if framed else image.offset)
+    ng = _neuroglancer()
     ng.set_server_bind_address("127.0.0.1", bind_port=int(port))
     viewer = ng.Viewer()
     space = ng.CoordinateSpace(names=["z", "y", "x"], units="nm", scales=list(image.voxel_size))
     with viewer.txn() as state:
         state.dimensions = space
         for name, volume in volumes.items():
-            state.layers[name] = _layer(ng, name, volume, space)
+            state.layers[name] = _layer(ng, name, volume, space, offsets[name])
         centre = [o + s / 2 for o, s in zip(image.offset, image.shape)]
         state.position = centre
         state.display_dimensions = ["x", "y", "z"]  # sections (z) across the screen's depth, as EM is viewed
@@ -80,9 +84,9 @@ def build_viewer(layers: ViewLayers, port: int = 0) -> Any:
     return viewer
 
 
-def _layer(ng: Any, name: str, volume: Volume, space: Any) -> Any:
+def _layer(ng: Any, name: str, volume: Volume, space: Any, offset: list[int]) -> Any:
     kind = "segmentation" if name == "clefts" else "image"
-    source = ng.LocalVolume(data=volume, dimensions=space, voxel_offset=list(volume.offset), volume_type=kind)
+    source = ng.LocalVolume(data=volume, dimensions=space, voxel_offset=offset, volume_type=kind)
     if kind == "segmentation":
         return ng.SegmentationLayer(source=source)
     if name == "prediction":
