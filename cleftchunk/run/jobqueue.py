@@ -113,10 +113,20 @@ def job_config(options: Any, security: Any, temp_dir: str | None) -> dict:
     )
 
 
-def make_cluster(options: Any, security: Any, temp_dir: str | None):
-    """The dask-jobqueue cluster (scheduler started, no job submitted yet)."""
+def import_jobqueue():
+    """``dask_jobqueue``, without the SIGINT handler its import installs (``dask_jobqueue.runner``:
+    ``sys.exit()`` on Ctrl-C, which would end a run with status 0 and no "interrupted" message)."""
+    previous = signal.getsignal(signal.SIGINT)
     import dask_jobqueue
 
+    if threading.current_thread() is threading.main_thread() and previous is not None:
+        signal.signal(signal.SIGINT, previous)
+    return dask_jobqueue
+
+
+def make_cluster(options: Any, security: Any, temp_dir: str | None):
+    """The dask-jobqueue cluster (scheduler started, no job submitted yet)."""
+    dask_jobqueue = import_jobqueue()
     check_submit_command(options.cluster)
     cls_name = SYSTEMS[options.cluster][0]
     try:
@@ -166,23 +176,32 @@ def batch_client(options: Any, announce: bool = False, log: Callable[[str], None
 
 
 def _close(cluster: Any) -> None:
-    """Close the cluster (cancelling its jobs), then the key files dask-jobqueue keeps open (their
-    folder is removed next: closed later, at garbage collection, they would complain it is gone).
-    A job that was refused has nothing to cancel; it is marked failed (as it is: SpecCluster
-    refuses to close while one of its workers is still "created") and forgotten first."""
+    """Cancel the jobs, close the cluster, then the key files dask-jobqueue keeps open (their folder
+    is removed next: closed later, at garbage collection, they would complain it is gone).
+
+    The jobs are cancelled first, then marked closed: dask-jobqueue's ``Job.close`` runs scancel
+    but leaves the job's status "running", and ``SpecCluster.close`` asserts that every worker it
+    created that is still alive is closed or failed (an AssertionError, once the run is over). A
+    refused job has nothing to cancel: it is marked failed."""
     from distributed.core import Status
 
-    for name, job in list(cluster.workers.items()):
+    jobs = list(cluster.workers.values())
+    for job in jobs:
         if not getattr(job, "job_id", None):
             job.status = Status.failed
-            del cluster.workers[name]
-            cluster.worker_spec.pop(name, None)
-    cluster.close()
-    for name in ("_job_ca_file", "_job_cert", "_job_key"):
-        handle = vars(cluster).pop(name, None)
-        if handle is not None:
-            with contextlib.suppress(FileNotFoundError):
-                handle.close()
+    cluster.worker_spec.clear()
+    try:
+        cluster.sync(cluster._correct_state_internal)  # Job.close for each: the cancel command
+    finally:
+        for job in jobs:
+            if job.status != Status.failed:
+                job.status = Status.closed
+        cluster.close()
+        for name in ("_job_ca_file", "_job_cert", "_job_key"):
+            handle = vars(cluster).pop(name, None)
+            if handle is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    handle.close()
 
 
 def _submit(cluster: Any, options: Any) -> None:
