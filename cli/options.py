@@ -186,7 +186,7 @@ def run_options_of(kwargs: dict):
     values = {key: kwargs.pop(key, None) for key in _RUN_KEYS}
     tls = (values["tls_ca_file"], values["tls_cert"], values["tls_key"])
     if any(tls) and not (values["scheduler"] or values["listen"] or values["cluster"]):
-        raise CleftchunkError("--tls-ca-file/--tls-cert/--tls-key secure a cluster: use them with --scheduler tls://HOST:PORT, --listen or --cluster")
+        raise CleftchunkError("--tls-ca-file/--tls-cert/--tls-key secure a cluster: use them with --scheduler tls://HOST:PORT or --listen")
     progress = values["progress"]
     if values["cluster"] and not values["dry_run"]:  # before any output is created
         from cleftchunk.run.jobqueue import check_submit_command

@@ -117,7 +117,10 @@ def import_jobqueue():
     """``dask_jobqueue``, without the SIGINT handler its import installs (``dask_jobqueue.runner``:
     ``sys.exit()`` on Ctrl-C, which would end a run with status 0 and no "interrupted" message)."""
     previous = signal.getsignal(signal.SIGINT)
-    import dask_jobqueue
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise CleftchunkError("--cluster needs dask-jobqueue: pip install 'cleftchunk[cluster]'") from None
 
     if threading.current_thread() is threading.main_thread() and previous is not None:
         signal.signal(signal.SIGINT, previous)
@@ -230,7 +233,10 @@ def _security(options: Any) -> Any:
         return options.security
     from distributed import Security
 
-    return Security.temporary()
+    try:
+        return Security.temporary()
+    except ImportError:  # cryptography makes the certificates
+        raise CleftchunkError("--cluster's temporary TLS certificates need cryptography: pip install 'cleftchunk[cluster]'") from None
 
 
 @contextlib.contextmanager
