@@ -121,7 +121,7 @@ RUN_HELP = {
     "tls_ca_file": "CA certificate (PEM) that signed the cluster's certificates (with --scheduler tls://..., --listen or --cluster).",
     "tls_cert": "This client's certificate (PEM) (with --scheduler tls://..., --listen or --cluster).",
     "tls_key": "This client's private key (PEM) (with --scheduler tls://..., --listen or --cluster).",
-    "gpus": "GPUs to use, one worker process each (default: all of this machine's; 0: CPU only).",
+    "gpus": "GPUs to use, one worker process each (default: all of this machine's; 0: CPU only; with --cluster: per job).",
     "block_shape": "Block of work Z,Y,X in voxels, a multiple of the output chunks (default: the command's, see --dry-run).",
     "dry_run": "Print the plan (blocks, tasks, output bytes, memory per worker thread); run nothing, create nothing.",
     "overwrite": "Replace an existing output (otherwise the same command resumes it, and other parameters are refused).",

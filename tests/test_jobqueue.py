@@ -171,6 +171,20 @@ def test_both_gpu_workers_get_tasks_and_only_tls_listens_beyond_loopback(batch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("system", ["pbs", "lsf", "sge"])
+def test_pbs_lsf_and_sge_jobs_run_and_are_cancelled(batch, system):
+    """The other systems' submit and cancel commands (fake qsub/qdel, bsub/bkill) as dask-jobqueue calls them."""
+    options = RunOptions(cluster=system, jobs=2, job_memory="2GB")
+    with options.client() as client:
+        client.wait_for_workers(2, timeout=120)
+        assert client.submit(sum, [1, 2, 3]).result() == 6
+    assert jobs_gone(batch) and sorted(p.read_text() for p in batch.glob("*.state")) == ["CANCELLED"] * 2
+    calls = (batch / "calls.log").read_text()
+    submit, cancel = {"pbs": ("qsub", "qdel"), "lsf": ("bsub", "bkill"), "sge": ("qsub", "qdel")}[system]
+    assert calls.count(f"{submit}") == 2 and calls.count(f"{cancel} ") == 2
+
+
+@pytest.mark.slow
 def test_predict_and_segment_on_slurm_jobs_give_the_local_bytes(batch, tmp_path, run_cli, checkpoint):
     raw = tissue((6, 40, 40), seed=6)
     spec = write_volume(tmp_path / "in.zarr" / "raw", raw, chunks=(2, 32, 32))
