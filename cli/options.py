@@ -188,11 +188,7 @@ def run_options_of(kwargs: dict):
     if any(tls) and not (values["scheduler"] or values["listen"] or values["cluster"]):
         raise CleftchunkError("--tls-ca-file/--tls-cert/--tls-key secure a cluster: use them with --scheduler tls://HOST:PORT or --listen")
     progress = values["progress"]
-    if values["cluster"] and not values["dry_run"]:  # before any output is created
-        from cleftchunk.run.jobqueue import check_submit_command
-
-        check_submit_command(values["cluster"].lower())
-    return RunOptions(
+    run = RunOptions(
         workers=values["workers"] or 0,
         threads=values["threads"],
         scheduler=values["scheduler"],
@@ -210,3 +206,8 @@ def run_options_of(kwargs: dict):
         job_extra=tuple(values["job_extra"] or ()),
         cluster_tcp=bool(values["cluster_tcp"]),
     )
+    if run.cluster and not run.dry_run:  # before any output is created
+        from cleftchunk.run.jobqueue import preflight
+
+        preflight(run)
+    return run

@@ -242,6 +242,8 @@ def test_a_missing_sbatch_or_a_refused_job_is_a_one_line_error(batch, tmp_path, 
         result = run_cli(*args, expect=2)
     assert "submits jobs with sbatch, which is not on PATH" in result.output and result.output.count("\n") == 1
     assert not (tmp_path / "o.zarr").exists(), "checked before the output is created"
+    result = run_cli(*args[:-2], expect=2)
+    assert "needs the memory of a job: give --job-memory 32GB" in result.output and not (tmp_path / "o.zarr").exists()
     monkeypatch.setenv("FAKE_BATCH_REFUSE", "Invalid account or account/partition combination specified")
     result = run_cli(*args, expect=2)
     assert "the batch system refused a job (sbatch: " in result.output and "Invalid account" in result.output

@@ -56,8 +56,29 @@ def check_cluster(name: str | None) -> str | None:
     return key
 
 
+def preflight(options: Any) -> None:
+    """What a batch run needs before any output is created: dask-jobqueue, the submit command on
+    PATH and the memory of a job."""
+    import_jobqueue()
+    check_submit_command(options.cluster)
+    job_memory(options)
+
+
+def job_memory(options: Any) -> str:
+    import dask
+
+    section = f"jobqueue.{options.cluster}"
+    memory = options.job_memory or dask.config.get(f"{section}.memory", None)
+    if not memory:
+        raise CleftchunkError(
+            f"cluster={options.cluster} needs the memory of a job: give job_memory=32GB or set memory in the {section} "
+            "section of ~/.config/dask/jobqueue.yaml"
+        )
+    return str(memory)
+
+
 def check_submit_command(system: str) -> None:
-    """The batch system's submit command must be on PATH (checked before any output is created)."""
+    """The batch system's submit command must be on PATH."""
     submit = SYSTEMS[system][1]
     if shutil.which(submit) is None:
         raise CleftchunkError(
@@ -81,12 +102,7 @@ def job_config(options: Any, security: Any, temp_dir: str | None) -> dict:
     _, _, gpu_directive = SYSTEMS[system]
     section = f"jobqueue.{system}"
     processes, threads = worker_layout(options)
-    memory = options.job_memory or dask.config.get(f"{section}.memory", None)
-    if not memory:
-        raise CleftchunkError(
-            f"cluster={system} needs the memory of a job: give job_memory=32GB or set memory in the {section} "
-            "section of ~/.config/dask/jobqueue.yaml"
-        )
+    memory = job_memory(options)
     extra = list(dask.config.get(f"{section}.job-extra-directives", None) or []) + list(options.job_extra)
     skip = set(dask.config.get(f"{section}.job-directives-skip", None) or [])
     if system == "slurm" and any(d.lstrip().startswith(SLURM_MEMORY_PER) for d in extra):
@@ -139,7 +155,8 @@ def make_cluster(options: Any, security: Any, temp_dir: str | None):
 
 
 def job_script(options: Any, security: Any = None) -> str:
-    """The script one job of ``options`` runs (for --dry-run and tests); submits nothing."""
+    """The script one job of ``options`` runs (to read, and for tests); submits nothing, but starts
+    and stops a scheduler (dask-jobqueue writes its address into the script)."""
     with _private_dir(options) as temp_dir:
         cluster = make_cluster(options, security if security is not None else _security(options), temp_dir)
         try:
@@ -157,7 +174,7 @@ def batch_client(options: Any, announce: bool = False, log: Callable[[str], None
     log = log or _stderr
     security = _security(options)
     if security is None:
-        log("warning: cluster_tcp=True: the Dask scheduler takes plain TCP connections from every machine that "
+        log("warning: --cluster-tcp: the Dask scheduler takes plain TCP connections from every machine that "
             "can reach this one, and runs their code as you (leave it out for TLS)")
     with _private_dir(options) as temp_dir, _interrupt_on_sigterm():
         cluster = make_cluster(options, security, temp_dir)
