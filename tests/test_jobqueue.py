@@ -102,6 +102,16 @@ def test_plain_tcp_only_when_asked(batch):
 
 
 # -- runs on the fake batch system ------------------------------------------------------------------
+def test_plain_tcp_is_warned_about(batch):
+    from cleftchunk.run.jobqueue import batch_client
+
+    said = []
+    with batch_client(RunOptions(cluster="slurm", job_memory="2GB", cluster_tcp=True), log=said.append) as client:
+        assert client.scheduler_info()["address"].startswith("tcp://")
+    assert said[0].startswith("warning: --cluster-tcp: ") and "runs their code as you" in said[0]
+    assert jobs_gone(batch)
+
+
 def _listening_tls_only(client, state: Path) -> None:
     """Every listener beyond loopback of this process and of the jobs answers a TLS handshake (a
     plain TCP server, e.g. an HTTP dashboard, does not)."""
