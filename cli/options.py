@@ -169,16 +169,23 @@ def in_flags(message: str, command: click.Command | None) -> str:
 
 
 # -- the run vocabulary: the same flags, meaning and help on every block-wise command ------------
+#: Batch systems of --cluster (cleftchunk.run.jobqueue.SYSTEMS; listed here so that --help does not import it).
+BATCH_SYSTEMS = ("slurm", "pbs", "lsf", "sge")
 #: Help texts of the run options, defined once.
 RUN_HELP = {
     "workers": "Worker processes of a local Dask cluster; 0 runs on threads of this process (the default without GPUs).",
     "threads": "Task threads: of each worker process (default 1), or of this process with --workers 0 (default: one per core).",
     "scheduler": "Address of a running Dask scheduler to run on (tcp://HOST:PORT, or tls://HOST:PORT with the --tls-* options).",
     "listen": "Interface a local Dask cluster listens on (default 127.0.0.1: nothing beyond this machine can connect).",
-    "tls_ca_file": "CA certificate (PEM) that signed the cluster's certificates (with --scheduler tls://... or --listen).",
-    "tls_cert": "This client's certificate (PEM) (with --scheduler tls://... or --listen).",
-    "tls_key": "This client's private key (PEM) (with --scheduler tls://... or --listen).",
-    "gpus": "GPUs to use, one worker process each (default: all of this machine's; 0: CPU only).",
+    "cluster": "Run on batch jobs of this system (dask-jobqueue), cancelled when the command ends; queue, account, walltime from ~/.config/dask/jobqueue.yaml.",
+    "jobs": "Batch jobs to submit with --cluster (each: --gpus GPUs, one worker each, or --workers CPU worker processes).",
+    "job_memory": "Memory of each batch job, e.g. 32GB (default: jobqueue.yaml's).",
+    "job_extra": "A directive added to each batch job's script, repeatable, e.g. --job-extra=--partition=gpu (SLURM).",
+    "cluster_tcp": "Let --cluster's scheduler take plain TCP from compute nodes (default: TLS with temporary certificates).",
+    "tls_ca_file": "CA certificate (PEM) that signed the cluster's certificates (with --scheduler tls://..., --listen or --cluster).",
+    "tls_cert": "This client's certificate (PEM) (with --scheduler tls://..., --listen or --cluster).",
+    "tls_key": "This client's private key (PEM) (with --scheduler tls://..., --listen or --cluster).",
+    "gpus": "GPUs to use, one worker process each (default: all of this machine's; 0: CPU only; with --cluster: per job).",
     "block_shape": "Block of work Z,Y,X in voxels, a multiple of the output chunks (default: the command's, see --dry-run).",
     "dry_run": "Print the plan (blocks, tasks, output bytes, memory per worker thread); run nothing, create nothing.",
     "overwrite": "Replace an existing output (otherwise the same command resumes it, and other parameters are refused).",
@@ -196,6 +203,11 @@ def _run_decorators(gpus: bool) -> list:
         click.option("--threads", type=click.IntRange(min=1), help=RUN_HELP["threads"]),
         click.option("--scheduler", metavar="ADDRESS", help=RUN_HELP["scheduler"]),
         click.option("--listen", metavar="HOST", help=RUN_HELP["listen"]),
+        click.option("--cluster", type=click.Choice(BATCH_SYSTEMS, case_sensitive=False), help=RUN_HELP["cluster"]),
+        click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help=RUN_HELP["jobs"]),
+        click.option("--job-memory", metavar="SIZE", help=RUN_HELP["job_memory"]),
+        click.option("--job-extra", metavar="DIRECTIVE", multiple=True, help=RUN_HELP["job_extra"]),
+        click.option("--cluster-tcp", is_flag=True, help=RUN_HELP["cluster_tcp"]),
         click.option("--tls-ca-file", type=path, help=RUN_HELP["tls_ca_file"]),
         click.option("--tls-cert", type=path, help=RUN_HELP["tls_cert"]),
         click.option("--tls-key", type=path, help=RUN_HELP["tls_key"]),
@@ -251,10 +263,10 @@ def run_options_of(kwargs: dict):
 
     values = {key: kwargs.pop(key, None) for key in _RUN_KEYS}
     tls = (values["tls_ca_file"], values["tls_cert"], values["tls_key"])
-    if any(tls) and not (values["scheduler"] or values["listen"]):
+    if any(tls) and not (values["scheduler"] or values["listen"] or values["cluster"]):
         raise CleftchunkError("--tls-ca-file/--tls-cert/--tls-key secure a cluster: use them with --scheduler tls://HOST:PORT or --listen")
     progress = values["progress"]
-    return RunOptions(
+    run = RunOptions(
         workers=values["workers"] or 0,
         threads=values["threads"],
         scheduler=values["scheduler"],
@@ -266,4 +278,14 @@ def run_options_of(kwargs: dict):
         overwrite=bool(values["overwrite"]),
         progress=sys.stderr.isatty() if progress is None else progress,
         retries=2 if values["retries"] is None else values["retries"],
+        cluster=values["cluster"],
+        jobs=values["jobs"] or 1,
+        job_memory=values["job_memory"],
+        job_extra=tuple(values["job_extra"] or ()),
+        cluster_tcp=bool(values["cluster_tcp"]),
     )
+    if run.cluster and not run.dry_run:  # before any output is created
+        from cleftchunk.run.jobqueue import preflight
+
+        preflight(run)
+    return run

@@ -43,6 +43,15 @@ def _renamed(old: str, new: str, what: str, elsewhere: str):
     return refuse
 
 
+def _not_built(ctx: click.Context, param: click.Parameter, value: object) -> None:
+    """--cluster / --nodes on train: refused, saying how to train in a batch job today."""
+    if value is not None:
+        raise CleftchunkError(
+            f"train {max(param.opts, key=len)} is not built yet (no DDP across nodes): train on one node inside a batch job, "
+            "e.g. sbatch --gres=gpu:4 --wrap 'cleftchunk train -g 4 ...'"
+        )
+
+
 @click.command("train", epilog=EPILOG, context_settings={"max_content_width": 100})
 @click.option("-t", "--root", help="Root folder of the -dn/-ln volumes (the tutorial's -t).")
 @click.option("-dn", "--images", help="Image volumes joined by @ (relative to -t): Zarr, HDF5, TIFF, ...")
@@ -53,6 +62,8 @@ def _renamed(old: str, new: str, what: str, elsewhere: str):
 @click.option("--iteration-save", type=count(1), help="Save a checkpoint every N iterations (and at the end) [10000].")
 @click.option("-mi", "--model-input", "input_size", help="Model input size z,y,x: z even, y and x multiples of 32 [8,256,256].")
 @click.option("-g", "--gpus", type=count(0), help="GPUs (DistributedDataParallel, one process each); 0 = CPU [1 if CUDA else 0].")
+@click.option("--cluster", type=click.Choice(("slurm", "pbs", "lsf", "sge")), expose_value=False, callback=_not_built, is_eager=True, help="Not built yet for train (refused, with how to train inside a batch job); the block-wise commands take it.")
+@click.option("--nodes", type=click.IntRange(min=1), expose_value=False, callback=_not_built, is_eager=True, help="Not built yet: DDP across nodes (refused).")
 @click.option("-c", "--loader-workers", "loader_workers", type=count(0), help="Data loader worker processes [1] (-c as in the tutorial).")
 @click.option("--workers", hidden=True, expose_value=False, callback=_renamed("--workers", "--loader-workers (-c)", "the data loader processes", "the number of Dask worker processes"))
 @click.option("--cache-mb", type=amount(0), help="Decoded-chunk cache per loader process, MiB (0: none) [512].")

@@ -102,7 +102,7 @@ class Predict(VolumeOperation):
         check_listen(run.listen, log)
         self.volume = _open_input(input_volume, window.scale)
         self.source, window_shape, self.architecture, self.postprocess = _model_source(model, window.window, architecture)
-        if run.scheduler is None:  # this machine's GPUs (a cluster's workers have their own)
+        if not run.remote:  # this machine's GPUs (a cluster's workers have their own)
             run = run.but(gpus=resolve_gpus(run.gpus))
         self.params = window.resolve(window_shape, "cuda" if run.gpus else "cpu")
         self.mask = _open_mask(out.mask, self.volume, out.ignore_frame)
@@ -202,7 +202,7 @@ class Predict(VolumeOperation):
     def _torch_threads(self, options: RunOptions) -> int | None:
         """Torch threads of each task thread of this process, or of each worker process this run
         starts: cores ÷ task threads or workers. Workers of a given scheduler keep their own."""
-        if options.scheduler is not None:
+        if options.remote:  # a cluster's workers keep their own (batch jobs: OMP_NUM_THREADS)
             return None
         cores = self.out.cores or usable_cores()
         share = options.task_threads() if options.in_this_process else (options.gpus or options.workers or 1)

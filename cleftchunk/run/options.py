@@ -5,7 +5,8 @@ Every block-wise stage (predict, segment, evaluate, convert, synth, export, thre
 (``cli/options.py``): ``--workers N`` worker processes (0: threads of this process, the default
 without GPUs), ``--threads`` per worker, ``--scheduler ADDRESS`` (an existing cluster, with the
 TLS options), ``--gpus``, ``--block-shape``, ``--dry-run``, ``--overwrite``,
-``--progress/--no-progress``. The rules those flags share live here, once: the worker-count rule,
+``--progress/--no-progress``, and ``--cluster slurm|pbs|lsf|sge`` with ``--jobs`` (batch jobs, see
+``cleftchunk/run/jobqueue.py``). The rules those flags share live here, once: the worker-count rule,
 the scheduler-address rule and the block-shape rule.
 """
 
@@ -85,6 +86,10 @@ class RunOptions:
     create nothing. ``overwrite``: replace an existing output (else it is resumed, when it was
     started with the same parameters, or refused). ``progress``: a progress bar on stderr.
     ``retries``: retries of a failing block before it is reported.
+    ``cluster``: a batch system (slurm, pbs, lsf, sge) to run ``jobs`` jobs on, each with
+    ``gpus`` GPUs (one worker each) or ``workers`` CPU worker processes; ``job_memory`` and
+    ``job_extra`` (directives) add to Dask's jobqueue.yaml; ``cluster_tcp``: plain TCP instead of
+    TLS (see :mod:`cleftchunk.run.jobqueue`).
     """
 
     workers: int = 0
@@ -98,13 +103,27 @@ class RunOptions:
     overwrite: bool = False
     progress: bool = False
     retries: int = 2
+    cluster: str | None = None
+    jobs: int = 1
+    job_memory: str | None = None
+    job_extra: tuple[str, ...] = ()
+    cluster_tcp: bool = False
 
     def __post_init__(self) -> None:
+        from cleftchunk.run.jobqueue import check_cluster
+
         object.__setattr__(self, "workers", check_count(self.workers if self.workers is not None else 0, "workers", 0))
         object.__setattr__(self, "threads", check_count(self.threads, "threads", 1))
         object.__setattr__(self, "gpus", check_count(self.gpus, "gpus", 0))
         object.__setattr__(self, "retries", check_count(self.retries, "retries", 0))
         object.__setattr__(self, "scheduler", check_scheduler_address(self.scheduler))
+        object.__setattr__(self, "cluster", check_cluster(self.cluster))
+        object.__setattr__(self, "jobs", check_count(self.jobs, "jobs", 1))
+        object.__setattr__(self, "job_extra", tuple(str(d) for d in self.job_extra))
+        if self.cluster is None and (self.jobs != 1 or self.job_memory or self.job_extra or self.cluster_tcp):
+            raise CleftchunkError("jobs, job_memory, job_extra and cluster_tcp describe batch jobs: give cluster=slurm (or pbs, lsf, sge) too")
+        if self.cluster is not None and self.scheduler is not None:
+            raise CleftchunkError(f"cluster={self.cluster} starts its own scheduler: leave out scheduler={self.scheduler}, or cluster")
         if self.block_shape is not None:
             shape = tuple(int(b) for b in self.block_shape)
             if len(shape) != 3 or min(shape) <= 0:
@@ -118,7 +137,13 @@ class RunOptions:
     @property
     def in_this_process(self) -> bool:
         """Tasks run on threads of this process: no scheduler, no worker processes, no GPUs."""
-        return self.scheduler is None and not self.workers and not self.gpus
+        return self.scheduler is None and self.cluster is None and not self.workers and not self.gpus
+
+    @property
+    def remote(self) -> bool:
+        """Tasks run on other machines' workers (a given scheduler, or batch jobs): this machine's
+        GPUs and cores do not matter."""
+        return self.scheduler is not None or self.cluster is not None
 
     def task_threads(self) -> int:
         """Threads of this process that run tasks (when :attr:`in_this_process`)."""
@@ -130,6 +155,12 @@ class RunOptions:
         """Where the tasks run, in words (for plans and logs)."""
         if self.scheduler:
             return f"the cluster at {self.scheduler}"
+        if self.cluster:
+            from cleftchunk.run.jobqueue import worker_layout
+
+            processes, threads = worker_layout(self)
+            each = f"{self.gpus} GPU(s), one worker each" if self.gpus else f"{processes} worker process(es)"
+            return f"{self.jobs} {self.cluster.upper()} job(s) of {each}, {threads} task thread(s) per worker"
         if self.gpus:
             return f"{self.gpus} local GPU worker processes"
         if self.workers:
@@ -144,7 +175,8 @@ class RunOptions:
 
 def client_for(options: RunOptions, announce: bool = False):
     """Threads of this process (:class:`~cleftchunk.run.local.ThreadClient`), a local cluster of
-    worker processes on 127.0.0.1 (or ``listen``), or a client of the scheduler at ``scheduler``."""
+    worker processes on 127.0.0.1 (or ``listen``), a client of the scheduler at ``scheduler``, or
+    of batch jobs (``cluster``; cancelled at the end)."""
     import contextlib
     import sys
 
@@ -153,6 +185,10 @@ def client_for(options: RunOptions, announce: bool = False):
 
     if options.in_this_process:
         return ThreadClient(options.task_threads())
+    if options.cluster:
+        from cleftchunk.run.jobqueue import batch_client
+
+        return batch_client(options, announce)
 
     @contextlib.contextmanager
     def cluster():
