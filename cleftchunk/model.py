@@ -30,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.urls import local_file
 
 CHECKPOINT_FORMAT = "cleftchunk-checkpoint/1"
 
@@ -352,7 +353,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     The messages never repeat torch's advice to load with ``weights_only=False``: for a file that
     is refused, that advice means running whatever code the file holds.
     """
-    path = Path(path)
+    path = local_file(path, "checkpoint")
     _check_checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
