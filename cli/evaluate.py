@@ -65,9 +65,10 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
     )
     if result is None:  # a dry run: the plan was printed, nothing is written
         return
+    if json_path:  # first: the file is whole even when the reader of the table stops early (`| head -1`)
+        write_json(json_path, to_json(result) + "\n")
     click.echo(format_table(result))
     if json_path:
-        write_json(json_path, to_json(result) + "\n")
         click.echo(f"metrics written to {json_path}")
 
 

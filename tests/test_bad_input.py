@@ -285,6 +285,16 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(ws, tmp_path, run_cli, 
         assert set(after) == set(before), f"files were created: {sorted(set(after) - set(before))}"
     assert not (ws / "ran").exists()  # the malicious checkpoint ran nothing
     assert not (tmp_path / "s3:").exists()
+    assert_flags_exist(args[0], errors[0])
+
+
+def assert_flags_exist(command: str, message: str) -> None:
+    """The message catalogue's rule: a hint names flags of the command that printed it."""
+    from cleftchunk_cli.main import cli
+    from cleftchunk_cli.messages import unknown_flags
+
+    missing = unknown_flags(message.split("(see ", 1)[0], cli.commands[command])  # click's "(see cleftchunk X --help)" aside
+    assert not missing, f"{command}: the message names {sorted(missing)}, which `{command}` does not have: {message}"
 
 
 # -- what must work --------------------------------------------------------------------------------

@@ -148,7 +148,10 @@ def zarr_store(location: Location, mode: str = "r") -> Any:
 def exists(location: Location) -> bool:
     """Whether anything is stored at ``location`` (a folder, file, or object prefix)."""
     if not is_url(location):
-        return Path(location).exists()
+        found = Path(location).exists()
+        if not found:
+            refuse_loop(Path(location))  # exists() is False for a symlink loop: say which it is
+        return found
     fs, path = filesystem(str(location))
     try:
         if url_scheme(location) in ("http", "https"):
@@ -162,6 +165,21 @@ def exists(location: Location) -> bool:
         # fsspec answers "not there" for a host it could not even look up: say which it is
         check_host(str(location))
     return found
+
+
+def refuse_loop(path: Path) -> None:
+    """A CleftchunkError when ``path`` or a folder above it is a symbolic link loop."""
+    import errno
+
+    for place in (path, *path.parents):
+        if place.is_symlink():
+            try:
+                place.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13 reports a loop so
+                raise CleftchunkError(f"{place} is a symbolic link loop: point it at a real file or folder") from None
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise CleftchunkError(f"{place} is a symbolic link loop: point it at a real file or folder") from None
 
 
 def _host_of(url: str) -> str | None:

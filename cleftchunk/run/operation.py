@@ -210,6 +210,10 @@ def run_operation(operation: Operation, options: RunOptions | None = None, log: 
     if options.dry_run:
         log(plan.describe(options))
         return None
+    if options.scheduler and client is None:  # a wrong address fails here, before the output is created
+        from cleftchunk.run.cluster import probe_scheduler
+
+        probe_scheduler(options.scheduler, options.security)
     if not operation.output:  # an operation that writes no volume (evaluate): no lifecycle to keep
         with _client(options, client) as c:
             return operation.execute(Running(c, options, None, log), None)

@@ -408,6 +408,8 @@ class CropSampler:
             "mask": stack("mask"),
             "tries": torch.tensor([s["tries"] for s in samples]),
             "index": torch.tensor(batch_index),
+            "volume": torch.tensor([s["volume"] for s in samples]),  # where each crop is from: named when one is non-finite
+            "offset": torch.tensor(np.array([s["offset"] for s in samples], dtype=np.int64)),
         }
 
 

@@ -124,10 +124,13 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     try:
         while trainer.iteration < config.iteration_total:
             batch = next(batches)
+            check_crops(batch, trainer.iteration + 1, volumes, last)
             try:
                 loss, logits = trainer.step(batch)
             except NonFiniteLoss as e:
-                raise CleftchunkError(non_finite_message(e.value, trainer.iteration + 1, last)) from None
+                raise CleftchunkError(non_finite_message(f"the loss became {e.value}", trainer.iteration + 1, last, where(batch, volumes))) from None
+            if not gradients_finite(trainer.net):  # a finite loss can still give NaN gradients (a masked NaN)
+                raise CleftchunkError(non_finite_message("a gradient became NaN or inf", trainer.iteration, last, where(batch, volumes)))
             logger.iteration(trainer, loss, batch, logits)
             if dist.main and should_save(trainer.iteration, config):
                 save_both(trainer, config)
@@ -159,7 +162,10 @@ def should_save(iteration: int, config: TrainConfig) -> bool:
 
 
 def save_both(trainer: Trainer, config: TrainConfig) -> Path:
-    """``volume_<iteration>.pth`` (the original's name) and ``last.pth``, both written atomically."""
+    """``volume_<iteration>.pth`` (the original's name) and ``last.pth``, both written atomically;
+    never weights holding NaN or inf."""
+    if not weights_finite(trainer.inference_state()):
+        raise CleftchunkError(non_finite_message("the weights became NaN or inf", trainer.iteration, config.output_dir / "last.pth"))
     named = trainer.save(config.output_dir / f"volume_{trainer.iteration}.pth")
     tmp = config.output_dir / ".last.pth.copy.tmp"
     shutil.copyfile(named, tmp)
@@ -167,13 +173,46 @@ def save_both(trainer: Trainer, config: TrainConfig) -> Path:
     return named
 
 
-def non_finite_message(value: float, iteration: int, last: Path) -> str:
+def where(batch: dict, volumes: Sequence) -> str:
+    """The crops of a batch, as " (crops at volume V offset Z,Y,X; ...)", when the batch says."""
+    if "volume" not in batch or "offset" not in batch:
+        return ""
+    crops = [f"{volumes[int(v)].name} at voxel {','.join(str(int(c)) for c in o)}" for v, o in zip(batch["volume"], batch["offset"])]
+    return f" (crops: {'; '.join(crops[:4])}{'; ...' if len(crops) > 4 else ''})"
+
+
+def check_crops(batch: dict, iteration: int, volumes: Sequence, last: Path) -> None:
+    """Float images may hold NaN or inf where the source had no data: refused crop by crop, before
+    they reach the weights."""
+    finite = torch.isfinite(batch["image"]).flatten(1).all(1)
+    if bool(finite.all()):
+        return
+    bad = {k: batch[k][~finite] for k in ("volume", "offset") if k in batch}
+    raise CleftchunkError(
+        f"a training crop holds NaN or inf at iteration {iteration}{where(bad, volumes)}, so training stopped; {_kept(last)}; "
+        "replace the non-finite voxels of the image (or give a mask that leaves them out)"
+    )
+
+
+def gradients_finite(net: torch.nn.Module) -> bool:
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+
+
+def weights_finite(state: dict) -> bool:
+    tensors = [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors)).sum()))
+
+
+def _kept(last: Path) -> str:
     if last.is_file():
-        kept = f"the last good checkpoint is {last} (iteration {load_checkpoint(last)['iteration']})"
-    else:
-        kept = "no checkpoint was written yet"
+        return f"the last good checkpoint is {last} (iteration {load_checkpoint(last)['iteration']})"
+    return "no checkpoint was written yet"
+
+
+def non_finite_message(what: str, iteration: int, last: Path, crops: str = "") -> str:
     return (
-        f"the loss became {value} at iteration {iteration}, so training stopped; {kept}; "
+        f"{what} at iteration {iteration}{crops}, so training stopped; {_kept(last)}; "
         "lower the learning rate (-lr) and --resume, or check the input data"
     )
 
