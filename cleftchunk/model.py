@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cleftchunk.errors import CleftchunkError
+from cleftchunk.errors import CleftchunkError, write_failure
 from cleftchunk.urls import local_file
 
 CHECKPOINT_FORMAT = "cleftchunk-checkpoint/1"
@@ -342,30 +342,11 @@ def _write_atomically(path: Path, state: dict) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    # torch's writer reports a failed write as RuntimeError ("enforce fail at inline_container.cc");
-    # the disk's free space (the partial file still on it) tells a full disk from other causes
-    except (RuntimeError, OSError) as e:
-        full = getattr(e, "errno", None) == errno.ENOSPC or _disk_full(path.parent)
-        if not full and isinstance(e, RuntimeError) and "inline_container" not in str(e) and "write" not in str(e).lower():
-            raise  # not a failed write
-        if full:
-            raise CleftchunkError(f"checkpoint {path} could not be written: no space left on the disk: free disk space, then re-run the same command") from None
-        if isinstance(e, OSError):
-            raise
-        raise CleftchunkError(f"checkpoint {path} could not be written ({str(e).splitlines()[0][:120]}): check the folder and the disk, then re-run the same command") from None
+    except (RuntimeError, OSError) as e:  # torch reports a failed write as RuntimeError ("enforce fail at inline_container.cc")
+        raise write_failure(f"checkpoint {path}", path.parent, e) from None
     finally:  # after the rename there is nothing left to remove; after any failure, the partial file
         Path(tmp).unlink(missing_ok=True)
     return path
-
-
-def _disk_full(folder: Path) -> bool:
-    """Less than 16 MiB free where ``folder`` lives (no checkpoint fits there)."""
-    import shutil
-
-    try:
-        return shutil.disk_usage(folder).free < 16 << 20
-    except OSError:
-        return False
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -8,6 +8,7 @@ import click
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import refuse_overlap
+from cleftchunk.urls import local_file
 from cleftchunk.post.metrics import THETA_NM, evaluate, format_table, to_json
 from cleftchunk.post.segment import DEFAULT_THRESHOLD
 
@@ -48,6 +49,8 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
     empty set are infinite ("inf" in JSON); see the cleftchunk.post.metrics documentation.
     """
     # checked first, so that a run is not wasted on a file it may not write (a dry run too)
+    if json_path:
+        local_file(json_path, "--json file")
     refuse_overlap(json_path, [pred, gt], what="--json file")
     if json_path and os.path.exists(json_path) and not run.overwrite:
         raise CleftchunkError(f"{json_path} exists: pass --overwrite to replace it (or choose another --json file)")

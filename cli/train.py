@@ -86,6 +86,11 @@ def command(config_file, augment, no_augment, rejection, no_progress, resume, ov
     from cleftchunk.train import train
     from cleftchunk.train.augment import AugmentConfig
 
+    from cleftchunk.urls import local_file
+
+    for name, what in (("output", "output folder"), ("root", "--root folder")):
+        if flags.get(name):
+            local_file(flags[name], what)  # checked as given: the config's Path would mangle s3:// into s3:/
     values = {k: v for k, v in flags.items() if v is not None}
     if no_augment:
         values["augment"] = AugmentConfig.off().to_dict()

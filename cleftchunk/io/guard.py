@@ -117,26 +117,30 @@ def _is_hdf5_file(path: Path) -> bool:
 def refuse_inside_container(output: Any, what: str = "output", volume: bool = False) -> None:
     """Refuse an output written inside an existing Zarr store or HDF5 file, whatever
     ``overwrite`` says: a JSON file, checkpoint or PNG written there replaces or corrupts the
-    volume's own files. ``volume``: the output is a Zarr volume spec (``out.zarr/name``), which
-    may be a new image in an existing container but never inside another image (an array), nor
-    a container inside another store. Object-store outputs are not checked (no folders there)."""
+    volume's own files. ``volume``: the output is a volume spec (``out.zarr/name``, ``out.hdf``),
+    which may be a new image in an existing Zarr container but never inside another image (an
+    array), and whose container (or HDF5 file, which it may replace) lies inside no other store. Object-store outputs are not checked (no folders there)."""
     if isinstance(output, Volume):
         return
     if isinstance(parse_location(output, what), str):
         return
-    container, inner = split_spec(output) if volume else (Path(os.fspath(output)), None)
-    container = Path(container).absolute()
-    if volume:
+    text = os.fspath(output)
+    hdf5 = _hdf5_file_part(text)
+    if volume and hdf5 is None:
+        container, inner = split_spec(text)
+        container = Path(container).absolute()
         node = container
         for part in (inner or "").strip("/").split("/")[:-1]:
             node = node / part
             if _zarr_node(node) == "array":
                 _refuse_inside(output, what, node, "the Zarr image")
-    elif container.exists() and not container.is_symlink():
-        if _zarr_node(container):
-            _refuse_inside(output, what, container, "the Zarr store", itself=True)
-        if container.is_file() and not str(container).lower().endswith(HDF5_SUFFIXES) and _is_hdf5_file(container):
-            _refuse_inside(output, what, container, "the HDF5 file", itself=True)
+    else:
+        container = ((hdf5 if volume else None) or Path(text)).absolute()
+        if not volume and container.exists() and not container.is_symlink():
+            if _zarr_node(container):
+                _refuse_inside(output, what, container, "the Zarr store", itself=True)
+            if container.is_file() and _is_hdf5_file(container):
+                _refuse_inside(output, what, container, "the HDF5 file", itself=True)
     for parent in container.parents:
         if _zarr_node(parent):
             _refuse_inside(output, what, parent, "the Zarr store")
@@ -183,6 +187,15 @@ def _empty_hdf5(path: Path) -> bool:
             return not len(f) and not len(f.attrs)
     except OSError:  # a superblock cut short: nothing readable was written
         return True
+
+
+def _hdf5_file_part(text: str) -> Path | None:
+    """The HDF5 file a volume spec names (``a/b.hdf:volumes/x`` -> ``a/b.hdf``), or None."""
+    parts = Path(text.rsplit(":", 1)[0] if ":" in text else text).parts
+    for i, part in enumerate(parts):
+        if part.lower().endswith(HDF5_SUFFIXES):
+            return Path(*parts[: i + 1])
+    return None
 
 
 def _refuse_inside(output: Any, what: str, place: Path, kind: str, itself: bool = False) -> None:

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cleftchunk.backend import configure_torch
 from cleftchunk.train.augment import AugmentConfig, Augmenter
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.intensity import image_scale
+from cleftchunk.intensity import image_scale, nan_if_not_finite
 from cleftchunk.labels import label_codes, resolve_label_kind
 from cleftchunk.geometry import ChunkGrid, Roi
 from cleftchunk.io.volumes import open_volume
@@ -394,7 +394,7 @@ class CropSampler:
 
     def _image(self, index: int, offset: Sequence[int], plan: Any, base: np.ndarray) -> np.ndarray:
         volume = self.volumes[index]
-        image = self.augmenter.resample(self.images[index], Roi.from_shape(volume.shape), offset, plan, order=1, base=base)
+        image = self.augmenter.resample(self.images[index], Roi.from_shape(volume.shape), offset, plan, order=1, base=base, convert=nan_if_not_finite)
         image *= np.float32(volume.scale)
         return self.augmenter.finish_image(image, plan)
 
@@ -408,8 +408,7 @@ class CropSampler:
             "mask": stack("mask"),
             "tries": torch.tensor([s["tries"] for s in samples]),
             "index": torch.tensor(batch_index),
-            "volume": torch.tensor([s["volume"] for s in samples]),  # where each crop is from: named when one is non-finite
-            "offset": torch.tensor(np.array([s["offset"] for s in samples], dtype=np.int64)),
+            "where": torch.tensor([[s["volume"], *s["offset"]] for s in samples], dtype=torch.int64),  # volume, voxel offset: named if non-finite
         }
 
 

@@ -174,23 +174,23 @@ def save_both(trainer: Trainer, config: TrainConfig) -> Path:
 
 
 def where(batch: dict, volumes: Sequence) -> str:
-    """The crops of a batch, as " (crops at volume V offset Z,Y,X; ...)", when the batch says."""
-    if "volume" not in batch or "offset" not in batch:
+    """The crops of a batch, as " (crops: VOLUME at voxel Z,Y,X; ...)", when the batch says."""
+    if "where" not in batch:
         return ""
-    crops = [f"{volumes[int(v)].name} at voxel {','.join(str(int(c)) for c in o)}" for v, o in zip(batch["volume"], batch["offset"])]
+    crops = [f"{volumes[int(w[0])].name} at voxel {','.join(str(int(c)) for c in w[1:])}" for w in batch["where"]]
     return f" (crops: {'; '.join(crops[:4])}{'; ...' if len(crops) > 4 else ''})"
 
 
 def check_crops(batch: dict, iteration: int, volumes: Sequence, last: Path) -> None:
     """Float images may hold NaN or inf where the source had no data: refused crop by crop, before
-    they reach the weights."""
+    they reach the weights (training reads them so: cleftchunk.intensity.nan_if_not_finite)."""
     finite = torch.isfinite(batch["image"]).flatten(1).all(1)
     if bool(finite.all()):
         return
-    bad = {k: batch[k][~finite] for k in ("volume", "offset") if k in batch}
+    bad = {"where": batch["where"][~finite]} if "where" in batch else {}
     raise CleftchunkError(
         f"a training crop holds NaN or inf at iteration {iteration}{where(bad, volumes)}, so training stopped; {_kept(last)}; "
-        "replace the non-finite voxels of the image (or give a mask that leaves them out)"
+        "replace the non-finite voxels of the image (e.g. by 0) and train again"
     )
 
 
