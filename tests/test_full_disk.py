@@ -96,8 +96,14 @@ def fill_disk_after(monkeypatch, writes: int):
     monkeypatch.setattr(h5py, "File", full_h5)
 
 
-@pytest.mark.parametrize("writes", [0, 3])
-@pytest.mark.parametrize("name", ["predict", "segment", "threshold", "convert", "synth", "synth-cremi", "export"])
+ZARR_WRITES = (0, 1, 2, 3, 6)  # the first writes create the output's groups and arrays, later ones its chunks
+HDF5_WRITES = (0, 1)  # opens of the file for writing: creating it, then each pass
+
+
+@pytest.mark.parametrize("name, writes", [
+    *((name, n) for name in ("predict", "segment", "threshold", "convert", "synth") for n in ZARR_WRITES),
+    *((name, n) for name in ("synth-cremi", "export") for n in HDF5_WRITES),
+])
 def test_a_full_disk_then_the_same_command_resumes_to_the_same_bytes(inputs, tmp_path, run_cli, monkeypatch, name, writes):
     reference = tmp_path / "reference"
     run_cli(*commands(inputs, reference)[name])

@@ -144,16 +144,18 @@ def refuse_inside_container(output: Any, what: str = "output", volume: bool = Fa
     for parent in container.parents:
         if _zarr_node(parent):
             _refuse_inside(output, what, parent, "the Zarr store")
+        if parent.is_file() and _is_hdf5_file(parent):
+            _refuse_inside(output, what, parent, "the HDF5 file")
         if parent.is_file():
-            kind = "the HDF5 file" if _is_hdf5_file(parent) else "the file"
-            _refuse_inside(output, what, parent, kind)
+            raise CleftchunkError(f"{what} {output}: {parent} is a file, not a folder: choose another place for the {what}")
 
 
-def holds_nothing(place: Path) -> bool:
+def holds_nothing(place: Path, bare_group: bool = False) -> bool:
     """True for what a run leaves that failed while creating an output (a full disk): folders,
-    empty files, the metadata of groups without attributes of their own (a container's root, an
-    image group's OME metadata) and HDF5 files with nothing in them. Any array, chunk or other
-    file is someone's data."""
+    empty files, the metadata of image groups with nothing but their OME metadata (the groups
+    below them: none of their own) and HDF5 files with nothing in them. Any array, chunk or
+    other file is someone's data, and so is an empty group at ``place`` itself without OME
+    metadata (a user's), unless ``bare_group`` (a place inside an output already known ours)."""
     if place.is_symlink():
         return False
     if place.is_file():
@@ -161,12 +163,13 @@ def holds_nothing(place: Path) -> bool:
     if not place.is_dir():
         return not place.exists()
     for path in place.rglob("*"):
-        if path.is_symlink() or (path.is_file() and path.stat().st_size and not _empty_group_metadata(path)):
+        if path.is_symlink() or (path.is_file() and path.stat().st_size and not _empty_group_metadata(path, path.parent != place or bare_group)):
             return False
     return True
 
 
-def _empty_group_metadata(path: Path) -> bool:
+def _empty_group_metadata(path: Path, bare: bool) -> bool:
+    """Group metadata with OME attributes only (or, ``bare``, none at all)."""
     if path.name != "zarr.json":
         return False
     try:
@@ -174,7 +177,9 @@ def _empty_group_metadata(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     attrs = meta.get("attributes") or {} if isinstance(meta, dict) else None
-    return isinstance(attrs, dict) and meta.get("node_type") == "group" and set(attrs) <= {"ome", "multiscales"}
+    if not isinstance(attrs, dict) or meta.get("node_type") != "group" or not set(attrs) <= {"ome", "multiscales"}:
+        return False
+    return bare or bool(attrs)
 
 
 def _empty_hdf5(path: Path) -> bool:

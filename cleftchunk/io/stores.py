@@ -204,7 +204,7 @@ def check_host(url: str) -> None:
     try:
         socket.getaddrinfo(host, None)
     except socket.gaierror as e:
-        raise CleftchunkError(f"{url}: the host {host} cannot be resolved ({e.strerror}): check the name (and AWS_ENDPOINT_URL) and the network") from None
+        raise CleftchunkError(f"{url}: the host {host} cannot be resolved (no address for it): check the name (and AWS_ENDPOINT_URL) and the network") from None
 
 
 def check_reachable(location: Location) -> None:

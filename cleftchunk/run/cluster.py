@@ -230,7 +230,7 @@ def probe_scheduler(address: str, security: Any = None, timeout: float | None = 
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except socket.gaierror as e:
-        raise CleftchunkError(f"cannot connect to {where}: the host {host} cannot be resolved ({e.strerror}): check --scheduler") from None
+        raise CleftchunkError(f"cannot connect to {where}: the host {host} cannot be resolved (no address for it): check --scheduler") from None
     except TimeoutError:
         raise CleftchunkError(f"cannot connect to {where}: no answer within {timeout:g} s (a firewall, or the machine is down): check --scheduler") from None
     except OSError as e:

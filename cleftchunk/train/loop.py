@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -124,13 +124,12 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
     try:
         while trainer.iteration < config.iteration_total:
             batch = next(batches)
-            check_crops(batch, trainer.iteration + 1, volumes, last)
             try:
                 loss, logits = trainer.step(batch)
             except NonFiniteLoss as e:
-                raise CleftchunkError(non_finite_message(f"the loss became {e.value}", trainer.iteration + 1, last, where(batch, volumes))) from None
+                raise CleftchunkError(non_finite_message(f"the loss became {e.value}", trainer.iteration + 1, last, batch, volumes)) from None
             if not gradients_finite(trainer.net):  # a finite loss can still give NaN gradients (a masked NaN)
-                raise CleftchunkError(non_finite_message("a gradient became NaN or inf", trainer.iteration, last, where(batch, volumes)))
+                raise CleftchunkError(non_finite_message("a gradient became NaN or inf", trainer.iteration, last, batch, volumes))
             logger.iteration(trainer, loss, batch, logits)
             if dist.main and should_save(trainer.iteration, config):
                 save_both(trainer, config)
@@ -173,25 +172,14 @@ def save_both(trainer: Trainer, config: TrainConfig) -> Path:
     return named
 
 
-def where(batch: dict, volumes: Sequence) -> str:
-    """The crops of a batch, as " (crops: VOLUME at voxel Z,Y,X; ...)", when the batch says."""
-    if "where" not in batch:
+def crops(batch: dict, volumes: Sequence, only: Any = None) -> str:
+    """Where a batch's crops are from ("VOLUME at voxel Z,Y,X; ..."), or those ``only`` selects."""
+    rows = batch.get("where")
+    if rows is None:
         return ""
-    crops = [f"{volumes[int(w[0])].name} at voxel {','.join(str(int(c)) for c in w[1:])}" for w in batch["where"]]
-    return f" (crops: {'; '.join(crops[:4])}{'; ...' if len(crops) > 4 else ''})"
-
-
-def check_crops(batch: dict, iteration: int, volumes: Sequence, last: Path) -> None:
-    """Float images may hold NaN or inf where the source had no data: refused crop by crop, before
-    they reach the weights (training reads them so: cleftchunk.intensity.nan_if_not_finite)."""
-    finite = torch.isfinite(batch["image"]).flatten(1).all(1)
-    if bool(finite.all()):
-        return
-    bad = {"where": batch["where"][~finite]} if "where" in batch else {}
-    raise CleftchunkError(
-        f"a training crop holds NaN or inf at iteration {iteration}{where(bad, volumes)}, so training stopped; {_kept(last)}; "
-        "replace the non-finite voxels of the image (e.g. by 0) and train again"
-    )
+    rows = rows if only is None else rows[only]
+    named = list(dict.fromkeys(f"{volumes[int(w[0])].name} at voxel {','.join(str(int(c)) for c in w[1:])}" for w in rows))
+    return "; ".join(named[:4]) + ("; ..." if len(named) > 4 else "")
 
 
 def gradients_finite(net: torch.nn.Module) -> bool:
@@ -210,9 +198,20 @@ def _kept(last: Path) -> str:
     return "no checkpoint was written yet"
 
 
-def non_finite_message(what: str, iteration: int, last: Path, crops: str = "") -> str:
+def non_finite_message(what: str, iteration: int, last: Path, batch: dict | None = None, volumes: Sequence = ()) -> str:
+    """Why training stopped at ``iteration``: the crops of the batch named, those holding NaN or inf
+    (a float image without data there) as the cause."""
+    image = batch.get("image") if batch else None
+    finite = torch.isfinite(image).flatten(1).all(1) if image is not None else None
+    if finite is not None and not bool(finite.all()):
+        bad = crops(batch, volumes, ~finite)
+        return (
+            f"{what} at iteration {iteration}, so training stopped: a training crop holds NaN or inf{' (' + bad + ')' if bad else ''}; "
+            f"{_kept(last)}; replace the non-finite voxels of the image (e.g. by 0) and train again"
+        )
+    shown = crops(batch, volumes) if batch else ""
     return (
-        f"{what} at iteration {iteration}{crops}, so training stopped; {_kept(last)}; "
+        f"{what} at iteration {iteration}{' (crops: ' + shown + ')' if shown else ''}, so training stopped; {_kept(last)}; "
         "lower the learning rate (-lr) and --resume, or check the input data"
     )
 
