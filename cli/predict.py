@@ -59,6 +59,8 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
     from cleftchunk.urls import local_file
 
     scratch = local_file(scratch, "--scratch folder") if scratch else None  # partial results live on a local filesystem
+    if root:
+        local_file(root, "--root folder")
     out = OutputOptions(positive_zyx(chunks, "--chunks"), mask, scratch, cpus)
     log = click.echo if run.dry_run else (lambda message: click.echo(message, err=True))
     for src, dst in input_output_pairs(input_spec, output_spec, root, inputs, output_dir):

@@ -88,9 +88,9 @@ def command(config_file, augment, no_augment, rejection, no_progress, resume, ov
 
     from cleftchunk.urls import local_file
 
-    for name, what in (("output", "output folder"), ("root", "--root folder")):
-        if flags.get(name):
-            local_file(flags[name], what)  # checked as given: the config's Path would mangle s3:// into s3:/
+    for value, what in ((flags.get("output"), "output folder"), (flags.get("root"), "--root folder"), (config_file, "--config file")):
+        if value:
+            local_file(value, what)  # checked as given: the config's Path would mangle s3:// into s3:/
     values = {k: v for k, v in flags.items() if v is not None}
     if no_augment:
         values["augment"] = AugmentConfig.off().to_dict()

@@ -288,6 +288,10 @@ CASES = [
     ("url-train-output-one-slash", ["train", "-dn", "{ws}/in.zarr/raw", "-ln", "{ws}/in.zarr/clefts", "-o", "s3:/bucket/run", "-mi", "4,32,32"], r"starts like a s3:// URL"),
     ("url-synth-preview-one-slash", ["synth", "{tmp}/s.zarr", "--shape", "4,32,32", "--preview", "s3:/bucket/p.png"], r"starts like a s3:// URL"),
     ("url-predict-scratch-one-slash", predict_with("--scratch", "s3:/bucket/scratch"), r"starts like a s3:// URL"),
+    ("url-train-config-one-slash", ["train", "-dn", "{ws}/in.zarr/raw", "-ln", "{ws}/in.zarr/clefts", "-o", "{tmp}/run", "--config", "s3:/bucket/c.yaml"], r"--config file s3:/bucket/c.yaml starts like a s3:// URL"),
+    ("url-predict-root-s3", ["predict", "-dn", "in.zarr/raw", "-t", "s3://bucket/data", "-o", "{tmp}/o", "-pm", "{ws}/model.pth"], r"--root folder s3://bucket/data: this is a local file only"),
+    ("url-demo-folder-one-slash", ["demo", "s3:/bucket/demo"], r"demo folder s3:/bucket/demo starts like a s3:// URL"),
+    ("url-tls-cert-s3", predict_with("--scheduler", "tls://127.0.0.1:8786", "--tls-ca-file", "s3://bucket/ca.pem", "--tls-cert", "{ws}/model.pth", "--tls-key", "{ws}/model.pth"), r"--tls-ca-file s3://bucket/ca.pem: this is a local file only"),
     # outputs inside an existing volume: refused whatever --overwrite says (io/guard.refuse_inside_container)
     ("inside-evaluate-json-in-array-metadata", ["evaluate", "{ws}/pred.zarr/pred", "{ws}/in.zarr/clefts", "--json", "{ws}/in.zarr/raw/s0/zarr.json", "--overwrite"], r"--json file .* lies inside the Zarr store .*in.zarr/raw/s0"),
     ("inside-evaluate-json-in-container", ["evaluate", "{ws}/pred.zarr/pred", "{ws}/in.zarr/clefts", "--json", "{ws}/small.zarr/m.json"], r"lies inside the Zarr store"),

@@ -143,7 +143,10 @@ def tls_security(ca_file: str | None = None, cert: str | None = None, key: str |
         missing = [name for name, value in given.items() if not value]
         if missing:
             raise CleftchunkError(f"TLS needs all of --tls-ca-file, --tls-cert and --tls-key ({', '.join(missing)} missing)")
+        from cleftchunk.urls import local_file
+
         for name, value in given.items():
+            local_file(value, f"--tls-{name.replace('_', '-')}")  # certificates are local files: a URL is refused as given
             if not os.path.isfile(value):
                 raise CleftchunkError(f"TLS {name.replace('_', ' ')} {value} does not exist: check --tls-{name.replace('_', '-')}")
         return Security(
@@ -215,6 +218,7 @@ def probe_scheduler(address: str, security: Any = None, timeout: float | None = 
 
     timeout = handshake_timeout() if timeout is None else timeout
     scheme, _, rest = address.partition("://")
+    given = bool(rest)  # a scheme was written: the address must be complete
     if not rest:
         scheme, rest = "tcp", address
     if scheme not in ("tcp", "tls"):
@@ -224,8 +228,10 @@ def probe_scheduler(address: str, security: Any = None, timeout: float | None = 
         host, port = parts.hostname, parts.port
     except ValueError:
         host = port = None
-    if not host or not port:
+    if (not host or not port) and given:
         raise CleftchunkError(f"--scheduler {address} is not a scheduler address: use tcp://host:port or tls://host:port")
+    if not host or not port:
+        return  # distributed names what is wrong with a schemeless address
     where = f"the Dask scheduler at {address}"
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
