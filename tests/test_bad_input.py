@@ -297,6 +297,7 @@ CASES = [
     ("inside-evaluate-json-in-container", ["evaluate", "{ws}/pred.zarr/pred", "{ws}/in.zarr/clefts", "--json", "{ws}/small.zarr/m.json"], r"lies inside the Zarr store"),
     ("inside-evaluate-json-in-hdf5", ["evaluate", "{ws}/pred.zarr/pred", "{ws}/in.zarr/clefts", "--json", "{ws}/two.h5/m.json"], r"lies inside the HDF5 file"),
     ("inside-evaluate-json-is-hdf5", ["evaluate", "{ws}/pred.zarr/pred", "{ws}/in.zarr/clefts", "--json", "{ws}/two.h5", "--overwrite"], r"is the HDF5 file"),
+    ("inside-evaluate-json-in-n5", ["evaluate", "{ws}/pred.zarr/pred", "{ws}/in.zarr/clefts", "--json", "{ws}/noblock.n5/raw/m.json"], r"lies inside the N5 container .*noblock.n5/raw"),
     ("inside-train-output-in-store", ["train", "-dn", "{ws}/in.zarr/raw", "-ln", "{ws}/in.zarr/clefts", "-o", "{ws}/pred.zarr/run", "-mi", "4,32,32"], r"output folder .* lies inside the Zarr store"),
     ("inside-train-output-is-store", ["train", "-dn", "{ws}/in.zarr/raw", "-ln", "{ws}/in.zarr/clefts", "-o", "{ws}/pred.zarr", "-mi", "4,32,32", "--overwrite"], r"is the Zarr store"),
     ("inside-export-in-store", ["export", "{ws}/in.zarr/clefts", "{ws}/pred.zarr/o.hdf"], r"lies inside the Zarr store"),

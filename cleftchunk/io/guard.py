@@ -84,9 +84,6 @@ def refuse_overlap(output: Any, inputs: Iterable[Any], what: str = "output", vol
     refuse_inside_container(output, what, volume)
 
 
-ZARR_METADATA = ("zarr.json", ".zarray", ".zgroup", "attributes.json")  # attributes.json: N5
-
-
 def _zarr_node(path: Path) -> str | None:
     """"array" or "group" for a folder holding Zarr (or N5) metadata, else None."""
     if not path.is_dir():
@@ -101,9 +98,20 @@ def _zarr_node(path: Path) -> str | None:
             return "array"
     if (path / ".zgroup").is_file():
         return "group"
-    if (path / "attributes.json").is_file():
-        return "array" if "dimensions" in (path / "attributes.json").read_text() else "group"
+    if (path / "attributes.json").is_file():  # N5, if it says so (the name alone is common)
+        try:
+            meta = json.loads((path / "attributes.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(meta, dict) and "dimensions" in meta:
+            return "array"
+        return "group" if isinstance(meta, dict) and "n5" in meta else None
     return None
+
+
+def _store(path: Path) -> str:
+    has_zarr = any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup"))
+    return "the Zarr store" if has_zarr else "the N5 container"
 
 
 def _is_hdf5_file(path: Path) -> bool:
@@ -138,12 +146,12 @@ def refuse_inside_container(output: Any, what: str = "output", volume: bool = Fa
         container = ((hdf5 if volume else None) or Path(text)).absolute()
         if not volume and container.exists() and not container.is_symlink():
             if _zarr_node(container):
-                _refuse_inside(output, what, container, "the Zarr store", itself=True)
+                _refuse_inside(output, what, container, _store(container), itself=True)
             if container.is_file() and _is_hdf5_file(container):
                 _refuse_inside(output, what, container, "the HDF5 file", itself=True)
     for parent in container.parents:
         if _zarr_node(parent):
-            _refuse_inside(output, what, parent, "the Zarr store")
+            _refuse_inside(output, what, parent, _store(parent))
         if parent.is_file() and _is_hdf5_file(parent):
             _refuse_inside(output, what, parent, "the HDF5 file")
         if parent.is_file():
