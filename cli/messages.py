@@ -21,6 +21,8 @@ GROUP_FLAGS = frozenset({"--debug", "--help", "--version"})
 #: Label kinds (--kind) as train's --label-mode names them.
 LABEL_MODES = {"ids": "cremi", "cremi": "cremi", "main": "zero-background", "zero-background": "zero-background", "mask": "nonzero", "nonzero": "nonzero"}
 _KIND = re.compile(r"--kind\b( ([a-z-]+(?:\|[a-z-]+)*))?")
+#: The sub-commands (cli/main.py's COMMANDS; not imported from there, which imports this).
+COMMAND_NAMES = frozenset({"convert", "info", "synth", "train", "predict", "segment", "threshold", "export", "evaluate", "view", "demo"})
 #: A hint in parentheses for another command, e.g. "(evaluate: --pred-kind/--gt-kind)".
 _OTHER_COMMAND = re.compile(r"\s*\((\w+): [^()]*\)")
 #: Flags in a quoted command line (`cleftchunk convert --channel 0`) belong to that command.
@@ -45,7 +47,7 @@ def for_command(message: str, command: click.Command | None, params: dict | None
     if command is None:
         return message
     flags = flags_of(command)
-    message = _OTHER_COMMAND.sub(lambda m: "" if m.group(1) != command.name else m.group(0), message)
+    message = _OTHER_COMMAND.sub(lambda m: "" if m.group(1) in COMMAND_NAMES - {command.name} else m.group(0), message)
     if "--kind" not in flags:
         message = _KIND.sub(lambda m: _kind_flag(m, flags, message, params or {}), message)
     if "--dataset" not in flags:
@@ -66,4 +68,5 @@ def _kind_flag(match: re.Match, flags: set[str], message: str, params: dict) -> 
         about_gt = bool(gt) and gt.rstrip("/") in message and not (pred and message.find(pred) != -1 and message.find(pred) < message.find(gt))
         name = "--gt-kind" if about_gt or not (pred and pred in message) else "--pred-kind"
         return f"{name}{match.group(1) or ''}"
-    return match.group(0)
+    # no flag for it (view, info, convert): the metadata attribute every stage reads the kind from
+    return f"the attribute cleft_kind={match.group(2)}" if match.group(2) else "the attribute cleft_kind"

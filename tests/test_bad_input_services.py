@@ -225,3 +225,25 @@ def test_a_scheme_prefix_is_a_url_or_refused_and_a_local_name_with_a_colon_is_wr
             parse_location(bad)
     with pytest.raises(CleftchunkError, match="unknown storage scheme ftp://"):
         parse_location("ftp://host/x.zarr")
+
+
+def test_the_message_catalogue_speaks_each_commands_flags():
+    """cli/messages.for_command, on the hints the library writes for the commonest caller."""
+    from cleftchunk_cli.main import COMMANDS, cli
+    from cleftchunk_cli.messages import COMMAND_NAMES, for_command, unknown_flags
+
+    assert COMMAND_NAMES == set(COMMANDS)
+    commands = cli.commands
+    kind = "x.zarr/clefts holds an EM image, not cleft labels: give the clefts volume (or --kind ids|main|mask if its metadata is wrong)"
+    assert "--label-mode cremi|zero-background|nonzero" in for_command(kind, commands["train"])
+    assert "--gt-kind ids|main|mask" in for_command(kind, commands["evaluate"], {"pred": "p.zarr/pred", "gt": "x.zarr/clefts"})
+    assert "--pred-kind ids" in for_command(kind, commands["evaluate"], {"pred": "x.zarr/clefts", "gt": "g.zarr/clefts"})
+    assert for_command(kind, commands["segment"]) == kind  # segment has --kind
+    other = "say what it holds with --kind mask (evaluate: --pred-kind/--gt-kind)"
+    assert for_command(other, commands["segment"]) == "say what it holds with --kind mask"
+    assert "(hint: keep this)" in for_command("a problem (hint: keep this)", commands["segment"])
+    several = "two.h5 holds several datasets (a, b): pick one with --dataset or FILE:DATASET"
+    assert for_command(several, commands["predict"]).endswith("pick one with FILE:DATASET")
+    for name, command in commands.items():
+        for message in (kind, other, several, "four.zarr is 4-D: pick one of its 2 channels (axis 0) with --channel K"):
+            assert not unknown_flags(for_command(message, command, {"pred": "p", "gt": "x.zarr/clefts"}), command), (name, message)
