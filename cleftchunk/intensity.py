@@ -57,3 +57,11 @@ def check_unit_range(values: np.ndarray, where: str, scale: float | None = None)
     if low < -TOLERANCE or high > 1 + TOLERANCE:
         hint = "pass --scale 1/255 for a 0..255 float copy" if scale is None else f"--scale {scale:g} does not bring it into [0, 1]"
         raise CleftchunkError(f"{where} holds float values {low:g}..{high:g}, outside [0, 1]: {hint}")
+
+
+def nan_if_not_finite(data: np.ndarray) -> np.ndarray:
+    """``data``, or all NaN when it is float holding NaN or inf: training reads crops so, and its
+    loop refuses a NaN crop naming it (augmentation could otherwise drop or clip the bad voxels)."""
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        return np.full(data.shape, np.nan, np.float32)
+    return data

@@ -29,7 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cleftchunk.errors import CleftchunkError
+from cleftchunk.errors import CleftchunkError, write_failure
+from cleftchunk.urls import local_file
 
 CHECKPOINT_FORMAT = "cleftchunk-checkpoint/1"
 
@@ -341,6 +342,8 @@ def _write_atomically(path: Path, state: dict) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (RuntimeError, OSError) as e:  # torch reports a failed write as RuntimeError ("enforce fail at inline_container.cc")
+        raise write_failure(f"checkpoint {path}", path.parent, e) from None
     finally:  # after the rename there is nothing left to remove; after any failure, the partial file
         Path(tmp).unlink(missing_ok=True)
     return path
@@ -352,7 +355,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     The messages never repeat torch's advice to load with ``weights_only=False``: for a file that
     is refused, that advice means running whatever code the file holds.
     """
-    path = Path(path)
+    path = local_file(path, "checkpoint")
     _check_checkpoint_path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

@@ -26,5 +26,8 @@ def command(folder: str, size: str, iterations: int | None, seed: int | None, ov
     """
     from cleftchunk.demo import run_demo
 
+    from cleftchunk.urls import local_file
+
+    local_file(folder, "demo folder")  # the demo writes a local folder: a URL is refused as given
     page = run_demo(folder, size=size, overwrite=overwrite, iterations=iterations, seed=seed, log=click.echo)
     click.echo(f"report: {page}")

@@ -8,6 +8,7 @@ import click
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import refuse_overlap
+from cleftchunk.urls import local_file
 from cleftchunk.post.metrics import THETA_NM, evaluate, format_table, to_json
 from cleftchunk.post.segment import DEFAULT_THRESHOLD
 
@@ -50,6 +51,8 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
     empty set are infinite ("inf" in JSON); see the cleftchunk.post.metrics documentation.
     """
     # checked first, so that a run is not wasted on a file it may not write (a dry run too)
+    if json_path:
+        local_file(json_path, "--json file")
     refuse_overlap(json_path, [pred, gt], what="--json file")
     if json_path and os.path.exists(json_path) and not run.overwrite:
         raise CleftchunkError(f"{json_path} exists: pass --overwrite to replace it (or choose another --json file)")
@@ -68,9 +71,10 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
     )
     if result is None:  # a dry run: the plan was printed, nothing is written
         return
+    if json_path:  # first: the file is whole even when the reader of the table stops early (`| head -1`)
+        write_json(json_path, to_json(result) + "\n")
     click.echo(format_table(result))
     if json_path:
-        write_json(json_path, to_json(result) + "\n")
         click.echo(f"metrics written to {json_path}")
 
 

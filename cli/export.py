@@ -30,9 +30,11 @@ def command(clefts, out, raw, crop, offset, kind, ignore_frame, run):
       prediction of the labelled region alone, placed in the padded frame:
         cleftchunk export out.zarr/clefts A.hdf --offset 37,911,911
     """
+    from cleftchunk.urls import local_file
+
     info = export_cremi(
         clefts,
-        out,
+        local_file(out, "output"),  # CREMI files are written locally: a URL is refused as given
         raw=raw,
         offset=parse_zyx(offset, "--offset", minimum=0),
         crop=parse_crop(crop) if crop else None,

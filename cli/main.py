@@ -9,7 +9,7 @@ import click
 
 from cleftchunk import __version__
 from cleftchunk.errors import CleftchunkError
-from cleftchunk_cli.options import in_flags
+from cleftchunk_cli.messages import for_command
 
 #: Sub-command modules of this package; each defines a click command named ``command``.
 COMMANDS = ["convert", "info", "synth", "train", "count_clefts", "predict", "segment", "threshold", "export", "evaluate", "view", "demo"]
@@ -20,6 +20,8 @@ class ErrorReportingGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         debug = ctx.params.get("debug", False)
+        # the sub-command's arguments, kept to tell which of its volumes a message is about
+        given = [*getattr(ctx, "_protected_args", []), *ctx.args]
         try:
             return super().invoke(ctx)
         except click.UsageError as e:  # a malformed flag value: one line, like every other mistake
@@ -34,8 +36,11 @@ class ErrorReportingGroup(click.Group):
             if debug:
                 raise
             command = self.commands.get(ctx.invoked_subcommand or "")
-            click.echo(f"error: {in_flags(str(e), command)}", err=True)
+            click.echo(f"error: {for_command(str(e), command, _params(command, given, ctx))}", err=True)
             ctx.exit(e.exit_code)
+        except BrokenPipeError:  # the reader of stdout went away (`| head -1`): as SIGPIPE ends a Unix tool, quietly
+            _quiet_stdout()
+            ctx.exit(141)
         except KeyboardInterrupt:
             if debug:
                 raise
@@ -71,12 +76,38 @@ for _name in COMMANDS:
     cli.add_command(importlib.import_module(f"cleftchunk_cli.{_name}").command)
 
 
+def _params(command: click.Command | None, given: list[str], parent: click.Context) -> dict:
+    """The arguments ``command`` was given, parsed again without checks (empty when unknown)."""
+    if command is None or len(given) < 1:
+        return {}
+    try:
+        with command.make_context(given[0], list(given[1:]), parent=parent, resilient_parsing=True) as sub:
+            return dict(sub.params)
+    except click.ClickException:
+        return {}
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush does not fail again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no real file behind stdout (a test's capture): nothing to flush there
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     # --debug is accepted anywhere on the line, not only before the sub-command.
     if "--debug" in args:
         args = ["--debug"] + [a for a in args if a != "--debug"]
-    cli.main(args=args, prog_name="cleftchunk")
+    try:
+        cli.main(args=args, prog_name="cleftchunk")
+    except BrokenPipeError:  # raised while click printed help or a usage error into a closed pipe
+        _quiet_stdout()
+        sys.exit(141)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,11 @@ def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pa
         raise CleftchunkError("no model given: pass --checkpoint CKPT (or -pm CKPT), a file written by cleftchunk train")
     window = WindowOptions(positive_zyx(model_input, "--model-input"), overlap, blend, pad, batch_size, int(tta),
                            parse_fraction(scale, "--scale"), precision, compile_model)
+    from cleftchunk.urls import local_file
+
+    scratch = local_file(scratch, "--scratch folder") if scratch else None  # partial results live on a local filesystem
+    if root:
+        local_file(root, "--root folder")
     out = OutputOptions(positive_zyx(chunks, "--chunks"), mask, scratch, cpus, ignore_frame=ignore_frame)
     log = click.echo if run.dry_run else (lambda message: click.echo(message, err=True))
     for src, dst in input_output_pairs(input_spec, output_spec, root, inputs, output_dir):

@@ -40,6 +40,9 @@ def command(dst, shape, seed, difficulty, fmt, chunks, missing_rate, misalign_ra
     make_params(difficulty, **overrides)  # fail on bad values before touching the destination
     if preview is not None and not str(preview).lower().endswith(".png"):
         raise CleftchunkError(f"--preview {preview} must name a .png file")
+    from cleftchunk.io.guard import refuse_overlap
+
+    refuse_overlap(preview, [dst], what="--preview file")
     summary = synthesize(dst, shape, seed=seed, difficulty=difficulty, chunks=positive_zyx(chunks, "--chunks"), format=fmt,
                          run=run, log=click.echo, **overrides)
     if summary is None:  # a dry run

@@ -101,6 +101,11 @@ def command(config_file, augment, no_augment, rejection, no_progress, resume, ov
     from cleftchunk.train import train
     from cleftchunk.train.augment import AugmentConfig
 
+    from cleftchunk.urls import local_file
+
+    for value, what in ((flags.get("output"), "output folder"), (flags.get("root"), "--root folder"), (config_file, "--config file")):
+        if value:
+            local_file(value, what)  # checked as given: the config's Path would mangle s3:// into s3:/
     values = {k: v for k, v in flags.items() if v is not None and v != ()}
     if no_augment:
         values["augment"] = AugmentConfig.off().to_dict()

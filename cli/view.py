@@ -24,6 +24,9 @@ def command(image, prediction, clefts, port, screenshot_path, size, ignore_frame
     """
     from cleftchunk.view import ViewLayers, build_viewer, screenshot, serve
 
+    from cleftchunk.io.guard import refuse_overlap
+
+    refuse_overlap(screenshot_path, [image, prediction, clefts], what="--screenshot file")  # before the viewer starts
     layers = ViewLayers(image, prediction, clefts, ignore_frame)
     if screenshot_path is None:
         serve(layers, port, log=click.echo)

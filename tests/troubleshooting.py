@@ -36,6 +36,8 @@ please report it with the `--debug` output.
 Things that are refused whatever `--overwrite` says:
 
 - an output equal to, inside, or containing one of the command's inputs (it would destroy the input);
+- an output inside any existing Zarr store or HDF5 file, an input or not (a `--json` file, a
+  training folder or a PNG written there would damage the volume);
 - an output another cleftchunk process is writing (see the lock file named in the message; a lock
   left by a killed process on the same machine is taken over with a warning);
 - values that would give wrong numbers: non-finite or absurd voxel sizes and offsets, negative
@@ -45,8 +47,10 @@ Things that are refused whatever `--overwrite` says:
 What works although it may look unusual: paths with spaces and non-ASCII characters, uint16
 images in predict (scaled by 1/65535, as in training), float images of 0..255 with `--scale 1/255`,
 `info` on an empty dataset (it reports the shape), `s3://`, `gs://` and (read-only) `https://`
-Zarr paths. Other URL schemes (`ftp://…`) are refused, and no local folder named after a scheme
-(`s3:`) is ever created.
+Zarr paths. Other URL schemes (`ftp://…`) are refused, and so is anything that starts like a URL
+but is not one (`s3:/bucket/x.zarr`, one slash): no local folder named after a scheme (`s3:`) is
+ever created; a local path that really starts with `name:` is written `./name:…`. A run stopped by
+a full disk resumes when the same command is run again.
 
 ## Every case the test suite checks
 
@@ -59,6 +63,7 @@ is left out of the predict commands.
 HAPPENED = {
     "refused": "refused before any work; nothing written",
     "during": "failed while blocks ran; the blocks written so far stay, for a re-run to resume",
+    "training": "stopped while training; the checkpoints written so far stay",
 }
 
 
@@ -89,7 +94,7 @@ def render(cases, during, results: dict[str, tuple[int, str]]) -> str:
     rows = ["| Command | What happened | Message |", "|---|---|---|"]
     for case, args, _pattern in cases:
         status, message = results[case]
-        happened = HAPPENED["during" if case in during else "refused"]
+        happened = HAPPENED[("training" if args[0] == "train" else "during") if case in during else "refused"]
         rows.append(f"| `{cell(shown_command(args))}` | {happened} (exit {status}) | {cell(message)} |")
     return INTRO + "\n" + "\n".join(rows) + "\n"
 

@@ -107,7 +107,15 @@ def _open_zarr(volume: Volume) -> Any:
         node = zarr.open(stores.zarr_store(volume.container, mode), mode=mode, path=volume.inner or "")
     except CleftchunkError:
         raise
-    except (FileNotFoundError, KeyError) as e:
+    except KeyError as e:
+        metadata = stores.join(volume.container, f"{volume.inner}/zarr.json" if volume.inner else "zarr.json")
+        if stores.exists(metadata):  # there is a node, its metadata lacks a key: damaged, not absent
+            raise CleftchunkError(f"{metadata} is damaged (no {e}): repair or re-create its metadata") from e
+        raise CleftchunkError(
+            f"{volume.spec}: no Zarr array or group there, so neither an image (out.zarr, multiscales at its root) "
+            f"nor a container of images (out.zarr/name); check the path ({type(e).__name__})"
+        ) from e
+    except FileNotFoundError as e:
         raise CleftchunkError(
             f"{volume.spec}: no Zarr array or group there, so neither an image (out.zarr, multiscales at its root) "
             f"nor a container of images (out.zarr/name); check the path ({type(e).__name__})"

@@ -6,6 +6,9 @@
   running) is taken over with a warning, so a killed run can always be resumed.
 - **No output on an input**: an output equal to, inside, or containing one of the command's inputs
   is refused whatever ``overwrite`` says, because writing it would destroy the input.
+- **No output inside a volume**: nor is any output inside an existing Zarr store or HDF5 file
+  (a JSON file, checkpoint folder or PNG there would replace the volume's own files), whether
+  the command reads that volume or not.
 
 Stages use :func:`writes_output`, a decorator naming the output argument and the input arguments.
 """
@@ -26,7 +29,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.io.stores import is_url, resolved
+from cleftchunk.io.specs import HDF5_SUFFIXES
+from cleftchunk.io.stores import is_url, parse_location, resolved
 from cleftchunk.io.volumes import Volume, split_spec
 
 LOCK_SUFFIX = ".lock"
@@ -56,8 +60,10 @@ def _resolve(path: Path) -> Path:
         raise CleftchunkError(f"{path} is a symbolic link loop: point it at a real file or folder") from e
 
 
-def refuse_overlap(output: Any, inputs: Iterable[Any], what: str = "output") -> None:
-    """Raise when ``output`` equals, lies inside, or contains one of ``inputs``."""
+def refuse_overlap(output: Any, inputs: Iterable[Any], what: str = "output", volume: bool = False) -> None:
+    """Raise when ``output`` equals, lies inside, or contains one of ``inputs``, or lies inside
+    any existing Zarr store or HDF5 file (:func:`refuse_inside_container`): the one rule every
+    output path of every command goes through, whatever ``overwrite`` says."""
     out = location(output)
     if out is None:
         return
@@ -75,6 +81,141 @@ def refuse_overlap(output: Any, inputs: Iterable[Any], what: str = "output") -> 
         else:
             continue
         raise CleftchunkError(f"{what} {output} {relation} ({name}): writing it would destroy the source, choose an {what} elsewhere")
+    refuse_inside_container(output, what, volume)
+
+
+def _zarr_node(path: Path) -> str | None:
+    """"array" or "group" for a folder holding Zarr (or N5) metadata, else None."""
+    if not path.is_dir():
+        return None
+    if (path / ".zarray").is_file():
+        return "array"
+    meta = path / "zarr.json"
+    if meta.is_file():
+        try:
+            return "array" if json.loads(meta.read_text()).get("node_type") == "array" else "group"
+        except (OSError, ValueError, AttributeError):  # damaged metadata is still someone's volume
+            return "array"
+    if (path / ".zgroup").is_file():
+        return "group"
+    if (path / "attributes.json").is_file():  # N5, if it says so (the name alone is common)
+        try:
+            meta = json.loads((path / "attributes.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if isinstance(meta, dict) and "dimensions" in meta:
+            return "array"
+        return "group" if isinstance(meta, dict) and "n5" in meta else None
+    return None
+
+
+def _store(path: Path) -> str:
+    has_zarr = any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup"))
+    return "the Zarr store" if has_zarr else "the N5 container"
+
+
+def _is_hdf5_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+def refuse_inside_container(output: Any, what: str = "output", volume: bool = False) -> None:
+    """Refuse an output written inside an existing Zarr store or HDF5 file, whatever
+    ``overwrite`` says: a JSON file, checkpoint or PNG written there replaces or corrupts the
+    volume's own files. ``volume``: the output is a volume spec (``out.zarr/name``, ``out.hdf``),
+    which may be a new image in an existing Zarr container but never inside another image (an
+    array), and whose container (or HDF5 file, which it may replace) lies inside no other store. Object-store outputs are not checked (no folders there)."""
+    if isinstance(output, Volume):
+        return
+    if isinstance(parse_location(output, what), str):
+        return
+    text = os.fspath(output)
+    hdf5 = _hdf5_file_part(text)
+    if volume and hdf5 is None:
+        container, inner = split_spec(text)
+        container = Path(container).absolute()
+        node = container
+        for part in (inner or "").strip("/").split("/")[:-1]:
+            node = node / part
+            if _zarr_node(node) == "array":
+                _refuse_inside(output, what, node, "the Zarr image")
+    else:
+        container = ((hdf5 if volume else None) or Path(text)).absolute()
+        if not volume and container.exists() and not container.is_symlink():
+            if _zarr_node(container):
+                _refuse_inside(output, what, container, _store(container), itself=True)
+            if container.is_file() and _is_hdf5_file(container):
+                _refuse_inside(output, what, container, "the HDF5 file", itself=True)
+    for parent in container.parents:
+        if _zarr_node(parent):
+            _refuse_inside(output, what, parent, _store(parent))
+        if parent.is_file() and _is_hdf5_file(parent):
+            _refuse_inside(output, what, parent, "the HDF5 file")
+        if parent.is_file():
+            raise CleftchunkError(f"{what} {output}: {parent} is a file, not a folder: choose another place for the {what}")
+
+
+def holds_nothing(place: Path, bare_group: bool = False) -> bool:
+    """True for what a run leaves that failed while creating an output (a full disk): folders,
+    empty files, the metadata of image groups with nothing but their OME metadata (the groups
+    below them: none of their own) and HDF5 files with nothing in them. Any array, chunk or
+    other file is someone's data, and so is an empty group at ``place`` itself without OME
+    metadata (a user's), unless ``bare_group`` (a place inside an output already known ours)."""
+    if place.is_symlink():
+        return False
+    if place.is_file():
+        return place.stat().st_size == 0 or _empty_hdf5(place)
+    if not place.is_dir():
+        return not place.exists()
+    for path in place.rglob("*"):
+        if path.is_symlink() or (path.is_file() and path.stat().st_size and not _empty_group_metadata(path, path.parent != place or bare_group)):
+            return False
+    return True
+
+
+def _empty_group_metadata(path: Path, bare: bool) -> bool:
+    """Group metadata with OME attributes only (or, ``bare``, none at all)."""
+    if path.name != "zarr.json":
+        return False
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    attrs = meta.get("attributes") or {} if isinstance(meta, dict) else None
+    if not isinstance(attrs, dict) or meta.get("node_type") != "group" or not set(attrs) <= {"ome", "multiscales"}:
+        return False
+    return bare or bool(attrs)
+
+
+def _empty_hdf5(path: Path) -> bool:
+    import h5py
+
+    if not _is_hdf5_file(path):
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            return not len(f) and not len(f.attrs)
+    except OSError:  # a superblock cut short: nothing readable was written
+        return True
+
+
+def _hdf5_file_part(text: str) -> Path | None:
+    """The HDF5 file a volume spec names (``a/b.hdf:volumes/x`` -> ``a/b.hdf``), or None."""
+    parts = Path(text.rsplit(":", 1)[0] if ":" in text else text).parts
+    for i, part in enumerate(parts):
+        if part.lower().endswith(HDF5_SUFFIXES):
+            return Path(*parts[: i + 1])
+    return None
+
+
+def _refuse_inside(output: Any, what: str, place: Path, kind: str, itself: bool = False) -> None:
+    where = "is" if itself else "lies inside"
+    raise CleftchunkError(
+        f"{what} {output} {where} {kind} {place}: writing there would damage it: choose a place outside it for the {what}"
+    )
 
 
 # -- the lock ----------------------------------------------------------------------------------

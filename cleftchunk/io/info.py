@@ -87,7 +87,7 @@ def container_members(container: Path, inner: str | None) -> list[str] | None:
         return names if len(names) != 1 else None
     if kind == "n5":
         base = container / inner if inner else container
-        if "dimensions" in sources.n5_attributes(base):
+        if not base.is_dir() or "dimensions" in sources.n5_attributes(base):  # nothing there: open_volume says so
             return None
         return [f"{inner}/{d}" if inner else d for d in sources.n5_datasets(base)]
     if kind == "zarr":

@@ -69,10 +69,14 @@ class N5Array:
         meta = n5_attributes(self.path)
         if "dimensions" not in meta:
             found = n5_datasets(self.container)
+            if not found:  # suggesting a name would only repeat a guess (maybe the path given)
+                raise CleftchunkError(f"{self.path} is not an N5 dataset, and {self.container} holds none (no attributes.json with dimensions): check the path")
             raise CleftchunkError(
-                f"{self.path} is not an N5 dataset; the container has: {', '.join(found) or 'no datasets'} "
-                f"(name one, e.g. {self.container}/{found[0] if found else 'raw'})"
+                f"{self.path} is not an N5 dataset; the container has: {', '.join(found)} (name one, e.g. {self.container}/{found[0]})"
             )
+        missing = [key for key in ("dimensions", "blockSize") if not isinstance(meta.get(key), list)]
+        if missing:
+            raise CleftchunkError(f"{self.path}/attributes.json lacks {' and '.join(missing)}: the N5 metadata is damaged, repair or re-create it")
         self.shape = tuple(int(d) for d in reversed(meta["dimensions"]))
         self.chunks = tuple(int(b) for b in reversed(meta["blockSize"]))
         dtype = meta.get("dataType")

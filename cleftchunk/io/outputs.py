@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.io.guard import output_lock, refuse_overlap
+from cleftchunk.io.guard import holds_nothing, output_lock, refuse_overlap
+from cleftchunk.io.stores import is_url
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, create_like, exists, open_volume, split_spec
 from cleftchunk.run.executor import BlockwiseTask, RunReport
 from cleftchunk.run.operation import Operation, Plan, Running
@@ -46,12 +47,16 @@ class VolumeOperation(Operation):
     def reopen(self) -> Any:
         return open_volume(self.output, mode="r+")
 
+    def holds_nothing(self) -> bool:
+        container, inner = split_spec(self.output)
+        return not is_url(container) and holds_nothing(Path(container) / inner if inner else Path(container))
+
     def record_path(self) -> Path:
         return record_path_beside(*split_spec(self.output), self.stage)
 
     @contextlib.contextmanager
     def guard(self, log):
-        refuse_overlap(self.output, self.inputs)
+        refuse_overlap(self.output, self.inputs, volume=True)
         with output_lock(self.output, self.stage, log):
             yield
 

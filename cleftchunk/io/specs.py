@@ -27,7 +27,7 @@ def split_spec(spec: str | os.PathLike, dataset: str | None = None) -> tuple[Loc
     The container is a :class:`Path`, or for a URL the URL string (see :mod:`.stores`).
     """
     text = str(spec)
-    if stores.is_url(text):
+    if isinstance(stores.parse_location(spec), str):  # a URL; malformed ones are refused here
         return _split_url(text, dataset)
     if ":" in text and not text.startswith("file:"):
         head, _, tail = text.rpartition(":")

@@ -11,7 +11,10 @@ This is the one place that knows URL schemes. A *location* is either a :class:`~
   credentials from ``GOOGLE_APPLICATION_CREDENTIALS`` or ``gcloud auth application-default login``.
 - ``https://host/path.zarr`` (and ``http://``) — read only.
 
-Any other scheme is refused (never a local folder named ``s3:``). Each object of an object store
+Any other scheme is refused, and so is anything that starts like a URL but is not one
+(``s3:/bucket/x.zarr``, ``s3:bucket``): :func:`parse_location` is the one rule every path argument
+(volumes, checkpoints, JSON and other file outputs) goes through, so no local folder named ``s3:``
+is ever created. A local path that really starts with ``name:`` is written ``./name:...``. Each object of an object store
 is written by one PUT, so a chunk either exists whole or not at all: the resume rule of
 :mod:`cleftchunk.run.chunks` (the store is the record of what is done) holds there too.
 
@@ -23,12 +26,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.urls import check_syntax, local_file, url_scheme
 
 #: scheme -> (fsspec package that implements it, writable)
 SCHEMES = {
@@ -41,19 +44,23 @@ SCHEMES = {
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 60.0
 ATTEMPTS = 3
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 Location = Path | str
 
 
-def url_scheme(spec: str | os.PathLike) -> str | None:
-    """The scheme of ``scheme://...`` (lower case), or None for a local path."""
-    match = _URL.match(str(spec))
-    return match.group(1).lower() if match else None
-
-
 def is_url(spec: Any) -> bool:
     return url_scheme(spec) is not None
+
+
+def parse_location(spec: str | os.PathLike, what: str = "") -> Location:
+    """The one rule for every path argument: a well-formed URL of a known scheme (returned as the
+    string), or a local :class:`Path`. Text that starts with ``scheme:`` but is not
+    ``scheme://...`` is refused (:func:`cleftchunk.urls.check_syntax`), never taken for a local
+    folder named ``scheme:``."""
+    location = check_syntax(spec, what)
+    if isinstance(location, str):
+        known_scheme(location)
+    return location
 
 
 def known_scheme(url: str) -> str:
@@ -141,15 +148,63 @@ def zarr_store(location: Location, mode: str = "r") -> Any:
 def exists(location: Location) -> bool:
     """Whether anything is stored at ``location`` (a folder, file, or object prefix)."""
     if not is_url(location):
-        return Path(location).exists()
+        found = Path(location).exists()
+        if not found:
+            refuse_loop(Path(location))  # exists() is False for a symlink loop: say which it is
+        return found
     fs, path = filesystem(str(location))
     try:
         if url_scheme(location) in ("http", "https"):
             # No listings over HTTP: a Zarr node exists when its metadata document does.
-            return any(fs.exists(f"{path.rstrip('/')}/{name}") for name in ("zarr.json", ".zgroup", ".zarray"))
-        return bool(fs.exists(path))
+            found = any(fs.exists(f"{path.rstrip('/')}/{name}") for name in ("zarr.json", ".zgroup", ".zarray"))
+        else:
+            found = bool(fs.exists(path))
     except storage_errors() as e:
         raise explain(e, str(location)) from e
+    if not found:
+        # fsspec answers "not there" for a host it could not even look up: say which it is
+        check_host(str(location))
+    return found
+
+
+def refuse_loop(path: Path) -> None:
+    """A CleftchunkError when ``path`` or a folder above it is a symbolic link loop."""
+    import errno
+
+    for place in (path, *path.parents):
+        if place.is_symlink():
+            try:
+                place.resolve(strict=True)
+            except RuntimeError:  # Python < 3.13 reports a loop so
+                raise CleftchunkError(f"{place} is a symbolic link loop: point it at a real file or folder") from None
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise CleftchunkError(f"{place} is a symbolic link loop: point it at a real file or folder") from None
+
+
+def _host_of(url: str) -> str | None:
+    """The host a URL's requests go to: its own (http, https) or the endpoint's (s3 with
+    AWS_ENDPOINT_URL); None where the library's default endpoint is used."""
+    from urllib.parse import urlsplit
+
+    scheme = url_scheme(url)
+    if scheme in ("http", "https"):
+        return urlsplit(url).hostname
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") if scheme == "s3" else None
+    return urlsplit(endpoint).hostname if endpoint else None
+
+
+def check_host(url: str) -> None:
+    """A CleftchunkError when the host behind ``url`` has no address (a typo, no DNS, offline)."""
+    import socket
+
+    host = _host_of(url)
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, None)
+    except socket.gaierror as e:
+        raise CleftchunkError(f"{url}: the host {host} cannot be resolved (no address for it): check the name (and AWS_ENDPOINT_URL) and the network") from None
 
 
 def check_reachable(location: Location) -> None:
@@ -209,6 +264,10 @@ def explain(error: BaseException, url: str) -> CleftchunkError:
     if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerTimeoutError") or isinstance(
         error, (ConnectionError, TimeoutError)
     ):
+        try:
+            check_host(url)
+        except CleftchunkError as unresolved:
+            return unresolved
         return CleftchunkError(f"{url}: cannot reach the storage endpoint ({text}): check AWS_ENDPOINT_URL and the network")
     if isinstance(error, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return CleftchunkError(f"{url}: access denied ({text}): check the credentials' permissions on this bucket")
@@ -226,12 +285,15 @@ __all__ = [
     "Location",
     "SCHEMES",
     "check_reachable",
+    "check_host",
     "check_url",
     "exists",
     "explain",
     "filesystem",
     "is_url",
     "known_scheme",
+    "local_file",
+    "parse_location",
     "join",
     "local_only",
     "resolved",

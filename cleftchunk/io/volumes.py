@@ -352,8 +352,9 @@ def create_volume(
         if not overwrite:
             raise CleftchunkError(_exists_message(spec))
 
-    image = _image_group(container, inner, overwrite)
-    image.attrs["ome"] = ome_multiscales(image_name(container, inner), voxel_size, offset_nm)
+    ome = ome_multiscales(image_name(container, inner), voxel_size, offset_nm)
+    image = _image_group(container, inner, overwrite, {"ome": ome})
+    image.attrs["ome"] = ome  # again: a group that existed already (an image begun and left) gets it too
     array = image.create_array(
         "s0",
         shape=shape,
@@ -376,11 +377,13 @@ def create_volume(
     return volume
 
 
-def _image_group(container: Location, inner: str | None, overwrite: bool) -> Any:
+def _image_group(container: Location, inner: str | None, overwrite: bool, attributes: dict) -> Any:
+    """The image's group, created with its ``attributes`` in one write (a failure between two
+    writes would leave a bare group, which is someone's data: resuming would refuse it)."""
     import zarr
 
     if inner is None:
-        return zarr.open_group(stores.zarr_store(container, "w"), mode="w" if overwrite else "a")
+        return zarr.open_group(stores.zarr_store(container, "w"), mode="w" if overwrite else "a", attributes=attributes)
     root = zarr.open_group(stores.zarr_store(container, "a"), mode="a")
     if multiscale_level0(root) is not None:
         raise CleftchunkError(
@@ -389,7 +392,7 @@ def _image_group(container: Location, inner: str | None, overwrite: bool) -> Any
         )
     if overwrite and inner in root:
         del root[inner]
-    return root.require_group(inner)
+    return root.require_group(inner) if inner in root else root.create_group(inner, attributes=attributes)
 
 
 def _exists_message(spec: str | os.PathLike) -> str:

@@ -100,7 +100,7 @@ class Export(VolumeOperation):
         if out.suffix.lower() not in HDF5_SUFFIXES:
             raise CleftchunkError(f"{out}: a CREMI file is HDF5; give an output ending in .hdf, .h5 or .hdf5")
         # first of the checks on the inputs: an output on an input is the mistake that would destroy data
-        refuse_overlap(out, (clefts, raw))
+        refuse_overlap(out, (clefts, raw), volume=True)
         whole = Roi.from_shape(source.shape)
         region = whole if crop is None else crop
         if region.empty or not whole.contains(region):

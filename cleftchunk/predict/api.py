@@ -283,7 +283,9 @@ def _model_source(model_or_checkpoint: Any, window: Sequence[int] | None, archit
     if isinstance(model_or_checkpoint, (str, os.PathLike)):
         from cleftchunk.model import check_input_shape, checkpoint_input_size, checkpoint_postprocess, load_checkpoint, model_from_checkpoint
 
-        path = Path(model_or_checkpoint)
+        from cleftchunk.urls import local_file
+
+        path = local_file(model_or_checkpoint, "checkpoint")  # a URL refused with its text intact, not mangled by Path
         ckpt = load_checkpoint(path)
         model_from_checkpoint(ckpt)  # an unknown architecture or weights that do not fit fail here, not on a worker
         arch = str(ckpt["arch"].get("name", "unetv0"))

@@ -143,7 +143,10 @@ def tls_security(ca_file: str | None = None, cert: str | None = None, key: str |
         missing = [name for name, value in given.items() if not value]
         if missing:
             raise CleftchunkError(f"TLS needs all of --tls-ca-file, --tls-cert and --tls-key ({', '.join(missing)} missing)")
+        from cleftchunk.urls import local_file
+
         for name, value in given.items():
+            local_file(value, f"--tls-{name.replace('_', '-')}")  # certificates are local files: a URL is refused as given
             if not os.path.isfile(value):
                 raise CleftchunkError(f"TLS {name.replace('_', ' ')} {value} does not exist: check --tls-{name.replace('_', '-')}")
         return Security(
@@ -180,6 +183,7 @@ def _remote_client(spec: ClusterSpec) -> Iterator[object]:
             raise CleftchunkError(
                 f"--scheduler {spec.scheduler} uses TLS: give --tls-ca-file, --tls-cert and --tls-key (or set distributed.comm.tls in the Dask config)"
             )
+    probe_scheduler(spec.scheduler, security)
     try:
         client = Client(spec.scheduler, timeout="20s", security=security)
     except OSError as e:  # refused, timed out, or closed in the TLS handshake (CommClosedError, ssl errors)
@@ -189,6 +193,91 @@ def _remote_client(spec: ClusterSpec) -> Iterator[object]:
         raise CleftchunkError(f"--scheduler {spec.scheduler} is not a scheduler address ({_first_line(e)}): use tcp://host:port or tls://host:port") from None
     with client:
         yield client
+
+
+#: A Dask message starts with its length in bytes (8, little-endian); the first message a
+#: scheduler sends (its handshake) is small. Larger means the bytes are not Dask's: read as a
+#: length, "HTTP/1.1" is 3.07 EiB, which distributed would try to allocate.
+_HANDSHAKE_LIMIT = 1 << 26
+
+
+def handshake_timeout() -> float:
+    return float(os.environ.get("CLEFTCHUNK_CONNECT_TIMEOUT", 10.0))
+
+
+def probe_scheduler(address: str, security: Any = None, timeout: float | None = None) -> None:
+    """Make sure a Dask scheduler answers at ``address`` before distributed connects to it.
+
+    distributed's connect timeout does not cover its handshake: a server that accepts the
+    connection and says nothing (an HTTP server waits for a request) hangs the command, and one
+    that answers something else (a proxy's HTTP error) is read as a message length. A scheduler
+    sends its handshake as soon as a connection is accepted; this reads the first 8 bytes of it,
+    within ``timeout`` seconds, and names what answered otherwise."""
+    import ssl
+    from urllib.parse import urlsplit
+
+    timeout = handshake_timeout() if timeout is None else timeout
+    scheme, _, rest = address.partition("://")
+    given = bool(rest)  # a scheme was written: the address must be complete
+    if not rest:
+        scheme, rest = "tcp", address
+    if scheme not in ("tcp", "tls"):
+        return  # inproc://, ucx://: not a socket this can look at
+    try:
+        parts = urlsplit(f"//{rest}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if (not host or not port) and given:
+        raise CleftchunkError(f"--scheduler {address} is not a scheduler address: use tcp://host:port or tls://host:port")
+    if not host or not port:
+        return  # distributed names what is wrong with a schemeless address
+    where = f"the Dask scheduler at {address}"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except socket.gaierror as e:
+        raise CleftchunkError(f"cannot connect to {where}: the host {host} cannot be resolved (no address for it): check --scheduler") from None
+    except TimeoutError:
+        raise CleftchunkError(f"cannot connect to {where}: no answer within {timeout:g} s (a firewall, or the machine is down): check --scheduler") from None
+    except OSError as e:
+        raise CleftchunkError(f"cannot connect to {where} ({e.strerror or type(e).__name__}): check --scheduler and that the scheduler runs") from None
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            if scheme == "tls":
+                context = security.get_connection_args("client").get("ssl_context") if security is not None else None
+                if context is None:  # no certificates yet (the caller finds them): reachable is all this can tell
+                    return
+                context.check_hostname = False  # distributed checks the certificate itself, by its own rules
+                sock = context.wrap_socket(sock, server_hostname=host)
+            first = _receive(sock, 8)
+            if not first:
+                sock.sendall(b"HEAD / HTTP/1.0\r\n\r\n")  # silent: ask it whether it speaks HTTP
+                reply = _receive(sock, 5)
+                what = "answered like an HTTP server" if reply.startswith(b"HTTP/") else f"sent nothing within {timeout:g} s"
+                raise CleftchunkError(f"{address} {what}, not a Dask scheduler: check the port of --scheduler (a scheduler's is 8786 by default; 8787 is its dashboard)")
+        except ssl.SSLError as e:
+            raise CleftchunkError(f"{address} did not complete a TLS handshake ({e.reason or e}): check that it is a Dask scheduler with TLS and the --tls-* certificates") from None
+        except OSError as e:
+            raise CleftchunkError(f"cannot talk to {where} ({e.strerror or type(e).__name__}): check --scheduler") from None
+    if first.startswith(b"HTTP/") or int.from_bytes(first.ljust(8, b"\0"), "little") > _HANDSHAKE_LIMIT:
+        shown = first.decode("ascii", "replace")
+        what = "answered like an HTTP server (a proxy?)" if first.startswith(b"HTTP/") else f"answered {shown!r}"
+        raise CleftchunkError(f"{address} {what}, not a Dask scheduler: check --scheduler (and unset HTTP proxies for it)")
+
+
+def _receive(sock: socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes; b"" when the peer sends nothing within the socket's timeout or closes."""
+    data = b""
+    while len(data) < size:
+        try:
+            chunk = sock.recv(size - len(data))
+        except TimeoutError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _first_line(error: BaseException) -> str:

@@ -182,6 +182,11 @@ class Operation:
     def write_state(self, handle: Any, state: dict) -> None:
         raise NotImplementedError
 
+    def holds_nothing(self) -> bool:
+        """Whether the existing output holds nothing at all (folders, empty files: what a run that
+        failed while creating it leaves), so that it may be created afresh without --overwrite."""
+        return False
+
     def record_path(self) -> Path:
         raise NotImplementedError
 
@@ -209,6 +214,10 @@ def run_operation(operation: Operation, options: RunOptions | None = None, log: 
     if options.dry_run:
         log(plan.describe(options))
         return None
+    if options.scheduler and client is None:  # a wrong address fails here, before the output is created
+        from cleftchunk.run.cluster import probe_scheduler
+
+        probe_scheduler(options.scheduler, options.security)
     if not operation.output:  # an operation that writes no volume (evaluate): no lifecycle to keep
         with _client(options, client) as c:
             return operation.execute(Running(c, options, None, log), None)
@@ -241,6 +250,10 @@ def _open(operation: Operation, identity: dict, digest: str, overwrite: bool) ->
     """Reopen the output to resume (same identity), or create it; refuse anything else."""
     if operation.exists() and not overwrite:
         stored = operation.read_state()
+        if stored is None and operation.holds_nothing():
+            # what a run that created the output and failed before writing its state leaves (a
+            # full disk): nothing of anyone's, so it is created afresh, never refused as foreign
+            return _create(operation, identity, digest, overwrite=True)
         if stored is None:
             raise CleftchunkError(
                 f"{operation.output} exists and is not {operation.output_name or f'a cleftchunk {operation.stage} output'}: "
@@ -253,6 +266,10 @@ def _open(operation: Operation, identity: dict, digest: str, overwrite: bool) ->
                 f"({', '.join(changed) or 'format'} differ): pass --overwrite to replace it, or choose another output"
             )
         return operation.reopen(), stored
+    return _create(operation, identity, digest, overwrite)
+
+
+def _create(operation: Operation, identity: dict, digest: str, overwrite: bool) -> tuple[Any, dict]:
     if overwrite:
         remove_record(operation.record_path())
     state = {"identity": identity, "identity_hash": digest, "complete": False, "started": now(), **operation.extra_state()}

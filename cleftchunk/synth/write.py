@@ -190,16 +190,20 @@ class Synth(VolumeOperation):
         import zarr
 
         # the state first: a run killed while creating the images resumes (reopen creates them)
-        zarr.open_group(str(self.path), mode="w" if overwrite else "a").attrs[ATTR] = state
+        # created with its state in one write: a bare group left by a full disk would be refused as someone's
+        zarr.open_group(str(self.path), mode="w" if overwrite else "a", attributes={ATTR: state}).attrs[ATTR] = state
         return self.reopen()
 
     def reopen(self) -> Any:
         """The file, or the images of the sample (any a killed run did not create yet, created)."""
         if self.kind == "cremi":
             return self.path
+        from cleftchunk.io.guard import holds_nothing
+
+        # an image a failed run began and left empty (a full disk between its group and its array) is created afresh
         return {name: create_volume(
             f"{self.path}/{name}", self.shape, DTYPES[name], chunks=self.chunks, voxel_size=VOXEL_SIZE, fill_value=FILL[name],
-            exist_ok=True, attrs={ATTR: {"seed": self.seed, "difficulty": self.params.difficulty}, **kind_attrs(KIND[name])},
+            exist_ok=True, overwrite=not is_url(self.path) and holds_nothing(Path(f"{self.path}/{name}"), bare_group=True), attrs={ATTR: {"seed": self.seed, "difficulty": self.params.difficulty}, **kind_attrs(KIND[name])},
         ) for name in NAMES}
 
     # -- the work --------------------------------------------------------------------------------

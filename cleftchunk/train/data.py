@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cleftchunk.backend import configure_torch
 from cleftchunk.train.augment import AugmentConfig, Augmenter
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.intensity import image_scale
+from cleftchunk.intensity import image_scale, nan_if_not_finite
 from cleftchunk.labels import label_codes, resolve_label_kind
 from cleftchunk.geometry import Roi
 from cleftchunk.frames import paired
@@ -296,7 +296,7 @@ class CropSampler:
 
     def _image(self, index: int, offset: Sequence[int], plan: Any, base: np.ndarray) -> np.ndarray:
         volume = self.volumes[index]
-        image = self.augmenter.resample(self.images[index], Roi.from_shape(volume.shape), offset, plan, order=1, base=base)
+        image = self.augmenter.resample(self.images[index], Roi.from_shape(volume.shape), offset, plan, order=1, base=base, convert=nan_if_not_finite)
         image *= np.float32(volume.scale)
         return self.augmenter.finish_image(image, plan)
 
@@ -312,6 +312,7 @@ class CropSampler:
             "index": torch.tensor(batch_index),
             # this loader worker's decoded-chunk cache so far (its hit rate goes to the log)
             "cache": torch.tensor([self.cache.hits, self.cache.misses, self.cache.bytes]),
+            "where": torch.tensor([[s["volume"], *s["offset"]] for s in samples], dtype=torch.int64),  # volume, voxel offset: named if non-finite
         }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -139,7 +139,9 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
             try:
                 loss, logits = trainer.step(batch)
             except NonFiniteLoss as e:
-                raise CleftchunkError(non_finite_message(e.value, trainer.iteration + 1, last)) from None
+                raise CleftchunkError(non_finite_message(f"the loss became {e.value}", trainer.iteration + 1, last, batch, volumes)) from None
+            if not gradients_finite(trainer.net):  # a finite loss can still give NaN gradients (a masked NaN)
+                raise CleftchunkError(non_finite_message("a gradient became NaN or inf", trainer.iteration, last, batch, volumes))
             logger.iteration(trainer, loss, batch, logits)
             if dist.main and should_save(trainer.iteration, config):
                 save_both(trainer, config)
@@ -188,7 +190,10 @@ def should_save(iteration: int, config: TrainConfig) -> bool:
 
 
 def save_both(trainer: Trainer, config: TrainConfig) -> Path:
-    """``volume_<iteration>.pth`` (the original's name) and ``last.pth``, both written atomically."""
+    """``volume_<iteration>.pth`` (the original's name) and ``last.pth``, both written atomically;
+    never weights holding NaN or inf."""
+    if not weights_finite(trainer.inference_state()):
+        raise CleftchunkError(non_finite_message("the weights became NaN or inf", trainer.iteration, config.output_dir / "last.pth"))
     named = trainer.save(config.output_dir / f"volume_{trainer.iteration}.pth")
     tmp = config.output_dir / ".last.pth.copy.tmp"
     shutil.copyfile(named, tmp)
@@ -196,13 +201,46 @@ def save_both(trainer: Trainer, config: TrainConfig) -> Path:
     return named
 
 
-def non_finite_message(value: float, iteration: int, last: Path) -> str:
+def crops(batch: dict, volumes: Sequence, only: Any = None) -> str:
+    """Where a batch's crops are from ("VOLUME at voxel Z,Y,X; ..."), or those ``only`` selects."""
+    rows = batch.get("where")
+    if rows is None:
+        return ""
+    rows = rows if only is None else rows[only]
+    named = list(dict.fromkeys(f"{volumes[int(w[0])].name} at voxel {','.join(str(int(c)) for c in w[1:])}" for w in rows))
+    return "; ".join(named[:4]) + ("; ..." if len(named) > 4 else "")
+
+
+def gradients_finite(net: torch.nn.Module) -> bool:
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
+
+
+def weights_finite(state: dict) -> bool:
+    tensors = [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
+    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors)).sum()))
+
+
+def _kept(last: Path) -> str:
     if last.is_file():
-        kept = f"the last good checkpoint is {last} (iteration {load_checkpoint(last)['iteration']})"
-    else:
-        kept = "no checkpoint was written yet"
+        return f"the last good checkpoint is {last} (iteration {load_checkpoint(last)['iteration']})"
+    return "no checkpoint was written yet"
+
+
+def non_finite_message(what: str, iteration: int, last: Path, batch: dict | None = None, volumes: Sequence = ()) -> str:
+    """Why training stopped at ``iteration``: the crops of the batch named, those holding NaN or inf
+    (a float image without data there) as the cause."""
+    image = batch.get("image") if batch else None
+    finite = torch.isfinite(image).flatten(1).all(1) if image is not None else None
+    if finite is not None and not bool(finite.all()):
+        bad = crops(batch, volumes, ~finite)
+        return (
+            f"{what} at iteration {iteration}, so training stopped: a training crop holds NaN or inf{' (' + bad + ')' if bad else ''}; "
+            f"{_kept(last)}; replace the non-finite voxels of the image (e.g. by 0) and train again"
+        )
+    shown = crops(batch, volumes) if batch else ""
     return (
-        f"the loss became {value} at iteration {iteration}, so training stopped; {kept}; "
+        f"{what} at iteration {iteration}{' (crops: ' + shown + ')' if shown else ''}, so training stopped; {_kept(last)}; "
         "lower the learning rate (-lr) and --resume, or check the input data"
     )
 
