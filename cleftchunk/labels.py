@@ -186,7 +186,7 @@ def check_sparse(volume: Any, kind: str, where: str, boxes: int | None = None) -
     if total and cleft > MOST * total:
         raise CleftchunkError(
             f"{where}: read as {kind} labels, {cleft / total:.0%} of the sampled voxels would be clefts: it looks like "
-            "probabilities: --kind prob (or neuron ids, which are not cleft labels; evaluate: --pred-kind/--gt-kind)"
+            "probabilities: --kind prob (or neuron ids, which are not cleft labels)"
         )
     return kind
 
@@ -200,7 +200,7 @@ def _uint8_kind(where: str, high: float, whole: bool) -> str:
         return "mask"
     raise CleftchunkError(
         f"{where}: uint8 values with no stated kind, and every sampled chunk holds only 0: "
-        "say what it holds with --kind mask (non-zero = cleft) or --kind prob (p*255) (evaluate: --pred-kind/--gt-kind)"
+        "say what it holds with --kind mask (non-zero = cleft) or --kind prob (p*255)"
     )
 
 

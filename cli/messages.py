@@ -22,7 +22,7 @@ GROUP_FLAGS = frozenset({"--debug", "--help", "--version"})
 LABEL_MODES = {"ids": "cremi", "cremi": "cremi", "main": "zero-background", "zero-background": "zero-background", "mask": "nonzero", "nonzero": "nonzero"}
 _KIND = re.compile(r"--kind\b( ([a-z-]+(?:\|[a-z-]+)*))?")
 #: The sub-commands (cli/main.py's COMMANDS; not imported from there, which imports this).
-COMMAND_NAMES = frozenset({"convert", "info", "synth", "train", "predict", "segment", "threshold", "export", "evaluate", "view", "demo"})
+COMMAND_NAMES = frozenset({"convert", "info", "synth", "train", "count_clefts", "predict", "segment", "threshold", "export", "evaluate", "view", "demo"})
 #: A hint in parentheses for another command, e.g. "(evaluate: --pred-kind/--gt-kind)".
 _OTHER_COMMAND = re.compile(r"\s*\((\w+): [^()]*\)")
 #: Flags in a quoted command line (`cleftchunk convert --channel 0`) belong to that command.
@@ -62,6 +62,8 @@ def _kind_flag(match: re.Match, flags: set[str], message: str, params: dict) -> 
     if "--label-mode" in flags:  # train: the same kinds under their label-mode names
         if not values:
             return "--label-mode"
+        if not any(v in LABEL_MODES for v in values.split("|")):  # prob: no label mode reads probabilities
+            return "give cleft labels as --labels (train learns from labels, not probabilities)"
         return "--label-mode " + "|".join(dict.fromkeys(LABEL_MODES.get(v, v) for v in values.split("|")))
     if "--gt-kind" in flags:  # evaluate: the kind of the volume the message is about
         gt, pred = (str(params.get(k) or "") for k in ("gt", "pred"))

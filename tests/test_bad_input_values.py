@@ -19,7 +19,7 @@ import torch
 
 from cleftchunk.io.volumes import open_volume
 from cleftchunk.labels import CREMI_BACKGROUND
-from test_bad_input import put, snapshot
+from test_bad_input import assert_flags_exist, put, snapshot
 
 SHAPE = (4, 32, 32)
 SHIFT_400 = (0, 0, 400)  # 100 voxels of 4 nm along x: no overlap with a 32-voxel-wide volume
@@ -96,7 +96,8 @@ def with_(base, *extra):
 
 VOXEL_SIZES_DIFFER = r"voxel sizes differ: .*\(40.0, 4.0, 4.0\) nm.*\(40.0, 8.0, 8.0\) nm.*--ignore-frame"
 FRACTION_MESSAGE = r"a fraction of a voxel.*--ignore-frame"
-LOOKS_LIKE_PROB = r"of the sampled voxels would be clefts: it looks like probabilities: --kind prob"
+LOOKS_LIKE_PROB = (r"of the sampled voxels would be clefts: it looks like probabilities: "
+                   r"(--kind prob|--pred-kind prob|--gt-kind prob|give cleft labels as --labels)")
 
 CASES = [
     # -- frames that do not line up: train (image and labels) -------------------------------------
@@ -212,6 +213,7 @@ def test_bad_value_is_one_clear_line_and_changes_nothing(wv, tmp_path, run_cli, 
     assert len(errors) == 1 and out.rstrip("\n").endswith(errors[0]) and errors[0].startswith("error: "), out
     assert "unexpected" not in out and "Traceback" not in out, out
     assert re.search(message, out), out
+    assert_flags_exist(args[0], errors[0])  # the message speaks this command's own flags
     after = snapshot(wv, tmp_path)
     assert {k: after.get(k) for k in before} == before, "a file the user had was changed or deleted"
     assert set(after) == set(before), f"files were created: {sorted(set(after) - set(before))}"
