@@ -12,9 +12,11 @@ The volume is read lazily: a read touches only the chunks it overlaps. Voxel siz
 come from the scale's ``resolution`` and ``voxel_offset`` (+ the ROI's start); axes are turned
 from precomputed's x, y, z, channel to cleftchunk's z, y, x.
 
-Why tensorstore rather than CloudVolume: one wheel (CloudVolume brings ~35 packages), a reader
-that does not hold the GIL while it decodes, and 1.6× the read speed on the same local volume
-(benchmarks/storage.py; docs/storage.md). The same driver writes outputs: uint8 as ``raw``,
+Why tensorstore rather than CloudVolume: one wheel (CloudVolume added 37 packages to this environment), one library
+that also writes precomputed (compressed_segmentation included) and N5 and takes an S3 endpoint,
+and reads that already beat the OME-Zarr path on the same data (benchmarks/storage.py). CloudVolume
+read a whole local raw region faster still (docs/storage.md has the numbers); reads are not
+predict's bottleneck, so that did not decide it. The same driver writes outputs: uint8 as ``raw``,
 uint32/uint64 as ``compressed_segmentation``, unsharded so that each chunk is one object and
 blocks made of whole chunks (run/options.block_shape_for) never share one. What cleftchunk records
 about an output (its operation state) lies in ``cleftchunk.json`` beside ``info``, which
