@@ -104,6 +104,12 @@ def test_missing_volumes_and_read_only_places_are_one_line_errors(tmp_path):
         open_volume("precomputed://ftp://host/em")
     with pytest.raises(CleftchunkError, match="https:// is read-only"):
         create_volume("precomputed://https://example.org/em", (4, 8, 8), np.uint8, voxel_size=(40, 4, 4))
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    for overwrite in (False, True):  # a folder of other files is never written into, nor removed
+        with pytest.raises(CleftchunkError, match="holds files but no precomputed volume"):
+            create_volume(f"precomputed://{tmp_path}/notes", (4, 8, 8), np.uint8, voxel_size=(40, 4, 4), overwrite=overwrite)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
     with pytest.raises(CleftchunkError, match="drop the #mip"):
         create_volume(f"precomputed://{tmp_path}/out#mip=1", (4, 8, 8), np.uint8, voxel_size=(40, 4, 4))
 
@@ -199,6 +205,24 @@ def test_segment_into_precomputed_is_compressed_segmentation_with_the_zarr_ids(t
     segment(f"{source}#roi=0:4,0:16,0:16", boxed_zarr, threshold=200, connectivity=6, chunks=(4, 8, 8), run=RunOptions())
     assert open_volume(box).shape == (4, 16, 16)
     np.testing.assert_array_equal(open_volume(box)[...], open_volume(boxed_zarr)[...])
+
+
+def test_evaluate_view_and_train_read_precomputed_specs(tmp_path, run_cli):
+    from cleftchunk.train.data import under_root
+    from cleftchunk.view import ViewLayers, build_viewer
+
+    pytest.importorskip("neuroglancer", reason="cleftchunk view needs neuroglancer")
+    labels = np.zeros((8, 32, 32), np.uint64)
+    labels[2:5, 4:12, 4:12], labels[5:7, 20:30, 18:26] = 1, 2
+    spec = f"precomputed://file://{tmp_path}/clefts"
+    volume = create_volume(spec, labels.shape, np.uint64, chunks=(4, 16, 16), voxel_size=(40, 4, 4))
+    volume.write(volume.roi, labels)
+    result = run_cli("evaluate", spec, spec, "--pred-kind", "main", "--gt-kind", "main")
+    rows = dict(line.rsplit(None, 1) for line in result.output.splitlines()[:8])  # a volume against itself
+    assert float(rows["CREMI score (nm)"]) == 0 and float(rows["F1"]) == 1
+    viewer = build_viewer(ViewLayers(spec + "#roi=0:8,0:32,0:32", None, spec), port=0)
+    assert viewer is not None
+    assert under_root(spec, "/data") == spec  # -t ROOT never goes in front of a URL
 
 
 def test_info_lists_scales_voxel_sizes_and_bounds(pyramid, run_cli):

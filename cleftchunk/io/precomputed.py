@@ -353,8 +353,11 @@ def create(spec: str, shape: Sequence[int], dtype: Any, chunks: Sequence[int], v
     if segmentation:
         scale["compressed_segmentation_block_size"] = [8, 8, 8]
     ts = _ts()
-    if overwrite:
-        _clear(base)
+    if exists(base):
+        if overwrite:
+            _clear(base)
+    else:
+        _refuse_foreign_files(base)
     meta = {"type": "segmentation" if segmentation else "image", "data_type": dtype.name, "num_channels": 1}
     open_spec = {"driver": "neuroglancer_precomputed", "kvstore": kvstore(base), "multiscale_metadata": meta, "scale_metadata": scale}
     _result(ts.open(open_spec, create=True, read=True, write=True), spec, "create it")
@@ -389,6 +392,14 @@ def create_volume(spec: str, shape: Sequence[int], dtype: Any, chunks: Sequence[
     volume = Volume(spec, None, tuple(float(v) for v in voxel_size), offset_nm, mode="r+")
     volume._array = array
     return volume
+
+
+def _refuse_foreign_files(spec: str) -> None:
+    """A local folder holding files but no volume is someone else's: never written into (and so
+    never removed by a later --overwrite)."""
+    store = kvstore(spec)
+    if store["driver"] == "file" and Path(store["path"]).is_dir() and any(Path(store["path"]).iterdir()):
+        raise CleftchunkError(f"{spec}: {store['path']} holds files but no precomputed volume: write to a new or empty folder")
 
 
 def _clear(spec: str) -> None:
