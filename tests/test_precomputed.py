@@ -146,6 +146,11 @@ def test_predict_from_and_into_precomputed_gives_the_zarr_bytes(tmp_path, pyrami
         predict(model, spec, f"precomputed://file://{tmp_path}/other", window, run.but(block_shape=(4, 24, 16)), out, **QUIET)
     with pytest.raises(CleftchunkError, match="overwrite"):  # another model: refused, not mixed in
         predict(tiny_model(1), spec, target, window, run, out, **QUIET)
+    # the input's own place, spelt otherwise and without its #selection: never written, even with --overwrite
+    plain = f"precomputed://{spec[len('precomputed://file://'):]}/"
+    with pytest.raises(CleftchunkError, match="is where the source lives"):
+        predict(model, spec + "#mip=1", plain, window, run.but(overwrite=True), out, **QUIET)
+    assert open_volume(spec)[...].tobytes() == full.tobytes()
 
 
 def test_an_interrupted_precomputed_prediction_resumes_to_the_same_bytes(tmp_path, pyramid):

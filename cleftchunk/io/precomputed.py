@@ -110,6 +110,18 @@ def kvstore(spec: str) -> dict:
     raise CleftchunkError(f"{spec}: unknown storage scheme {scheme}://; use precomputed://gs://, s3://, https://, file:// or a local path")
 
 
+def place(spec: str) -> str:
+    """Where the volume's files lie, one spelling per place (for comparing outputs with inputs):
+    an absolute local path, ``s3://bucket/path``, ``gs://bucket/path`` or the base URL."""
+    store = kvstore(spec)
+    if store["driver"] == "file":
+        return store["path"].rstrip("/")
+    if store["driver"] == "http":
+        return store["base_url"].rstrip("/")
+    scheme = "s3" if store["driver"] == "s3" else "gs"
+    return f"{scheme}://{store['bucket']}/{store['path']}".rstrip("/")
+
+
 def _s3_options() -> dict:
     """The endpoint and region the AWS variables name (MinIO, Ceph, the tests' server); credentials
     are read by tensorstore itself from the same variables, profile and files as the AWS tools."""
