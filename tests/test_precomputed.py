@@ -114,6 +114,19 @@ def test_missing_volumes_and_read_only_places_are_one_line_errors(tmp_path):
         create_volume(f"precomputed://{tmp_path}/out#mip=1", (4, 8, 8), np.uint8, voxel_size=(40, 4, 4))
 
 
+def test_a_damaged_info_file_is_a_one_line_error(pyramid, tmp_path):
+    spec, _, _ = pyramid
+    info_file = Path(spec[len("precomputed://file://"):]) / "info"
+    info = json.loads(info_file.read_text())
+    del info["scales"][0]["resolution"]
+    info_file.write_text(json.dumps(info))
+    with pytest.raises(CleftchunkError, match="its info file is not a precomputed volume's .KeyError: 'resolution'"):
+        open_volume(spec)
+    info_file.write_text("{not json")
+    with pytest.raises(CleftchunkError, match="its info file is not JSON"):
+        open_volume(spec)
+
+
 def test_cloud_urls_name_the_right_stores():
     assert precomputed.kvstore("precomputed://gs://bucket/a/em#mip=1") == {"driver": "gcs", "bucket": "bucket", "path": "a/em/"}
     assert precomputed.kvstore("precomputed://https://host/data/em/") == {"driver": "http", "base_url": "https://host/data/em/"}

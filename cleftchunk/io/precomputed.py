@@ -185,11 +185,15 @@ def scale_lines(info: dict) -> list[str]:
     """One line per scale: index, voxel size z,y,x nm, shape z,y,x, offset z,y,x (voxels), chunks, encoding."""
     lines = []
     for i, scale in enumerate(info.get("scales", [])):
-        zyx = lambda v: ",".join(f"{x:g}" for x in reversed(v))  # noqa: E731
         chunks = scale.get("chunk_sizes", [[0, 0, 0]])[0]
-        lines.append(f"mip {i}: {zyx(scale['resolution'])} nm, shape {zyx(scale['size'])}, offset {zyx(scale.get('voxel_offset', [0, 0, 0]))}, "
-                     f"chunks {zyx(chunks)}, {scale.get('encoding', 'raw')}{', sharded' if scale.get('sharding') else ''}")
+        lines.append(f"mip {i}: {_zyx(scale['resolution'])} nm, shape {_zyx(scale['size'])}, offset {_zyx(scale.get('voxel_offset', [0, 0, 0]))}, "
+                     f"chunks {_zyx(chunks)}, {scale.get('encoding', 'raw')}{', sharded' if scale.get('sharding') else ''}")
     return lines
+
+
+def _zyx(values: Sequence[float]) -> str:
+    """precomputed's x, y, z as cleftchunk's Z,Y,X text."""
+    return ",".join(f"{v:g}" for v in reversed(values))
 
 
 def choose_scale(spec: str, info: dict, mip: str | None) -> int:
@@ -228,6 +232,13 @@ class PrecomputedArray:
         info = read_info(self.spec)
         if info is None:
             raise CleftchunkError(f"{self.spec}: no precomputed volume there (no info file): check the path")
+        try:
+            self._describe(info)
+        except (KeyError, TypeError, IndexError, ValueError) as e:  # an info file missing what a volume needs
+            raise CleftchunkError(f"{self.spec}: its info file is not a precomputed volume's ({type(e).__name__}: {e}): repair or re-create it") from None
+        self._view = None
+
+    def _describe(self, info: dict) -> None:
         if int(info.get("num_channels", 1)) != 1:
             raise CleftchunkError(f"{self.spec} has {info['num_channels']} channels: cleftchunk reads single-channel volumes")
         _, selection = split_selection(self.spec)
@@ -244,7 +255,6 @@ class PrecomputedArray:
         self.chunks = tuple(int(c) for c in reversed(scale["chunk_sizes"][0]))
         resolution = tuple(float(r) for r in reversed(scale["resolution"]))
         self.frame = {"voxel_size": list(resolution), "offset": [b * r for b, r in zip(box.offset, resolution)]}
-        self._view = None
 
     @property
     def attrs(self) -> "SidecarAttrs":
