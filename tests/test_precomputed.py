@@ -202,6 +202,8 @@ def test_segment_into_precomputed_is_compressed_segmentation_with_the_zarr_ids(t
     pred = np.where(rng.random((8, 32, 32)) < 0.2, 250, 10).astype(np.uint8)
     source = write_precomputed(tmp_path / "pred", [(pred, (40, 4, 4), (0, 0, 0), (4, 8, 8))])
     target = f"precomputed://file://{tmp_path}/clefts"
+    planned = run_cli("segment", source, "-o", target, "--chunks", "4,8,8", "--dry-run")
+    assert "nothing was created" in planned.output and not (tmp_path / "clefts").exists()
     result = run_cli("segment", source, "-o", target, "--threshold", "200", "--connectivity", "6", "--chunks", "4,8,8", "--block-shape", "4,16,16")
     assert "clefts" in result.output
     zarr_out = str(tmp_path / "s.zarr/clefts")
