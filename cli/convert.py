@@ -7,7 +7,7 @@ import click
 from cleftchunk.io import convert as conv
 from cleftchunk.run.chunks import DEFAULT_TASK_BYTES
 from cleftchunk.errors import CleftchunkError
-from cleftchunk_cli.options import count, parse_zyx, positive_zyx, run_options
+from cleftchunk_cli.options import count, parse_zyx, positive_zyx, run_options, source_selection
 
 
 @click.command("convert")
@@ -29,6 +29,7 @@ from cleftchunk_cli.options import count, parse_zyx, positive_zyx, run_options
 @click.option("--task-mb", type=count(0, example="256"), default=DEFAULT_TASK_BYTES // 2**20, show_default=True,
               help="Source MiB per task when --block-shape is not given (memory ≈ task threads × 3 × this; 0: one storage unit per task).")
 @click.option("--verify", "do_verify", is_flag=True, help="Afterwards compare every chunk with SRC and report mismatches.")
+@source_selection("src")
 @run_options()
 def command(src, dst, dataset, channel, chunks, compressor, shards, voxel_size, offset, mask, background, levels,
             downsample, task_mb, do_verify, run):

@@ -6,12 +6,15 @@ import json
 
 import click
 
+from cleftchunk_cli.options import source_selection
+
 from cleftchunk.io import info as volume_info
 
 
 @click.command("info")
 @click.argument("path")
 @click.option("--dataset", help="Dataset inside PATH (HDF5/Zarr/N5); without it a container lists all its volumes.")
+@source_selection("path")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def command(path, dataset, as_json):
     """Describe PATH: a Zarr/OME-Zarr, HDF5 (CREMI), N5, TIFF, image folder or .npy volume or container."""

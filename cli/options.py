@@ -141,7 +141,8 @@ def ignore_frame_option(function):
 #: Library parameter names whose command-line option is named differently.
 LIBRARY_NAMES = {"window": "model_input", "compile": "compile_model", "input_size": "input_size", "kind": "pred_kind"}
 
-_PARAMETER = re.compile(r"(?<![\w-])([a-z][a-z0-9_]*)=(\S*?)(?=[\s,;:)]*(?:\s|$))")
+# (not after # or &: a precomputed spec's own #mip=..&roi=.. selection stays as written)
+_PARAMETER = re.compile(r"(?<![\w#&-])([a-z][a-z0-9_]*)=(\S*?)(?=[\s,;:)]*(?:\s|$))")
 
 
 def in_flags(message: str, command: click.Command | None) -> str:
@@ -289,3 +290,35 @@ def run_options_of(kwargs: dict):
 
         preflight(run)
     return run
+
+
+# -- which part of a precomputed source: --mip and --roi, one rule for every command that reads one --
+SELECTION_HELP = {
+    "mip": "Scale of a precomputed:// input: its index in the info file (0: full resolution) or its voxel size Z,Y,X in nm, e.g. 40,8,8.",
+    "roi": "Box of a precomputed:// input, Z0:Z1,Y0:Y1,X0:X1 in voxels of that scale (the volume's coordinates, as neuroglancer shows them).",
+}
+
+
+def source_selection(argument: str):
+    """``--mip`` and ``--roi`` for the command's ``argument`` (a volume spec): they are written
+    into a precomputed spec's ``#mip=..&roi=..`` selection (cleftchunk.io.precomputed), which
+    every reader of the spec then honours; the box is checked here with the one box parser."""
+
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(**kwargs):
+            from cleftchunk.io.precomputed import parse_box, with_selection
+
+            mip, roi = kwargs.pop("mip", None), kwargs.pop("roi", None)
+            if roi is not None:
+                parse_box(roi, "--roi")
+            if kwargs.get(argument) is not None:
+                kwargs[argument] = with_selection(kwargs[argument], mip, roi)
+            elif mip is not None or roi is not None:
+                raise CleftchunkError("--mip and --roi choose a part of a precomputed:// input: give the input too")
+            return function(**kwargs)
+
+        wrapper = click.option("--roi", metavar="Z0:Z1,Y0:Y1,X0:X1", help=SELECTION_HELP["roi"])(wrapper)
+        return click.option("--mip", metavar="N|Z,Y,X", help=SELECTION_HELP["mip"])(wrapper)
+
+    return decorate

@@ -17,7 +17,7 @@ import click
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.volumes import split_spec
 from cleftchunk.predict import PRECISIONS, TTA_CHOICES, OutputOptions, WindowOptions, predict
-from cleftchunk_cli.options import amount, count, ignore_frame_option, parse_fraction, positive_zyx, run_options
+from cleftchunk_cli.options import amount, count, ignore_frame_option, parse_fraction, positive_zyx, run_options, source_selection
 
 
 @click.command("predict")
@@ -45,6 +45,7 @@ from cleftchunk_cli.options import amount, count, ignore_frame_option, parse_fra
 @click.option("--load-model", "-lm", hidden=True, help="Accepted for the tutorial's command line; the checkpoint is always loaded.")
 @click.option("--scratch", type=click.Path(file_okay=False), help="Folder for per-block partial results, on a filesystem all workers see (default: beside a local OUTPUT; for an s3:// or gs:// OUTPUT, the current directory, in .<name>.predict-<hash>).")
 @ignore_frame_option
+@source_selection("input_spec")
 @run_options(gpus=True)
 def command(input_spec, output_spec, checkpoint, model_input, overlap, blend, pad, batch_size, tta, scale, precision, compile_model,
             mask, cpus, chunks, root, inputs, output_dir, architecture, load_model, scratch, ignore_frame, run):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cleftchunk.post.segment import DEFAULT_THRESHOLD, segment
-from cleftchunk_cli.options import KIND_CHOICE, THRESHOLD, check_threshold, count, positive_zyx, run_options
+from cleftchunk_cli.options import KIND_CHOICE, THRESHOLD, check_threshold, count, positive_zyx, run_options, source_selection
 
 
 @click.command("segment")
@@ -21,6 +21,7 @@ from cleftchunk_cli.options import KIND_CHOICE, THRESHOLD, check_threshold, coun
 @click.option("--kind", "pred_kind", type=KIND_CHOICE, default="auto", show_default=True,
               help="What PRED holds (auto: from its dtype, metadata and sampled values; see `cleftchunk evaluate --help`).")
 @click.option("--chunks", help="Output chunk shape Z,Y,X (default 16,256,256).")
+@source_selection("pred")
 @run_options()
 def command(pred, output, threshold, min_size, connectivity, pred_kind, chunks, run):
     """Threshold PRED and label its connected components as CREMI cleft ids.

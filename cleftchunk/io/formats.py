@@ -1,5 +1,5 @@
 """How a :class:`~cleftchunk.io.volumes.Volume` finds its array in each storage format (Zarr and
-OME-Zarr groups, HDF5, and the read-only sources), and what is refused: data that is not 3-D
+OME-Zarr groups, HDF5, precomputed, and the read-only sources), and what is refused: data that is not 3-D
 (or 4-D with a channel picked), and data types no stage handles."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.io import sources, stores
+from cleftchunk.io import precomputed, sources, stores
 from cleftchunk.io.ome import multiscale_level0
 
 # ``Volume`` in annotations is cleftchunk.io.volumes.Volume, not imported: volumes imports this module.
@@ -56,6 +56,8 @@ def open_array(volume: Volume) -> Any:
         return _open_zarr(volume)
     if kind == "n5":
         return sources.N5Array(volume.container, volume.inner)
+    if kind == "precomputed":
+        return precomputed.PrecomputedArray(str(volume.container), writable=volume.mode != "r")
     if volume.inner:
         raise CleftchunkError(f"{volume.container} is a {kind} file with no datasets inside; drop {volume.inner!r} from the path")
     if kind == "tiff":

@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io import precomputed
 from cleftchunk.io.specs import HDF5_SUFFIXES
 from cleftchunk.io.stores import is_url, parse_location, resolved
 from cleftchunk.io.volumes import Volume, split_spec
@@ -45,6 +46,8 @@ def location(spec: Any) -> PurePosixPath | None:
         container, inner = spec.container, spec.inner
     else:
         container, inner = split_spec(spec)
+    if precomputed.is_precomputed(container):  # where its files lie, whatever the spelling or #selection
+        return PurePosixPath(precomputed.place(str(container)))
     # URLs compare by their normalized text (s3://b/x.zarr and s3://b/x.zarr/ are one place)
     place = PurePosixPath(resolved(container) if is_url(container) else _resolve(Path(container)).as_posix())
     for part in (inner or "").strip("/").split("/"):

@@ -64,6 +64,8 @@ class VolumeInfo:
 def describe(spec: str | os.PathLike, dataset: str | None = None) -> list[VolumeInfo]:
     """Info for the volume ``spec`` names, or for each volume inside the container it names."""
     container, inner = split_spec(spec, dataset)
+    if source_kind(container) == "precomputed":  # one volume; its scales are listed as its levels
+        return [volume_info(open_volume(spec))]
     stores.check_reachable(container)
     if not stores.exists(container):
         raise CleftchunkError(f"{container} does not exist: check the path")
@@ -171,6 +173,8 @@ def stored_bytes(volume: Volume) -> int | None:
         return sum(p.stat().st_size for p in volume.array.files)
     if kind == "n5":
         return _tree_size(volume.array.path, skip="attributes.json")
+    if kind == "precomputed":
+        return volume.array.stored_bytes()
     if stores.is_url(volume.container):
         return _object_size(volume)
     return _tree_size(volume.container / (volume.inner or ""), skip="zarr.json", also_skip=(".zarray", ".zattrs"))
@@ -195,6 +199,10 @@ def _tree_size(root: Path, skip: str, also_skip: tuple[str, ...] = ()) -> int:
 
 
 def _levels(volume: Volume) -> list[str]:
+    if volume.kind == "precomputed":
+        from cleftchunk.io.precomputed import describe as precomputed_scales
+
+        return precomputed_scales(str(volume.container))
     if not volume.is_zarr or not volume.inner:
         return []
     group = zarr_group(volume.container, volume.inner.rpartition("/")[0])
@@ -229,7 +237,8 @@ def format_info(info: VolumeInfo) -> str:
     if info.note:
         shape = f" {info.shape} {info.dtype}" if info.shape else ""
         return f"{info.spec}{shape}: not a volume ({info.note})"
-    levels = f", OME-Zarr levels {' '.join(info.levels)}" if len(info.levels) > 1 else ""
+    scales = info.kind == "precomputed"
+    levels = f", OME-Zarr levels {' '.join(info.levels)}" if len(info.levels) > 1 and not scales else ""
     vs = f"{_nums(info.voxel_size)} nm" if info.voxel_size_known else "unknown (pass --voxel-size when converting)"
     ratio = f"{_size(info.stored_bytes)} of {_size(info.raw_bytes)} raw (ratio {info.ratio:.3g})" if info.ratio is not None else "n/a"
     if info.stored_bytes == 0:
@@ -244,6 +253,7 @@ def format_info(info: VolumeInfo) -> str:
         ("stored", ratio),
         ("values", f"{_value(info.value_min)} .. {_value(info.value_max)} (sampled {info.sampled_chunks} of {info.total_chunks} chunks)"),
     ]
+    rows += [("scales" if i == 0 else "", line) for i, line in enumerate(info.levels if scales else [])]
     return "\n".join([f"{info.spec} [{info.kind}{levels}]"] + [f"  {k:<11} {v}" for k, v in rows])
 
 

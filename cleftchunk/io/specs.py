@@ -5,7 +5,9 @@
   ``s0, s1, ...``), as napari-ome-zarr and ome-zarr-py name it;
 - ``container.zarr/name`` — a named image (or array) inside a container, as funlib/daisy name it;
 - either Zarr form behind ``s3://``, ``gs://`` or ``https://`` (see :mod:`.stores`);
-- read-only local sources: ``stack.tif``, a folder of images, ``volume.npy``, ``data.n5/raw``.
+- read-only local sources: ``stack.tif``, a folder of images, ``volume.npy``, ``data.n5/raw``;
+- ``precomputed://gs://bucket/path`` (and ``s3://``, ``https://``, ``file://``, a local path), with
+  an optional ``#mip=..&roi=..`` selection (see :mod:`.precomputed`): one volume, no datasets inside.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 from pathlib import Path
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.io import sources, stores
+from cleftchunk.io import precomputed, sources, stores
 from cleftchunk.io.stores import Location
 
 HDF5_SUFFIXES = (".h5", ".hdf", ".hdf5")
@@ -27,6 +29,10 @@ def split_spec(spec: str | os.PathLike, dataset: str | None = None) -> tuple[Loc
     The container is a :class:`Path`, or for a URL the URL string (see :mod:`.stores`).
     """
     text = str(spec)
+    if precomputed.is_precomputed(text):  # the whole spec (its #selection too) names one volume
+        if dataset is not None:
+            raise CleftchunkError(f"{text} is a precomputed volume, with no datasets inside: drop --dataset {dataset}")
+        return text, None
     if isinstance(stores.parse_location(spec), str):  # a URL; malformed ones are refused here
         return _split_url(text, dataset)
     if ":" in text and not text.startswith("file:"):
@@ -69,7 +75,9 @@ def is_hdf5(path: Location) -> bool:
 
 
 def source_kind(container: Location) -> str:
-    """What kind of storage ``container`` is: hdf5, zarr, n5, tiff, npy or folder (URLs: zarr)."""
+    """What kind of storage ``container`` is: hdf5, zarr, n5, tiff, npy, folder or precomputed (URLs: zarr)."""
+    if precomputed.is_precomputed(container):
+        return "precomputed"
     if stores.is_url(container):
         return "zarr"
     suffix = container.suffix.lower()
@@ -89,6 +97,9 @@ def source_kind(container: Location) -> str:
 def check_output_spec(spec: str | os.PathLike) -> None:
     """Refuse an output cleftchunk cannot write: not Zarr, or a read-only URL scheme."""
     container, _ = split_spec(spec)
+    if precomputed.is_precomputed(container):  # (the dtype is checked when it is created)
+        precomputed.check_output(str(container), "uint8")
+        return
     if is_hdf5(container):
         raise CleftchunkError(f"{spec}: cleftchunk writes Zarr; give an output path ending in .zarr (out.zarr or out.zarr/name)")
     if stores.is_url(container):

@@ -8,7 +8,9 @@ A *volume spec* is a string naming one 3-D dataset:
 - ``file.h5:volumes/raw`` (also ``.hdf``, ``.hdf5``) — an HDF5 dataset;
 - ``file.h5`` with ``dataset=`` given separately;
 - read-only sources (see :mod:`cleftchunk.io.sources`): ``stack.tif`` (multi-page TIFF), a folder of
-  per-section ``.tif``/``.png`` images, ``volume.npy``, and N5 datasets ``data.n5/raw``.
+  per-section ``.tif``/``.png`` images, ``volume.npy``, and N5 datasets ``data.n5/raw``;
+- ``precomputed://gs://bucket/path#mip=1&roi=...`` — a neuroglancer precomputed volume (one scale,
+  optionally a box of it), read and written through tensorstore (:mod:`.precomputed`).
 
 Volumes are 3-D (z, y, x). A 4-D source is read one channel at a time: ``channel=K`` (the CLI's
 ``--channel K``) selects channel K along the channel axis, which is the *last* axis when it has at
@@ -35,7 +37,7 @@ import numpy as np
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi, check_voxel_size, voxels_from_nm
-from cleftchunk.io import sources, stores
+from cleftchunk.io import precomputed, sources, stores
 from cleftchunk.io.specs import (  # noqa: F401  (re-exported: the spec rules are part of this API)
     HDF5_SUFFIXES,
     ZARR_SUFFIXES,
@@ -256,11 +258,12 @@ def open_volume(
     with a :class:`CleftchunkError`.
     """
     container, inner = split_spec(spec, dataset)
-    stores.check_reachable(container)
-    if not stores.exists(container):
-        raise CleftchunkError(f"{container} does not exist: check the path")
+    if not precomputed.is_precomputed(container):  # (a precomputed reader says what is missing or unreachable)
+        stores.check_reachable(container)
+        if not stores.exists(container):
+            raise CleftchunkError(f"{container} does not exist: check the path")
     volume = Volume(container, inner, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), mode=mode, channel=channel)
-    if mode != "r" and volume.kind not in ("zarr", "hdf5"):
+    if mode != "r" and volume.kind not in ("zarr", "hdf5", "precomputed"):
         raise CleftchunkError(f"{volume.spec} is a read-only {volume.kind} source: convert it to Zarr first (cleftchunk convert)")
     array = volume.array  # opens, resolving multiscale groups to level 0
     check_3d(array, volume)
@@ -283,6 +286,8 @@ def exists(spec: str | os.PathLike) -> bool:
     what a run killed between creating the group and its ``s0`` leaves: it does not count, so the
     same command creates the array and goes on instead of asking for --overwrite."""
     container, inner = split_spec(spec)
+    if precomputed.is_precomputed(container):
+        return precomputed.exists(str(container))
     if inner is None or is_hdf5(container):
         return stores.exists(container)
     place = stores.join(container, inner)
@@ -326,6 +331,8 @@ def create_volume(
 
     container, inner = split_spec(spec)
     check_output_spec(spec)
+    if precomputed.is_precomputed(container):
+        return precomputed.create_volume(str(container), shape, dtype, chunks or DEFAULT_CHUNKS, voxel_size, offset_nm, attrs, overwrite, exist_ok)
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or any(s <= 0 for s in shape):
         raise CleftchunkError(f"volume shape {shape} must be 3 positive extents (z, y, x)")
@@ -403,7 +410,7 @@ def container_refusal(spec: str | os.PathLike) -> str | None:
     """For an output given as ``out.zarr`` that is a container of images: why it is refused and
     what to write instead. None for anything else."""
     container, inner = split_spec(spec)
-    if inner is not None or is_hdf5(container):
+    if inner is not None or is_hdf5(container) or precomputed.is_precomputed(container):
         return None
     root = zarr_group(container)
     if root is None:

@@ -153,7 +153,7 @@ def open_training_volumes(
 
 def under_root(spec: str, root: str | Path | None) -> str:
     spec = str(spec)
-    if root is None or Path(spec).is_absolute():
+    if root is None or Path(spec).is_absolute() or "://" in spec:  # a URL (s3://, precomputed://...) is never under -t
         return spec
     return str(Path(root) / spec)
 
