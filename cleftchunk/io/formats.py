@@ -141,3 +141,29 @@ def _open_zarr(volume: Volume) -> Any:
         volume.inner = "/".join(p for p in (volume.inner, level0) if p)
         node = node[level0]
     return node
+
+
+class ChannelView:
+    """One channel of a 4-D array, as a 3-D array (see the module docstring for the axis rule)."""
+
+    def __init__(self, array: Any, channel: int, name: str):
+        shape = tuple(int(s) for s in array.shape)
+        if len(shape) != 4:
+            raise CleftchunkError(f"{name} has {len(shape)} axes {shape}; --channel only applies to 4-D data: drop it")
+        self.axis = channel_axis(shape)
+        if not 0 <= channel < shape[self.axis]:
+            raise CleftchunkError(f"{name} has {shape[self.axis]} channels (axis {self.axis} of {shape}): pass --channel 0..{shape[self.axis] - 1}")
+        self.base = array
+        self.index = channel
+        self.shape = shape[: self.axis] + shape[self.axis + 1 :]
+        self.dtype = np.dtype(array.dtype)
+        chunks = getattr(array, "chunks", None) or shape
+        self.chunks = tuple(int(c) for i, c in enumerate(chunks) if i != self.axis)
+        self.attrs = getattr(array, "attrs", {})
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        slices, dropped = sources.normalize_key(key, self.shape)
+        full = list(slices)
+        full.insert(self.axis, self.index)
+        data = np.asarray(self.base[tuple(full)])
+        return data.squeeze(axis=dropped) if dropped else data

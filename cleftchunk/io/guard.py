@@ -133,6 +133,10 @@ def refuse_inside_container(output: Any, what: str = "output", volume: bool = Fa
     array), and whose container (or HDF5 file, which it may replace) lies inside no other store. Object-store outputs are not checked (no folders there)."""
     if isinstance(output, Volume):
         return
+    if isinstance(output, str) and precomputed.is_precomputed(output):  # checked where its files lie
+        output = precomputed.place(output)
+        if "://" in output:
+            return
     if isinstance(parse_location(output, what), str):
         return
     text = os.fspath(output)

@@ -390,11 +390,11 @@ def create(spec: str, shape: Sequence[int], dtype: Any, chunks: Sequence[int], v
 
 def create_volume(spec: str, shape: Sequence[int], dtype: Any, chunks: Sequence[int], voxel_size: Sequence[float],
                   offset_nm: Sequence[float] | None, attrs: dict | None, overwrite: bool, exist_ok: bool) -> Any:
-    """:func:`cleftchunk.io.volumes.create_volume` for a precomputed output: no compressor,
-    shards or fill value to choose (the encoding follows the dtype, missing chunks read 0);
-    refused, resumed (``exist_ok``) or replaced (``overwrite``) as a Zarr one."""
+    """The array of a new precomputed output (for :func:`cleftchunk.io.volumes.create_volume`),
+    or None for an existing one to resume (``exist_ok``; the caller reopens and checks it): no
+    compressor, shards or fill value to choose (the encoding follows the dtype, missing chunks
+    read 0); refused, resumed or replaced (``overwrite``) as a Zarr one."""
     from cleftchunk.geometry import check_voxel_size, voxels_from_nm
-    from cleftchunk.io.volumes import Volume, open_volume
 
     check_output(spec, dtype)
     shape = tuple(int(s) for s in shape)
@@ -405,15 +405,8 @@ def create_volume(spec: str, shape: Sequence[int], dtype: Any, chunks: Sequence[
     if exists(spec) and not overwrite:
         if not exist_ok:
             raise CleftchunkError(f"{spec} exists: pass --overwrite to replace it (or choose another output)")
-        volume = open_volume(spec, mode="r+")
-        want, have = (shape, np.dtype(dtype), chunks), (volume.shape, volume.dtype, volume.chunks)
-        if want != have:
-            raise CleftchunkError(f"{spec} exists with shape/dtype/chunks {have}, not {want}: pass --overwrite to replace it")
-        return volume
-    array = create(spec, shape, dtype, chunks, voxel_size, offset_nm, attrs, overwrite)
-    volume = Volume(spec, None, tuple(float(v) for v in voxel_size), offset_nm, mode="r+")
-    volume._array = array
-    return volume
+        return None
+    return create(spec, shape, dtype, chunks, voxel_size, offset_nm, attrs, overwrite)
 
 
 def _refuse_foreign_files(spec: str) -> None:

@@ -37,7 +37,7 @@ import numpy as np
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi, check_voxel_size, voxels_from_nm
-from cleftchunk.io import precomputed, sources, stores
+from cleftchunk.io import precomputed, stores
 from cleftchunk.io.specs import (  # noqa: F401  (re-exported: the spec rules are part of this API)
     HDF5_SUFFIXES,
     ZARR_SUFFIXES,
@@ -51,6 +51,7 @@ from cleftchunk.io.stores import Location
 from cleftchunk.io.ome import AXES, compressor_codecs, multiscale_level0, ome_multiscales, read_frame, zarr_group
 from cleftchunk.io.formats import (  # noqa: F401  (re-exported: callers import them from here)
     SUPPORTED_DTYPE_KINDS,
+    ChannelView,
     channel_axis,
     check_3d,
     check_dtype,
@@ -202,32 +203,6 @@ class Volume:
         )
 
 
-class ChannelView:
-    """One channel of a 4-D array, as a 3-D array (see the module docstring for the axis rule)."""
-
-    def __init__(self, array: Any, channel: int, name: str):
-        shape = tuple(int(s) for s in array.shape)
-        if len(shape) != 4:
-            raise CleftchunkError(f"{name} has {len(shape)} axes {shape}; --channel only applies to 4-D data: drop it")
-        self.axis = channel_axis(shape)
-        if not 0 <= channel < shape[self.axis]:
-            raise CleftchunkError(f"{name} has {shape[self.axis]} channels (axis {self.axis} of {shape}): pass --channel 0..{shape[self.axis] - 1}")
-        self.base = array
-        self.index = channel
-        self.shape = shape[: self.axis] + shape[self.axis + 1 :]
-        self.dtype = np.dtype(array.dtype)
-        chunks = getattr(array, "chunks", None) or shape
-        self.chunks = tuple(int(c) for i, c in enumerate(chunks) if i != self.axis)
-        self.attrs = getattr(array, "attrs", {})
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        slices, dropped = sources.normalize_key(key, self.shape)
-        full = list(slices)
-        full.insert(self.axis, self.index)
-        data = np.asarray(self.base[tuple(full)])
-        return data.squeeze(axis=dropped) if dropped else data
-
-
 class _LazyReader:
     """Array-like for dask over an HDF5 dataset: opens the file in each worker process."""
 
@@ -332,7 +307,7 @@ def create_volume(
     container, inner = split_spec(spec)
     check_output_spec(spec)
     if precomputed.is_precomputed(container):
-        return precomputed.create_volume(str(container), shape, dtype, chunks or DEFAULT_CHUNKS, voxel_size, offset_nm, attrs, overwrite, exist_ok)
+        return _create_precomputed(str(container), shape, dtype, chunks or DEFAULT_CHUNKS, voxel_size, offset_nm, attrs, overwrite, exist_ok)
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or any(s <= 0 for s in shape):
         raise CleftchunkError(f"volume shape {shape} must be 3 positive extents (z, y, x)")
@@ -439,3 +414,18 @@ def create_like(spec: str | os.PathLike, like: Volume, dtype: Any, chunks: Seque
         offset_nm=like.offset_nm,
         **options,
     )
+
+
+def _create_precomputed(spec: str, shape, dtype, chunks, voxel_size, offset_nm, attrs, overwrite: bool, exist_ok: bool) -> Volume:
+    """create_volume for a precomputed:// output (cleftchunk.io.precomputed makes the array)."""
+    array = precomputed.create_volume(spec, shape, dtype, chunks, voxel_size, offset_nm, attrs, overwrite, exist_ok)
+    if array is None:  # resumed: it must be the volume this run would create
+        volume = open_volume(spec, mode="r+")
+        want = (tuple(int(s) for s in shape), np.dtype(dtype), tuple(min(int(c), int(s)) for c, s in zip(chunks, shape)))
+        have = (volume.shape, volume.dtype, volume.chunks)
+        if want != have:
+            raise CleftchunkError(f"{spec} exists with shape/dtype/chunks {have}, not {want}: pass --overwrite to replace it")
+        return volume
+    volume = Volume(spec, None, tuple(float(v) for v in voxel_size), tuple(float(o) for o in (offset_nm or (0.0, 0.0, 0.0))), mode="r+")
+    volume._array = array
+    return volume
