@@ -284,6 +284,8 @@ def probability_scale(volume: Any, read: bool = True) -> float:
     scale = prob_scale(volume)
     if read and np.dtype(volume.dtype).kind == "f":
         low, high, _ = sampled_range(volume)
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise CleftchunkError(f"{spec}: probabilities hold NaN or infinite values: fix the prediction (predict writes none)")
         if not (0 <= low and high <= scale):
             raise CleftchunkError(
                 f"{spec}: float values span [{low:g}, {high:g}], not probabilities in [0, {scale:g}]: "
@@ -313,6 +315,11 @@ def cleft_mask(data: np.ndarray, kind: str, threshold: float = DEFAULT_THRESHOLD
             return data >= threshold  # exact, as predict writes them
         if data.dtype == np.uint16 and full == 65535:
             return data >= threshold * 257  # 65535 / 255 = 257 exactly
+        if data.dtype.kind == "f" and not np.isfinite(data).all():  # NaN >= t is False: never silently background
+            raise CleftchunkError(
+                f"probabilities hold {np.count_nonzero(~np.isfinite(data))} NaN or infinite values in a block: "
+                "fix the prediction (predict writes none), or replace them before thresholding"
+            )
         return data >= threshold / 255.0 * full
     raise ValueError(f"not a cleft kind: {kind!r}")
 

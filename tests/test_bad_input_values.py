@@ -319,3 +319,17 @@ def test_predict_places_a_mask_by_its_offset_or_takes_it_voxel_for_voxel(wv, run
     run_cli("predict", wv / "in.zarr/raw", tmp_path / "unplaced.zarr/pred", *base, "--mask", tmp_path / "n.zarr/mask")
     unplaced = open_volume(tmp_path / "unplaced.zarr/pred")[:]
     assert (unplaced[:, :, :16] == 0).all() and plain[:, :, :16].any()
+
+
+@pytest.mark.parametrize("command", ["threshold", "segment"])
+def test_float_probabilities_holding_nan_are_refused_not_taken_as_background(tmp_path, run_cli, command):
+    from cleftchunk.io.volumes import create_volume
+
+    spec = str(tmp_path / "p.zarr")
+    data = np.full((4, 32, 32), 0.9, np.float32)
+    data[2, 5, 5] = np.nan
+    create_volume(spec, data.shape, np.float32, chunks=(4, 32, 32)).array[:] = data
+    out = tmp_path / "o.zarr"
+    args = (command, spec, "-o", out, "--kind", "prob") if command == "segment" else (command, spec, "-o", out)
+    result = run_cli(*args, expect=None)
+    assert result.exit_code != 0 and "NaN or infinite" in result.output, result.output
