@@ -185,7 +185,8 @@ def ensure_data() -> Path:
 
 def run_json(code: str) -> dict:
     out = measure(python_argv(code), env={"OMP_NUM_THREADS": "1"}).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    # the last JSON line: interpreter warnings at exit (a leaked-semaphore note) may follow it
+    return json.loads([line for line in out.strip().splitlines() if line.startswith("{")][-1])
 
 
 #: The rows the issue names, then the others of the fragment.
