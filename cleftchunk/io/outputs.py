@@ -24,6 +24,7 @@ from cleftchunk.io.volumes import DEFAULT_CHUNKS, create_like, exists, open_volu
 from cleftchunk.run.executor import BlockwiseTask, RunReport
 from cleftchunk.run.operation import Operation, Plan, Running
 from cleftchunk.run.options import RunOptions
+from cleftchunk.run.chunks import remove_partial_writes
 from cleftchunk.run.records import record_path_beside
 
 
@@ -45,7 +46,12 @@ class VolumeOperation(Operation):
         handle.array.attrs[self.attribute] = state
 
     def reopen(self) -> Any:
-        return open_volume(self.output, mode="r+")
+        """The output, to resume: without the temporary files of writes a kill cut short (each
+        chunk lands by a rename, so a killed write leaves a ``*.partial`` file, never a chunk)."""
+        volume = open_volume(self.output, mode="r+")
+        if hasattr(volume.array, "store_path"):  # a Zarr array (precomputed outputs have no such files)
+            remove_partial_writes(volume.array)
+        return volume
 
     def holds_nothing(self) -> bool:
         container, inner = split_spec(self.output)

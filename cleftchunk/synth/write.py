@@ -199,12 +199,16 @@ class Synth(VolumeOperation):
         if self.kind == "cremi":
             return self.path
         from cleftchunk.io.guard import holds_nothing
+        from cleftchunk.run.chunks import remove_partial_writes
 
         # an image a failed run began and left empty (a full disk between its group and its array) is created afresh
-        return {name: create_volume(
+        images = {name: create_volume(
             f"{self.path}/{name}", self.shape, DTYPES[name], chunks=self.chunks, voxel_size=VOXEL_SIZE, fill_value=FILL[name],
             exist_ok=True, overwrite=not is_url(self.path) and holds_nothing(Path(f"{self.path}/{name}"), bare_group=True), attrs={ATTR: {"seed": self.seed, "difficulty": self.params.difficulty}, **kind_attrs(KIND[name])},
         ) for name in NAMES}
+        for volume in images.values():  # the temporary files of writes a kill cut short
+            remove_partial_writes(volume.array)
+        return images
 
     # -- the work --------------------------------------------------------------------------------
     def execute(self, running: Running, handle: Any) -> dict:
