@@ -343,22 +343,28 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(ws, tmp_path, run_cli, 
     monkeypatch.chdir(tmp_path)  # a relative folder a command might create lands here, not in the repository
     args = [a.format(ws=ws, tmp=tmp_path) for a in args]
     before = snapshot(ws, tmp_path)
-    result = run_cli(*args, expect=None)
-    out = result.output
-    assert result.exit_code != 0, out
-    # progress bars, the dashboard link and warnings may come first; the error is one line, the last
-    errors = [line for line in out.splitlines() if line.startswith("error")]
-    assert len(errors) == 1 and out.rstrip("\n").endswith(errors[0]) and errors[0].startswith("error: "), out
-    assert "unexpected" not in out and "Traceback" not in out, out
+    out = check_refusal(run_cli(*args, expect=None), args[0], message)
     assert "weights_only" not in out, out
-    assert re.search(message, out), out
     after = snapshot(ws, tmp_path)
     assert {k: after.get(k) for k in before} == before, "a file the user had was changed or deleted"
     if case not in FAILS_DURING_WORK:  # refused before any work: nothing written at all
         assert set(after) == set(before), f"files were created: {sorted(set(after) - set(before))}"
     assert not (ws / "ran").exists()  # the malicious checkpoint ran nothing
     assert not (tmp_path / "s3:").exists()
-    assert_flags_exist(args[0], errors[0])
+
+
+def check_refusal(result, command: str, message: str) -> str:
+    """What every refusal prints: a non-zero exit and one line ``error: ...``, the last (progress
+    bars, the dashboard link and warnings may come first), no traceback, the expected message,
+    naming only flags ``command`` has. Returns the output."""
+    out = result.output
+    assert result.exit_code != 0, out
+    errors = [line for line in out.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and out.rstrip("\n").endswith(errors[0]) and errors[0].startswith("error: "), out
+    assert "unexpected" not in out and "Traceback" not in out, out
+    assert re.search(message, out), out
+    assert_flags_exist(command, errors[0])
+    return out
 
 
 def assert_flags_exist(command: str, message: str) -> None:
