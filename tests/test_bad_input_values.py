@@ -10,7 +10,6 @@ Below the table, the inputs each class refuses are shown to work once said right
 from __future__ import annotations
 
 import json
-import re
 
 import h5py
 import numpy as np
