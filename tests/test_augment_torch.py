@@ -13,6 +13,7 @@ from cleftchunk.train.augment import AugmentConfig, Augmenter, draw_elastic, ela
 from cleftchunk.train.augment_torch import TorchAugmenter
 from cleftchunk.train.data import CropSampler, CropStream, RejectionConfig, TrainingVolume, make_loader
 from cleftchunk.train.device_batches import DevicePrefetcher, SourceSampler, read_box, resolve_augment_on
+from test_train import config
 
 OUT = (4, 64, 64)
 SQUARE = np.ones((1, 1, 1, 3, 3), dtype=bool)
@@ -225,14 +226,8 @@ def data(tmp_path_factory):
 
 
 def train_config(data, out, **overrides) -> dict:
-    values = {
-        "root": str(data), "images": "d.zarr/raw", "labels": "d.zarr/clefts", "output": str(out),
-        "input_size": [4, 64, 64], "preset": "small", "batch_size": 2, "loader_workers": 0, "iteration_total": 4,
-        "iteration_save": 2, "progress": False, "threads": 1, "log_dir": str(out) + "-runs",
-        "rejection": {"keep_p": 0.5}, "augment_on": "device",
-    }
-    values.update(overrides)
-    return values
+    """test_train's settings, with the augmentation on the model's device."""
+    return config(data, out, **{"augment_on": "device", **overrides})
 
 
 def test_cli_trains_with_augmentation_on_the_device_and_says_so(data, tmp_path, run_cli):
