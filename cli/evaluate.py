@@ -12,7 +12,7 @@ from cleftchunk.urls import local_file
 from cleftchunk.post.metrics import THETA_NM, evaluate, format_table, to_json
 from cleftchunk.post.segment import DEFAULT_THRESHOLD
 
-from cleftchunk_cli.options import KIND_CHOICE, THRESHOLD, amount, check_threshold, ignore_frame_option, parse_zyx, positive_zyx, run_options
+from cleftchunk_cli.options import KIND_CHOICE, THRESHOLD, amount, ignore_frame_option, parse_zyx, positive_zyx, run_options
 
 
 @click.command("evaluate")
@@ -60,7 +60,7 @@ def command(pred, gt, theta, threshold, voxel_size, pred_kind, gt_kind, json_pat
         pred,
         gt,
         theta=theta,
-        threshold=check_threshold(threshold),
+        threshold=threshold,
         voxel_size=positive_zyx(voxel_size, "--voxel-size", float),
         pred_kind=pred_kind,
         gt_kind=gt_kind,

@@ -9,10 +9,8 @@ import click
 
 from cleftchunk import __version__
 from cleftchunk.errors import CleftchunkError
-from cleftchunk_cli.messages import for_command
+from cleftchunk_cli.messages import COMMANDS, for_command
 
-#: Sub-command modules of this package; each defines a click command named ``command``.
-COMMANDS = ["convert", "info", "synth", "train", "count_clefts", "predict", "segment", "threshold", "export", "evaluate", "view", "demo"]
 
 
 class ErrorReportingGroup(click.Group):

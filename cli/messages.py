@@ -21,8 +21,9 @@ GROUP_FLAGS = frozenset({"--debug", "--help", "--version"})
 #: Label kinds (--kind) as train's --label-mode names them.
 LABEL_MODES = {"ids": "cremi", "cremi": "cremi", "main": "zero-background", "zero-background": "zero-background", "mask": "nonzero", "nonzero": "nonzero"}
 _KIND = re.compile(r"--kind\b( ([a-z-]+(?:\|[a-z-]+)*))?")
-#: The sub-commands (cli/main.py's COMMANDS; not imported from there, which imports this).
-COMMAND_NAMES = frozenset({"convert", "info", "synth", "train", "count_clefts", "predict", "segment", "threshold", "export", "evaluate", "view", "demo"})
+#: Sub-command modules of the command line (cli/main.py imports them); each defines a click command named ``command``.
+COMMANDS = ("convert", "info", "synth", "train", "count_clefts", "predict", "segment", "threshold", "export", "evaluate", "view", "demo")
+COMMAND_NAMES = frozenset(COMMANDS)
 #: A hint in parentheses for another command, e.g. "(evaluate: --pred-kind/--gt-kind)".
 _OTHER_COMMAND = re.compile(r"\s*\((\w+): [^()]*\)")
 #: Flags in a quoted command line (`cleftchunk convert --channel 0`) belong to that command.

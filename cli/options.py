@@ -68,12 +68,6 @@ def parse_fraction(text: str | None, option: str) -> float | None:
     return value
 
 
-def check_threshold(threshold: float) -> float:
-    if not 0 < threshold <= 255:
-        raise CleftchunkError(f"--threshold {threshold:g} is outside (0, 255]: it applies to uint8 probabilities (p*255)")
-    return threshold
-
-
 # -- numeric options: every one has a range, checked here -------------------------------------------
 class Number(click.ParamType):
     """An int or float option within [low, high] (``open_low``/``open_high``: the bound itself is
@@ -268,22 +262,22 @@ def run_options_of(kwargs: dict):
         raise CleftchunkError("--tls-ca-file/--tls-cert/--tls-key secure a cluster: use them with --scheduler tls://HOST:PORT or --listen")
     progress = values["progress"]
     run = RunOptions(
-        workers=values["workers"] or 0,
+        workers=values["workers"],
         threads=values["threads"],
         scheduler=values["scheduler"],
         security=tls_security(*tls) if any(tls) else None,
         gpus=values["gpus"],
         listen=values["listen"],
         block_shape=positive_zyx(values["block_shape"], "--block-shape"),
-        dry_run=bool(values["dry_run"]),
-        overwrite=bool(values["overwrite"]),
+        dry_run=values["dry_run"],
+        overwrite=values["overwrite"],
         progress=sys.stderr.isatty() if progress is None else progress,
-        retries=2 if values["retries"] is None else values["retries"],
+        retries=values["retries"],
         cluster=values["cluster"],
-        jobs=values["jobs"] or 1,
+        jobs=values["jobs"],
         job_memory=values["job_memory"],
-        job_extra=tuple(values["job_extra"] or ()),
-        cluster_tcp=bool(values["cluster_tcp"]),
+        job_extra=tuple(values["job_extra"]),
+        cluster_tcp=values["cluster_tcp"],
     )
     if run.cluster and not run.dry_run:  # before any output is created
         from cleftchunk.run.jobqueue import preflight

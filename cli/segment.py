@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cleftchunk.post.segment import DEFAULT_THRESHOLD, segment
-from cleftchunk_cli.options import KIND_CHOICE, THRESHOLD, check_threshold, count, positive_zyx, run_options, source_selection
+from cleftchunk_cli.options import KIND_CHOICE, THRESHOLD, count, positive_zyx, run_options, source_selection
 
 
 @click.command("segment")
@@ -32,7 +32,7 @@ def command(pred, output, threshold, min_size, connectivity, pred_kind, chunks, 
     result = segment(
         pred,
         output,
-        threshold=None if threshold is None else check_threshold(threshold),
+        threshold=threshold,
         min_size=min_size,
         connectivity=int(connectivity),
         kind=pred_kind,

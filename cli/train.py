@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk_cli.options import IGNORE_FRAME_HELP, amount, count
+from cleftchunk_cli.options import BATCH_SYSTEMS, IGNORE_FRAME_HELP, amount, count
 
 EPILOG = """\b
 Example (the seed tutorial's command):
@@ -62,7 +62,7 @@ def _not_built(ctx: click.Context, param: click.Parameter, value: object) -> Non
 @click.option("--iteration-save", type=count(1), help="Save a checkpoint every N iterations (and at the end) [10000].")
 @click.option("-mi", "--model-input", "input_size", help="Model input size z,y,x: z even, y and x multiples of 32 [8,256,256].")
 @click.option("-g", "--gpus", type=count(0), help="GPUs (DistributedDataParallel, one process each); 0 = CPU [1 if CUDA else 0].")
-@click.option("--cluster", type=click.Choice(("slurm", "pbs", "lsf", "sge")), expose_value=False, callback=_not_built, is_eager=True, help="Not built yet for train (refused, with how to train inside a batch job); the block-wise commands take it.")
+@click.option("--cluster", type=click.Choice(BATCH_SYSTEMS), expose_value=False, callback=_not_built, is_eager=True, help="Not built yet for train (refused, with how to train inside a batch job); the block-wise commands take it.")
 @click.option("--nodes", type=click.IntRange(min=1), expose_value=False, callback=_not_built, is_eager=True, help="Not built yet: DDP across nodes (refused).")
 @click.option("-c", "--loader-workers", "loader_workers", type=count(0), help="Data loader worker processes [1] (-c as in the tutorial).")
 @click.option("--workers", hidden=True, expose_value=False, callback=_renamed("--workers", "--loader-workers (-c)", "the data loader processes", "the number of Dask worker processes"))

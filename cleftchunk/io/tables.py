@@ -41,6 +41,7 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import ChunkGrid, Coord, Roi
 from cleftchunk.labels import CLEFT_BIT, label_codes
+from cleftchunk.run.chunks import stored_unit_indices  # one listing of the store (tests import it from here too)
 from cleftchunk.run.executor import BlockwiseTask
 from cleftchunk.run.layout import GridLayout, SubsetLayout
 from cleftchunk.run.operation import Operation, Plan, Running, run_operation
@@ -126,33 +127,6 @@ def resolve_annotated(labels: Any, annotated: str) -> str:
     # and says so in its provenance attribute (Zarr then stores no unit of fill value only)
     written = any(k.startswith("cleftchunk_") and isinstance(v, dict) for k, v in labels.attrs.items())
     return "whole" if written else "stored"
-
-
-# -- listing the units a store holds -------------------------------------------------------------
-def stored_unit_indices(array: Any) -> list[Coord]:
-    """Indices of the storage units (shards, else chunks) the store holds, from one listing of
-    the array's keys (never a check per unit of the grid: a terabyte grid has millions)."""
-    from cleftchunk.run.chunks import PARTIAL_SUFFIX, _stored_keys, unit_grid
-
-    grid = unit_grid(array).grid_shape
-    meta = array.metadata
-    if getattr(meta, "zarr_format", 3) == 2:
-        sep, prefix = getattr(meta, "dimension_separator", ".") or ".", ""
-    else:
-        encoding = meta.chunk_key_encoding
-        sep = getattr(encoding, "separator", "/")
-        prefix = f"c{sep}" if getattr(encoding, "name", "default") == "default" else ""
-    found = []
-    for key in _stored_keys(array):
-        if key.endswith(PARTIAL_SUFFIX) or not key.startswith(prefix):
-            continue
-        parts = key[len(prefix):].split(sep)
-        if len(parts) != len(grid) or not all(p.isdigit() for p in parts):
-            continue  # metadata (zarr.json, .zarray) and anything else that is not a unit
-        index = tuple(int(p) for p in parts)
-        if all(i < n for i, n in zip(index, grid)):
-            found.append(index)
-    return sorted(found)
 
 
 # -- counting ------------------------------------------------------------------------------------
@@ -351,11 +325,12 @@ def write_cleft_table(labels: Any, kind: str = "auto", annotated: str = "auto", 
     if run.dry_run:
         run_operation(op, run, log)  # the plan, in words
         return None
-    state = op.read_state() if op.exists() else None
+    present = op.exists()
+    state = op.read_state() if present else None
     digest = op.full_identity()[1]
     if not run.overwrite and state is not None and state.get("identity_hash") == digest and state.get("complete"):
         return op
-    if op.exists() and state is None:
+    if present and state is None:
         raise CleftchunkError(f"{op.output} exists and is not a cleft count table: move it away, the table of {volume} goes there")
     stale = state is not None and state.get("identity_hash") != digest
     run_operation(op, run.but(overwrite=run.overwrite or stale), log or (lambda message: None), client)

@@ -123,11 +123,12 @@ class Labelling:
     kind: str
     threshold: float
     connectivity: int
+    scale: float | None = None  # the stored value of probability 1 (prob_scale), read once, not per block
 
     def label(self, roi: Roi):
         from scipy import ndimage
 
-        mask = cleft_mask(self.source[roi.to_slices()], self.kind, self.threshold, prob_scale(self.source))
+        mask = cleft_mask(self.source[roi.to_slices()], self.kind, self.threshold, self.scale)
         return ndimage.label(mask, structure=structure(self.connectivity))
 
 
@@ -177,7 +178,7 @@ class Segment(VolumeOperation):
 
     def execute(self, running: Running, handle: Volume) -> SegmentResult:
         layout = self.layout(running.options)
-        labelling = Labelling(self.source, self.kind, self.threshold, self.connectivity)
+        labelling = Labelling(self.source, self.kind, self.threshold, self.connectivity, prob_scale(self.source))
         tables, pairs = _label_and_seams(running, labelling, layout)
         offsets = np.cumsum([0] + [t.count for t in tables])
         sizes = np.concatenate([t.sizes for t in tables] + [np.zeros(0, np.int64)])

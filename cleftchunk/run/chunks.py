@@ -75,9 +75,31 @@ def _stored_keys(array: Any) -> list[str]:
 
 def stored_units(array: Any) -> set[Coord]:
     """Indices of the storage units present in the array's store (temporary files do not count)."""
-    present = set(_stored_keys(array))
-    grid = unit_grid(array)
-    return {index for index in grid.indices() if array.metadata.encode_chunk_key(index) in present}
+    return set(stored_unit_indices(array))
+
+
+def stored_unit_indices(array: Any) -> list[Coord]:
+    """Indices of the storage units (shards, else chunks) the store holds, from one listing of
+    the array's keys (never a check per unit of the grid: a terabyte grid has millions)."""
+    grid = unit_grid(array).grid_shape
+    meta = array.metadata
+    if getattr(meta, "zarr_format", 3) == 2:
+        sep, prefix = getattr(meta, "dimension_separator", ".") or ".", ""
+    else:
+        encoding = meta.chunk_key_encoding
+        sep = getattr(encoding, "separator", "/")
+        prefix = f"c{sep}" if getattr(encoding, "name", "default") == "default" else ""
+    found = []
+    for key in _stored_keys(array):
+        if key.endswith(PARTIAL_SUFFIX) or not key.startswith(prefix):
+            continue
+        parts = key[len(prefix):].split(sep)
+        if len(parts) != len(grid) or not all(p.isdigit() for p in parts):
+            continue  # metadata (zarr.json, .zarray) and anything else that is not a unit
+        index = tuple(int(p) for p in parts)
+        if all(i < n for i, n in zip(index, grid)):
+            found.append(index)
+    return sorted(found)
 
 
 def remove_partial_writes(array: Any) -> int:

@@ -49,6 +49,14 @@ def check_scheduler_address(address: str | None) -> str | None:
     return text
 
 
+def checked_block_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    """Three positive whole extents Z,Y,X."""
+    shape = tuple(int(b) for b in shape)
+    if len(shape) != 3 or min(shape) <= 0:
+        raise CleftchunkError(f"block_shape={','.join(map(str, shape))} must be 3 positive extents Z,Y,X")
+    return shape
+
+
 def block_shape_for(given: Sequence[int] | None, chunks: Sequence[int], shape: Sequence[int], default: Sequence[int]) -> tuple[int, ...]:
     """The one block-shape rule: blocks are whole output chunks, so that no two tasks write one
     chunk. A given shape must be a multiple of ``chunks`` on every axis shorter than the volume
@@ -58,9 +66,7 @@ def block_shape_for(given: Sequence[int] | None, chunks: Sequence[int], shape: S
     if given is None:
         given = tuple(max(c, (int(b) // c) * c) for b, c in zip(default, chunks))
     else:
-        given = tuple(int(b) for b in given)
-        if len(given) != 3 or any(b <= 0 for b in given):
-            raise CleftchunkError(f"block_shape={','.join(map(str, given))} must be 3 positive extents Z,Y,X")
+        given = checked_block_shape(given)
         bad = [a for a, (b, c, s) in enumerate(zip(given, chunks, shape)) if b % c and b < s]
         if bad:
             fixed = tuple(max(c, round(b / c) * c) for b, c in zip(given, chunks))
@@ -125,10 +131,7 @@ class RunOptions:
         if self.cluster is not None and self.scheduler is not None:
             raise CleftchunkError(f"cluster={self.cluster} starts its own scheduler: leave out scheduler={self.scheduler}, or cluster")
         if self.block_shape is not None:
-            shape = tuple(int(b) for b in self.block_shape)
-            if len(shape) != 3 or min(shape) <= 0:
-                raise CleftchunkError(f"block_shape={','.join(map(str, shape))} must be 3 positive extents Z,Y,X")
-            object.__setattr__(self, "block_shape", shape)
+            object.__setattr__(self, "block_shape", checked_block_shape(self.block_shape))
 
     def but(self, **changes: Any) -> "RunOptions":
         """A copy with ``changes`` (checked again)."""

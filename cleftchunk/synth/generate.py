@@ -43,7 +43,7 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
 from cleftchunk.synth.fields import rand, value_noise, voxel_noise
-from cleftchunk.synth.render import CLEFT_HALF_PX, MEMBRANE_HALF_PX, render_tissue  # noqa: F401  (constants re-exported)
+from cleftchunk.synth.render import render_tissue
 
 VOXEL_SIZE = (40, 4, 4)
 #: The extent of a CREMI training sample (5 × 5 × 5 µm), the default of ``cleftchunk synth``.

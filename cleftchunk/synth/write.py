@@ -38,7 +38,7 @@ from cleftchunk.labels import CREMI_BACKGROUND, CREMI_CLEFTS, CREMI_NEURONS, CRE
 from cleftchunk.io.cremi import hdf5_state
 from cleftchunk.io.stores import is_url
 from cleftchunk.io.volumes import DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, open_volume, split_spec
-from cleftchunk.run.chunks import unit_stored, units_in
+from cleftchunk.run.chunks import unit_grid, unit_stored, units_in
 from cleftchunk.run.executor import BlockwiseTask
 from cleftchunk.run.layout import GridLayout
 from cleftchunk.io.outputs import VolumeOperation
@@ -248,8 +248,7 @@ def _zarr_task(volumes, grid: ChunkGrid, seed: int, params: SynthParams, block, 
     """One block on a worker: skipped when its raw chunks are all stored (written last, so the
     block is done)."""
     raw = volumes["raw"].array
-    chunks = ChunkGrid(Roi.from_shape(raw.shape), tuple(raw.chunks))
-    if all(unit_stored(raw, index) for index in units_in(chunks, block.write_roi)):
+    if all(unit_stored(raw, index) for index in units_in(unit_grid(raw), block.write_roi)):
         return {"skipped": 1}
     _zarr_block(block.index, volumes=volumes, grid=grid, seed=seed, params=params)
     return {"written": 1}

@@ -103,6 +103,3 @@ class Converted:
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
         return self.convert(np.asarray(self.source[key]))
-
-
-# -- sampling ----------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ Image rule: :mod:`cleftchunk.intensity` (uint8 / 255, uint16 / 65535, floats as 
 
 from __future__ import annotations
 
-import math
 import pickle
 from dataclasses import asdict, dataclass, fields
 from functools import partial
@@ -130,8 +129,6 @@ class TrainingVolume:
             ranges.append((b, v - o - a) if v >= o + b + a else (0, v - o))
         return tuple(ranges)
 
-    def num_positions(self, augmenter: Augmenter) -> int:
-        return math.prod(hi - lo + 1 for lo, hi in self.offset_range(augmenter))
 
 
 def open_training_volumes(
@@ -228,12 +225,11 @@ class CropSampler:
 
     def draw_position(self, rng: np.random.Generator, max_draws: int = 10_000) -> tuple[int, tuple[int, int, int]]:
         """A volume (∝ its valid positions) and a uniform crop offset, away from held-out regions."""
-        before, after = self.augmenter.source_context()
         for _ in range(max_draws):
             index = int(rng.choice(len(self.volumes), p=self.weights))
             offset = self.spaces[index].draw(rng)
             held = self.holdout[index]
-            if held is None or Roi(offset, self.input_size).grow(before, after).intersect(held).empty:
+            if held is None or self.source_box(offset).intersect(held).empty:
                 return index, offset  # type: ignore[return-value]
         raise CleftchunkError(
             "the held-out validation region leaves (almost) no room for training crops: hold out a smaller --validate-roi"
@@ -249,7 +245,6 @@ class CropSampler:
             self.cleft_index = CleftIndex(self.tables)
         if self.cleft_index.total == 0:
             return None
-        before, after = self.augmenter.source_context()
         for _ in range(max_draws):
             index, voxel = self.cleft_index.draw(rng, self.codes)
             offset = tuple(
@@ -257,7 +252,7 @@ class CropSampler:
             )
             offset = self.spaces[index].settle(voxel, offset)  # inside annotated space where it fits
             held = self.holdout[index]
-            if held is None or Roi(offset, self.input_size).grow(before, after).intersect(held).empty:
+            if held is None or self.source_box(offset).intersect(held).empty:
                 return index, offset  # type: ignore[return-value]
         return None
 
@@ -281,8 +276,12 @@ class CropSampler:
     def _known_empty(self, index: int, offset: Sequence[int]) -> bool:
         if self.tables is None or self.rejection.min_voxels < 0:
             return False
+        return known_empty(self.tables[index], self.source_box(offset))
+
+    def source_box(self, offset: Sequence[int]) -> Roi:
+        """The oversized box a crop at ``offset`` reads (its augmentations' context included)."""
         before, after = self.augmenter.source_context()
-        return known_empty(self.tables[index], Roi(offset, self.input_size).grow(before, after))
+        return Roi(tuple(int(o) for o in offset), self.input_size).grow(before, after)
 
     def judge(self, index: int, offset: Sequence[int], plan: Any) -> tuple[float, Any]:  # device_batches replaces it
         base = self.augmenter.base_coordinates(plan)

@@ -100,10 +100,6 @@ class SourceSampler(CropSampler):
         # uint8 images cross as uint8 (a quarter of the bytes); others as float32 already scaled.
         self.image_uint8 = all(np.dtype(v.image.dtype) == np.uint8 for v in self.volumes)
 
-    def source_box(self, offset: Sequence[int]) -> Roi:
-        before, after = self.augmenter.source_context()
-        return Roi(tuple(int(o) for o in offset), self.input_size).grow(before, after)
-
     def judge(self, index: int, offset: Sequence[int], plan: Any) -> tuple[float, Any]:
         """Counts on the footprint only (the plan's slices, the crop's y–x): rejected tries read no more."""
         extent = Roi.from_shape(self.volumes[index].shape)
