@@ -93,8 +93,12 @@ class _Completed:
                 lazy._run()  # the first lazy task by priority, then submission
             else:
                 wait([f._future for f in self.pending], return_when=FIRST_COMPLETED)
-        done = [f for f in self.pending if f.done()]
-        self.pending = [f for f in self.pending if not f.done()]
+        # one look at each future: a task finishing between two looks would be in neither list,
+        # lost, and the executor would wait for it forever
+        done, pending = [], []
+        for future in self.pending:
+            (done if future.done() else pending).append(future)
+        self.pending = pending
         return done
 
 
