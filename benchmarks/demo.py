@@ -131,10 +131,8 @@ def fragment(result: dict) -> str:
         markdown_table(["stage", "seconds", "peak MiB"], stage_rows),
         "",
         f"Held-out metrics (θ = 200 nm); model at p ≥ {point.get('threshold')}/255, clefts ≥ {point.get('min_size')} voxels "
-        + (f"(chosen on the whole training sample, thresholds up to {settings.get('operating_point_max')})"
-           if settings.get("operating_point_on", "held-out") == "sample" else "(chosen on the training sample's held-out sections)")
-        + f"; baseline raw ≤ {results.get('baseline_threshold')} "
-        "(chosen on the training sample):",
+        + f"{'(at the edge of the thresholds tried) ' if point.get('at_edge') else ''}"
+        + f"and baseline raw ≤ {results.get('baseline_threshold')}, both chosen on the validation sample:",
         "",
         markdown_table(["metric", "trained unetv0", "threshold baseline"], metric_rows),
     ]

@@ -190,7 +190,8 @@ class UNetV0(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input_shape(x.shape[-3:])
-        e1 = self.enc1(x)
+        # The input in the weights' layout: one of them alone in channels-last ran slower than neither.
+        e1 = self.enc1(x.contiguous(memory_format=layout_of(self.head)))
         e2 = self.enc2(self.pool(e1))
         e3 = self.enc3(self.pool(e2))
         e4 = self.enc4(self.pool(e3))
@@ -228,7 +229,28 @@ def build_model(
     """A freshly initialised network by architecture name; its forward returns logits."""
     if arch not in ARCHITECTURES:
         raise CleftchunkError(f"unknown architecture {arch!r}: use one of {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[arch](resolve_filters(arch, preset, filters), in_channels=in_channels, out_channels=out_channels)
+    net = ARCHITECTURES[arch](resolve_filters(arch, preset, filters), in_channels=in_channels, out_channels=out_channels)
+    return on_device(net, "cpu")
+
+
+def on_device(net: nn.Module, device: Any) -> nn.Module:
+    """``net`` on ``device`` in the memory layout that runs fastest there.
+
+    On the CPU channels-last (NDHWC): oneDNN's 3-D convolutions ran the demo's unetv0 training
+    step (preset small, 2×8×128×128, 2 threads) in 0.30–0.35 s instead of 0.39–0.46 s, and its
+    inference 1.7× faster (0.083 s against 0.14 s a batch), than in PyTorch's default NCDHW. On a
+    GPU the default layout, until a GPU run measures the other.
+    """
+    device = torch.device(device)
+    layout = torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+    return net.to(device=device, memory_format=layout)
+
+
+def layout_of(module: nn.Module) -> torch.memory_format:
+    """The memory layout of ``module``'s convolution weights (see :func:`on_device`)."""
+    weight = next(m.weight for m in module.modules() if isinstance(m, nn.Conv3d) and m.in_channels > 1)
+    channels_last = weight.is_contiguous(memory_format=torch.channels_last_3d) and not weight.is_contiguous()
+    return torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
 def set_output_prior(model: nn.Module, prior: float) -> None:
@@ -438,4 +460,4 @@ def load_model(path: str | os.PathLike, device: Any = "cpu") -> nn.Module:
     Input: float (N, in_channels, z, y, x), raw intensities / 255; output: same spatial shape.
     """
     net = model_from_checkpoint(load_checkpoint(path))
-    return ProbabilityModel(net).to(device).eval()
+    return ProbabilityModel(on_device(net, device)).eval()

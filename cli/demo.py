@@ -17,7 +17,7 @@ from cleftchunk_cli.options import count
     help="quick: a one-minute check; cpu: < 15 min on 2 cores; gpu: default unetv0, longer training. auto: gpu if CUDA is available, else cpu.",
 )
 @click.option("--iterations", type=count(1), help="Training iterations (overrides the size's).")
-@click.option("--seed", type=count(0), help="Seed of the training sample (the test sample uses seed + 1).")
+@click.option("--seed", type=count(0), help="Seed of the run: training, test and validation samples are synthesized from 3·seed, 3·seed + 1 and 3·seed + 2.")
 @click.option("--overwrite", is_flag=True, help="Start again in a folder that holds an earlier demo.")
 def command(folder: str, size: str, iterations: int | None, seed: int | None, overwrite: bool) -> None:
     """Synthesize, convert, train, predict, segment, evaluate and report in FOLDER.

@@ -65,37 +65,51 @@ def test_named_sizes():
 
 
 @pytest.mark.slow
-def test_demo_chooses_the_operating_point_on_the_whole_training_sample(finished_demo):
-    """By default, like the baseline's threshold: the stored entry names no region (all of it)."""
+def test_demo_chooses_the_operating_point_on_its_validation_sample(finished_demo):
+    """Neither on the sample it was trained on nor on the test sample."""
     folder, _ = finished_demo
     state = json.loads((folder / "demo.json").read_text())
-    assert state["results"]["operating_point"]["chosen_on"]["roi"] is None
-    assert "whole sample" in (folder / "report.md").read_text()
+    chosen_on = state["results"]["operating_point"]["chosen_on"]
+    assert chosen_on["image"].endswith("validate.zarr/raw") and chosen_on["roi"] is None
+    seeds = {which: state["stages"]["synthesize"]["detail"][which]["seed"] for which in ("train", "validate", "test")}
+    assert len(set(seeds.values())) == 3
+    assert "validation sample" in (folder / "report.md").read_text()
 
 
-def test_operating_point_region_is_a_setting(tmp_path):
+def test_demo_seeds_share_no_sample(tmp_path):
+    """Seeds 0–4 (the sweep of benchmarks/demo_seeds.py) synthesize 15 different samples."""
+    from dataclasses import replace
+
+    from cleftchunk.demo.pipeline import SAMPLES, Demo
+
+    quick = DemoSettings.named("quick")
+    seeds = [Demo(tmp_path / str(n), replace(quick, seed=n)).sample_seed(which) for n in range(5) for which in SAMPLES]
+    assert len(set(seeds)) == 15
+
+
+def test_operating_point_tolerance_is_checked(tmp_path):
     from dataclasses import replace
 
     from cleftchunk.demo.pipeline import Demo
     from cleftchunk.errors import CleftchunkError
 
-    quick = DemoSettings.named("quick")
-    held = Demo(tmp_path / "a", replace(quick, operating_point_on="held-out"))
-    config = held.train_config()
-    assert held.operating_point_roi(config) == config["validate_roi"] == f"{quick.train_shape[0] - quick.validation_sections}:{quick.train_shape[0]},:,:"
-    assert Demo(tmp_path / "b", quick).operating_point_roi(config) is None
-    with pytest.raises(CleftchunkError, match="operating_point_on 'test'"):
-        Demo(tmp_path / "c", replace(quick, operating_point_on="test")).train_config()
+    with pytest.raises(CleftchunkError, match="operating_point_tolerance 1.5"):
+        Demo(tmp_path, replace(DemoSettings.named("quick"), operating_point_tolerance=1.5)).train_config()
 
 
-def test_operating_point_thresholds_stop_at_the_setting(tmp_path):
+def test_report_places_the_run_among_the_measured_seeds(tmp_path, monkeypatch):
+    from cleftchunk.demo import report
+
+    settings = DemoSettings.named("cpu")
+    sweep = {"settings": settings.as_dict(), "machine": "2-core test", "date": "today",
+             "runs": [{"seed": n, "cremi_ratio": r, "f1_ratio": 2.0} for n, r in enumerate((0.6, 0.7, 0.8))]}
+    fake = tmp_path / "report.py"
+    (tmp_path / "seed_sweep.json").write_text(json.dumps(sweep))
+    monkeypatch.setattr(report, "__file__", str(fake))
+    text = report.seed_sweep_standing(settings, 65.0, 100.0, 0.5, 0.25)
+    assert "0.60–0.80×" in text and "median 0.70×" in text and "better than 2 of the 3" in text
+    assert "outside" not in text
+    assert "outside the measured range" in report.seed_sweep_standing(settings, 90.0, 100.0, 0.5, 0.25)
     from dataclasses import replace
 
-    from cleftchunk.demo.pipeline import Demo
-    from cleftchunk.errors import CleftchunkError
-
-    quick = DemoSettings.named("quick")
-    assert max(Demo(tmp_path / "a", quick).operating_point_thresholds()) == quick.operating_point_max == 240
-    assert max(Demo(tmp_path / "b", replace(quick, operating_point_max=255)).operating_point_thresholds()) == 254
-    with pytest.raises(CleftchunkError, match="operating_point_max 300"):
-        Demo(tmp_path / "c", replace(quick, operating_point_max=300)).train_config()
+    assert report.seed_sweep_standing(replace(settings, iterations=5), 65.0, 100.0, 0.5, 0.25) is None

@@ -44,6 +44,32 @@ def test_sweep_picks_the_threshold_between_halo_and_cleft_and_drops_specks():
     assert [r["min_size"] for r in point["min_sizes"]] == [0, 100, 500, 2000]
 
 
+def test_a_tolerance_takes_the_middle_of_the_near_best_band_and_the_edge_is_said():
+    """A flat curve of CREMI scores: the lowest point is at the top edge, the band's middle is not."""
+    prob, gt = blob_and_probabilities()
+    prob[1, 5:7, 5:7] = prob[2, 190:192, 190:192] = 10  # no specks: every threshold above the halo is perfect
+    exact = sweep(prob, gt, np.zeros_like(gt), VOXEL, thresholds=(144, 168, 192, 216), min_sizes=(0,))
+    assert exact["validation"]["cremi_score"] == 0 and exact["at_edge"] is False
+    flat = sweep(prob, gt, np.zeros_like(gt), VOXEL, thresholds=(168, 192, 216), min_sizes=(0,), tolerance=0.05)
+    assert flat["near_best"] == [168, 192, 216] and flat["threshold"] == 192 and not flat["at_edge"]
+    edge = sweep(prob, gt, np.zeros_like(gt), VOXEL, thresholds=(96, 120, 144, 168), min_sizes=(0,), tolerance=0.05)
+    assert edge["near_best"] == [168] and edge["threshold"] == 168 and edge["at_edge"]
+    with pytest.raises(CleftchunkError, match="tolerance 1.0"):
+        sweep(prob, gt, np.zeros_like(gt), VOXEL, tolerance=1.0)
+
+
+def test_ground_truth_distances_computed_once_give_the_same_metrics():
+    from cleftchunk.post.metrics import cremi_metrics_reference, distances_to_gt
+
+    prob, gt = blob_and_probabilities()
+    invalid = np.zeros_like(gt)
+    invalid[3] = True
+    distances = distances_to_gt(gt, VOXEL, invalid)
+    for t in (100, 150, 230):
+        assert cremi_metrics_reference(prob >= t, gt, VOXEL, invalid_mask=invalid, gt_distances=distances) == \
+            cremi_metrics_reference(prob >= t, gt, VOXEL, invalid_mask=invalid)
+
+
 def write(path, data, chunks=(4, 32, 32)):
     volume = create_volume(path, data.shape, data.dtype, chunks=chunks, voxel_size=VOXEL)
     volume.array[...] = data

@@ -198,9 +198,9 @@ def write_demo_report(demo: Any) -> Path:
     layout = demo.records["train"].detail.get("cpu_layout") if "train" in demo.records else None
     report.add(
         "What ran",
-        f"Training sample {_shape(s.train_shape)} (seed {s.seed}; its last {s.validation_sections} sections held out "
-        f"of training), held-out test sample {_shape(s.test_shape)} (seed {s.seed + 1}), "
-        f"difficulty {s.difficulty}; unetv0 preset '{s.preset}', input {_shape(s.input_size)}, "
+        f"Training sample {_shape(s.train_shape)} (synthesis seed {demo.sample_seed('train')}), validation sample "
+        f"{_shape(s.validate_shape)} (seed {demo.sample_seed('validate')}: the model's operating point), held-out test "
+        f"sample {_shape(s.test_shape)} (seed {demo.sample_seed('test')}), difficulty {s.difficulty}; unetv0 preset '{s.preset}', input {_shape(s.input_size)}, "
         f"{s.iterations} iterations of batch {s.batch_size} on {s.device} ({s.optimizer}, {s.scheduler} schedule, "
         f"{loss_name(s.dice, s.max_weight)}, lr {s.lr:g}; {s.near_cleft:.0%} of the crops centred on a cleft voxel)"
         + (f"; {layout['threads']} torch threads + {layout['workers']} loader workers, measured fastest here" if layout else "")
@@ -213,11 +213,12 @@ def write_demo_report(demo: Any) -> Path:
     report.add(
         "Held-out CREMI cleft metrics (θ = 200 nm)",
         Table(["metric", model_name, f"baseline: raw ≤ {demo.results.get('baseline_threshold')}"], rows),
-        "Both operating points were chosen on the training sample ("
-        + ("both on the whole sample, its held-out sections included" if s.operating_point_on == "sample" else
-           "the model's on its held-out sections, the baseline's threshold on the whole sample")
-        + "); the test sample was never used to choose anything.",
+        "The model's operating point and the baseline's threshold were both chosen on the validation "
+        "sample; the test sample was never used to choose anything.",
     )
+    standing = seed_sweep_standing(s, model.get("cremi_score"), baseline.get("cremi_score"), model.get("f1"), baseline.get("f1"))
+    if standing:
+        report.add("This run among the measured seeds", standing)
 
     raw = open_volume(demo.sample_zarr("test") / "raw")[:]
     gt = open_volume(demo.sample_zarr("test") / "clefts")[:] != CREMI_BACKGROUND
@@ -234,23 +235,23 @@ def write_demo_report(demo: Any) -> Path:
     if point.get("thresholds"):
         curve = [r for r in point["thresholds"] if r.get("precision") is not None and r.get("recall") is not None]
         chosen = point["validation"]
-        region = "whole sample" if s.operating_point_on == "sample" else "held-out sections"
+        region = "validation sample"
         pr = curve_png(
             figures / "precision-recall.png",
             {
                 "thresholds (min size 0)": ([r["recall"] for r in curve], [r["precision"] for r in curve]),
                 f"chosen: p ≥ {point['threshold']}/255, ≥ {point['min_size']} voxels": ([chosen["recall"]], [chosen["precision"]]),
             },
-            f"recall within θ ({region}, training sample)",
+            f"recall within θ ({region})",
             "precision within θ",
         )
         rows = [[r["threshold"], r["min_size"], r["cremi_score"], r["precision"], r["recall"], r["f1"]]
                 for r in point["thresholds"] + point["min_sizes"]]
         report.add(
-            f"Operating point ({region} of the training sample)",
-            f"Chosen: threshold {point['threshold']} of 255 and minimum cleft size {point['min_size']} voxels, "
-            f"the lowest CREMI score on the {region} (thresholds first, then minimum sizes at the best threshold). "
-            "It is stored in the checkpoint; predict records it and segment uses it by default.",
+            f"Operating point ({region})",
+            f"Chosen: threshold {point['threshold']} of 255 and minimum cleft size {point['min_size']} voxels. "
+            + operating_point_rule(point)
+            + " It is stored in the checkpoint; predict records it and segment uses it by default.",
             pr,
             Table(["threshold", "min size", "CREMI score (nm)", "precision", "recall", "F1"], rows),
         )
@@ -278,6 +279,46 @@ def write_demo_report(demo: Any) -> Path:
     report.add("Stages: time and peak memory (process tree RSS)", Table(["stage", "seconds", "peak MiB", "notes"], stage_rows))
     md, page = report.write(demo.folder)
     return page
+
+
+def operating_point_rule(point: dict) -> str:
+    """How the threshold was chosen, and whether it lies on the edge of the thresholds tried."""
+    tried = [r["threshold"] for r in point["thresholds"]]
+    tolerance = point.get("tolerance", 0)
+    text = (f"Thresholds {min(tried)}–{max(tried)} were scored at minimum size 0; "
+            + (f"those within {tolerance:.0%} of the lowest CREMI score ({point['lowest_threshold']}) were "
+               f"{', '.join(map(str, point['near_best']))}, and the middle one was taken"
+               if tolerance and "near_best" in point else "the lowest CREMI score was taken")
+            + "; then minimum sizes at that threshold.")
+    if point.get("at_edge"):
+        text += (f" **The chosen threshold is at the edge of the range tried ({min(tried)}–{max(tried)})**: "
+                 "the model's best threshold on other data may lie beyond it.")
+    return text
+
+
+def seed_sweep_standing(settings: Any, cremi: Any, baseline_cremi: Any, f1: Any, baseline_f1: Any) -> str | None:
+    """Where this run's model/baseline ratios fall among the seeds measured by benchmarks/demo_seeds.py
+    (``seed_sweep.json`` beside this module); None when that sweep used other settings."""
+    import json
+    import statistics
+
+    path = Path(__file__).with_name("seed_sweep.json")
+    if not path.exists() or None in (cremi, baseline_cremi, f1, baseline_f1) or not baseline_cremi or not baseline_f1:
+        return None
+    sweep = json.loads(path.read_text())
+    mine = {k: v for k, v in settings.as_dict().items() if k not in ("seed", "threads", "loader_workers")}
+    if {k: v for k, v in sweep["settings"].items() if k not in ("seed", "threads", "loader_workers")} != mine:
+        return None
+    ratio, f1_ratio = cremi / baseline_cremi, f1 / baseline_f1
+    ratios = sorted(r["cremi_ratio"] for r in sweep["runs"])
+    f1s = sorted(r["f1_ratio"] for r in sweep["runs"])
+    median = statistics.median(ratios)
+    better = sum(r > ratio for r in ratios)
+    return (f"Over seeds {', '.join(str(r['seed']) for r in sweep['runs'])} of these settings ({sweep['machine']}, "
+            f"{sweep['date']}), the model's CREMI score was {ratios[0]:.2f}–{ratios[-1]:.2f}× the baseline's "
+            f"(median {median:.2f}×) and its F1 {f1s[0]:.2f}–{f1s[-1]:.2f}× the baseline's. This run: "
+            f"CREMI ×{ratio:.2f}, F1 ×{f1_ratio:.2f} — its CREMI ratio is better than {better} of the "
+            f"{len(ratios)} measured seeds" + (" (outside the measured range)" if not ratios[0] <= ratio <= ratios[-1] else "") + ".")
 
 
 def training_losses(log_dir: Path) -> tuple[list[int], list[float]]:

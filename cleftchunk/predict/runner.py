@@ -306,7 +306,9 @@ class ModelSource:
         if str(device) != "cpu":
             import copy
 
-            module = copy.deepcopy(module).to(device)
+            from cleftchunk.model import on_device
+
+            module = on_device(copy.deepcopy(module), device)
         return module.eval()
 
 

@@ -57,26 +57,42 @@ def validation_arrays(image_spec: str, labels_spec: str, roi: str | None) -> tup
 
 
 def sweep(prob: np.ndarray, gt: np.ndarray, invalid: np.ndarray, voxel_size: Sequence[float],
-          thresholds: Sequence[int] = THRESHOLDS, min_sizes: Sequence[int] = MIN_SIZES) -> dict:
-    """Score thresholds (at min_size 0), then minimum sizes at the best threshold; returns the
-    chosen ``threshold``/``min_size``, its metrics, and both curves."""
+          thresholds: Sequence[int] = THRESHOLDS, min_sizes: Sequence[int] = MIN_SIZES, tolerance: float = 0.0) -> dict:
+    """Score thresholds (at min_size 0), choose one, then minimum sizes at it; returns the chosen
+    ``threshold``/``min_size``, its metrics, and both curves.
+
+    With ``tolerance`` 0 the threshold is the one of lowest CREMI score. With ``tolerance`` > 0 it
+    is the middle (by threshold) of those whose score lies within that fraction of the lowest:
+    where the curve is flat its lowest point is decided by a few voxels of a few clefts, and a
+    flat curve running out to the end of the range puts it on the edge, where a model that marks a
+    little more on other data loses most; the middle of the near-best band holds on other data.
+    ``at_edge`` says when the chosen threshold is still the first or the last one tried.
+    """
     from cleftchunk.labels import CREMI_BACKGROUND
-    from cleftchunk.post.metrics import cremi_metrics_reference
+    from cleftchunk.post.metrics import cremi_metrics_reference, distances_to_gt
     from cleftchunk.post.segment import connected_components_reference
+
+    if not 0 <= tolerance < 1:
+        raise CleftchunkError(f"operating-point tolerance {tolerance} must lie in [0, 1) (a fraction of the best CREMI score)")
+    gt_distances = distances_to_gt(gt, voxel_size, invalid)  # the same for every threshold: computed once
 
     def score(t: int, m: int) -> dict:
         mask = prob >= t
         if m:
             mask = connected_components_reference(mask, min_size=m) != CREMI_BACKGROUND
-        r = cremi_metrics_reference(mask, gt, voxel_size, invalid_mask=invalid)
+        r = cremi_metrics_reference(mask, gt, voxel_size, invalid_mask=invalid, gt_distances=gt_distances)
         keys = ("cremi_score", "f1", "precision", "recall", "adgt", "adf")
         return {"threshold": int(t), "min_size": int(m), **{k: _plain(r.get(k)) for k in keys}}
 
     by_threshold = [score(t, 0) for t in thresholds]
-    best_t = min(by_threshold, key=score_key)["threshold"]
-    by_size = [score(best_t, m) for m in min_sizes]
+    lowest = min(by_threshold, key=score_key)
+    near = sorted(r["threshold"] for r in by_threshold if score_key(r)[0] <= score_key(lowest)[0] * (1 + tolerance))
+    chosen_t = near[(len(near) - 1) // 2] if tolerance else lowest["threshold"]
+    by_size = [score(chosen_t, m) for m in min_sizes]
     best = min(by_size, key=score_key)
     return {"threshold": best["threshold"], "min_size": best["min_size"], "validation": best,
+            "lowest_threshold": lowest["threshold"], "near_best": near, "tolerance": tolerance,
+            "at_edge": chosen_t in (min(thresholds), max(thresholds)),
             "thresholds": by_threshold, "min_sizes": by_size}
 
 
@@ -89,6 +105,7 @@ def choose_operating_point(
     device: str = "cpu",
     thresholds: Sequence[int] = THRESHOLDS,
     min_sizes: Sequence[int] = MIN_SIZES,
+    tolerance: float = 0.0,
 ) -> dict:
     """Predict the validation region with the shipped predictor, sweep, and store the result as the
     checkpoint's ``postprocess`` entry (rewritten atomically); returns that entry."""
@@ -97,6 +114,7 @@ def choose_operating_point(
         checkpoint_input_size,
         load_checkpoint,
         model_from_checkpoint,
+        on_device,
         set_checkpoint_entry,
     )
     from cleftchunk.predict import predict_reference
@@ -105,10 +123,11 @@ def choose_operating_point(
     raw, gt, invalid, voxel_size = validation_arrays(image, labels, roi)
     if not gt.any():
         raise CleftchunkError(f"the validation region {roi or 'whole volume'} of {labels} holds no clefts: choose a region with clefts")
-    model = ProbabilityModel(model_from_checkpoint(ckpt)).to(device).eval()
+    model = ProbabilityModel(on_device(model_from_checkpoint(ckpt), device)).eval()
     prob = predict_reference(model, raw, checkpoint_input_size(ckpt), batch_size=batch_size, device=device)
-    entry: dict[str, Any] = sweep(prob, gt, invalid, voxel_size, thresholds, min_sizes)
-    entry.update(chosen_on={"image": str(image), "labels": str(labels), "roi": roi, "metric": "cremi_score, then f1"})
+    entry: dict[str, Any] = sweep(prob, gt, invalid, voxel_size, thresholds, min_sizes, tolerance)
+    metric = f"middle of the thresholds within {tolerance:.0%} of the lowest cremi_score" if tolerance else "cremi_score, then f1"
+    entry.update(chosen_on={"image": str(image), "labels": str(labels), "roi": roi, "metric": metric})
     set_checkpoint_entry(checkpoint, "postprocess", entry)
     return entry
 

@@ -15,6 +15,7 @@ from torch import nn
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.model import (
     build_model,
+    on_device,
     set_output_prior,
     save_checkpoint,
 )
@@ -49,7 +50,7 @@ class Trainer:
         self.dist = dist
         torch.manual_seed(config.seed)
         arch = config.arch_dict
-        net = build_model(arch["name"], filters=arch["filters"], in_channels=1, out_channels=1).to(dist.device)
+        net = on_device(build_model(arch["name"], filters=arch["filters"], in_channels=1, out_channels=1), dist.device)
         if config.output_prior is not None:
             set_output_prior(net, config.output_prior)  # a resumed run's checkpoint replaces it
         if dist.active and dist.device.type == "cuda":
