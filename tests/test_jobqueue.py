@@ -112,6 +112,23 @@ def test_plain_tcp_is_warned_about(batch):
     assert jobs_gone(batch)
 
 
+def test_jobs_waiting_in_the_queue_are_said_so_and_cancelled(batch, monkeypatch):
+    """A job that never starts (more than a partition has, a long queue): the run says so now and
+    then, naming the command that says why, instead of waiting without a word."""
+    from cleftchunk.run import jobqueue
+
+    monkeypatch.setenv("FAKE_BATCH_PENDING", "1")
+    monkeypatch.setattr(jobqueue, "WAIT_NOTICES", (0.3, 0.6))
+    said = []
+    with jobqueue.batch_client(RunOptions(cluster="slurm", jobs=2, job_memory="2GB"), log=said.append):
+        deadline = time.monotonic() + 20
+        while sum("no worker has connected" in s for s in said) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    notices = [s for s in said if "no worker has connected" in s]
+    assert len(notices) >= 2 and "`squeue -j 1000,1001` says why" in notices[0] and "Ctrl-C cancels them" in notices[0]
+    assert sorted(p.read_text() for p in batch.glob("*.state")) == ["CANCELLED"] * 2
+
+
 def _listening_tls_only(client, state: Path) -> None:
     """Every listener beyond loopback of this process and of the jobs answers a TLS handshake (a
     plain TCP server, e.g. an HTTP dashboard, does not)."""

@@ -59,7 +59,7 @@ from cleftchunk.io.outputs import VolumeOperation
 from cleftchunk.run.operation import Plan, Running, run_operation
 from cleftchunk.run.options import RunOptions, block_shape_for
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_INVALID, kind_attrs, known_kind, not_cleft_values
-from cleftchunk.io.volumes import (DEFAULT_CHUNKS, Volume, check_output_spec, container_refusal, create_volume, image_name,
+from cleftchunk.io.volumes import (Volume, check_output_spec, chunk_shape, container_refusal, create_volume, image_name,
                                    is_hdf5, open_volume, split_spec)
 
 PLAN_ATTR = "cleftchunk_convert"
@@ -147,9 +147,7 @@ def plan_conversion(
     most = pyramid.max_levels(source.shape)
     if levels > most:
         raise CleftchunkError(f"--levels {levels}: {source.spec} {source.shape} is down to 1 voxel in y or x at level s{most - 1}: give --levels {most} or fewer")
-    chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, source.shape))
-    if len(chunks) != 3 or any(c <= 0 for c in chunks):
-        raise CleftchunkError(f"chunk shape {chunks} must be 3 positive sizes Z,Y,X")
+    chunks = chunk_shape(chunks, source.shape)
     method = level_method or pyramid.default_method(np.dtype(dtype), is_mask=mask)
     if method not in pyramid.METHODS:
         raise CleftchunkError(f"unknown downsampling {method!r}: use {' or '.join(pyramid.METHODS)}")

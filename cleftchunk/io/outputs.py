@@ -20,7 +20,7 @@ import numpy as np
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.io.guard import holds_nothing, output_lock, refuse_overlap
 from cleftchunk.io.stores import is_url
-from cleftchunk.io.volumes import DEFAULT_CHUNKS, create_like, exists, open_volume, split_spec
+from cleftchunk.io.volumes import chunk_shape, create_like, exists, open_volume, split_spec
 from cleftchunk.run.executor import BlockwiseTask, RunReport
 from cleftchunk.run.operation import Operation, Plan, Running
 from cleftchunk.run.options import RunOptions
@@ -89,7 +89,7 @@ class MapOperation(VolumeOperation):
         raise NotImplementedError
 
     def _chunks(self) -> tuple[int, ...]:
-        return tuple(min(int(c), s) for c, s in zip(self.chunks or DEFAULT_CHUNKS, self.source.shape))
+        return chunk_shape(self.chunks, self.source.shape)
 
     def _layout(self, options: RunOptions):
         from cleftchunk.geometry import Roi

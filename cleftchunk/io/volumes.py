@@ -66,6 +66,19 @@ DEFAULT_CHUNKS = (16, 256, 256)
 DEFAULT_VOXEL_SIZE = (40.0, 4.0, 4.0)
 
 
+def chunk_shape(chunks: Sequence[int] | None, shape: Sequence[int] | None = None) -> tuple[int, int, int]:
+    """The chunk-shape rule of every written volume: three positive whole extents Z,Y,X
+    (:data:`DEFAULT_CHUNKS` when none are given), no larger than the volume's ``shape`` when given."""
+    given = DEFAULT_CHUNKS if chunks is None or len(chunks) == 0 else chunks
+    try:
+        values = tuple(int(c) for c in given)
+    except (TypeError, ValueError):
+        raise CleftchunkError(f"chunks {given!r} must be 3 integers Z,Y,X, e.g. 16,256,256") from None
+    if len(values) != 3 or min(values) <= 0:
+        raise CleftchunkError(f"chunks={','.join(map(str, values))} must be 3 positive extents Z,Y,X, e.g. 16,256,256")
+    return values if shape is None else tuple(min(c, int(s)) for c, s in zip(values, shape))  # type: ignore[return-value]
+
+
 # -- the Volume type ----------------------------------------------------------------------
 @dataclass
 class Volume:
@@ -311,7 +324,7 @@ def create_volume(
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or any(s <= 0 for s in shape):
         raise CleftchunkError(f"volume shape {shape} must be 3 positive extents (z, y, x)")
-    chunks = tuple(min(int(c), s) for c, s in zip(chunks or DEFAULT_CHUNKS, shape))
+    chunks = chunk_shape(chunks, shape)
     offset_nm = tuple(float(o) for o in (offset_nm or (0.0, 0.0, 0.0)))
     check_voxel_size(voxel_size, offset_nm, str(spec))
     voxels_from_nm(offset_nm, voxel_size)  # the offset must lie on the voxel grid

@@ -53,7 +53,7 @@ import numpy as np
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
-from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, open_volume
+from cleftchunk.io.volumes import Volume, chunk_shape, open_volume
 from cleftchunk.labels import CREMI_BACKGROUND, DEFAULT_THRESHOLD, KIND_ATTRIBUTE, cleft_mask, prob_scale, resolve_label_kind
 from cleftchunk.post.components import (  # noqa: F401  (connected_components_reference: re-exported)
     SeamLayout,
@@ -146,10 +146,7 @@ class Segment(VolumeOperation):
             raise CleftchunkError(f"min_size={self.min_size} is negative: give a number of voxels >= 0")
         self.connectivity = int(connectivity)
         structure(self.connectivity)  # refuse a bad connectivity before any work
-        chunks = tuple(int(c) for c in (chunks or DEFAULT_CHUNKS))
-        if len(chunks) != 3 or min(chunks) <= 0:
-            raise CleftchunkError(f"chunks={','.join(map(str, chunks))} must be three positive extents Z,Y,X")
-        self.chunks = tuple(min(c, s) for c, s in zip(chunks, self.source.shape))
+        self.chunks = chunk_shape(chunks, self.source.shape)
         self.output, self.inputs = str(out), (pred,)
 
     def params(self) -> dict:

@@ -30,7 +30,7 @@ from cleftchunk.errors import CleftchunkError
 from cleftchunk.frames import Frame, align
 from cleftchunk.geometry import Coord, as_coord
 from cleftchunk.intensity import check_image_dtype, check_scale, check_unit_range
-from cleftchunk.io.volumes import DEFAULT_CHUNKS, Volume, open_volume
+from cleftchunk.io.volumes import Volume, chunk_shape, open_volume
 from cleftchunk.predict.engine import PredictResult, run_blocks
 from cleftchunk.predict.params import ATTR, DEFAULT_BLOCK_SHAPE, PREDICT_FORMAT, WORKER_BLOCK_SHAPE, OutputOptions, PredictParams, WindowOptions
 from cleftchunk.predict.plan import describe_lines, task_memory, tile_layout
@@ -110,7 +110,7 @@ class Predict(VolumeOperation):
         check_fixed_headroom(self.grid)
         _warn_if_small(self.volume, self.params, log)
         shape = self.volume.shape
-        self.chunks = tuple(min(int(c), s) for c, s in zip(out.chunks or DEFAULT_CHUNKS, shape))
+        self.chunks = chunk_shape(out.chunks, shape)
         default = DEFAULT_BLOCK_SHAPE if run.in_this_process else WORKER_BLOCK_SHAPE
         self.layout = tile_layout(self.grid, self.volume.roi, block_shape_for(run.block_shape, self.chunks, shape, default))
         if run.in_this_process and run.threads is None:

@@ -124,10 +124,9 @@ class OutputOptions:
         from cleftchunk.run.options import check_count
 
         if self.chunks is not None:
-            chunks = as_coord(tuple(self.chunks), 3)
-            if any(c <= 0 for c in chunks):
-                raise CleftchunkError(f"chunks={','.join(map(str, chunks))} must be 3 positive extents Z,Y,X")
-            object.__setattr__(self, "chunks", chunks)
+            from cleftchunk.io.volumes import chunk_shape
+
+            object.__setattr__(self, "chunks", chunk_shape(self.chunks))
         object.__setattr__(self, "cores", check_count(self.cores, "cores", 1))
         object.__setattr__(self, "memory_spills", check_count(self.memory_spills, "memory_spills", 0))
 

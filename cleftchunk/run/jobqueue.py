@@ -24,6 +24,7 @@ interrupted.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import signal
@@ -35,13 +36,18 @@ from typing import Any
 
 from cleftchunk.errors import CleftchunkError
 
-#: Batch system -> (dask-jobqueue cluster class, submit command, GPU request directive).
+#: Batch system -> (dask-jobqueue cluster class, submit command, GPU request directive, the
+#: command that says why a job waits).
 SYSTEMS = {
-    "slurm": ("SLURMCluster", "sbatch", "--gres=gpu:{gpus}"),
-    "pbs": ("PBSCluster", "qsub", "-l ngpus={gpus}"),
-    "lsf": ("LSFCluster", "bsub", '-gpu "num={gpus}"'),
-    "sge": ("SGECluster", "qsub", "-l gpu={gpus}"),
+    "slurm": ("SLURMCluster", "sbatch", "--gres=gpu:{gpus}", "squeue -j {ids}"),
+    "pbs": ("PBSCluster", "qsub", "-l ngpus={gpus}", "qstat -f {ids}"),
+    "lsf": ("LSFCluster", "bsub", '-gpu "num={gpus}"', "bjobs -p {ids}"),
+    "sge": ("SGECluster", "qsub", "-l gpu={gpus}", "qstat -j {ids}"),
 }
+
+#: Seconds between "no worker yet" notices: the first after 1 minute, then 2 and 5 minutes later,
+#: then every 10 minutes.
+WAIT_NOTICES = (60.0, 120.0, 300.0, 600.0)
 
 #: SLURM memory directives that replace ``--mem`` (sbatch refuses a job with both).
 SLURM_MEMORY_PER = ("--mem-per-gpu", "--mem-per-cpu")
@@ -99,7 +105,7 @@ def job_config(options: Any, security: Any, temp_dir: str | None) -> dict:
     import dask
 
     system = options.cluster
-    _, _, gpu_directive = SYSTEMS[system]
+    gpu_directive = SYSTEMS[system][2]
     section = f"jobqueue.{system}"
     processes, threads = worker_layout(options)
     memory = job_memory(options)
@@ -186,13 +192,44 @@ def batch_client(options: Any, announce: bool = False, log: Callable[[str], None
             with Client(cluster, security=security) as client, dask.config.set({"distributed.dashboard.link": "http://127.0.0.1:{port}/status"}):
                 if announce and client.dashboard_link:
                     print(f"Dask dashboard: {client.dashboard_link}", file=sys.stderr, flush=True)
-                yield client
+                with _notices_while_queued(client, options.cluster, ids, log):
+                    yield client
         finally:
             ids = [str(job.job_id) for job in cluster.workers.values() if getattr(job, "job_id", None)]
             _close(cluster)
             if ids:
                 log(f"cancelled job(s) {', '.join(ids)}: the batch system lists a job ended this way as CANCELLED, "
                     "also when its work was done (not a failure)")
+
+
+@contextlib.contextmanager
+def _notices_while_queued(client: Any, system: str, ids: list[str], log: Callable[[str], None]) -> Iterator[None]:
+    """Say, now and then, that no job has started a worker yet: a job can wait in the queue for
+    hours (or for ever, asking for more than a partition has), and the run waits with it."""
+    stop = threading.Event()
+    status = SYSTEMS[system][3].format(ids=",".join(ids) if system in ("slurm", "lsf") else " ".join(ids))
+
+    def watch() -> None:
+        waited = 0.0
+        for pause in itertools.chain(WAIT_NOTICES, itertools.repeat(WAIT_NOTICES[-1])):
+            if stop.wait(pause):
+                return
+            waited += pause
+            try:
+                if client.scheduler_info().get("workers"):
+                    return
+            except (OSError, RuntimeError):  # the client closing
+                return
+            log(f"no worker has connected after {waited / 60:.0f} min: the job(s) still wait in the queue "
+                f"(`{status}` says why); the run waits for them, Ctrl-C cancels them")
+
+    thread = threading.Thread(target=watch, name="cleftchunk-queue-notices", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _close(cluster: Any) -> None:

@@ -37,7 +37,7 @@ from cleftchunk.synth.generate import VOXEL_SIZE, SynthParams, check_seed, gener
 from cleftchunk.labels import CREMI_BACKGROUND, CREMI_CLEFTS, CREMI_NEURONS, CREMI_RAW, kind_attrs
 from cleftchunk.io.cremi import hdf5_state
 from cleftchunk.io.stores import is_url
-from cleftchunk.io.volumes import DEFAULT_CHUNKS, HDF5_SUFFIXES, create_volume, open_volume, split_spec
+from cleftchunk.io.volumes import HDF5_SUFFIXES, chunk_shape, create_volume, open_volume, split_spec
 from cleftchunk.run.chunks import unit_grid, unit_stored, units_in
 from cleftchunk.run.executor import BlockwiseTask
 from cleftchunk.run.layout import GridLayout
@@ -69,17 +69,6 @@ def check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     if math.prod(shape) > MAX_VOXELS:
         raise CleftchunkError(f"shape {shape} is {math.prod(shape):.1e} voxels, over the 1e13 limit: check the extents")
     return shape
-
-
-def check_chunks(chunks: Sequence[int] | None, shape: Sequence[int]) -> tuple[int, int, int]:
-    chunks = DEFAULT_CHUNKS if chunks is None else chunks
-    try:
-        chunks = tuple(int(c) for c in chunks)
-    except (TypeError, ValueError):
-        raise CleftchunkError(f"chunks {chunks!r} must be 3 integers Z,Y,X, e.g. 16,256,256") from None
-    if len(chunks) != 3 or any(c <= 0 for c in chunks):
-        raise CleftchunkError(f"chunks {chunks} must be 3 positive extents Z,Y,X, e.g. 16,256,256")
-    return tuple(min(c, s) for c, s in zip(chunks, shape))
 
 
 def synthesize(
@@ -138,7 +127,7 @@ class Synth(VolumeOperation):
         if self.kind == "cremi" and not self.path.name.lower().endswith(HDF5_SUFFIXES):
             raise CleftchunkError(f"{dst}: the cremi format writes an HDF5 file ending in .hdf, .h5 or .hdf5")
         self.shape = check_shape(shape)
-        self.chunks = check_chunks(chunks, self.shape)
+        self.chunks = chunk_shape(chunks, self.shape)
         self.seed, self.params = check_seed(seed), params
         self.output = str(dst)
 

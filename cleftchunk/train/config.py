@@ -20,6 +20,10 @@ from cleftchunk.model import (
 
 
 # -- configuration ----------------------------------------------------------------------------------
+#: Where crops are augmented: auto (on the model's device when it is a GPU), cpu (loader workers, numpy) or device (torch).
+AUGMENT_ON = ("auto", "cpu", "device")
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; YAML files and command-line flags use these names."""
@@ -113,7 +117,7 @@ class TrainConfig:
             raise CleftchunkError("iteration-save and the loader workers (-c, --loader-workers) must not be negative")
         if not float(self.lr) > 0:
             raise CleftchunkError(f"learning rate -lr {self.lr} must be positive")
-        if self.augment_on not in ("auto", "cpu", "device"):
+        if self.augment_on not in AUGMENT_ON:
             raise CleftchunkError(f"unknown augment-on {self.augment_on!r}: use auto, cpu or device")
         if self.optimizer not in ("adam", "adamw"):
             raise CleftchunkError(f"unknown optimizer {self.optimizer!r}: use adam or adamw")

@@ -31,9 +31,8 @@ from cleftchunk.geometry import Roi
 from cleftchunk.labels import CLEFT_BIT, INVALID_BIT
 from cleftchunk.predict.tiling import reflect_index
 from cleftchunk.train.augment_torch import TorchAugmenter, pack_plans
+from cleftchunk.train.config import AUGMENT_ON
 from cleftchunk.train.data import ChunkedView, CropSampler
-
-AUGMENT_ON = ("auto", "cpu", "device")
 
 
 def resolve_augment_on(choice: str, device: torch.device) -> str:

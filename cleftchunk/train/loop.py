@@ -24,7 +24,7 @@ from cleftchunk.train.sampling import parse_train_rois
 from cleftchunk.train.distributed import Dist, free_port, init_distributed, requested_processes, under_torchrun
 from cleftchunk.train.logger import Logger
 from cleftchunk.train.outputs import check_output, check_resumable, clear_output, write_config
-from cleftchunk.train.trainer import Hook, NonFiniteLoss, TrainState, Trainer, TrainingInterrupted
+from cleftchunk.train.trainer import Hook, NonFiniteGradient, NonFiniteLoss, TrainState, Trainer, TrainingInterrupted
 from cleftchunk.train.validation import Validator
 
 
@@ -140,8 +140,8 @@ def _run(config: TrainConfig, dist: Dist, resume: bool, overwrite: bool, hooks: 
                 loss, logits = trainer.step(batch)
             except NonFiniteLoss as e:
                 raise CleftchunkError(non_finite_message(f"the loss became {e.value}", trainer.iteration + 1, last, batch, volumes)) from None
-            if not gradients_finite(trainer.net):  # a finite loss can still give NaN gradients (a masked NaN)
-                raise CleftchunkError(non_finite_message("a gradient became NaN or inf", trainer.iteration, last, batch, volumes))
+            except NonFiniteGradient:
+                raise CleftchunkError(non_finite_message("a gradient became NaN or inf", trainer.iteration + 1, last, batch, volumes)) from None
             logger.iteration(trainer, loss, batch, logits)
             if dist.main and should_save(trainer.iteration, config):
                 save_both(trainer, config)
@@ -209,11 +209,6 @@ def crops(batch: dict, volumes: Sequence, only: Any = None) -> str:
     rows = rows if only is None else rows[only]
     named = list(dict.fromkeys(f"{volumes[int(w[0])].name} at voxel {','.join(str(int(c)) for c in w[1:])}" for w in rows))
     return "; ".join(named[:4]) + ("; ..." if len(named) > 4 else "")
-
-
-def gradients_finite(net: torch.nn.Module) -> bool:
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
-    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum()))
 
 
 def weights_finite(state: dict) -> bool:

@@ -81,11 +81,13 @@ class Trainer:
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.model(image)
         loss = training_loss(logits, label, mask, self.config.dice, self.config.max_weight)
-        value = float(self.dist.mean(loss.detach()).item())
-        if not math.isfinite(value):
-            raise NonFiniteLoss(value)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        value, gradients = self.look(loss)
+        if not math.isfinite(value):
+            raise NonFiniteLoss(value)
+        if not math.isfinite(gradients):  # a finite loss can still give NaN gradients (a NaN it masked away)
+            raise NonFiniteGradient(value)
         self.optimizer.step()
         if self.config.lr_schedule == "plateau":
             self.window.add(self.scheduler, value)
@@ -95,6 +97,15 @@ class Trainer:
             self.ema.update(self.net)
         self.iteration += 1
         return value, logits.detach()
+
+    def look(self, loss: torch.Tensor) -> tuple[float, float]:
+        """The mean loss over processes and the sum of this step's gradient norms, read from the
+        device together: one wait for the device per step, not one per figure, and before the
+        optimizer applies a NaN gradient to the weights."""
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        norms = torch.stack(torch._foreach_norm(grads)).sum() if grads else torch.zeros((), device=loss.device)
+        value, gradients = torch.stack([self.dist.mean(loss.detach()).float(), norms.float()]).tolist()
+        return value, gradients
 
     def inference_state(self) -> dict:
         """The weights prediction should use: the EMA when there is one."""
@@ -165,3 +176,7 @@ class NonFiniteLoss(Exception):
     def __init__(self, value: float):
         super().__init__(f"loss {value}")
         self.value = value
+
+
+class NonFiniteGradient(Exception):
+    """A finite loss whose gradients hold NaN or inf; the weights were not changed."""

@@ -3,7 +3,8 @@ machine, in the background, in a new session (its own process group); ``scancel`
 ``bkill`` end that group (SIGTERM, then SIGKILL) and mark the job CANCELLED; ``squeue``/``qstat``/
 ``bjobs`` list the jobs still running. State lives in $FAKE_BATCH_DIR: ``<id>.sh`` (the script),
 ``<id>.out`` (its output), ``<id>.pid``, ``<id>.state`` and ``calls.log`` (every command run).
-``FAKE_BATCH_REFUSE=reason`` makes submissions fail as a real scheduler refusing a job does.
+``FAKE_BATCH_REFUSE=reason`` makes submissions fail as a real scheduler refusing a job does;
+``FAKE_BATCH_PENDING=1`` leaves submitted jobs waiting in the queue (their scripts never run).
 
 Run as ``fake_batch.py COMMAND ARGS...`` (the sibling wrappers named after each command do that).
 """
@@ -53,6 +54,10 @@ def submit(command: str, args: list[str], state: Path) -> int:
     with os.fdopen(fd, "w") as f:
         f.write(script)
     job = str(number)
+    if os.environ.get("FAKE_BATCH_PENDING"):
+        (state / f"{job}.state").write_text("PENDING")
+        print(SUBMIT[command].format(id=job))
+        return 0
     env = dict(os.environ, SLURM_JOB_ID=job, PBS_JOBID=job, LSB_JOBID=job, JOB_ID=job)
     with open(state / f"{job}.out", "w") as out:
         proc = subprocess.Popen(["bash", str(state / f"{job}.sh")], stdout=out, stderr=subprocess.STDOUT,
@@ -66,6 +71,9 @@ def submit(command: str, args: list[str], state: Path) -> int:
 def cancel(args: list[str], state: Path) -> int:
     known = jobs(state)
     for job in (a.split(".")[0] for a in args if not a.startswith("-")):
+        if job not in known and (state / f"{job}.state").exists():  # still pending: nothing runs
+            (state / f"{job}.state").write_text("CANCELLED")
+            continue
         if job not in known:
             print(f"error: invalid job id {job}", file=sys.stderr)
             return 1
