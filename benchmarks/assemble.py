@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from _common import HERE, RESULTS_DIR, machine_info
 
-ORDER = ["demo-fresh-clone", "demo", "demo-experiments", "convert", "zarrs", "synth", "train", "first-step", "storage", "predict", "predict-hotpath", "predict-gpu", "scale", "evaluate"]
+ORDER = ["demo-seeds", "demo-fresh-clone", "demo", "demo-experiments", "convert", "zarrs", "synth", "train", "first-step", "storage", "predict", "predict-hotpath", "predict-gpu", "scale", "evaluate"]
 
 
 def main() -> None:

@@ -202,7 +202,8 @@ def write_demo_report(demo: Any) -> Path:
         f"{_shape(s.validate_shape)} (seed {demo.sample_seed('validate')}: the model's operating point), held-out test "
         f"sample {_shape(s.test_shape)} (seed {demo.sample_seed('test')}), difficulty {s.difficulty}; unetv0 preset '{s.preset}', input {_shape(s.input_size)}, "
         f"{s.iterations} iterations of batch {s.batch_size} on {s.device} ({s.optimizer}, {s.scheduler} schedule, "
-        f"{loss_name(s.dice, s.max_weight)}, lr {s.lr:g}; {s.near_cleft:.0%} of the crops centred on a cleft voxel)"
+        f"{loss_name(s.dice, s.max_weight)}, lr {s.lr:g}; {s.near_cleft:.0%} of the crops centred on a cleft voxel, the others uniform draws, "
+        f"{'all kept' if s.keep_p >= 1 else f'kept with probability {s.keep_p:g} when they hold no cleft'})"
         + (f"; {layout['threads']} torch threads + {layout['workers']} loader workers, measured fastest here" if layout else "")
         + ".",
     )
