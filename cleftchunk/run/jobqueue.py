@@ -207,6 +207,7 @@ def _notices_while_queued(client: Any, system: str, ids: list[str], log: Callabl
     """Say, now and then, that no job has started a worker yet: a job can wait in the queue for
     hours (or for ever, asking for more than a partition has), and the run waits with it."""
     stop = threading.Event()
+    ids = sorted(ids, key=lambda job: (len(job), job))  # as submitted: 999 before 1000
     status = SYSTEMS[system][3].format(ids=",".join(ids) if system in ("slurm", "lsf") else " ".join(ids))
 
     def watch() -> None:
