@@ -308,10 +308,11 @@ class Demo:
         detail.update(threshold=point["threshold"], min_size=point["min_size"])
 
     def train_config(self) -> dict:
+        from cleftchunk.train.operating_point import check_tolerance
+
         s = self.settings
         raw, clefts = str(self.sample_zarr("train") / "raw"), str(self.sample_zarr("train") / "clefts")
-        if not 0 <= s.operating_point_tolerance < 1:
-            raise CleftchunkError(f"operating_point_tolerance {s.operating_point_tolerance} must lie in [0, 1) (a fraction of the best CREMI score)")
+        check_tolerance(s.operating_point_tolerance, "operating_point_tolerance")  # before training, not after
         return {
             "images": [raw],
             "labels": [clefts],

@@ -307,8 +307,11 @@ def seed_sweep_standing(settings: Any, cremi: Any, baseline_cremi: Any, f1: Any,
     if not path.exists() or None in (cremi, baseline_cremi, f1, baseline_f1) or not baseline_cremi or not baseline_f1:
         return None
     sweep = json.loads(path.read_text())
-    mine = {k: v for k, v in settings.as_dict().items() if k not in ("seed", "threads", "loader_workers")}
-    if {k: v for k, v in sweep["settings"].items() if k not in ("seed", "threads", "loader_workers")} != mine:
+
+    def recipe(values: dict) -> dict:  # what the seed and the machine's layout leave unchanged
+        return {k: v for k, v in values.items() if k not in ("seed", "threads", "loader_workers")}
+
+    if recipe(sweep["settings"]) != recipe(settings.as_dict()):
         return None
     ratio, f1_ratio = cremi / baseline_cremi, f1 / baseline_f1
     ratios = sorted(r["cremi_ratio"] for r in sweep["runs"])

@@ -121,7 +121,7 @@ def cremi_metrics_reference(
             return np.full(int(query.sum()), np.inf)
         return distance_transform_edt(~target, sampling=sampling)[query]
 
-    d_q = distances_to(q, p) if gt_distances is None else gt_distances[p]
+    d_q = (distances_to_gt(q, sampling) if gt_distances is None else gt_distances)[p]
     d_p = distances_to(p, q)
     inputs = {"shape": list(p.shape), "voxel_size": list(sampling), "theta_nm": float(theta), "invalid_voxels": int(invalid.sum())}
     return assemble(stats_from_values(d_q), stats_from_values(d_p), int((d_q > theta).sum()), int((d_p > theta).sum()), inputs)

@@ -72,8 +72,7 @@ def sweep(prob: np.ndarray, gt: np.ndarray, invalid: np.ndarray, voxel_size: Seq
     from cleftchunk.post.metrics import cremi_metrics_reference, distances_to_gt
     from cleftchunk.post.segment import connected_components_reference
 
-    if not 0 <= tolerance < 1:
-        raise CleftchunkError(f"operating-point tolerance {tolerance} must lie in [0, 1) (a fraction of the best CREMI score)")
+    check_tolerance(tolerance)
     gt_distances = distances_to_gt(gt, voxel_size, invalid)  # the same for every threshold: computed once
 
     def score(t: int, m: int) -> dict:
@@ -94,6 +93,12 @@ def sweep(prob: np.ndarray, gt: np.ndarray, invalid: np.ndarray, voxel_size: Seq
             "lowest_threshold": lowest["threshold"], "near_best": near, "tolerance": tolerance,
             "at_edge": chosen_t in (min(thresholds), max(thresholds)),
             "thresholds": by_threshold, "min_sizes": by_size}
+
+
+def check_tolerance(tolerance: float, name: str = "operating-point tolerance") -> None:
+    """A tolerance of :func:`sweep`: a fraction of the best CREMI score in [0, 1)."""
+    if not 0 <= tolerance < 1:
+        raise CleftchunkError(f"{name} {tolerance} must lie in [0, 1) (a fraction of the best CREMI score)")
 
 
 def choose_operating_point(
