@@ -7,9 +7,11 @@ demo-experiments.md ran an earlier form of this script, which chose on the train
     python benchmarks/demo_sweep.py NAME '{"iterations": 500, "threads": 1}' '{"max_weight": 1, "dice": 1}'
 
 argument 2: DemoSettings fields; argument 3: extra training-config keys. EXP_DATA: a demo data
-folder (train.zarr, validate.zarr, test.zarr; default: seed 0's data from benchmarks/demo_seeds.py).
+folder (train.zarr, validate.zarr, test.zarr; default: seed 0's data from benchmarks/demo_seeds.py), or
+"synth": synthesize the samples the settings describe (e.g. a larger train_shape) into the run's folder.
 "test_best" (the best threshold on the test sample) is a diagnostic of what the model could reach,
-never an operating point: the demo chooses on the training sample only.
+never an operating point: the demo chooses on the validation sample only. "train_voxel_ap" ranks the training sample
+the same way (the gap to test_voxel_ap: what does not carry over to new data).
 """
 import dataclasses, json, os, sys, time, resource
 from pathlib import Path
@@ -25,13 +27,20 @@ def cpu():
     return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 name, settings_over, config_over = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3] if len(sys.argv) > 3 else "{}")
-data = Path(os.environ.get("EXP_DATA", str(Path(__file__).resolve().parent / "_data" / "demo-seeds" / "demo-seed-0" / "data")))
+data = os.environ.get("EXP_DATA", str(Path(__file__).resolve().parent / "_data" / "demo-seeds" / "demo-seed-0" / "data"))
 folder = Path(__file__).resolve().parent / "_data" / "demo-sweep" / name
 import shutil; shutil.rmtree(folder, ignore_errors=True)
 s = dataclasses.replace(DemoSettings(), **{k: tuple(v) if isinstance(v, list) else v for k, v in settings_over.items()})
 s = dataclasses.replace(s, threads=s.threads or 2, loader_workers=s.loader_workers if s.loader_workers is not None else 0)
 demo = Demo(folder, s, overwrite=True)
-shutil.rmtree(demo.data, ignore_errors=True); demo.data.symlink_to(data)
+if data == "synth":  # the samples these settings describe (seed, shapes), synthesized here
+    for stage in ("synthesize", "convert"):
+        with demo.stage(stage) as detail:
+            getattr(demo, stage)(detail)
+    data = demo.data
+else:
+    data = Path(data).resolve()
+    shutil.rmtree(demo.data, ignore_errors=True); demo.data.symlink_to(data)
 config = demo.train_config(); config.update(config_over)
 t0, c0 = time.perf_counter(), cpu()
 ckpt = train(config, resume=False, overwrite=True)
@@ -53,6 +62,10 @@ row = {"name": name, "settings": settings_over, "config": config_over, "train_s"
        "test_chosen": [round(chosen["cremi_score"],1), round(chosen["f1"],3), round(chosen["precision"],3), round(chosen["recall"],3)],
        "test_best": [best["threshold"], best["min_size"], round(best["validation"]["cremi_score"],1), round(best["validation"]["f1"],3)],
        "test_voxel_ap": round(ap(prob.astype(np.float32), gt), 4), "load": os.getloadavg()[0]}
+# The same ranking on the sample the model trained on: the gap between the two is how much of what
+# it learned does not carry over to new data.
+raw, gt, invalid, vs = validation_arrays(str(data / "train.zarr/raw"), str(data / "train.zarr/clefts"), None)
+row["train_voxel_ap"] = round(ap(predict_reference(model, raw, checkpoint_input_size(ck), batch_size=2).astype(np.float32), gt), 4)
 print(json.dumps(row))
 json.dump({"row": row, "val_sweep": point, "test_best": best}, open(folder / "sweeps.json", "w"), indent=1)
 with open(Path(__file__).resolve().parent / "results" / "demo-sweep.jsonl", "a") as f: f.write(json.dumps(row) + "\n")
