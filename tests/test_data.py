@@ -119,6 +119,22 @@ def test_the_chunk_cache_gives_the_same_crops_within_its_budget(tmp_path):
     assert cached.reopen().cache.bytes == 0  # a worker starts with an empty cache
 
 
+def test_a_cached_view_reads_boxes_across_chunks_as_the_source_does():
+    from cleftchunk.train.chunk_cache import ChunkCache, ChunkedView
+
+    source = np.arange(6 * 70 * 50, dtype=np.uint16).reshape(6, 70, 50)
+    view = ChunkedView(source, ChunkCache(2**20), "ids", convert=lambda a: (a % 7).astype(np.uint8))
+    view.grid = type(view.grid)(view.grid.roi, (4, 32, 16))  # several chunks along every axis
+    expected = (source % 7).astype(np.uint8)
+    for begin, end in (((0, 0, 0), (6, 70, 50)), ((3, 31, 15), (5, 33, 49)), ((2, 40, 17), (3, 41, 18))):
+        key = tuple(slice(b, e) for b, e in zip(begin, end))
+        got = view[key]
+        assert got.dtype == np.uint8
+        np.testing.assert_array_equal(got, expected[key])
+        out = np.full([e - b for b, e in zip(begin, end)], 255, np.uint8)
+        np.testing.assert_array_equal(view.read_into(begin, end, out), expected[key])
+
+
 def test_volumes_are_chosen_in_proportion_to_their_valid_positions():
     small = TrainingVolume(np.zeros((2, 40, 40), np.uint8), np.zeros((2, 40, 40), np.uint8))
     big = TrainingVolume(np.zeros((2, 56, 40), np.uint8), np.zeros((2, 56, 40), np.uint8))

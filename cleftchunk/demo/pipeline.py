@@ -52,15 +52,14 @@ class DemoSettings:
     seed: int = 0
     difficulty: float = 0.5
     preset: str = "small"
-    # 16×96×96 crops: twice the sections of 8×128×128 (640 nm, a whole synapse across z) for about
-    # the same step cost. The clefts' look-alikes (membranes slanted nearly into the section plane,
-    # mitochondria, cleft-less vesicle clouds) differ from clefts mostly in how they continue
-    # across sections. On seed 0's samples: test 124.1 nm / F1 0.706 / voxel AP 0.333 against
-    # 219.5 / 0.466 / 0.207 with 8×128×128; on seed 3's no better (demo-experiments.md, I-s0/I-s3).
-    # Iterations: 1,600 beat 800 and 1,200 on the same seed (demo-experiments.md); channels-last
-    # convolutions (model.on_device) made a step ~20 % cheaper, which buys 1,500 within the
-    # 15-minute budget on 2 cores, install included (benchmarks/results/demo-seeds.md).
-    input_size: tuple[int, int, int] = (16, 96, 96)
+    # 8×128×128 crops: 0.64× the step cost of 8×160×160. 16×96×96 (twice the sections, the same
+    # step cost) gave seed 0 its best model once (1 torch thread: 124.1 nm / F1 0.706) and 188.2 nm
+    # / 0.448 in the demo's own layout (2 threads), no better than these crops; seed 3 no better
+    # either (demo-experiments.md, I-s0, I-s3). Iterations: 1,600 beat 800 and 1,200 on
+    # the same seed (demo-experiments.md); channels-last convolutions (model.on_device) made a step
+    # ~20 % cheaper, which buys 1,500 within the 15-minute budget on 2 cores, install included
+    # (benchmarks/results/demo-seeds.md).
+    input_size: tuple[int, int, int] = (8, 128, 128)
     iterations: int = 1500
     batch_size: int = 2
     # Measured in benchmarks/results/demo-experiments.md: the original's class-rebalanced BCE
