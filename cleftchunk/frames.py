@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from cleftchunk.errors import CleftchunkError
+from cleftchunk.io.access import drop_axes, normalize_key
 from cleftchunk.geometry import Roi
 
 #: The flag that tells a command to use volumes voxel for voxel (cli/options.py defines it once).
@@ -200,21 +201,9 @@ class Cropped:
         return self.box.shape
 
     def __getitem__(self, key: Any) -> Any:
-        key = key if isinstance(key, tuple) else (key,)
-        key = key + (slice(None),) * (len(self.box.shape) - len(key))
-        shifted = []
-        for k, begin, size in zip(key, self.box.begin, self.box.shape):
-            if isinstance(k, slice):
-                start, stop, step = k.indices(size)
-                if step != 1:
-                    raise ValueError("a cropped volume is read with steps of 1")
-                shifted.append(slice(begin + start, begin + max(start, stop)))
-            else:
-                index = int(k) + size if int(k) < 0 else int(k)
-                if not 0 <= index < size:
-                    raise IndexError(f"index {k} outside an axis of {size}")
-                shifted.append(begin + index)
-        return self.volume[tuple(shifted)]
+        slices, dropped = normalize_key(key, self.box.shape)  # the key rule of every source
+        shifted = tuple(slice(b + s.start, b + s.stop) for s, b in zip(slices, self.box.begin))
+        return drop_axes(self.volume[shifted], dropped)
 
     def __str__(self) -> str:
         return f"{self.volume}[{_box(self.box)}]"
