@@ -34,6 +34,7 @@ def test_package_data_files_exist():
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("error::setuptools.warnings.SetuptoolsDeprecationWarning")  # what stops building later
 def test_wheel_holds_subpackages_and_data(tmp_path):
     import os
 
