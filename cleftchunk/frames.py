@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.io.access import drop_axes, normalize_key
-from cleftchunk.geometry import Roi
+from cleftchunk.geometry import Roi, drop_axes, normalize_key
 
 #: The flag that tells a command to use volumes voxel for voxel (cli/options.py defines it once).
 IGNORE_FLAG = "--ignore-frame"

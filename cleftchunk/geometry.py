@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from cleftchunk.errors import CleftchunkError
 
@@ -292,3 +293,39 @@ def tile_starts(size: int, window: int, stride: int) -> list[int]:
         raise ValueError(f"axis of size {size} is smaller than the window {window}: pad it first")
     n = 1 + -(-(size - window) // stride)
     return [min(i * stride, size - window) for i in range(n)]
+
+
+# -- keys: the numpy-style indexing every source and view accepts ------------------------------
+def normalize_key(key: Any, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[int, ...]]:
+    """Expand ``key`` to one step-1 slice per axis; also return the axes indexed by an int.
+
+    Sources read boxes, so this accepts what the volume layer and dask pass: slices with
+    step 1, ints and Ellipsis.
+    """
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is Ellipsis for k in key):
+        i = next(i for i, k in enumerate(key) if k is Ellipsis)
+        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1 :]
+    key = key + (slice(None),) * (len(shape) - len(key))
+    if len(key) != len(shape):
+        raise IndexError(f"too many indices for an array of shape {tuple(shape)}")
+    slices, dropped = [], []
+    for axis, (k, n) in enumerate(zip(key, shape)):
+        if isinstance(k, numbers.Integral):  # ints and numpy integers
+            k = int(k) + (n if k < 0 else 0)
+            if not 0 <= k < n:
+                raise IndexError(f"index {k} out of range for axis {axis} of size {n}")
+            slices.append(slice(k, k + 1))
+            dropped.append(axis)
+        elif isinstance(k, slice):
+            start, stop, step = k.indices(n)
+            if step != 1:
+                raise IndexError("sources only support contiguous slices (step 1)")
+            slices.append(slice(start, max(start, stop)))
+        else:
+            raise IndexError(f"unsupported index {k!r}: use slices or ints")
+    return tuple(slices), tuple(dropped)
+
+
+def drop_axes(data: Any, axes: Sequence[int]) -> Any:
+    return data.squeeze(axis=tuple(axes)) if axes else data

@@ -10,52 +10,16 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
 
 
 # -- indexing helpers ---------------------------------------------------------------------
-def normalize_key(key: Any, shape: Sequence[int]) -> tuple[tuple[slice, ...], tuple[int, ...]]:
-    """Expand ``key`` to one step-1 slice per axis; also return the axes indexed by an int.
-
-    Sources read boxes, so this accepts what the volume layer and dask pass: slices with
-    step 1, ints and Ellipsis.
-    """
-    key = key if isinstance(key, tuple) else (key,)
-    if any(k is Ellipsis for k in key):
-        i = next(i for i, k in enumerate(key) if k is Ellipsis)
-        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1 :]
-    key = key + (slice(None),) * (len(shape) - len(key))
-    if len(key) != len(shape):
-        raise IndexError(f"too many indices for an array of shape {tuple(shape)}")
-    slices, dropped = [], []
-    for axis, (k, n) in enumerate(zip(key, shape)):
-        if isinstance(k, (int, np.integer)):
-            k = int(k) + (n if k < 0 else 0)
-            if not 0 <= k < n:
-                raise IndexError(f"index {k} out of range for axis {axis} of size {n}")
-            slices.append(slice(k, k + 1))
-            dropped.append(axis)
-        elif isinstance(k, slice):
-            start, stop, step = k.indices(n)
-            if step != 1:
-                raise IndexError("sources only support contiguous slices (step 1)")
-            slices.append(slice(start, max(start, stop)))
-        else:
-            raise IndexError(f"unsupported index {k!r}: use slices or ints")
-    return tuple(slices), tuple(dropped)
-
-
 def roi_of(slices: Sequence[slice]) -> Roi:
     return Roi.from_bounds([s.start for s in slices], [s.stop for s in slices])
-
-
-def drop_axes(data: np.ndarray, axes: Sequence[int]) -> np.ndarray:
-    return data.squeeze(axis=tuple(axes)) if axes else data
 
 
 def natural_key(name: str) -> list:

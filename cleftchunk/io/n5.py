@@ -19,8 +19,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.geometry import ChunkGrid, Roi
-from cleftchunk.io.access import damaged_file_errors, drop_axes, normalize_key, roi_of
+from cleftchunk.geometry import ChunkGrid, Roi, drop_axes, normalize_key
+from cleftchunk.io.access import damaged_file_errors, roi_of
 
 N5_DTYPES = ("uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64", "float32", "float64")
 

@@ -35,8 +35,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.geometry import Roi
-from cleftchunk.io.access import drop_axes, normalize_key
+from cleftchunk.geometry import Roi, drop_axes, normalize_key
 
 PREFIX = "precomputed://"
 #: The sidecar of an output: cleftchunk's attributes (operation state, kinds), never read by neuroglancer.

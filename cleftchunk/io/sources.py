@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from cleftchunk.errors import CleftchunkError
-from cleftchunk.io.access import damaged_file_errors, drop_axes, natural_key, normalize_key, reading, roi_of
+from cleftchunk.geometry import drop_axes, normalize_key
+from cleftchunk.io.access import damaged_file_errors, natural_key, reading, roi_of
 from cleftchunk.io.n5 import N5_DTYPES, N5Array, decode_n5_block, is_n5, n5_attributes, n5_datasets  # noqa: F401  (re-exported)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
