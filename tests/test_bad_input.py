@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def ws(tmp_path_factory):
         f.create_dataset("raw", shape=(0, 4, 4), dtype="uint8")
     full = (root / "two.h5").read_bytes()
     (root / "truncated.h5").write_bytes(full[: len(full) // 3])
-    (root / "random.h5").write_bytes(os.urandom(4096))
+    (root / "random.h5").write_bytes(random.Random(1).randbytes(4096))  # seeded: CI must not draw its own
     (root / "notjson.zarr").mkdir()
     (root / "notjson.zarr/zarr.json").write_text("{ this is not json")
     (root / "afile").write_text("a file, not a folder")
@@ -86,7 +87,7 @@ def ws(tmp_path_factory):
     ckpt = save_checkpoint(root / "model.pth", net, arch_spec(net), (4, 32, 32))
     state = torch.load(ckpt, weights_only=True)
     (root / "truncated.pth").write_bytes(ckpt.read_bytes()[:5000])
-    (root / "random.pth").write_bytes(os.urandom(5000))
+    (root / "random.pth").write_bytes(random.Random(2).randbytes(5000))
     (root / "empty.pth").write_bytes(b"")
     nan_state = {**state, "model": {k: v.clone() for k, v in state["model"].items()}}
     first = next(k for k, v in nan_state["model"].items() if v.is_floating_point())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -135,6 +136,17 @@ def test_load_checkpoint_errors_are_one_line(tmp_path):
     with pytest.raises(CleftchunkError, match="not a cleftchunk checkpoint"):
         load_checkpoint(foreign)
 
+
+
+def test_any_random_bytes_are_refused_in_one_line(tmp_path):
+    """CI once drew 5,000 random bytes on which the unpickler raised IndexError, which the CLI
+    reported as "unexpected". Whatever the bytes, the answer is the one-line refusal."""
+    rng = random.Random(0)
+    path = tmp_path / "random.pth"
+    for i in range(400):
+        path.write_bytes(rng.randbytes(rng.choice([2, 3, 10, 40, 200, 5000])))
+        with pytest.raises(CleftchunkError, match="not a readable cleftchunk checkpoint"):
+            load_checkpoint(path)
 
 class _Evil:
     def __init__(self, marker):
