@@ -19,7 +19,7 @@ from cleftchunk.run.options import RunOptions
 from cleftchunk.train.augment import AugmentConfig
 from cleftchunk.train.data import CropSampler, RejectionConfig, TrainingVolume
 from cleftchunk.train.config import TrainConfig
-from cleftchunk.train.sampling import parse_train_rois
+from cleftchunk.train.sampling import CleftIndex, parse_train_rois
 
 OUT = (4, 64, 64)
 CHUNKS = (8, 64, 64)
@@ -164,6 +164,43 @@ def test_known_empty_candidates_are_not_read_and_the_stream_is_unchanged():
         a, b = with_table.sample(np.random.default_rng(seed)), without.sample(np.random.default_rng(seed))
         assert a["offset"] == b["offset"] and a["tries"] == b["tries"] and np.array_equal(a["label"], b["label"])
 
+
+
+def test_a_cleft_draw_sees_each_cleft_about_as_often_and_a_voxel_draw_sees_the_large_one():
+    """One large cleft (4,096 voxels) and three small ones (32 voxels) in cells of their own: drawn
+    by voxel the large one centres ~97 % of the crops, drawn by cleft a third (its cell's share)."""
+    labels = np.zeros((16, 128, 128), np.uint8)
+    labels[2:6, 8:40, 8:40] = 1  # large, cell (0, 0)
+    labels[9:11, 10:14, 80:84] = 1  # small, cell (0, 1)
+    labels[2:4, 80:84, 10:14] = 1  # two small clefts apart in cell (1, 0): pieces of one cell
+    labels[12:14, 120:124, 60:64] = 1
+    table = count_in_memory(labels, "nonzero", (16, 64, 64))
+    size = ndimage_sizes(labels)
+    for by, large_share in (("voxel", (0.93, 1.0)), ("cleft", (0.2, 0.45))):
+        index = CleftIndex([table], by)
+        rng = np.random.default_rng(0)
+        drawn = [index.draw(rng, [labels]) for _ in range(2000)]
+        assert all(labels[voxel] == 1 for _, voxel in drawn)
+        hits = np.bincount([size[voxel] for _, voxel in drawn], minlength=size.max() + 1)
+        share = hits[4096] / len(drawn)
+        assert large_share[0] <= share <= large_share[1], (by, share)
+    # by cleft: each cell with clefts a third of the draws, whatever its count; cell (1, 1) has none
+    index = CleftIndex([table], "cleft")
+    rng = np.random.default_rng(1)
+    cells = np.bincount([int(v[1] >= 64) * 2 + int(v[2] >= 64) for _, v in (index.draw(rng, [labels]) for _ in range(3000))], minlength=4)
+    assert all(abs(c / 3000 - 1 / 3) < 0.04 for c in cells[[0, 1, 2]]) and cells[3] == 0, cells
+    with pytest.raises(CleftchunkError, match="near_cleft_by='instance' is unknown: use voxel or cleft"):
+        RejectionConfig.from_dict({"near_cleft_by": "instance"})
+
+
+def ndimage_sizes(labels):
+    """Per voxel, the size of the 26-connected cleft it belongs to (0 off clefts)."""
+    from scipy import ndimage
+
+    pieces, _ = ndimage.label(labels, structure=np.ones((3, 3, 3), bool))
+    counts = np.bincount(pieces.ravel())
+    counts[0] = 0
+    return counts[pieces]
 
 # -- a virtual terabyte ------------------------------------------------------------------------------------
 def virtual_terabyte(tmp_path):

@@ -82,6 +82,7 @@ class DemoSettings:
     # 219.5 against 240.2 nm at the validation sample's operating point (demo-experiments.md, F0/F1).
     near_cleft: float = 0.5
     keep_p: float = 1.0
+    near_cleft_by: str = "voxel"
     # The model's threshold: the middle of those within this fraction of the lowest CREMI score on
     # the validation sample (train.operating_point.sweep), not the single lowest at an edge.
     operating_point_tolerance: float = 0.03
@@ -335,7 +336,7 @@ class Demo:
             "dice": s.dice,
             "max_weight": s.max_weight,
             "output_prior": s.output_prior,
-            "rejection": {"near_cleft": s.near_cleft, "keep_p": s.keep_p},
+            "rejection": {"near_cleft": s.near_cleft, "keep_p": s.keep_p, "near_cleft_by": s.near_cleft_by},
             "validate_image": str(self.sample_zarr("validate") / "raw"),
             "validate_labels": str(self.sample_zarr("validate") / "clefts"),
             "validate_every": 0,

@@ -8,7 +8,8 @@
   the augmentations (:mod:`cleftchunk.train.augment`); rejection sampling keeps a crop whose label has more
   than ``min_voxels`` cleft voxels, and otherwise keeps it with probability ``keep_p``.
 - ``near_cleft`` (a fraction in [0, 1]) of the draws instead centre the crop on a cleft voxel taken
-  uniformly from all cleft voxels of all volumes, drawn from the cleft tables (io/tables.py);
+  uniformly from all cleft voxels of all volumes (``near_cleft_by="voxel"``) or from a cleft taken
+  uniformly (``"cleft"``), drawn from the cleft tables (io/tables.py);
   crops come only from annotated space (train/sampling.py).
 - Reproducibility: sample ``j`` of batch ``b`` is drawn from ``np.random.default_rng([seed, b, g])``
   with ``g = rank * per_rank_batch + j`` its index in the global batch. The stream of batches is
@@ -42,7 +43,7 @@ from cleftchunk.labels import label_codes, resolve_label_kind
 from cleftchunk.geometry import Roi
 from cleftchunk.frames import paired
 from cleftchunk.io.volumes import open_volume
-from cleftchunk.train.sampling import AnnotatedCodes, CleftIndex, Space, known_empty
+from cleftchunk.train.sampling import NEAR_CLEFT_DRAWS, AnnotatedCodes, CleftIndex, Space, known_empty
 from cleftchunk.io.tables import CleftTable, count_in_memory
 
 #: Accepted by ``label_mode`` (see :mod:`cleftchunk.labels`).
@@ -57,6 +58,7 @@ class RejectionConfig:
     keep_p: float = 0.1
     max_tries: int = 10_000  # then the last candidate is taken, so a label-free volume cannot hang
     near_cleft: float = 0.0  # fraction of draws centred on a cleft voxel (kept without rejection)
+    near_cleft_by: str = "voxel"  # voxel: uniform over cleft voxels; cleft: over clefts (train/sampling.py)
 
     #: ``cleftchunk train``'s defaults: most crops centred on a cleft from the tables, so a kept crop
     #: costs <= 1/0.85 ≈ 1.18 tries (the fields' defaults stay the original's pure rejection).
@@ -73,6 +75,8 @@ class RejectionConfig:
         for name in ("keep_p", "near_cleft"):
             if not 0 <= getattr(config, name) <= 1:
                 raise CleftchunkError(f"rejection {name}={getattr(config, name)} must lie in [0, 1]")
+        if config.near_cleft_by not in NEAR_CLEFT_DRAWS:
+            raise CleftchunkError(f"rejection near_cleft_by={config.near_cleft_by!r} is unknown: use {' or '.join(NEAR_CLEFT_DRAWS)}")
         return config
 
     def to_dict(self) -> dict:
@@ -242,7 +246,7 @@ class CropSampler:
         if self.cleft_index is None:
             if self.tables is None:  # counted once, in memory (cell by cell)
                 self.tables = [count_in_memory(v.labels, v.label_mode, cache_chunk_shape(v.labels)) for v in self.volumes]
-            self.cleft_index = CleftIndex(self.tables)
+            self.cleft_index = CleftIndex(self.tables, self.rejection.near_cleft_by)
         if self.cleft_index.total == 0:
             return None
         for _ in range(max_draws):

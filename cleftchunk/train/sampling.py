@@ -8,8 +8,13 @@
   in it, until the crop's cells are all annotated); voxels of the source box outside annotated
   space are marked invalid (:class:`AnnotatedCodes`), so an unwritten chunk's fill value is never
   taken as background by the loss.
-- **Near clefts** (:class:`CleftIndex`): a cleft voxel uniformly over all cleft voxels of all
-  volumes — a cell ∝ its count in the table, then the voxel in that cell (one cell read).
+- **Near clefts** (:class:`CleftIndex`): by ``voxel``, a cleft voxel uniformly over all cleft
+  voxels of all volumes — a cell ∝ its count in the table, then the voxel in that cell (one cell
+  read); by ``cleft``, a cell uniformly over the cells holding clefts, then one of the clefts in it
+  (its connected pieces in that cell) uniformly, then a voxel of that cleft. Drawn by voxel, one
+  large cleft seen face-on (a fifth of a small training sample's cleft voxels) centres most crops
+  and the thin, edge-on clefts are hardly seen; drawn by cleft, each is seen about as often, from
+  the same tables and the same one-cell read (demo-experiments.md, issue 27).
 - **Known empty**: a uniform candidate whose source box covers only cells the table counts 0
   clefts in cannot pass the rejection test, so its labels are not read unless its keep coin says
   keep; the random stream is the same as when they are read.
@@ -17,9 +22,11 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from cleftchunk.errors import CleftchunkError
 from cleftchunk.geometry import Roi
@@ -28,6 +35,10 @@ from cleftchunk.io.tables import CleftTable
 
 #: Draws of an annotated cell before a crop partly outside annotated space is accepted.
 CELL_DRAWS = 100
+#: How a near-cleft draw weighs the clefts (:class:`CleftIndex`).
+NEAR_CLEFT_DRAWS = ("voxel", "cleft")
+#: Cells whose clefts (voxel numbers by piece) a ``cleft`` draw keeps: a few kB each.
+PIECE_CACHE_CELLS = 256
 
 
 def parse_train_rois(values: Sequence[str] | str | None, shapes: Sequence[Sequence[int]]) -> list[list[Roi] | None]:
@@ -178,11 +189,16 @@ class AnnotatedCodes:
 
 
 class CleftIndex:
-    """Cleft voxels per cell of each volume, from the tables; a draw picks a cleft voxel uniformly
-    over all volumes (a cell ∝ its count, then the voxel within the re-read, usually cached, cell)."""
+    """Cleft voxels per cell of each volume, from the tables. A ``voxel`` draw picks a cleft voxel
+    uniformly over all volumes (a cell ∝ its count, then the voxel within the re-read, usually
+    cached, cell); a ``cleft`` draw picks a cell uniformly among those with clefts, then a cleft
+    piece in it (26-connected) uniformly, then a voxel of that piece."""
 
-    def __init__(self, tables: Sequence[CleftTable]):
+    def __init__(self, tables: Sequence[CleftTable], by: str = "voxel"):
+        if by not in NEAR_CLEFT_DRAWS:
+            raise CleftchunkError(f"unknown near-cleft draw {by!r}: use {' or '.join(NEAR_CLEFT_DRAWS)}")
         self.tables = list(tables)
+        self.by = by
         volume_of, chunk_of, counts = [], [], []
         for i, table in enumerate(self.tables):
             flat = table.counts.reshape(-1)
@@ -195,18 +211,43 @@ class CleftIndex:
         self.chunk_of = np.concatenate(chunk_of + empty)
         self.cumulative = np.cumsum(np.concatenate(counts + empty))
         self.total = int(self.cumulative[-1]) if self.cumulative.size else 0
+        self._pieces: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def draw(self, rng: np.random.Generator, codes: Sequence[Any]) -> tuple[int, tuple[int, int, int]]:
-        """(volume, voxel) of a cleft voxel drawn uniformly over all cleft voxels."""
-        k = int(rng.integers(self.total))
-        entry = int(np.searchsorted(self.cumulative, k, side="right"))
-        within = k - (int(self.cumulative[entry - 1]) if entry else 0)
+        """(volume, voxel) of a cleft voxel, drawn as :attr:`by` says."""
+        if self.by == "voxel":
+            k = int(rng.integers(self.total))
+            entry = int(np.searchsorted(self.cumulative, k, side="right"))
+            within = k - (int(self.cumulative[entry - 1]) if entry else 0)
+        else:
+            entry = int(rng.integers(self.chunk_of.size))
         volume, number = int(self.volume_of[entry]), int(self.chunk_of[entry])
         table = self.tables[volume]
         roi = table.grid.chunk_roi(tuple(int(i) for i in np.unravel_index(number, table.counts.shape)))
-        flat = np.flatnonzero(np.asarray(codes[volume][roi.to_slices()]) & 1)[within]
+        if self.by == "voxel":
+            flat = int(np.flatnonzero(np.asarray(codes[volume][roi.to_slices()]) & 1)[within])
+        else:
+            voxels, starts = self._cell_pieces(volume, number, codes[volume], roi)
+            piece = int(rng.integers(starts.size - 1))
+            flat = int(voxels[starts[piece] + rng.integers(starts[piece + 1] - starts[piece])])
         local = np.unravel_index(flat, roi.shape)
         return volume, tuple(int(o + v) for o, v in zip(roi.offset, local))  # type: ignore[return-value]
+
+    def _cell_pieces(self, volume: int, number: int, codes: Any, roi: Roi) -> tuple[np.ndarray, np.ndarray]:
+        """The cell's cleft voxels (flat, grouped by 26-connected piece) and each piece's start."""
+        key = (volume, number)
+        if key in self._pieces:
+            self._pieces.move_to_end(key)
+            return self._pieces[key]
+        pieces, n = ndimage.label(np.asarray(codes[roi.to_slices()]) & 1, structure=np.ones((3, 3, 3), bool))
+        flat = pieces.reshape(-1)
+        voxels = np.flatnonzero(flat)
+        order = np.argsort(flat[voxels], kind="stable")
+        starts = np.searchsorted(flat[voxels][order], np.arange(1, n + 2))
+        self._pieces[key] = entry = (voxels[order], starts)
+        if len(self._pieces) > PIECE_CACHE_CELLS:
+            self._pieces.popitem(last=False)
+        return entry
 
 
 def known_empty(table: CleftTable | None, box: Roi) -> bool:
