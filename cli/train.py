@@ -86,7 +86,7 @@ def _not_built(ctx: click.Context, param: click.Parameter, value: object) -> Non
 @click.option("--augment", "augment", multiple=True, metavar="NAME=VALUE", help="Augmentation setting, repeatable (e.g. rotation_p=0).")
 @click.option("--augment-on", "augment_on", type=click.Choice(["auto", "cpu", "device"]), help="Where crops are augmented: cpu (loader workers) or device (the model's, batch-wise with torch, overlapping the step) [auto: device on a GPU].")
 @click.option("--no-augment", is_flag=True, default=None, help="Switch every augmentation off.")
-@click.option("--reject", "rejection", multiple=True, metavar="NAME=VALUE", help="Rejection sampling: min_voxels=100, keep_p=0.1.")
+@click.option("--reject", "rejection", multiple=True, metavar="NAME=VALUE", help="Rejection sampling: min_voxels=100, keep_p=0.1, near_cleft=0.85 (share of crops centred on a cleft), near_cleft_by=voxel|cleft.")
 @click.option("--train-roi", "train_roi", multiple=True, metavar="[N=]Z0:Z1,Y0:Y1,X0:X1", help="Region of volume N (its place in -dn, from 0) crops come from; repeatable [Zarr labels: the chunks their store holds].")
 @click.option("--log-dir", help="TensorBoard folder [runs/<output folder name>].")
 @click.option("--validate-image", help="Held-out image volume (relative to -t); a training volume too if --validate-roi holds a region out.")
