@@ -320,7 +320,7 @@ def normalize_key(key: Any, shape: Sequence[int]) -> tuple[tuple[slice, ...], tu
         elif isinstance(k, slice):
             start, stop, step = k.indices(n)
             if step != 1:
-                raise IndexError("sources only support contiguous slices (step 1)")
+                raise IndexError(f"only contiguous slices (step 1) are read here, not {k!r}: read the box, then step through the array")
             slices.append(slice(start, max(start, stop)))
         else:
             raise IndexError(f"unsupported index {k!r}: use slices or ints")
