@@ -238,8 +238,10 @@ def on_device(net: nn.Module, device: Any) -> nn.Module:
 
     On the CPU channels-last (NDHWC): oneDNN's 3-D convolutions ran the demo's unetv0 training
     step (preset small, 2×8×128×128, 2 threads) in 0.30–0.35 s instead of 0.39–0.46 s, and its
-    inference 1.7× faster (0.083 s against 0.14 s a batch), than in PyTorch's default NCDHW. On a
-    GPU the default layout, until a GPU run measures the other.
+    inference 1.7× faster (0.083 s against 0.14 s a batch), than in PyTorch's default NCDHW. At
+    one 8×256×256 window it does not pay: 1.02× (small) and 0.92× (default preset), measured
+    in benchmarks/results/predict-hotpath.md (2026-12-06 rerun); a per-window choice is not made yet.
+    On a GPU the default layout, until a GPU run measures the other.
     """
     device = torch.device(device)
     layout = torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
