@@ -12,9 +12,9 @@
   voxels of all volumes — a cell ∝ its count in the table, then the voxel in that cell (one cell
   read); by ``cleft``, a cell uniformly over the cells holding clefts, then one of the clefts in it
   (its connected pieces in that cell) uniformly, then a voxel of that cleft. Drawn by voxel, one
-  large cleft seen face-on (a fifth of a small training sample's cleft voxels) centres most crops
-  and the thin, edge-on clefts are hardly seen; drawn by cleft, each is seen about as often, from
-  the same tables and the same one-cell read (demo-experiments.md, issue 27).
+  large face-on cleft (48 % of the cleft voxels of seed 3's demo training sample) centres about
+  half the crops; drawn by cleft, 15 %, from the same tables and the same one-cell read. Drawing
+  uniformly over clefts did not make the demo's models better (demo-experiments.md, L rows).
 - **Known empty**: a uniform candidate whose source box covers only cells the table counts 0
   clefts in cannot pass the rejection test, so its labels are not read unless its keep coin says
   keep; the random stream is the same as when they are read.
@@ -37,7 +37,7 @@ from cleftchunk.io.tables import CleftTable
 CELL_DRAWS = 100
 #: How a near-cleft draw weighs the clefts (:class:`CleftIndex`).
 NEAR_CLEFT_DRAWS = ("voxel", "cleft")
-#: Cells whose clefts (voxel numbers by piece) a ``cleft`` draw keeps: a few kB each.
+#: Cells whose clefts (voxel numbers by piece) a ``cleft`` draw keeps: 8 bytes a cleft voxel each.
 PIECE_CACHE_CELLS = 256
 
 
