@@ -202,6 +202,7 @@ def ndimage_sizes(labels):
     counts[0] = 0
     return counts[pieces]
 
+
 # -- a virtual terabyte ------------------------------------------------------------------------------------
 def virtual_terabyte(tmp_path):
     """A 1 TB image and label volume; only two cubes of labels are written (by "another tool")."""
@@ -213,12 +214,13 @@ def virtual_terabyte(tmp_path):
     return str(tmp_path / "tb.zarr/raw"), str(tmp_path / "tb.zarr/clefts")
 
 
-def test_a_terabyte_volume_with_a_few_cubes_starts_in_seconds_and_draws_only_inside_them(tmp_path):
+@pytest.mark.parametrize("near_cleft_by", ["voxel", "cleft"])
+def test_a_terabyte_volume_with_a_few_cubes_starts_in_seconds_and_draws_only_inside_them(tmp_path, near_cleft_by):
     image, labels = virtual_terabyte(tmp_path)
     start = time.perf_counter()
     volume = TrainingVolume(open_volume(image), open_volume(labels), "nonzero")
     table = cleft_table(volume.labels, volume.label_mode, TB_CHUNKS)
-    rejection = RejectionConfig.from_dict(TrainConfig.from_dict({}).rejection)
+    rejection = RejectionConfig.from_dict({**TrainConfig.from_dict({}).rejection, "near_cleft_by": near_cleft_by})
     sampler = CropSampler([volume], (8, 128, 128), AugmentConfig(), rejection, tables=[table], cache_mb=64)
     samples = [sampler.sample(np.random.default_rng(seed)) for seed in range(16)]
     elapsed = time.perf_counter() - start

@@ -195,10 +195,8 @@ class CleftIndex:
     piece in it (26-connected) uniformly, then a voxel of that piece."""
 
     def __init__(self, tables: Sequence[CleftTable], by: str = "voxel"):
-        if by not in NEAR_CLEFT_DRAWS:
-            raise CleftchunkError(f"unknown near-cleft draw {by!r}: use {' or '.join(NEAR_CLEFT_DRAWS)}")
         self.tables = list(tables)
-        self.by = by
+        self.by = by  # one of NEAR_CLEFT_DRAWS, checked by RejectionConfig
         volume_of, chunk_of, counts = [], [], []
         for i, table in enumerate(self.tables):
             flat = table.counts.reshape(-1)
@@ -215,23 +213,25 @@ class CleftIndex:
 
     def draw(self, rng: np.random.Generator, codes: Sequence[Any]) -> tuple[int, tuple[int, int, int]]:
         """(volume, voxel) of a cleft voxel, drawn as :attr:`by` says."""
-        if self.by == "voxel":
-            k = int(rng.integers(self.total))
-            entry = int(np.searchsorted(self.cumulative, k, side="right"))
-            within = k - (int(self.cumulative[entry - 1]) if entry else 0)
-        else:
-            entry = int(rng.integers(self.chunk_of.size))
-        volume, number = int(self.volume_of[entry]), int(self.chunk_of[entry])
-        table = self.tables[volume]
-        roi = table.grid.chunk_roi(tuple(int(i) for i in np.unravel_index(number, table.counts.shape)))
-        if self.by == "voxel":
-            flat = int(np.flatnonzero(np.asarray(codes[volume][roi.to_slices()]) & 1)[within])
-        else:
+        if self.by == "cleft":
+            volume, number, roi = self._cell(int(rng.integers(self.chunk_of.size)))
             voxels, starts = self._cell_pieces(volume, number, codes[volume], roi)
             piece = int(rng.integers(starts.size - 1))
             flat = int(voxels[starts[piece] + rng.integers(starts[piece + 1] - starts[piece])])
+        else:
+            k = int(rng.integers(self.total))
+            entry = int(np.searchsorted(self.cumulative, k, side="right"))
+            within = k - (int(self.cumulative[entry - 1]) if entry else 0)
+            volume, number, roi = self._cell(entry)
+            flat = int(np.flatnonzero(np.asarray(codes[volume][roi.to_slices()]) & 1)[within])
         local = np.unravel_index(flat, roi.shape)
         return volume, tuple(int(o + v) for o, v in zip(roi.offset, local))  # type: ignore[return-value]
+
+    def _cell(self, entry: int) -> tuple[int, int, Roi]:
+        """(volume, cell number, cell box) of an entry of the index."""
+        volume, number = int(self.volume_of[entry]), int(self.chunk_of[entry])
+        table = self.tables[volume]
+        return volume, number, table.grid.chunk_roi(tuple(int(i) for i in np.unravel_index(number, table.counts.shape)))
 
     def _cell_pieces(self, volume: int, number: int, codes: Any, roi: Roi) -> tuple[np.ndarray, np.ndarray]:
         """The cell's cleft voxels (flat, grouped by 26-connected piece) and each piece's start."""
@@ -243,8 +243,9 @@ class CleftIndex:
         flat = pieces.reshape(-1)
         voxels = np.flatnonzero(flat)
         order = np.argsort(flat[voxels], kind="stable")
-        starts = np.searchsorted(flat[voxels][order], np.arange(1, n + 2))
-        self._pieces[key] = entry = (voxels[order], starts)
+        voxels = voxels[order]
+        starts = np.searchsorted(flat[voxels], np.arange(1, n + 2))
+        self._pieces[key] = entry = (voxels, starts)
         if len(self._pieces) > PIECE_CACHE_CELLS:
             self._pieces.popitem(last=False)
         return entry
